@@ -1,0 +1,3 @@
+from dcbench.cli import run
+
+run()

@@ -1,0 +1,361 @@
+"""Checkpoints: the dcbench format, safe loading, foreign-format recognition, provenance.
+
+The dcbench format is a dict saved with ``torch.save``::
+
+    {"format": "dcbench", "format_version": 1, "arch", "sobel", "input_size", "epoch",
+     "config", "versions", "git", "weights_sha256", "state_dict", "train_state" (optional)}
+
+Writes are atomic (temp file in the same folder, fsync, rename), so an interrupted save never
+leaves a half-written checkpoint. Loading uses ``torch.load(weights_only=True)``; a file that
+needs full unpickling is refused unless the caller trusts it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcbench.env import git_hash, software_versions
+from dcbench.errors import CheckpointError
+from dcbench.models import Backbone, alexnet_grid, build_backbone
+from dcbench.models.external import HookedBackbone
+from pretrained.converters import Converted, convert
+
+log = logging.getLogger("dcbench")
+FORMAT_VERSION = 1
+_BUFFER_SUFFIXES = ("num_batches_tracked",)
+
+
+# ----------------------------------------------------------------------------- saving
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted key order."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_record(backbone: Backbone, epoch: int | None = None, config: dict | None = None,
+                      train_state: dict | None = None) -> dict[str, Any]:
+    """The dict the dcbench format saves for ``backbone``."""
+    weights = backbone.backbone_state_dict()
+    record = {"format": "dcbench", "format_version": FORMAT_VERSION, "arch": backbone.arch,
+              "sobel": backbone.has_sobel, "input_size": backbone.input_size, "epoch": epoch,
+              "config": config or {}, "versions": software_versions(), "git": git_hash(),
+              "weights_sha256": weights_sha256(weights), "state_dict": weights}
+    if train_state is not None:
+        record["train_state"] = train_state
+    return record
+
+
+def save_checkpoint(path: str | Path, backbone: Backbone, epoch: int | None = None,
+                    config: dict | None = None, train_state: dict | None = None) -> Path:
+    """Write ``backbone`` in the dcbench format, atomically."""
+    atomic_save(checkpoint_record(backbone, epoch, config, train_state), path)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- reading
+def read_checkpoint_file(path: str | Path, trust: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``; full unpickling only when ``trust``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the .pth file "
+                              f"(a run folder keeps it as {path}/checkpoint.pth)")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save zip or pickle file)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            raise CheckpointError(f"{path} contains Python objects beyond tensors and needs full unpickling, "
+                                  f"which can run code; pass --trust-checkpoint if you trust its source") from exc
+    except Exception as exc:  # garbage bytes make the unpickler fail in many ways
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint or is truncated ({_first_line(exc)})") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a plain pickle (not written by torch.save)
+        pass
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as exc:  # arbitrary unpickling can fail in arbitrary ways
+        raise CheckpointError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].split(". ")[0] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- arch inference
+_RESNETS = {((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
+            ((3, 8, 36, 3), True): "resnet152", ((2, 2, 2, 2), False): "resnet18",
+            ((3, 4, 6, 3), False): "resnet34"}
+_CANDIDATE_SIZES = (224, 64, 96, 128, 160, 192, 256, 288, 320)
+
+
+@dataclass
+class ArchGuess:
+    """What the weights say about their architecture."""
+
+    arch: str | None
+    sobel: bool | None = None
+    input_size: int | None = None
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> ArchGuess:
+    """Recognise DeepCluster AlexNet/VGG16 and torchvision/timm ResNets from key names and shapes."""
+    first = sd.get("features.0.weight")
+    if first is not None and first.dim() == 4:
+        sobel = first.shape[1] == 2
+        bn = "features.1.running_mean" in sd
+        if tuple(first.shape[2:]) == (11, 11) and first.shape[0] == 96 and bn:
+            return ArchGuess("alexnet", sobel, _size_for_grid(sd, "classifier.1.weight", 256, alexnet_grid))
+        if tuple(first.shape[2:]) == (3, 3) and first.shape[0] == 64 and bn:
+            if "classifier.6.weight" in sd:
+                return ArchGuess("tv:vgg16_bn", sobel, 224)
+            return ArchGuess("vgg16", sobel, _size_for_grid(sd, "classifier.0.weight", 512, lambda s: s // 32))
+        if tuple(first.shape[2:]) == (11, 11) and first.shape[0] == 64:
+            return ArchGuess("tv:alexnet", sobel, 224)
+    if "conv1.weight" in sd and "layer4.0.conv1.weight" in sd:
+        blocks = tuple(1 + max(int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}."))
+                       for i in range(1, 5))
+        bottleneck = "layer1.0.conv3.weight" in sd
+        name = _RESNETS.get((blocks, bottleneck))
+        if name and bottleneck and sd["layer1.0.conv1.weight"].shape[0] == 128:
+            name = "wide_" + name + "_2"
+        return ArchGuess(f"tv:{name}" if name else None, sd["conv1.weight"].shape[1] == 2, 224)
+    return ArchGuess(None)
+
+
+def _size_for_grid(sd: dict[str, torch.Tensor], key: str, channels: int, grid_of) -> int | None:
+    weight = sd.get(key)
+    if weight is None:
+        return None
+    grid = round((weight.shape[1] / channels) ** 0.5)
+    return next((s for s in _CANDIDATE_SIZES if grid_of(s) == grid), None)
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class LoadReport:
+    """Which keys of a checkpoint went where; printed on every load."""
+
+    format: str
+    arch: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored_heads: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"format {self.format}", f"arch {self.arch}", f"{self.loaded} tensors loaded",
+                 f"{len(self.missing)} missing", f"{len(self.unexpected)} unexpected"]
+        if self.ignored_heads:
+            parts.append(f"{len(self.ignored_heads)} head keys ignored ({_abbrev(self.ignored_heads)})")
+        text = ", ".join(parts)
+        if self.missing:
+            text += f"; missing: {_abbrev(self.missing)}"
+        if self.unexpected:
+            text += f"; unexpected: {_abbrev(self.unexpected)}"
+        return text
+
+
+def _abbrev(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A backbone with its provenance: name, format, sha256 of its weights, metadata."""
+
+    backbone: Backbone
+    name: str
+    format: str
+    sha256: str
+    report: LoadReport | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    raw: dict[str, Any] | None = None  # the dcbench record, for resuming training
+
+    def identity(self) -> dict[str, str]:
+        """``{"name", "sha256", "arch"}`` as stored with every result."""
+        return {"name": self.name, "sha256": self.sha256, "arch": self.backbone.arch}
+
+
+def _native_target(backbone: Backbone) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """The module whose state-dict names equal the arch's native (foreign) names, and its heads."""
+    if isinstance(backbone, HookedBackbone):
+        return backbone.model, backbone.native_heads
+    return backbone, backbone.head_prefixes
+
+
+def _load_weights(backbone: Backbone, sd: dict[str, torch.Tensor], fmt: str, source: str,
+                  heads: list[str], native: bool) -> LoadReport:
+    target, head_prefixes = _native_target(backbone) if native else (backbone, backbone.head_prefixes)
+    arch = backbone.arch
+    skip = head_prefixes + ("sobel.",)  # Sobel filters are fixed: rebuilt, not loaded
+    expected = {k: v for k, v in target.state_dict().items() if not k.startswith(skip)}
+    heads = heads + sorted(k for k in sd if k.startswith(head_prefixes))
+    sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
+    for key in sorted(set(sd) & set(expected)):
+        if tuple(sd[key].shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source} does not fit arch {arch}: {key} has shape {tuple(sd[key].shape)}, "
+                f"{arch} expects {tuple(expected[key].shape)}; pass the right --arch (or --image-size for fc layers)")
+    missing = sorted(k for k in expected if k not in sd and not k.endswith(_BUFFER_SUFFIXES))
+    unexpected = sorted(k for k in sd if k not in expected)
+    if missing:
+        raise CheckpointError(f"{source} does not match arch {arch}: {len(missing)} of {len(expected)} weights "
+                              f"missing (e.g. {_abbrev(missing)}); pass the right --arch")
+    target.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+    return LoadReport(fmt, arch, len(sd) - len(unexpected), missing, unexpected, heads)
+
+
+def _from_dcbench(obj: dict, path: Path) -> LoadedCheckpoint:
+    try:
+        backbone = build_backbone(obj["arch"], sobel=bool(obj["sobel"]), input_size=int(obj["input_size"]))
+    except KeyError as exc:
+        raise CheckpointError(f"{path} is a dcbench checkpoint without '{exc.args[0]}'; it is damaged") from exc
+    sd = obj["state_dict"]
+    report = _load_weights(backbone, sd, "dcbench", str(path), [], native=False)
+    meta = {k: obj.get(k) for k in ("epoch", "config", "versions", "git", "format_version")}
+    sha = obj.get("weights_sha256") or weights_sha256(backbone.backbone_state_dict())
+    return LoadedCheckpoint(backbone, path.stem if path.stem != "checkpoint" else path.parent.name,
+                            "dcbench", sha, report, meta, path, obj)
+
+
+def _from_foreign(converted: Converted, path: Path, arch: str | None, input_size: int | None) -> LoadedCheckpoint:
+    guess = infer_arch(converted.state_dict)
+    arch = arch or converted.arch or guess.arch
+    if arch is None:
+        raise CheckpointError(f"cannot tell the architecture of {path} (format {converted.format}); pass --arch NAME")
+    if converted.arch and guess.arch and arch == converted.arch and guess.arch != arch and ":" not in arch:
+        arch = guess.arch  # the file's own 'arch' key disagrees with its weights: trust the weights
+    sobel = guess.sobel if guess.sobel is not None else False
+    size = input_size or guess.input_size or 224
+    backbone = build_backbone(arch, sobel=sobel, input_size=size)
+    report = _load_weights(backbone, converted.state_dict, converted.format, str(path), converted.head_keys,
+                           native=True)
+    return LoadedCheckpoint(backbone, path.stem, converted.format,
+                            weights_sha256(backbone.backbone_state_dict()), report, converted.meta, path)
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None, trust: bool = False,
+                    input_size: int | None = None) -> LoadedCheckpoint:
+    """Load any supported checkpoint file into a backbone, logging a key report."""
+    path = Path(path)
+    obj = read_checkpoint_file(path, trust=trust)
+    if isinstance(obj, dict) and obj.get("format") == "dcbench":
+        loaded = _from_dcbench(obj, path)
+        if arch and arch != loaded.backbone.arch:
+            raise CheckpointError(f"{path} holds a {loaded.backbone.arch} but --arch {arch} was asked; "
+                                  f"drop --arch or pass the matching checkpoint")
+    else:
+        converted = convert(obj)
+        if converted is None:
+            raise CheckpointError(f"{path} holds no recognisable weights (not a state dict or a known "
+                                  f"checkpoint format); see `dcbench checkpoint inspect --help` for the formats")
+        loaded = _from_foreign(converted, path, arch, input_size)
+    log.info("loaded %s: %s", path, loaded.report.summary())
+    return loaded
+
+
+# ----------------------------------------------------------------------------- specs
+def _parse_random(spec: str) -> tuple[str, dict[str, str]]:
+    arch, *opts = spec.split(",")
+    options = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in ("seed", "sobel", "size"):
+            raise CheckpointError(f"bad option '{opt}' in '{spec}'; use random:ARCH[,seed=N][,sobel=0|1][,size=PX]")
+        options[key] = value
+    return arch, options
+
+
+def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
+                       input_size: int | None = None) -> LoadedCheckpoint:
+    """Resolve a checkpoint spec: a file, ``random:ARCH[,seed=N][,sobel=0|1][,size=PX]``,
+    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0)."""
+    if spec.startswith(("timm:", "tv:")):
+        spec = "random:" + spec
+    if spec.startswith("random:"):
+        name, options = _parse_random(spec[len("random:"):])
+        try:
+            seed = int(options.get("seed", 0))
+            size = int(options.get("size", input_size or 224))
+        except ValueError as exc:
+            raise CheckpointError(f"bad number in '{spec}': {exc}") from exc
+        sobel = None if "sobel" not in options else options["sobel"] in ("1", "true", "yes")
+        backbone = build_backbone(name, sobel=sobel, input_size=size, seed=seed)
+        sha = weights_sha256(backbone.backbone_state_dict())
+        return LoadedCheckpoint(backbone, spec, "random", sha, None, {"seed": seed, "random_init": True})
+    return load_checkpoint(spec, arch=arch, trust=trust, input_size=input_size)
+
+
+def load_backbone(spec: str, arch: str | None = None, trust: bool = False,
+                  input_size: int | None = None) -> Backbone:
+    """Public API: a backbone from a checkpoint file or spec (see :func:`resolve_checkpoint`)."""
+    return resolve_checkpoint(spec, arch=arch, trust=trust, input_size=input_size).backbone
+
+
+# ----------------------------------------------------------------------------- conversion
+def to_torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The weights in torchvision naming, where the arch has a torchvision twin."""
+    if isinstance(backbone, HookedBackbone) and backbone.arch.startswith("tv:") and not backbone.has_sobel:
+        return {k[len("model."):]: v for k, v in backbone.backbone_state_dict().items()}
+    if backbone.arch == "vgg16" and not backbone.has_sobel and backbone.input_size == 224:
+        # DeepCluster's VGG16-BN uses torchvision vgg16_bn's module indices
+        return dict(backbone.backbone_state_dict())
+    raise CheckpointError(f"{backbone.arch}{' with Sobel' if backbone.has_sobel else ''} has no torchvision "
+                          f"equivalent (torchvision's alexnet has no BatchNorm and other widths); "
+                          f"use --to dcbench")
+
+
+def convert_checkpoint(src: str, dst: str | Path, target: str = "dcbench", arch: str | None = None,
+                       trust: bool = False) -> Path:
+    """Load ``src`` in any supported format and write it as ``target`` (dcbench or torchvision)."""
+    loaded = resolve_checkpoint(src, arch=arch, trust=trust)
+    if target == "torchvision":
+        atomic_save(to_torchvision_state_dict(loaded.backbone), dst)
+    else:
+        save_checkpoint(dst, loaded.backbone, epoch=loaded.meta.get("epoch"),
+                        config={"converted_from": str(src), "source_format": loaded.format})
+    return Path(dst)

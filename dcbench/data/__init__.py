@@ -1,0 +1,50 @@
+"""Data loading for dcbench: datasets, transforms, fingerprints and the embedded digits.
+
+Synthetic test fixtures live in :mod:`dcbench.data.synthetic` (import it explicitly).
+"""
+from dcbench.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageDataset,
+    InMemoryImageDataset,
+    SkipCounter,
+    image_folder,
+    is_image_file,
+    load_rgb,
+    open_training_data,
+    read_file_list,
+    skip_collate,
+    unlabelled_images,
+)
+from dcbench.data.digits import digits_dataset, write_digits_imagefolder
+from dcbench.data.fingerprint import dataset_fingerprint
+from dcbench.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    normalize,
+    train_transform,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "ImageDataset",
+    "InMemoryImageDataset",
+    "SkipCounter",
+    "dataset_fingerprint",
+    "digits_dataset",
+    "eval_transform",
+    "image_folder",
+    "is_image_file",
+    "load_rgb",
+    "normalize",
+    "open_training_data",
+    "read_file_list",
+    "skip_collate",
+    "train_transform",
+    "unlabelled_images",
+    "write_digits_imagefolder",
+]

@@ -1,0 +1,512 @@
+"""Image datasets: labelled ImageFolder, unlabelled folders and file lists, and the
+corrupt-image policy shared by every loader.
+
+Corrupt images: a dataset item that cannot be decoded comes back as ``None`` (or raises
+:class:`DataError` when ``strict=True``). :func:`skip_collate` drops those items from the
+batch and reports how many it dropped; :class:`SkipCounter` adds the counts over an epoch
+and logs one warning naming the first unreadable file. A bad JPEG among 1.2M images
+therefore costs one log line, never a crash mid-epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import functional as TF
+
+from dcbench.data.fingerprint import dataset_fingerprint
+from dcbench.errors import DcbenchError
+
+logger = logging.getLogger("dcbench")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Names that mark a dataset root holding splits rather than classes.
+_SPLIT_NAMES = {"val", "valid", "validation", "test"}
+
+_LAYOUT_HINT = (
+    "expected an ImageFolder (ROOT/CLASS/IMG.jpg), a folder of images, "
+    "or a text file listing image paths"
+)
+
+
+class DataError(DcbenchError):
+    """A user-caused data problem (missing path, wrong layout, unreadable file).
+
+    ``str(e)`` is one line naming the problem and the fix. A DataLoader re-raises a
+    worker's exception as ``DataError(<"Caught DataError in DataLoader worker" + the
+    worker's traceback>)``; that form is reduced to the original one-line message, and
+    the full text is kept in ``worker_traceback``.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        self.worker_traceback: str | None = None
+        if "\nOriginal Traceback" in message:
+            self.worker_traceback = message
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split("DataError: ", 1)[-1].strip()
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def is_image_file(name: str) -> bool:
+    """True for a non-hidden file name with one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    base = os.path.basename(name)
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (greyscale is replicated to 3 channels)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / float greyscale would clip to white under a plain convert("RGB").
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's per-image transparency warning
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image file as RGB; raises on unreadable files."""
+    with Image.open(path) as img:
+        img.load()  # decode now, so truncated files fail here and not in a transform
+        return _to_rgb(img)
+
+
+def _one_line(exc: BaseException, path: str = "") -> str:
+    """``Type: message`` on one line, without repeating ``path`` (the caller names it)."""
+    text = str(exc).replace(f"'{path}'", "").replace(path, "") if path else str(exc)
+    text = " ".join(text.split()) or "no details"
+    return f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class ImageDataset(Dataset):
+    """A list of image paths with optional integer targets.
+
+    ``dataset[i]`` returns ``(image, target, i)``: ``image`` is ``transform(pil_rgb_image)``
+    (``to_tensor`` when ``transform`` is None), ``target`` is -1 for unlabelled data. An
+    unreadable image returns ``None`` (use :func:`skip_collate`), or raises
+    :class:`DataError` naming the file when ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        targets: Sequence[int] | None = None,
+        classes: Sequence[str] | None = None,
+        root: str = "",
+        transform: Callable | None = None,
+        strict: bool = False,
+    ) -> None:
+        if targets is not None and len(targets) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
+        self.paths: list[str] = [str(p) for p in paths]
+        self.targets: list[int] | None = None if targets is None else [int(t) for t in targets]
+        self.classes: list[str] | None = None if classes is None else list(classes)
+        self.root: str = str(root)
+        self.transform = transform
+        self.strict = strict
+        self._fingerprint: str | None = None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the dataset carries class targets."""
+        return self.targets is not None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        labels = f", {len(self.classes)} classes" if self.classes is not None else ""
+        return f"{type(self).__name__}({len(self)} images{labels}, root={self.root!r})"
+
+    def load_image(self, index: int) -> Image.Image:
+        """Decode image ``index`` as an RGB PIL image; raises on unreadable files."""
+        return load_rgb(self.paths[index])
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
+        index = int(index)
+        try:
+            img = self.load_image(index)
+        except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types for bad files
+            reason = _one_line(exc, self.paths[index])
+            if self.strict:
+                raise DataError(
+                    f"cannot read image {self.paths[index]} ({reason}); "
+                    "replace or delete the file, or run without --strict to skip unreadable images"
+                ) from exc
+            logger.debug("unreadable image %s: %s", self.paths[index], reason)
+            return None
+        # Transform errors are bugs, not bad data, so they are not caught above.
+        image = self.transform(img) if self.transform is not None else TF.to_tensor(img)
+        target = self.targets[index] if self.targets is not None else -1
+        return image, target, index
+
+    def base_dir(self) -> str:
+        """Folder the fingerprint's relative paths start from: ``root``, else the
+        deepest folder common to all paths."""
+        if self.root or not self.paths:
+            return self.root
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in self.paths])
+
+    def relative_paths(self) -> list[str]:
+        """Paths relative to :meth:`base_dir`."""
+        base = self.base_dir()
+        return [os.path.relpath(p, base) for p in self.paths]
+
+    def fingerprint(self) -> str:
+        """:func:`dataset_fingerprint` of the files (relative path + size), cached."""
+        if self._fingerprint is None:
+            self._fingerprint = dataset_fingerprint(self.base_dir(), self.relative_paths())
+        return self._fingerprint
+
+
+class InMemoryImageDataset(ImageDataset):
+    """An :class:`ImageDataset` over PIL images held in memory (e.g. the embedded digits).
+
+    ``paths`` are display names only; the fingerprint hashes the pixels and targets.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Image.Image],
+        targets: Sequence[int] | None = None,
+        classes: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
+        transform: Callable | None = None,
+        root: str = "<memory>",
+    ) -> None:
+        names = list(names) if names is not None else [f"{root}/{i}" for i in range(len(images))]
+        super().__init__(names, targets, classes, root=root, transform=transform)
+        self.images = [_to_rgb(im) for im in images]
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.images[index]
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for i, im in enumerate(self.images):
+                digest.update(f"{im.size}".encode())
+                digest.update(im.tobytes())
+                digest.update(str(self.targets[i] if self.targets else -1).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _walk_images(folder: str) -> list[str]:
+    """Image files under ``folder``, recursively, in torchvision's ImageFolder order.
+
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store`` ...) are skipped, and
+    symlinked folders are followed once (a link loop does not recurse forever).
+    """
+    found: list[tuple[str, list[str]]] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.append((dirpath, sorted(f for f in filenames if is_image_file(f))))
+    return [os.path.join(d, f) for d, files in sorted(found) for f in files]
+
+
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` holds at least one image anywhere below it (stops at the first)."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(is_image_file(f) for f in filenames):
+            return True
+    return False
+
+
+def _count_files(folder: str) -> int:
+    return sum(
+        len([f for f in files if not f.startswith(".")])
+        for _, _, files in os.walk(folder)
+    )
+
+
+def _no_images_error(folder: str) -> DataError:
+    n_files = _count_files(folder)
+    if n_files:
+        detail = (f"it holds {n_files} file(s) but none ends in "
+                  f"{', '.join(IMAGE_EXTENSIONS)}")
+    else:
+        detail = "it is empty"
+    return DataError(f"no images found under {folder} ({detail}): {_LAYOUT_HINT}")
+
+
+def _existing(source: str | os.PathLike) -> Path:
+    path = Path(os.path.expanduser(str(source))).absolute()
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}; check the path ({_LAYOUT_HINT})")
+    return path
+
+
+def _subfolders(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _has_direct_images(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and is_image_file(e.name) for e in entries)
+
+
+# --------------------------------------------------------------------------- public constructors
+
+
+def image_folder(
+    root: str | os.PathLike, transform: Callable | None = None, strict: bool = False
+) -> ImageDataset:
+    """Labelled dataset in the ImageFolder layout ``ROOT/CLASS/**/IMG.ext``.
+
+    Classes are the sorted non-hidden subfolders of ``root`` (so class indices match
+    torchvision's ``ImageFolder``); images are found recursively in each class folder.
+    Unlike torchvision, an empty class folder is kept (with a warning) rather than an
+    error, so the class indices of a train and a val split stay aligned.
+
+    Raises:
+        DataError: ``root`` is missing, is not a folder, has no class subfolders, or
+            holds no image.
+    """
+    path = _existing(root)
+    if not path.is_dir():
+        raise DataError(f"{path} is not a folder: an ImageFolder is ROOT/CLASS/IMG.jpg")
+    classes = _subfolders(path)
+    if not classes:
+        if _has_direct_images(path):
+            raise DataError(
+                f"{path} has images but no class subfolders: a labelled dataset needs "
+                "ROOT/CLASS/IMG.jpg (move each image into a folder named after its class)"
+            )
+        raise _no_images_error(str(path))
+    paths: list[str] = []
+    targets: list[int] = []
+    empty: list[str] = []
+    for index, name in enumerate(classes):
+        files = _walk_images(str(path / name))
+        if not files:
+            empty.append(name)
+        paths.extend(files)
+        targets.extend([index] * len(files))
+    if not paths:
+        raise _no_images_error(str(path))
+    if empty:
+        logger.warning("%d class folder(s) under %s hold no images: %s",
+                       len(empty), path, ", ".join(empty[:10]))
+    return ImageDataset(paths, targets, classes, root=str(path), transform=transform,
+                        strict=strict)
+
+
+def read_file_list(list_path: str | os.PathLike, check_exists: bool = True) -> list[str]:
+    """Image paths listed in a text file, one per line.
+
+    Relative paths are resolved against the list file's folder; blank lines and lines
+    starting with ``#`` are ignored. With ``check_exists`` every listed file is checked
+    (one ``stat`` per line; pass False for huge lists on slow file systems).
+
+    Raises:
+        DataError: the file is not text, lists nothing, or a line names a non-image or a
+            missing file (the message gives the line number and the path).
+    """
+    list_path = _existing(list_path)
+    if is_image_file(list_path.name):
+        raise DataError(
+            f"{list_path} is a single image, not a dataset: pass the folder holding the "
+            "images or a text file listing them"
+        )
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{list_path} is not a text file: pass a folder of images or a text file "
+            "with one image path per line"
+        ) from None
+    base = list_path.parent
+    paths = [_list_entry(list_path, lineno, line.strip(), base, check_exists)
+             for lineno, line in enumerate(text.splitlines(), start=1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not paths:
+        raise DataError(f"{list_path} lists no images: write one image path per line")
+    return paths
+
+
+def _list_entry(list_path: Path, lineno: int, entry: str, base: Path, check: bool) -> str:
+    where = f"{list_path} line {lineno}"
+    if not is_image_file(entry):
+        raise DataError(
+            f"{where}: {entry!r} is not an image file (expected one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}); fix or remove the line"
+        )
+    full = os.path.normpath(os.path.join(base, os.path.expanduser(entry)))
+    if check and not os.path.isfile(full):
+        raise DataError(f"{where}: {full} does not exist; fix or remove the line")
+    return full
+
+
+def unlabelled_images(
+    source: str | os.PathLike, transform: Callable | None = None, strict: bool = False
+) -> ImageDataset:
+    """Unlabelled dataset from a folder (searched recursively, sorted) or a file list.
+
+    A file list is a text file with one image path per line (see :func:`read_file_list`);
+    its folder is the dataset root used for the fingerprint. ``targets`` is None.
+
+    Raises:
+        DataError: missing source, no images, or a bad line in the file list.
+    """
+    path = _existing(source)
+    if path.is_file():
+        paths = read_file_list(path)
+        root = str(path.parent)
+    else:
+        paths = _walk_images(str(path))
+        if not paths:
+            raise _no_images_error(str(path))
+        root = str(path)
+    return ImageDataset(paths, None, None, root=root, transform=transform, strict=strict)
+
+
+def open_training_data(
+    source: str | os.PathLike, transform: Callable | None = None, strict: bool = False
+) -> ImageDataset:
+    """Open whatever ``dcbench train --data SOURCE`` was given.
+
+    - a text file: :func:`unlabelled_images` (file list);
+    - a folder with images directly in it: :func:`unlabelled_images` (recursive), so no
+      image is silently left out;
+    - a folder whose subfolders hold images: :func:`image_folder` (the labels are only
+      used for logging, e.g. NMI against the clusters);
+    - a dataset root holding splits (``train/`` next to ``val/``), an empty folder or a
+      folder without images: :class:`DataError` with one line saying what to pass.
+    """
+    path = _existing(source)
+    if path.is_file():
+        return unlabelled_images(path, transform, strict)
+    if _has_direct_images(path):
+        return unlabelled_images(path, transform, strict)
+    subfolders = _subfolders(path)
+    lowered = {name.lower() for name in subfolders}
+    if "train" in lowered and lowered & _SPLIT_NAMES:
+        split = next(name for name in subfolders if name.lower() == "train")
+        raise DataError(
+            f"{path} holds dataset splits ({', '.join(s + '/' for s in subfolders)}), not "
+            f"classes: pass {path / split} to train on the training split"
+        )
+    if any(_has_image(str(path / name)) for name in subfolders):
+        return image_folder(path, transform, strict)
+    raise _no_images_error(str(path))
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """DataLoader ``collate_fn`` that drops unreadable (``None``) items.
+
+    Returns ``(images, targets, indices, n_skipped)``. When every item was unreadable,
+    ``images``, ``targets`` and ``indices`` are empty (``len(indices) == 0``) and
+    ``n_skipped == len(batch)``: callers skip such a batch.
+    """
+    kept = [item for item in batch if item is not None]
+    n_skipped = len(batch) - len(kept)
+    if not kept:
+        empty = torch.empty(0, dtype=torch.long)
+        return torch.empty(0), empty, empty.clone(), n_skipped
+    images, targets, indices = default_collate(kept)
+    return images, targets, indices, n_skipped
+
+
+class SkipCounter:
+    """Adds up skipped images over an epoch and logs one warning at the end.
+
+    DataLoader workers cannot share state, so :func:`skip_collate` only reports a count.
+    The counter instead records which dataset indices *did* arrive; at the end of the
+    epoch the unreadable files are the expected indices that never arrived, and the
+    first of them (lowest index) is named in the warning. ``expected`` defaults to the
+    whole dataset; pass the sampler's indices when an epoch covers only part of it
+    (a DistributedSampler shard, DeepCluster's cluster-uniform sampler). Cost: one bool
+    per image.
+
+    Usage::
+
+        counter = SkipCounter(dataset)
+        for images, targets, indices, n_skipped in loader:
+            counter.update(indices, n_skipped)
+            if len(indices) == 0:
+                continue
+            ...
+        counter.report()          # logs 'skipped 3 unreadable images (first: ...)'
+    """
+
+    def __init__(self, dataset: ImageDataset | None = None) -> None:
+        self.dataset = dataset
+        self.count = 0
+        self._seen = np.zeros(len(dataset) if dataset is not None else 0, dtype=bool)
+
+    def update(self, indices: torch.Tensor | Iterable[int], n_skipped: int) -> None:
+        """Record one batch: the indices that arrived and how many were skipped."""
+        self.count += int(n_skipped)
+        if self._seen.size:
+            idx = torch.as_tensor(indices, dtype=torch.long).cpu().numpy()
+            self._seen[idx] = True
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.count = 0
+        self._seen[:] = False
+
+    def missing_indices(self, expected: Iterable[int] | None = None) -> np.ndarray:
+        """Indices expected this epoch that never arrived (sorted)."""
+        if not self._seen.size:
+            return np.zeros(0, dtype=np.int64)
+        mask = ~self._seen
+        if expected is not None:
+            wanted = np.zeros_like(mask)
+            if not hasattr(expected, "__len__"):
+                expected = list(expected)
+            wanted[np.asarray(expected, dtype=np.int64)] = True
+            mask &= wanted
+        return np.flatnonzero(mask)
+
+    def message(self, expected: Iterable[int] | None = None) -> str | None:
+        """The warning text, or None when nothing was skipped."""
+        if self.count == 0:
+            return None
+        noun = "image" if self.count == 1 else "images"
+        first = ""
+        missing = self.missing_indices(expected) if self.dataset is not None else []
+        if len(missing):
+            first = f" (first: {self.dataset.paths[int(missing[0])]})"
+        return (f"skipped {self.count} unreadable {noun}{first}; "
+                "use --strict to stop at the first one")
+
+    def report(self, expected: Iterable[int] | None = None) -> str | None:
+        """Log the epoch's warning (if anything was skipped), reset, return the text."""
+        text = self.message(expected)
+        if text is not None:
+            logger.warning(text)
+        self.reset()
+        return text

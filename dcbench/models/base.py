@@ -1,0 +1,98 @@
+"""The one interface every backbone implements.
+
+A :class:`Backbone` takes a float tensor N x 3 x H x W normalised with ImageNet mean/std
+(the Sobel front end, when present, is inside the backbone) and returns the requested
+named taps from ONE forward pass, stopping as soon as the deepest requested tap is computed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Extra tap names every backbone accepts besides ``tap_names``.
+CLUSTER_TAP = "cluster"  # the clustering feature (fc7 pre-ReLU for AlexNet/VGG, pooled last stage otherwise)
+LOGITS_TAP = "logits"  # the top layer's output (needs ``top_layer``)
+
+
+class Backbone(nn.Module):
+    """Common interface over DeepCluster AlexNet/VGG16, timm and torchvision models.
+
+    Attributes:
+        arch: the architecture name as accepted by :func:`dcbench.models.build_backbone`.
+        sobel: the fixed Sobel front end applied inside the backbone, or None
+            (``has_sobel`` tells which).
+        input_size: the input side the fully connected layers were built for (conv taps
+            work at any size at least as large as the network's receptive field needs).
+        tap_names: the public taps in forward order, e.g. ``["conv1", ..., "fc7"]``.
+        conv_tap_names: the convolutional taps (what per-layer probes evaluate).
+        feature_dim: size of the clustering feature (the ``"cluster"`` tap).
+        top_layer: ``nn.Linear(feature_dim, k)`` used by DeepCluster training, or None.
+    """
+
+    arch: str
+    input_size: int
+    tap_names: list[str]
+    conv_tap_names: list[str]
+    feature_dim: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_layer: nn.Linear | None = None
+        self.sobel: nn.Module | None = None
+
+    @property
+    def has_sobel(self) -> bool:
+        """Whether the fixed Sobel front end is part of this backbone."""
+        return self.sobel is not None
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Return ``{tap: tensor}`` for ``taps`` (default: all of ``tap_names``)."""
+        wanted = self._check_taps(taps)
+        return self._forward_taps(x, wanted)
+
+    def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_taps(self, taps: Sequence[str] | None) -> set[str]:
+        wanted = set(self.tap_names if taps is None else taps)
+        known = set(self.tap_names) | {CLUSTER_TAP, LOGITS_TAP}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise KeyError(f"unknown tap(s) {', '.join(unknown)} for {self.arch}; "
+                           f"available: {', '.join(self.tap_names)}")
+        if LOGITS_TAP in wanted and self.top_layer is None:
+            raise KeyError("tap 'logits' needs a top layer: call set_top_layer(k) first")
+        return wanted
+
+    def cluster_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The clustering feature of DeepCluster (N x feature_dim)."""
+        return self(x, taps=[CLUSTER_TAP])[CLUSTER_TAP]
+
+    def set_top_layer(self, k: int | None) -> nn.Linear | None:
+        """Replace the top layer by a fresh ``Linear(feature_dim, k)`` (N(0, 0.01), bias 0)."""
+        if k is None:
+            self.top_layer = None
+            return None
+        layer = nn.Linear(self.feature_dim, k)
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+        nn.init.zeros_(layer.bias)
+        param = next(self.parameters(), None)
+        if param is not None:
+            layer = layer.to(param.device)
+        self.top_layer = layer
+        return layer
+
+    #: state-dict prefixes outside the feature extractor (classification heads)
+    head_prefixes: tuple[str, ...] = ("top_layer.",)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict without heads (what checkpoints store and sha256 identifies)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.head_prefixes)}
+
+    def describe(self) -> dict:
+        """Facts about this backbone for checkpoint metadata and ``checkpoint inspect``."""
+        n_params = sum(v.numel() for k, v in self.named_parameters() if not k.startswith(self.head_prefixes))
+        return {"arch": self.arch, "sobel": self.has_sobel, "input_size": self.input_size,
+                "taps": list(self.tap_names), "feature_dim": self.feature_dim, "parameters": n_params}

@@ -1,0 +1,147 @@
+"""Recognisers for foreign checkpoint formats, in the spirit of timm's ``checkpoint_filter_fn``.
+
+Each registered converter gets the object ``torch.load`` returned and either declines
+(returns None) or returns a :class:`Converted`: the weights renamed to the *native* naming of
+the architecture (torchvision/timm names for ResNets, the original DeepCluster names for
+AlexNet/VGG16 without DataParallel's ``.module``), the keys it dropped as classification or
+projection heads, and whatever metadata the file carries. Converters are tried in
+registration order; the first that accepts wins.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Converted:
+    """A foreign checkpoint rewritten into native key names."""
+
+    format: str
+    state_dict: dict[str, Tensor]
+    head_keys: list[str] = field(default_factory=list)
+    arch: str | None = None  # arch named by the file itself (DeepCluster's ``arch`` key)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Converter = Callable[[Any], "Converted | None"]
+_CONVERTERS: list[tuple[str, Converter]] = []
+
+
+def register_converter(name: str) -> Callable[[Converter], Converter]:
+    """Register a recogniser. Contract: pure function of the loaded object; never raises on
+    objects of other formats (return None instead)."""
+    def decorate(fn: Converter) -> Converter:
+        _CONVERTERS.append((name, fn))
+        return fn
+    return decorate
+
+
+def converters() -> list[str]:
+    """Names of the known formats, in the order they are tried."""
+    return [name for name, _ in _CONVERTERS]
+
+
+def convert(obj: Any) -> Converted | None:
+    """Run the recognisers; None when no format matches."""
+    for _name, fn in _CONVERTERS:
+        result = fn(obj)
+        if result is not None:
+            return result
+    return None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _split_heads(sd: dict[str, Tensor], head_prefixes: tuple[str, ...]) -> tuple[dict[str, Tensor], list[str]]:
+    kept = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
+    return kept, sorted(set(sd) - set(kept))
+
+
+def _meta(obj: dict, keys: tuple[str, ...] = ("epoch", "arch")) -> dict[str, Any]:
+    return {k: obj[k] for k in keys if k in obj and isinstance(obj[k], (int, float, str))}
+
+
+@register_converter("deepcluster")
+def deepcluster(obj: Any) -> Converted | None:
+    """Original DeepCluster: ``{'arch', 'epoch', 'state_dict', 'optimizer'}`` with
+    DataParallel-wrapped ``features.module.N.*``, ``classifier.N.*``, ``top_layer.*``, ``sobel.*``."""
+    sd = obj.get("state_dict") if isinstance(obj, dict) and "state_dict" in obj else obj
+    if not _is_state_dict(sd) or not any(k.startswith("features.module.") for k in sd):
+        return None
+    renamed = {k.replace("features.module.", "features.", 1): v for k, v in sd.items()}
+    kept, heads = _split_heads(renamed, ("top_layer.",))
+    arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
+    return Converted("deepcluster", kept, heads, arch, _meta(obj) if sd is not obj else {})
+
+
+@register_converter("vissl")
+def vissl(obj: Any) -> Converted | None:
+    """VISSL: ``classy_state_dict.base_model.model.trunk`` with ``_feature_blocks.`` keys."""
+    if not isinstance(obj, dict) or "classy_state_dict" not in obj:
+        return None
+    try:
+        model = obj["classy_state_dict"]["base_model"]["model"]
+        trunk = model["trunk"]
+    except (KeyError, TypeError):
+        return None
+    sd = {k.replace("_feature_blocks.", "", 1): v for k, v in trunk.items()}
+    heads = [f"heads.{k}" for k in model.get("heads", {})]
+    return Converted("vissl", sd, heads, None, {"phase_idx": obj.get("phase_idx")} if "phase_idx" in obj else {})
+
+
+@register_converter("moco")
+def moco(obj: Any) -> Converted | None:
+    """MoCo v1/v2: ``state_dict`` with ``module.encoder_q.*`` (the key encoder is dropped)."""
+    sd = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not _is_state_dict(sd) or not any(k.startswith("module.encoder_q.") for k in sd):
+        return None
+    query = _strip(sd, "module.encoder_q.")
+    kept, heads = _split_heads(query, ("fc.",))
+    others = [k for k in sd if not k.startswith("module.encoder_q.")]
+    return Converted("moco", kept, heads + others, obj.get("arch") if isinstance(obj.get("arch"), str) else None,
+                     _meta(obj, ("epoch",)))
+
+
+@register_converter("lightning")
+def lightning(obj: Any) -> Converted | None:
+    """PyTorch Lightning (solo-learn and similar): ``state_dict`` with ``backbone.*`` keys."""
+    sd = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not _is_state_dict(sd) or not any(k.startswith("backbone.") for k in sd):
+        return None
+    kept, _ = _split_heads(_strip(sd, "backbone."), ("fc.",))
+    heads = sorted(k for k in sd if not k.startswith("backbone.") or k.startswith("backbone.fc."))
+    return Converted("lightning", kept, heads, None, _meta(obj, ("epoch", "global_step")))
+
+
+@register_converter("state_dict")
+def plain(obj: Any) -> Converted | None:
+    """A bare state dict (torchvision, timm, DeepCluster without DataParallel), possibly inside
+    ``{'state_dict': ...}`` or ``{'model': ...}`` and possibly prefixed with ``module.``."""
+    sd = obj
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        inner = [obj[k] for k in ("state_dict", "model", "model_state") if _is_state_dict(obj.get(k))]
+        if not inner:
+            return None
+        sd = inner[0]
+    if not _is_state_dict(sd):
+        return None
+    if all(k.startswith("module.") for k in sd):
+        sd = _strip(sd, "module.")
+    fmt = "timm" if any(re.match(r"(stem|stages|blocks|patch_embed|head)\.", k) for k in sd) else "torchvision"
+    kept, heads = _split_heads(sd, ("top_layer.",))
+    arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) and sd is not obj else None
+    return Converted(fmt, kept, heads, arch, _meta(obj) if sd is not obj and isinstance(obj, dict) else {})
