@@ -114,6 +114,59 @@ def checkpoint_convert(src: str, dst: str, target: str, arch: str | None, trust:
     click.echo(f"wrote {out} ({target} format)")
 
 
+# ----------------------------------------------------------------------------- train
+_TRAIN_FLAGS = {"data": "data", "arch": "arch", "sobel": "sobel", "k": "k", "epochs": "epochs",
+                "batch_size": "batch_size", "image_size": "image_size", "out": "out",
+                "checkpoint_every": "checkpoint_every", "clustering": "clustering", "workers": "workers",
+                "strict": "strict", "device": "device"}
+
+
+@main.command()
+@click.option("--data", help="Training images: an ImageFolder, a folder of images, or a text file list.")
+@click.option("--arch", help="alexnet (default) | vgg16 | timm:NAME | tv:NAME.")
+@click.option("--sobel/--no-sobel", default=None, help="Fixed Sobel front end (default: on, as in the paper).")
+@click.option("--k", type=int, help="Number of clusters (default 10000).")
+@click.option("--epochs", type=int, help="Epochs (default 500).")
+@click.option("--batch-size", type=int, help="Batch size per process (default 256).")
+@click.option("--image-size", type=int, help="Crop side in pixels (default 224; 64 for small data).")
+@click.option("--out", help="Run folder (default runs/deepcluster).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
+@click.option("--checkpoint-every", type=int, help="Also checkpoint every N iterations (default: per epoch).")
+@click.option("--clustering", type=click.Choice(["kmeans", "pic"]), help="Clustering method (default kmeans).")
+@click.option("--workers", type=int, help="Data loader workers (default 4).")
+@click.option("--strict", is_flag=True, default=None, help="Stop at the first unreadable image.")
+@click.option("--device", help="auto (default) | cpu | cuda | cuda:N.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Any setting, e.g. --set pca_dim=32 --set reassign=4 (see dcbench train --list-settings).")
+@click.option("--list-settings", is_flag=True, help="Print every setting with its default and exit.")
+def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], list_settings: bool,
+          **flags) -> None:
+    """Train DeepCluster (defaults = the paper's recipe). Also under torchrun:
+    torchrun --nproc-per-node N -m dcbench train ..."""
+    from dcbench.settings import apply_settings, describe_fields, load_yaml_settings, parse_assignments
+    from dcbench.train import TrainConfig, train as run_training
+
+    if list_settings:
+        for name, type_name, default, help_text in describe_fields(TrainConfig):
+            click.echo(f"{name:<18} {str(default):<18} {help_text}")
+        return
+    overrides: dict = {}
+    if resume and flags.get("out"):
+        saved = Path(flags["out"]) / "config.yaml"
+        if saved.exists():
+            overrides.update(load_yaml_settings(saved))
+    if config_file:
+        overrides.update(load_yaml_settings(config_file))
+    overrides.update({_TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None})
+    overrides.update(parse_assignments(assignments))
+    cfg = apply_settings(TrainConfig(), overrides)
+    if not cfg.data:
+        raise click.UsageError("--data is required (an ImageFolder, a folder of images, or a file list)")
+    out = run_training(cfg, resume=resume)
+    click.echo(f"run folder: {out}")
+
+
 def run() -> None:
     """Entry point for ``python -m dcbench``."""
     main(prog_name="dcbench")

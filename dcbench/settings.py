@@ -1,0 +1,143 @@
+"""Settings as dataclasses: ``--set KEY=VALUE`` parsing, type coercion, YAML round trip.
+
+Trainer configs and protocol settings are dataclasses whose fields carry their documented
+defaults (``field(metadata={"help": ...})``). One vocabulary, one parser: an unknown key or a
+value of the wrong type is a :class:`~dcbench.errors.UsageError` naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from dcbench.errors import UsageError
+
+T = TypeVar("T")
+
+
+def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["lr=0.1", "taps=[conv1,conv2]"]`` -> ``{"lr": 0.1, "taps": ["conv1", "conv2"]}`` (YAML values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"bad --set '{pair}': use KEY=VALUE, e.g. --set lr=0.01")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML value to the field's annotated type, or raise UsageError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(name, value, arg)
+            except UsageError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise UsageError(f"bad value {value!r} for {name}: choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+        inner = args[0] if args else Any
+        converted = [_coerce(name, v, inner) if inner is not Any and inner is not Ellipsis else v for v in items]
+        return tuple(converted) if origin is tuple else converted
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"bad value {value!r} for {name}: expected true or false")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise UsageError(f"bad value {value!r} for {name}: expected a number")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"bad value {value!r} for {name}: expected {'an integer' if hint is int else 'a number'}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise UsageError(f"bad value {value!r} for {name}: expected an integer")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"bad value {value!r} for {name}: expected text")
+        return str(value)
+    return value
+
+
+def apply_settings(base: T, overrides: Mapping[str, Any], what: str = "setting") -> T:
+    """A copy of dataclass ``base`` with ``overrides`` applied and type-checked."""
+    types_ = _field_types(type(base))
+    unknown = sorted(set(overrides) - set(types_))
+    if unknown:
+        raise UsageError(f"unknown {what} '{unknown[0]}'; known: {', '.join(sorted(types_))}")
+    values = {k: _coerce(k, v, types_[k]) for k, v in overrides.items()}
+    updated = dataclasses.replace(base, **values)
+    check = getattr(updated, "validate", None)
+    if callable(check):
+        check()
+    return updated
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclass -> JSON/YAML-safe dict (tuples become lists, paths strings)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, help)`` for each field of a settings dataclass."""
+    rows = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        rows.append((f.name, type_name, to_plain(default), f.metadata.get("help", "")))
+    return rows
+
+
+def load_yaml_settings(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of settings (``--config FILE``)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of KEY: VALUE")
+    return data

@@ -1,0 +1,407 @@
+"""The DeepCluster loop (Caron et al., ECCV 2018), one epoch in named phases:
+
+    extract features (eval mode, centre crop, dataset order)
+    -> cluster (PCA-whitening + L2, then k-means or PIC; rank 0)
+    -> pseudo-labelled loader (uniform sampling over non-empty clusters)
+    -> fresh top layer with its own momentum-free SGD
+    -> train one pass (RandomResizedCrop + flip, cross-entropy on cluster ids)
+    -> log -> checkpoint
+
+Resuming is exact on the CPU: augmentation randomness is a pure function of
+(seed, epoch, position in the epoch), the loader never touches the global RNG, and a
+checkpoint carries the optimisers, the epoch's assignments and every RNG state.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dcbench.checkpoint import checkpoint_record, atomic_save, read_checkpoint_file, save_checkpoint
+from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
+from dcbench.data import ImageDataset, SkipCounter, eval_transform, open_training_data, skip_collate, train_transform
+from dcbench.errors import DcbenchError
+from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
+from dcbench.settings import to_plain
+from dcbench.train.config import TrainConfig
+from dcbench.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main,
+                                       init_distributed, shutdown)
+from dcbench.train.rundir import RunDir, capture_rng, restore_rng
+
+log = logging.getLogger("dcbench")
+
+
+@dataclass
+class EpochState:
+    """Progress inside the current epoch: exactly what a mid-epoch checkpoint must carry."""
+
+    epoch: int = 0  # 0-based epoch in progress (== epochs completed)
+    iteration: int = 0  # batches done in this epoch
+    assignments: np.ndarray | None = None  # this epoch's cluster id per image (-1: unreadable)
+    previous: np.ndarray | None = None  # last epoch's, for NMI(t, t-1)
+    stats: dict[str, Any] = field(default_factory=dict)  # clustering stats and phase times
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    def next_epoch(self) -> None:
+        self.previous, self.assignments = self.assignments, None
+        self.epoch, self.iteration, self.stats, self.loss_sum, self.loss_count = self.epoch + 1, 0, {}, 0.0, 0
+
+
+@dataclass
+class Trainer:
+    """Everything one training run holds."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    run: RunDir
+    model: Backbone
+    optimizer: torch.optim.Optimizer
+    images: ImageDataset  # eval transform: feature extraction
+    crops: ImageDataset  # train transform: the training pass
+    state: EpochState = field(default_factory=EpochState)
+    top_optimizer: torch.optim.Optimizer | None = None
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) DeepCluster training as ``cfg`` says; returns the run folder."""
+    dist = init_distributed(cfg.device)
+    try:
+        trainer = setup(cfg, dist, resume)
+        for _ in range(trainer.state.epoch, cfg.epochs):
+            train_one_epoch(trainer)
+        return trainer.run.path
+    finally:
+        shutdown(dist)
+
+
+def train_one_epoch(t: Trainer) -> None:
+    """One DeepCluster round: cluster the current features, then learn to predict the clusters."""
+    s = t.state
+    if s.assignments is None:  # a resumed mid-epoch state already has them
+        features, indices, s.stats["time_extract_s"] = extract_features(t)
+        s.assignments, cluster_stats, s.stats["time_cluster_s"] = cluster_features(t, features, indices)
+        s.stats.update(cluster_stats)
+        del features
+        new_top_layer(t)
+    start = time.perf_counter()
+    train_pass(t, pseudo_labelled_loader(t))
+    s.stats["time_train_s"] = s.stats.get("time_train_s", 0.0) + time.perf_counter() - start
+    record = epoch_record(t)
+    if t.dist.is_main:
+        t.run.log_epoch(record)
+        t.run.save_assignments(s.epoch, s.assignments)
+        log.info(format_record(record))
+    s.next_epoch()
+    save_training_checkpoint(t)
+    if t.cfg.snapshot_every and s.epoch % t.cfg.snapshot_every == 0 and t.dist.is_main:
+        save_checkpoint(t.run.snapshots / f"epoch_{s.epoch:04d}.pth", t.model, s.epoch, to_plain(t.cfg))
+
+
+# ----------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
+    """Open the data, build the model and optimiser, prepare the run folder, maybe resume."""
+    torch.manual_seed(cfg.seed + dist.rank)
+    np.random.seed(cfg.seed + dist.rank)
+    images = open_training_data(cfg.data, transform=eval_transform(cfg.image_size), strict=cfg.strict)
+    crops = copy.copy(images)
+    crops.transform = train_transform(cfg.image_size, tuple(cfg.crop_scale))
+    model = build_backbone(cfg.arch, sobel=cfg.sobel, input_size=cfg.image_size, seed=cfg.seed)
+    check_sizes(cfg, len(images), model.feature_dim)
+    run = RunDir(cfg.out)
+    if dist.is_main:
+        run.prepare(to_plain(cfg), resume)
+    barrier(dist)
+    model.to(dist.device)
+    for name, p in model.named_parameters():  # a foreign model's own classifier is not trained
+        if name.startswith(model.head_prefixes):
+            p.requires_grad = False
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainer = Trainer(cfg, dist, run, model, optimizer, images, crops)
+    if resume:
+        restore_training(trainer)
+    return trainer
+
+
+def check_sizes(cfg: TrainConfig, n_images: int, feature_dim: int) -> None:
+    """Settings that cannot work with this many images: one clear error before any work."""
+    if cfg.clustering == "kmeans" and cfg.k > n_images:
+        raise DcbenchError(f"k={cfg.k} is larger than the number of images ({n_images}) in {cfg.data}; "
+                           f"choose --k below {n_images}")
+    if cfg.pca_dim > min(n_images, feature_dim):
+        raise DcbenchError(f"pca_dim={cfg.pca_dim} exceeds min(images, feature size) = "
+                           f"{min(n_images, feature_dim)}; pass --set pca_dim=N with a smaller N")
+
+
+# ----------------------------------------------------------------------------- phase 1: extract
+def extract_features(t: Trainer) -> tuple[np.ndarray, np.ndarray, float]:
+    """Clustering features of this rank's contiguous shard, in dataset order (eval mode)."""
+    start = time.perf_counter()
+    n = len(t.images)
+    shard = range(t.dist.rank * math.ceil(n / t.dist.world_size),
+                   min(n, (t.dist.rank + 1) * math.ceil(n / t.dist.world_size)))
+    loader = DataLoader(t.images, batch_size=t.cfg.batch_size, sampler=list(shard), num_workers=t.cfg.workers,
+                        collate_fn=skip_collate, pin_memory=t.dist.device.type == "cuda")
+    features = _feature_buffer(t, len(shard))
+    kept, counter, row = [], SkipCounter(t.images), 0
+    t.model.eval()
+    with torch.inference_mode():
+        for images, _, indices, n_skipped in _progress(t, loader, f"epoch {t.state.epoch} extract"):
+            counter.update(indices, n_skipped)
+            if len(indices) == 0:
+                continue
+            with _autocast(t):
+                out = t.model(images.to(t.dist.device, non_blocking=True), taps=[CLUSTER_TAP])[CLUSTER_TAP]
+            features[row:row + len(indices)] = out.float().cpu().numpy()
+            kept.append(indices.numpy())
+            row += len(indices)
+    t.state.stats["n_skipped"] = int(all_reduce_sum(t.dist, counter.count))
+    counter.report(expected=shard)
+    indices = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    return features[:row], indices, time.perf_counter() - start
+
+
+def _feature_buffer(t: Trainer, rows: int) -> np.ndarray:
+    """RAM for small sets; a disk memmap in the run folder beyond ``feature_memmap_gb``."""
+    shape = (rows, t.model.feature_dim)
+    if rows * t.model.feature_dim * 4 <= t.cfg.feature_memmap_gb * 1e9:
+        return np.empty(shape, dtype=np.float32)
+    path = t.run.path / f"features.rank{t.dist.rank}.tmp"
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+# ----------------------------------------------------------------------------- phase 2: cluster
+def cluster_features(t: Trainer, features: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, dict, float]:
+    """PCA-whiten + L2 (fitted on a sample), cluster on rank 0, broadcast the assignments."""
+    start = time.perf_counter()
+    cfg, dist = t.cfg, t.dist
+    pca = _fit_pca(t, features)
+    reduced = pca.transform(features, l2_normalize=True)
+    parts = gather_to_main(dist, (indices, reduced))
+    payload = None
+    if dist.is_main:
+        all_indices = np.concatenate([p[0] for p in parts])
+        points = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
+        payload = _cluster_points(cfg, points, all_indices, len(t.images), seed=cfg.seed + t.state.epoch)
+    assignments, stats = broadcast_from_main(dist, payload)
+    return assignments, stats, time.perf_counter() - start
+
+
+def _fit_pca(t: Trainer, features: np.ndarray) -> PCAWhitening:
+    cfg, dist = t.cfg, t.dist
+    seed = cfg.seed + t.state.epoch
+    if not dist.enabled:
+        return PCAWhitening(cfg.pca_dim).fit(features, sample_size=cfg.pca_sample, seed=seed)
+    per_rank = max(1, cfg.pca_sample // dist.world_size)
+    rows = np.random.default_rng(seed + dist.rank).permutation(len(features))[:per_rank]
+    samples = gather_to_main(dist, np.ascontiguousarray(features[np.sort(rows)]))
+    pca = PCAWhitening(cfg.pca_dim).fit(np.concatenate(samples), sample_size=None) if dist.is_main else None
+    return broadcast_from_main(dist, pca)
+
+
+def _cluster_points(cfg: TrainConfig, points: np.ndarray, indices: np.ndarray, n_images: int,
+                    seed: int) -> tuple[np.ndarray, dict]:
+    if cfg.clustering == "pic":
+        result = run_pic(points, n_neighbors=cfg.pic_neighbors, sigma=cfg.pic_sigma, alpha=cfg.pic_alpha,
+                         n_iter=cfg.pic_iters, seed=seed)
+    else:
+        result = run_kmeans(points, cfg.k, n_iter=cfg.kmeans_iters, seed=seed)
+    assignments = np.full(n_images, -1, dtype=np.int64)
+    assignments[indices] = result.assignments
+    sizes = np.bincount(result.assignments, minlength=result.n_clusters)
+    nonempty = sizes[sizes > 0]
+    stats = {"n_clusters": int(result.n_clusters), "kmeans_objective": _finite_or_none(result.objective),
+             "empty_clusters": int(result.empty_clusters), "cluster_size_min": int(nonempty.min()),
+             "cluster_size_max": int(nonempty.max())}
+    return assignments, stats
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------- phase 3: loader
+class _PseudoLabelled(Dataset):
+    """Training crops labelled with cluster ids; sampler items are ``(index, augmentation_seed)``
+    so that each crop depends only on (seed, epoch, position), never on worker scheduling."""
+
+    def __init__(self, images: ImageDataset, assignments: np.ndarray) -> None:
+        self.images, self.assignments = images, assignments
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sample = self.images[index]
+        if sample is None:
+            return None
+        return sample[0], int(self.assignments[index]), index
+
+
+def pseudo_labelled_loader(t: Trainer) -> DataLoader:
+    """Uniform sampling over non-empty clusters, sharded across ranks, resumable mid-epoch."""
+    s, cfg = t.state, t.cfg
+    n_valid = int((s.assignments >= 0).sum())
+    sampler = UniformClusterSampler(s.assignments, num_samples=max(1, int(cfg.reassign * n_valid)),
+                                    seed=cfg.seed + s.epoch, rank=t.dist.rank, world_size=t.dist.world_size)
+    order = list(sampler)
+    base = (cfg.seed * 1_000_003 + s.epoch) * 10_000_019 + t.dist.rank * len(order)
+    items = [(int(i), (base + pos) % 2**63) for pos, i in enumerate(order)][s.iteration * cfg.batch_size:]
+    return DataLoader(_PseudoLabelled(t.crops, s.assignments), batch_size=cfg.batch_size, sampler=items,
+                      num_workers=cfg.workers, collate_fn=skip_collate, generator=torch.Generator(),
+                      pin_memory=t.dist.device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- phase 4: top layer
+def new_top_layer(t: Trainer) -> None:
+    """A fresh Linear(feature_dim, k), N(0, 0.01), with its own SGD (no momentum), same on every rank."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.cfg.seed * 7919 + t.state.epoch)
+        layer = t.model.set_top_layer(t.state.stats["n_clusters"])
+    t.top_optimizer = torch.optim.SGD(layer.parameters(), lr=t.cfg.top_lr, weight_decay=t.cfg.top_weight_decay)
+
+
+# ----------------------------------------------------------------------------- phase 5: train
+def train_pass(t: Trainer, loader: DataLoader) -> None:
+    """One pass over the pseudo-labelled sample; checkpoints every ``checkpoint_every`` batches."""
+    model = _wrap_ddp(t)
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    s = t.state
+    for images, targets, _, _ in _progress(t, loader, f"epoch {s.epoch} train"):
+        if len(targets) == 0:
+            continue
+        images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
+        with _autocast(t):
+            loss = criterion(model(images, taps=[LOGITS_TAP])[LOGITS_TAP].float(), targets)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.top_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t.top_optimizer.step()
+        s.iteration += 1
+        s.loss_sum += float(loss.item()) * len(targets)
+        s.loss_count += len(targets)
+        if t.cfg.checkpoint_every and s.iteration % t.cfg.checkpoint_every == 0:
+            save_training_checkpoint(t)
+
+
+def _wrap_ddp(t: Trainer) -> nn.Module:
+    if not t.dist.enabled:
+        return t.model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [t.dist.device.index] if t.dist.device.type == "cuda" else None
+    return DistributedDataParallel(t.model, device_ids=ids)
+
+
+def _autocast(t: Trainer):
+    enabled = t.cfg.amp and t.dist.device.type == "cuda"
+    return torch.autocast(device_type=t.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _progress(t: Trainer, iterable, desc: str):
+    """tqdm with rate and ETA on the main rank's terminal; silent otherwise."""
+    if not t.dist.is_main:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- phase 6: log
+def epoch_record(t: Trainer) -> dict[str, Any]:
+    """The metrics.jsonl line of the finished epoch."""
+    s, labels = t.state, t.images.targets
+    valid = s.assignments >= 0
+    loss_sum = all_reduce_sum(t.dist, s.loss_sum)
+    loss_count = all_reduce_sum(t.dist, s.loss_count)
+    stats = s.stats
+    return {
+        "epoch": s.epoch,
+        "nmi_prev": nmi(s.assignments[valid], s.previous[valid]) if s.previous is not None else None,
+        "nmi_labels": nmi(s.assignments[valid], np.asarray(labels)[valid]) if labels is not None else None,
+        "kmeans_objective": stats.get("kmeans_objective"),
+        "empty_clusters": stats.get("empty_clusters"),
+        "n_clusters": stats.get("n_clusters"),
+        "cluster_size_min": stats.get("cluster_size_min"),
+        "cluster_size_max": stats.get("cluster_size_max"),
+        "loss": loss_sum / loss_count if loss_count else None,
+        "iterations": s.iteration,
+        "n_images": int(valid.sum()),
+        "n_skipped": stats.get("n_skipped", 0),
+        "lr": t.cfg.lr,
+        "time_extract_s": round(stats.get("time_extract_s", 0.0), 3),
+        "time_cluster_s": round(stats.get("time_cluster_s", 0.0), 3),
+        "time_train_s": round(stats.get("time_train_s", 0.0), 3),
+    }
+
+
+def format_record(r: dict[str, Any]) -> str:
+    def f(x: Any, spec: str = ".3f") -> str:
+        return "-" if x is None else format(x, spec)
+    return (f"epoch {r['epoch']}: loss {f(r['loss'])}  nmi_prev {f(r['nmi_prev'])}  nmi_labels {f(r['nmi_labels'])}  "
+            f"clusters {r['n_clusters']} (empty {r['empty_clusters']}, sizes {r['cluster_size_min']}-"
+            f"{r['cluster_size_max']})  time extract/cluster/train {r['time_extract_s']:.1f}/"
+            f"{r['time_cluster_s']:.1f}/{r['time_train_s']:.1f}s")
+
+
+# ----------------------------------------------------------------------------- phase 7: checkpoint
+def save_training_checkpoint(t: Trainer) -> None:
+    """``RUN_DIR/checkpoint.pth``: weights + everything needed to resume (rank 0 writes)."""
+    if t.dist.is_main:
+        s = t.state
+        top = t.model.top_layer
+        train_state = {
+            "epoch": s.epoch, "iteration": s.iteration,
+            "assignments": None if s.assignments is None else torch.from_numpy(s.assignments),
+            "previous": None if s.previous is None else torch.from_numpy(s.previous),
+            "stats": dict(s.stats), "loss_sum": s.loss_sum, "loss_count": s.loss_count,
+            "optimizer": t.optimizer.state_dict(),
+            "top_layer": None if s.assignments is None or top is None else top.state_dict(),
+            "top_optimizer": None if s.assignments is None or t.top_optimizer is None else t.top_optimizer.state_dict(),
+            "rng": capture_rng(),
+        }
+        atomic_save(checkpoint_record(t.model, s.epoch, to_plain(t.cfg), train_state), t.run.checkpoint)
+        t.run.write_progress(s.epoch, s.iteration)
+    barrier(t.dist)
+
+
+def restore_training(t: Trainer) -> None:
+    """Load ``RUN_DIR/checkpoint.pth`` into the trainer: model, optimisers, epoch state, RNG."""
+    record = read_checkpoint_file(t.run.checkpoint)
+    ts = record.get("train_state")
+    if record.get("format") != "dcbench" or ts is None:
+        raise DcbenchError(f"{t.run.checkpoint} is not a resumable training checkpoint")
+    if record["arch"] != t.cfg.arch or bool(record["sobel"]) != t.cfg.sobel:
+        raise DcbenchError(f"{t.run.checkpoint} was trained with arch {record['arch']} (sobel {record['sobel']}); "
+                           f"resume with the same --arch and --sobel/--no-sobel")
+    t.model.load_state_dict(record["state_dict"], strict=False)
+    t.optimizer.load_state_dict(ts["optimizer"])
+    s = t.state
+    s.epoch, s.iteration = int(ts["epoch"]), int(ts["iteration"])
+    s.assignments = None if ts["assignments"] is None else ts["assignments"].numpy().copy()
+    s.previous = None if ts["previous"] is None else ts["previous"].numpy().copy()
+    s.stats, s.loss_sum, s.loss_count = dict(ts["stats"]), float(ts["loss_sum"]), int(ts["loss_count"])
+    if s.assignments is not None:
+        new_top_layer(t)
+        t.model.top_layer.load_state_dict(ts["top_layer"])
+        t.top_optimizer.load_state_dict(ts["top_optimizer"])
+    restore_rng(ts["rng"])
+    if t.dist.is_main:
+        t.run.truncate_metrics(s.epoch)
+    log.info("resumed %s at epoch %d, iteration %d", t.run.checkpoint, s.epoch, s.iteration)

@@ -1,0 +1,154 @@
+"""DeepCluster training: a real run, exact resume after kill -9, torchrun with 2 processes, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dcbench
+from dcbench.checkpoint import load_checkpoint
+from dcbench.cli import main
+from dcbench.data.synthetic import make_image_folder
+
+SMALL = ["--image-size", "64", "--batch-size", "16", "--k", "4", "--workers", "0",
+         "--set", "pca_dim=8", "--set", "snapshot_every=2"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    return make_image_folder(root, n_classes=4, per_class=12, image_size=64, splits=None, corrupt=1)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dcbench", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_run_folder_and_logs_every_epoch(images, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(images), "--epochs", "2", "--out", str(run), *SMALL])
+    assert result.exit_code == 0, result.output
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in ("nmi_prev", "nmi_labels", "kmeans_objective", "empty_clusters", "cluster_size_min",
+                "cluster_size_max", "loss", "time_extract_s", "time_cluster_s", "time_train_s"):
+        assert key in records[1], key
+    assert records[0]["nmi_prev"] is None and 0 <= records[1]["nmi_prev"] <= 1
+    assert records[1]["nmi_labels"] is not None and records[1]["n_skipped"] == 1
+    assert records[1]["n_images"] == 48 and records[1]["iterations"] == 3
+    saved = np.load(run / "assignments" / "epoch_0001.npz")["assignments"]
+    assert saved.shape == (49,) and (saved == -1).sum() == 1 and saved.max() < 4
+    config = (run / "config.yaml").read_text()
+    assert "k: 4" in config and "lr: 0.05" in config and "seed: 31" in config
+    assert (run / "checkpoints" / "epoch_0002.pth").exists()
+    loaded = load_checkpoint(run / "checkpoint.pth")
+    assert loaded.backbone.arch == "alexnet" and loaded.meta["epoch"] == 2
+    bb = dcbench.load_backbone(str(run / "checkpoint.pth"))
+    assert bb(torch.randn(1, 3, 64, 64), taps=["conv3"])["conv3"].shape[1] == 384
+
+
+def test_defaults_are_the_papers():
+    from dcbench.train import TrainConfig
+
+    c = TrainConfig()
+    assert (c.arch, c.sobel, c.k, c.pca_dim, c.kmeans_iters, c.lr, c.momentum, c.weight_decay, c.batch_size,
+            c.epochs, c.seed, c.reassign, c.crop_scale, c.top_lr) == \
+        ("alexnet", True, 10000, 256, 20, 0.05, 0.9, 1e-5, 256, 500, 31, 1.0, (0.08, 1.0), 0.05)
+
+
+def _final_weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pth", weights_only=True)["state_dict"]
+
+
+def test_kill_9_mid_epoch_then_resume_gives_identical_weights(images, tmp_path):
+    args = ["train", "--data", str(images), "--epochs", "3", "--checkpoint-every", "1", *SMALL]
+    straight = tmp_path / "straight"
+    assert _cli(*args, "--out", str(straight)).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dcbench", *args, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    progress = killed / "checkpoint.json"
+    while time.time() < deadline:
+        try:
+            p = json.loads(progress.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            p = {"epoch": 0, "iteration": 0}
+        if p["epoch"] == 1 and p["iteration"] >= 1:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "checkpoint.pth", weights_only=True)["train_state"]
+    assert state["epoch"] == 1 and state["iteration"] > 0, "the kill should land mid-epoch"
+
+    resumed = _cli(*args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in _metrics(killed)] == [0, 1, 2]
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _metrics(straight)[-1]["loss"] == pytest.approx(_metrics(killed)[-1]["loss"], rel=1e-6)
+
+
+def test_torchrun_two_processes(images, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dcbench", "train", "--data", str(images), "--epochs", "2", "--out", str(run), "--device", "cpu",
+           *SMALL]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[1]["n_images"] == 48
+    # each process trains on half of the pseudo-labelled sample: 48 images, batch 16 -> 2 steps per rank
+    assert records[1]["iterations"] == 2
+    assert load_checkpoint(run / "checkpoint.pth").meta["epoch"] == 2
+
+
+@pytest.mark.parametrize("case", ["empty", "k_too_large", "unwritable", "non_image_list", "resume_nothing"])
+def test_bad_input_one_line_exit_1(images, tmp_path, case):
+    out = tmp_path / "run"
+    data = str(images)
+    extra: list[str] = []
+    if case == "empty":
+        (tmp_path / "empty").mkdir()
+        data = str(tmp_path / "empty")
+    elif case == "k_too_large":
+        extra = ["--k", "500"]
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "run"
+    elif case == "non_image_list":
+        (tmp_path / "list.txt").write_text("notes.txt\n")
+        (tmp_path / "notes.txt").write_text("hello")
+        data = str(tmp_path / "list.txt")
+    elif case == "resume_nothing":
+        extra = ["--resume"]
+    result = CliRunner().invoke(main, ["train", "--data", data, "--epochs", "1", "--out", str(out), *SMALL, *extra])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code in (1, 2), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_unknown_setting_is_usage_error(images, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(images), "--set", "learning_rate=1"])
+    assert result.exit_code == 2 and "unknown setting 'learning_rate'" in result.output
