@@ -313,7 +313,19 @@ def _parse_random(spec: str) -> tuple[str, dict[str, str]]:
 def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
                        input_size: int | None = None) -> LoadedCheckpoint:
     """Resolve a checkpoint spec: a file, ``random:ARCH[,seed=N][,sobel=0|1][,size=PX]``,
-    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0)."""
+    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0), or ``pretrained:NAME`` (a published
+    checkpoint of ``pretrained/manifest.toml``: downloaded once into the cache, its file sha256
+    verified against the manifest or the cache's lock file on every load)."""
+    if spec.startswith("pretrained:"):
+        # imported here: the registry (and its downloader) is needed only for this kind of spec
+        from pretrained.registry import verified_file
+
+        entry, path, file_sha = verified_file(spec[len("pretrained:"):])
+        loaded = load_checkpoint(path, arch=arch or entry.arch, trust=trust,
+                                 input_size=input_size or entry.input_size)
+        loaded.name = f"pretrained:{entry.name}"
+        loaded.meta.update({"pretrained": entry.name, "file_sha256": file_sha, "url": entry.url})
+        return loaded
     if spec.startswith(("timm:", "tv:")):
         spec = "random:" + spec
     if spec.startswith("random:"):
@@ -359,3 +371,18 @@ def convert_checkpoint(src: str, dst: str | Path, target: str = "dcbench", arch:
         save_checkpoint(dst, loaded.backbone, epoch=loaded.meta.get("epoch"),
                         config={"converted_from": str(src), "source_format": loaded.format})
     return Path(dst)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

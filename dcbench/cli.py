@@ -167,6 +167,190 @@ def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], l
     click.echo(f"run folder: {out}")
 
 
+# ----------------------------------------------------------------------------- protocols
+@main.command("protocols")
+@click.argument("name", required=False)
+def protocols_cmd(name: str | None) -> None:
+    """List the protocols, or describe NAME: settings, defaults, data layout."""
+    from dcbench.settings import describe_fields
+    from protocols import get_protocol, list_protocols
+
+    if name is None:
+        for proto_name in list_protocols():
+            click.echo(f"{proto_name:<18} {get_protocol(proto_name).description}")
+        return
+    proto = get_protocol(name)
+    click.echo(f"{proto.name} (version {proto.version}): {proto.description}\n")
+    click.echo("data layout (--data ROOT):")
+    for line in proto.data_layout.strip().splitlines():
+        click.echo(f"  {line}")
+    click.echo("\nsettings (--set KEY=VALUE):")
+    defaults = proto.default_settings()
+    for field_name, type_name, _, help_text in describe_fields(type(defaults)):
+        value = getattr(defaults, field_name)
+        click.echo(f"  {field_name:<16} {str(value):<14} {help_text}")
+
+
+# ----------------------------------------------------------------------------- eval
+_store_option = click.option("--store", type=click.Path(dir_okay=False),
+                             help="Results database (default $DCBENCH_STORE or ~/.dcbench/results.db).")
+
+
+def _open_store(path: str | None):
+    from dcbench.results import ResultStore, default_store_path
+
+    return ResultStore(path or default_store_path())
+
+
+def _print_result(result) -> None:
+    rows = [(m.tap or "-", m.metric, m.split or "-", m.selection or "-", f"{m.value:.2f}") for m in result.metrics]
+    header = ("tap", "metric", "split", "selection", "value")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    click.echo(f"{result.protocol} on {result.checkpoint['name']} ({result.checkpoint['sha256'][:12]}), "
+               f"{result.wall_s:.1f}s")
+    for r in [header, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+@main.command("eval")
+@click.option("--protocol", "protocol_name", required=True, help="Protocol name (see `dcbench protocols`).")
+@click.option("--checkpoint", "spec", required=True, help="A checkpoint file, pretrained:NAME, random:ARCH, timm:NAME or tv:NAME.")
+@click.option("--data", "data_root", type=click.Path(), help="Dataset root in the protocol's layout.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Protocol setting.")
+@_store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result record as one JSON line (last line).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@_arch_option
+@_trust_option
+def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: tuple[str, ...], store: str | None,
+             as_json: bool, device: str, arch: str | None, trust: bool) -> None:
+    """Evaluate one checkpoint with one protocol and store the result."""
+    from dcbench import evaluate
+    from dcbench.settings import parse_assignments
+
+    plan = evaluate.plan(protocol_name, parse_assignments(assignments), data_root)
+    with _open_store(store) as db:
+        ckpt = evaluate.load_for(plan, spec, arch=arch, trust=trust)
+        result = evaluate.run_and_store(plan, ckpt, db, evaluate.context_for(plan, device, progress=True))
+    _print_result(result)
+    if as_json:
+        click.echo(result.to_json())
+
+
+# ----------------------------------------------------------------------------- compare
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of integers", param_hint="--seeds")
+
+
+@main.command("compare")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--protocol", "protocol_names", multiple=True, required=True, help="Protocol (repeatable).")
+@click.option("--data", "data_root", type=click.Path(), help="Dataset root for the protocols.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Setting for every protocol.")
+@click.option("--seeds", help="Comma-separated seeds: one trial each, reported as mean +- std.")
+@click.option("--selection", type=click.Choice(["final", "best"]), default="final", show_default=True)
+@_store_option
+@click.option("--device", default="auto", show_default=True)
+@_arch_option
+@_trust_option
+def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], data_root: str | None,
+                assignments: tuple[str, ...], seeds: str | None, selection: str, store: str | None,
+                device: str, arch: str | None, trust: bool) -> None:
+    """Evaluate CHECKPOINTS with each --protocol (skipping results already stored) and print one table."""
+    from dcbench import evaluate
+    from dcbench.leaderboard import build_table, render_terminal
+    from dcbench.settings import parse_assignments
+
+    overrides = parse_assignments(assignments)
+    plans = [evaluate.plan(name, overrides, data_root) for name in protocol_names]
+    seed_list = _parse_seeds(seeds)
+    if seed_list:
+        plans = [evaluate.with_seed(p, seed) for p in plans for seed in seed_list]
+    shas, wanted = [], []
+    with _open_store(store) as db:
+        for spec in checkpoints:
+            ckpts = {}
+            for p in plans:
+                size = getattr(p.settings, "image_size", None)
+                if size not in ckpts:
+                    ckpts[size] = evaluate.load_for(p, spec, arch=arch, trust=trust)
+                ckpt = ckpts[size]
+                shas.append(ckpt.sha256)
+                result = evaluate.stored(p, ckpt, db)
+                if result is None:
+                    log.info("running %s on %s", p.protocol.name, ckpt.name)
+                    result = evaluate.run_and_store(p, ckpt, db, evaluate.context_for(p, device, progress=True))
+                else:
+                    log.info("stored: %s on %s (seed %s)", p.protocol.name, ckpt.name, getattr(p.settings, "seed", "-"))
+                wanted.append(result)
+    table = build_table(wanted, protocols=list(protocol_names), checkpoints=list(dict.fromkeys(shas)),
+                        selection=selection)
+    click.echo(render_terminal(table))
+
+
+# ----------------------------------------------------------------------------- leaderboard
+@main.command("leaderboard")
+@_store_option
+@click.option("--protocol", "protocol_names", multiple=True, help="Only these protocols (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html", "json"]), default="md",
+              show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
+@click.option("--reference", help="Row to show deltas against (a checkpoint name).")
+@click.option("--selection", type=click.Choice(["final", "best"]), default="final", show_default=True)
+def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], fmt: str, output: str | None,
+                    reference: str | None, selection: str) -> None:
+    """Export the stored results as a table (checkpoints x protocol/tap/metric)."""
+    from dcbench.checkpoint import atomic_write_text
+    from dcbench.errors import UsageError
+    from dcbench.leaderboard import build_table, render
+
+    with _open_store(store) as db:
+        results = [r for r in db.results() if not protocol_names or r.protocol in protocol_names]
+    if not results:
+        raise DcbenchError(f"no results in the store{' for ' + ', '.join(protocol_names) if protocol_names else ''}; "
+                           f"run `dcbench eval` or `dcbench compare` first")
+    table = build_table(results, protocols=list(protocol_names) or None, selection=selection)
+    try:
+        text = render(table, fmt, reference=reference)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if output:
+        atomic_write_text(output, text)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
+
+
+# ----------------------------------------------------------------------------- demo
+@main.command("demo")
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the data, the run, the results store and the leaderboards.")
+@click.option("--epochs", type=int, help="Training epochs (default: the demo's).")
+def demo_cmd(out: str, epochs: int | None) -> None:
+    """Train DeepCluster on scikit-learn digits, probe it against a random init, print the leaderboard."""
+    from dcbench.demo import print_summary, run_demo
+
+    print_summary(run_demo(out, epochs=epochs), click.echo)
+
+
+def _register_plugins() -> None:
+    """Command groups that live beside their subsystem."""
+    from dcbench.viz.cli import report_command, viz_group
+    from pretrained.cli import pretrained_group
+
+    main.add_command(pretrained_group, "pretrained")
+    main.add_command(viz_group, "viz")
+    main.add_command(report_command, "report")
+
+
+_register_plugins()
+
+
 def run() -> None:
     """Entry point for ``python -m dcbench``."""
     main(prog_name="dcbench")

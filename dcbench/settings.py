@@ -88,12 +88,13 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def apply_settings(base: T, overrides: Mapping[str, Any], what: str = "setting") -> T:
+def apply_settings(base: T, overrides: Mapping[str, Any], owner: str | None = None) -> T:
     """A copy of dataclass ``base`` with ``overrides`` applied and type-checked."""
     types_ = _field_types(type(base))
     unknown = sorted(set(overrides) - set(types_))
     if unknown:
-        raise UsageError(f"unknown {what} '{unknown[0]}'; known: {', '.join(sorted(types_))}")
+        where = f" for {owner}" if owner else ""
+        raise UsageError(f"unknown setting '{unknown[0]}'{where}; known: {', '.join(sorted(types_))}")
     values = {k: _coerce(k, v, types_[k]) for k, v in overrides.items()}
     updated = dataclasses.replace(base, **values)
     check = getattr(updated, "validate", None)

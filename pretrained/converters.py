@@ -127,6 +127,63 @@ def lightning(obj: Any) -> Converted | None:
     return Converted("lightning", kept, heads, None, _meta(obj, ("epoch", "global_step")))
 
 
+def _unwrap_state_dict(obj: Any) -> dict[str, Tensor] | None:
+    """``obj`` itself when it is a state dict, else a state dict under ``obj['state_dict']``."""
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
+        return obj["state_dict"]
+    return None
+
+
+def _wrapper_meta(obj: Any) -> dict[str, Any]:
+    """The epoch of a training checkpoint (``{'state_dict', 'epoch', ...}``); nothing for a bare state dict."""
+    return {} if _is_state_dict(obj) else _meta(obj, ("epoch",))
+
+
+def _strip_data_parallel(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove DataParallel/DDP's ``module.`` prefix when every key has it."""
+    return _strip(sd, "module.") if all(k.startswith("module.") for k in sd) else sd
+
+
+_SWAV_HEADS = ("projection_head.", "prototypes.")
+
+
+@register_converter("swav")
+def swav(obj: Any) -> Converted | None:
+    """facebookresearch/swav files (SwAV, DeepCluster-v2, SeLa-v2): a bare state dict (the released
+    ``*_pretrain.pth.tar``) or ``{'state_dict', 'epoch', 'optimizer'}`` (a training checkpoint), keys
+    ``module.``-prefixed, a torchvision-named ResNet trunk plus ``projection_head.*`` (MLP) and
+    ``prototypes.*`` (one Linear, or ``prototypes.prototypesN.*`` for DeepCluster-v2's several
+    k-means heads). The trunk is kept; the two heads are reported as dropped."""
+    sd = _unwrap_state_dict(obj)
+    if sd is None:
+        return None
+    sd = _strip_data_parallel(sd)
+    if "conv1.weight" not in sd or not any(k.startswith(_SWAV_HEADS) for k in sd):
+        return None
+    kept, heads = _split_heads(sd, _SWAV_HEADS)
+    return Converted("swav", kept, heads, None, _wrapper_meta(obj))
+
+
+@register_converter("deepercluster")
+def deepercluster(obj: Any) -> Converted | None:
+    """facebookresearch/DeeperCluster files (its DeeperCluster, DeepCluster-on-YFCC100M and RotNet
+    VGG16s): ``{'state_dict', 'epoch', ...}`` of a wrapper net whose trunk is ``body.features.N.*``
+    / ``body.classifier.N.*`` (DeepCluster's VGG16 names under ``body.``), with ``sobel.*`` and a
+    ``pred_layer.*`` classifier, possibly ``module.``-prefixed."""
+    sd = _unwrap_state_dict(obj)
+    if sd is None:
+        return None
+    sd = _strip_data_parallel(sd)
+    if not any(k.startswith("body.features.") for k in sd):
+        return None
+    # sobel.* is kept under its own name: the loader rebuilds the fixed filters and ignores it
+    renamed = {k[len("body."):] if k.startswith("body.") else k: v for k, v in sd.items()}
+    kept, heads = _split_heads(renamed, ("pred_layer.",))
+    return Converted("deepercluster", kept, heads, None, _wrapper_meta(obj))
+
+
 @register_converter("state_dict")
 def plain(obj: Any) -> Converted | None:
     """A bare state dict (torchvision, timm, DeepCluster without DataParallel), possibly inside

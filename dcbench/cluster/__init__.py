@@ -1,0 +1,18 @@
+"""Clustering engine: PCA-whitening + L2, faiss k-means, PIC, uniform cluster sampler, NMI."""
+from .kmeans import ClusterResult, faiss_has_gpu, run_kmeans
+from .nmi import cluster_sizes, nmi
+from .pca import PCAWhitening, preprocess_features
+from .pic import run_pic
+from .sampler import UniformClusterSampler
+
+__all__ = [
+    "ClusterResult",
+    "PCAWhitening",
+    "UniformClusterSampler",
+    "cluster_sizes",
+    "faiss_has_gpu",
+    "nmi",
+    "preprocess_features",
+    "run_kmeans",
+    "run_pic",
+]

@@ -1,0 +1,211 @@
+"""Resumable, verified downloads of published checkpoints (urllib only: no extra dependency).
+
+The bytes stream into ``<cache>/pretrained/NAME.part``; a transfer that breaks off is resumed
+with an HTTP ``Range`` request, a few times in the same call and otherwise by the next
+``dcbench pretrained download NAME`` (the ``.part`` file stays). A finished file is checked
+against the manifest's sha256 (or sha256 prefix) and for being a PyTorch file at all, then
+renamed into place and its sha256 recorded in the lock file. A file that fails the check is
+removed, so a corrupted download never lingers in the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from dcbench.errors import CheckpointError
+from pretrained.registry import (Entry, cached_path, checksum_problem, file_sha256, forget, partial_path,
+                                 record, verify_cached)
+
+log = logging.getLogger("dcbench")
+
+TIMEOUT_S = 30.0  # per socket operation: a stalled server counts as an interruption
+ATTEMPTS = 4  # transfers per call; each one after the first resumes where the last stopped
+RETRY_WAIT_S = 1.0  # times the attempt number, between attempts
+CHUNK = 1 << 20
+
+
+class _Interrupted(Exception):
+    """The transfer stopped early; the ``.part`` file holds what arrived and can be resumed."""
+
+
+class _Unreachable(Exception):
+    """No connection to the server at all (no network, DNS failure, refused, timed out)."""
+
+
+def _by_hand(entry: Entry) -> str:
+    return f"without network, fetch that file elsewhere and run `dcbench pretrained add {entry.name} FILE`"
+
+
+def download(entry: Entry, force: bool = False, attempts: int | None = None) -> tuple[Path, str]:
+    """Download ``entry`` into the cache (once), verify it, record it; ``(path, sha256)``.
+    ``attempts``: transfers before giving up (default :data:`ATTEMPTS`)."""
+    dest = cached_path(entry)
+    if force:
+        forget(entry)
+        dest.unlink(missing_ok=True)
+        partial_path(entry).unlink(missing_ok=True)
+    elif dest.is_file():
+        return dest, verify_cached(entry)
+    log.info("downloading %s from %s", entry.name, entry.url)
+    with _open_part(entry) as part:
+        try:
+            _fetch(entry, part, attempts or ATTEMPTS)
+        except BaseException:
+            if os.fstat(part.fileno()).st_size == 0:  # nothing arrived: leave no empty .part behind
+                Path(part.name).unlink(missing_ok=True)
+            raise
+        sha = _check_finished(entry, Path(part.name))
+        os.replace(part.name, dest)
+    record(entry, sha, "download")
+    return dest, sha
+
+
+@contextlib.contextmanager
+def _open_part(entry: Entry) -> Iterator[BinaryIO]:
+    """``NAME.part`` opened for appending, locked so that two processes never write it at once."""
+    path = partial_path(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no cross-process guard
+            pass
+        except BlockingIOError as exc:
+            raise CheckpointError(f"another dcbench process is downloading {entry.name} into {path}; "
+                                  f"wait for it to finish") from exc
+        yield f
+
+
+def _fetch(entry: Entry, part: BinaryIO, attempts: int) -> None:
+    """Transfer until complete, resuming after interruptions; one-line errors otherwise."""
+    reason = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            _transfer(entry, part)
+            return
+        except _Unreachable as exc:
+            if attempt == 1:  # never connected in this call: offline, or the server is gone
+                raise CheckpointError(f"cannot download {entry.name} from {entry.url} ({exc}); "
+                                      f"{_by_hand(entry)}") from exc
+            reason = str(exc)
+        except _Interrupted as exc:
+            reason = str(exc)
+        if attempt < attempts:
+            log.warning("download of %s interrupted (%s); resuming", entry.name, reason)
+            time.sleep(RETRY_WAIT_S * attempt)
+    have = os.fstat(part.fileno()).st_size
+    raise CheckpointError(f"download of {entry.name} interrupted after {_mb(have)} ({reason}); run "
+                          f"`dcbench pretrained download {entry.name}` again to resume from there")
+
+
+def _transfer(entry: Entry, part: BinaryIO) -> None:
+    """One HTTP request: ``Range: bytes=<size of .part>-`` when there is something to resume."""
+    offset = os.fstat(part.fileno()).st_size
+    headers = {"User-Agent": "dcbench (pretrained download)"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(entry.url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        _http_error(entry, part, offset, exc)
+        return
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise _Unreachable(_reason(exc)) from exc
+    with response:
+        if offset and response.status != 206:  # the server ignored Range: start over
+            part.truncate(0)
+            offset = 0
+        _copy(entry, response, part, offset, _expected_size(response, offset))
+
+
+def _http_error(entry: Entry, part: BinaryIO, offset: int, exc: urllib.error.HTTPError) -> None:
+    """416 on a resume means the ``.part`` is complete (or stale); anything else is final."""
+    if exc.code == 416 and offset:
+        total = _total_from_content_range(exc.headers.get("Content-Range", ""))
+        if total == offset:
+            return
+        part.truncate(0)
+        raise _Interrupted("the server refused the resume range; starting over") from exc
+    raise CheckpointError(f"cannot download {entry.name} from {entry.url} (HTTP {exc.code} {exc.reason}); "
+                          f"{_by_hand(entry)}") from exc
+
+
+def _copy(entry: Entry, response: http.client.HTTPResponse, part: BinaryIO, offset: int,
+          total: int | None) -> None:
+    from tqdm import tqdm
+
+    received = offset
+    with tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name,
+              disable=not sys.stderr.isatty(), leave=False) as bar:
+        while True:
+            try:
+                chunk = response.read(CHUNK)
+            except (OSError, http.client.HTTPException) as exc:  # reset, timeout, truncated chunk
+                part.flush()
+                raise _Interrupted(_reason(exc)) from exc
+            if not chunk:
+                break
+            part.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    part.flush()
+    # http.client returns b"" when the peer closes early, even with a Content-Length: compare sizes
+    if total is not None and received < total:
+        raise _Interrupted(f"connection closed after {_mb(received)} of {_mb(total)}")
+
+
+def _expected_size(response: http.client.HTTPResponse, offset: int) -> int | None:
+    """Size of the whole file: from Content-Range for a 206, else offset + Content-Length."""
+    if response.status == 206:
+        total = _total_from_content_range(response.headers.get("Content-Range", ""))
+        if total is not None:
+            return total
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length and length.isdigit() else None
+
+
+def _total_from_content_range(value: str) -> int | None:
+    match = re.search(r"/(\d+)\s*$", value)
+    return int(match.group(1)) if match else None
+
+
+def _check_finished(entry: Entry, path: Path) -> str:
+    """sha256 of a finished download; a corrupted one is removed and refused."""
+    sha = file_sha256(path)
+    problem = checksum_problem(entry, sha) or _not_torch_file(path)
+    if problem:
+        path.unlink(missing_ok=True)
+        raise CheckpointError(f"download of {entry.name} from {entry.url} is corrupted ({problem}); removed it "
+                              f"from the cache: run `dcbench pretrained download {entry.name}` again")
+    return sha
+
+
+def _not_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch.save file (zip or pickle), e.g. an HTML error page."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    return f"not a PyTorch file: it starts with {head[:12]!r}" if head else "the file is empty"
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or exc
+    text = str(reason).strip() or type(reason).__name__
+    return text.splitlines()[0]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -1,0 +1,316 @@
+"""The registry of published checkpoints: the manifest, the cache and its lock file.
+
+``manifest.toml`` (beside this file) names each known checkpoint with its URL, arch, source
+format, input convention, reference numbers and, where published, its sha256. Files live in
+``$DCBENCH_CACHE/pretrained/NAME.<ext>`` (default ``~/.cache/dcbench``); ``lock.json`` there
+records the sha256 of every file the cache holds, so a checkpoint without a published checksum
+is still verified on every load against what was downloaded (or added) the first time.
+
+Only the standard library and :mod:`dcbench.errors` are imported at module level:
+``dcbench.checkpoint`` imports this package, so loading goes through a deferred import.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dcbench.errors import CheckpointError, UsageError
+
+MANIFEST_PATH = Path(__file__).with_name("manifest.toml")
+LOCK_NAME = "lock.json"
+PREFIX = "pretrained:"
+_HASH_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class Reference:
+    """Published numbers of one protocol (percent), with where they come from."""
+
+    protocol: str
+    metric: str
+    values: dict[str, float]
+    source: str
+
+    def best(self) -> tuple[str, float]:
+        """The (tap or mode, value) with the highest value."""
+        return max(self.values.items(), key=lambda kv: kv[1])
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One published checkpoint of the manifest."""
+
+    name: str
+    description: str
+    url: str
+    url_source: str
+    arch: str
+    input_size: int
+    source_format: str
+    converter: str
+    sha256: str | None = None
+    sha256_prefix: str | None = None
+    input: dict[str, Any] = field(default_factory=dict)
+    references: tuple[Reference, ...] = ()
+
+    @property
+    def extension(self) -> str:
+        """File extension of the published file (``.pth.tar`` or ``.pth``), kept in the cache."""
+        filename = self.url.rsplit("/", 1)[-1]
+        return ".pth.tar" if filename.endswith(".pth.tar") else (Path(filename).suffix or ".pth")
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict (for ``dcbench pretrained list --json``)."""
+        return {"name": self.name, "description": self.description, "url": self.url,
+                "url_source": self.url_source, "arch": self.arch, "input_size": self.input_size,
+                "source_format": self.source_format, "converter": self.converter, "sha256": self.sha256,
+                "sha256_prefix": self.sha256_prefix, "input": self.input,
+                "references": [vars(r) for r in self.references]}
+
+
+_REQUIRED = ("description", "url", "url_source", "arch", "input_size", "source_format", "converter")
+
+
+def _hex(value: Any, name: str, key: str, length: int | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value).lower()
+    if any(c not in "0123456789abcdef" for c in text) or (length and len(text) != length) or not text:
+        raise UsageError(f"manifest entry {name}: {key} '{value}' is not "
+                         f"{'a 64-digit hex sha256' if length else 'hex digits'}")
+    return text
+
+
+def _entry(name: str, table: dict[str, Any]) -> Entry:
+    missing = [k for k in _REQUIRED if k not in table]
+    if missing:
+        raise UsageError(f"manifest entry {name} lacks {', '.join(missing)}; fix {MANIFEST_PATH}")
+    refs = tuple(Reference(r["protocol"], r["metric"], {str(k): float(v) for k, v in r["values"].items()},
+                           r["source"]) for r in table.get("reference", []))
+    return Entry(name, table["description"], table["url"], table["url_source"], table["arch"],
+                 int(table["input_size"]), table["source_format"], table["converter"],
+                 _hex(table.get("sha256"), name, "sha256", 64),
+                 _hex(table.get("sha256_prefix"), name, "sha256_prefix", None),
+                 dict(table.get("input", {})), refs)
+
+
+def load_manifest(path: Path | None = None) -> dict[str, Entry]:
+    """All entries of the manifest, by name, in file order."""
+    path = path or MANIFEST_PATH
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read the pretrained manifest {path}: {exc}") from exc
+    try:
+        return {name: _entry(name, table) for name, table in data.get("checkpoints", {}).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"malformed pretrained manifest {path}: {exc!r}") from exc
+
+
+def get_entry(name: str) -> Entry:
+    """The manifest entry ``name`` (a ``pretrained:`` prefix is accepted)."""
+    name = name.removeprefix(PREFIX)
+    entries = load_manifest()
+    if name not in entries:
+        raise CheckpointError(f"unknown pretrained checkpoint '{name}'; known: {', '.join(entries)} "
+                              f"(see `dcbench pretrained list`)")
+    return entries[name]
+
+
+# ----------------------------------------------------------------------------- cache and lock file
+def cache_root() -> Path:
+    """``$DCBENCH_CACHE`` or ``~/.cache/dcbench``."""
+    return Path(os.environ.get("DCBENCH_CACHE") or Path.home() / ".cache" / "dcbench").expanduser()
+
+
+def pretrained_dir() -> Path:
+    """Where the published files are cached."""
+    return cache_root() / "pretrained"
+
+
+def cached_path(entry: Entry) -> Path:
+    """``<cache>/pretrained/NAME.<ext>`` (whether or not it exists)."""
+    return pretrained_dir() / f"{entry.name}{entry.extension}"
+
+
+def partial_path(entry: Entry) -> Path:
+    """``<cache>/pretrained/NAME.part``: an unfinished download, resumed by the next one."""
+    return pretrained_dir() / f"{entry.name}.part"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _lock_guard() -> Iterator[None]:
+    """Serialise read-modify-write of the lock file between processes (POSIX advisory lock)."""
+    pretrained_dir().mkdir(parents=True, exist_ok=True)
+    with open(pretrained_dir() / f".{LOCK_NAME}.guard", "a") as guard:
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): last writer wins, as without a guard
+            yield
+            return
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def read_lock() -> dict[str, dict[str, Any]]:
+    """``{name: {"file", "sha256", "size", "url", "source", "recorded"}}``; empty without a lock file."""
+    path = pretrained_dir() / LOCK_NAME
+    if not path.exists():
+        return {}
+    try:
+        files = json.loads(path.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the cache lock file {path} is unreadable ({exc}); delete it and "
+                              f"re-download or re-add the checkpoints") from exc
+    return files if isinstance(files, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record(entry: Entry, sha256: str, source: str) -> None:
+    """Record the cached file of ``entry`` and its sha256 in the lock file."""
+    path = cached_path(entry)
+    with _lock_guard():
+        files = read_lock()
+        files[entry.name] = {"file": path.name, "sha256": sha256, "size": path.stat().st_size,
+                             "url": entry.url, "source": source,
+                             "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        _write_json_atomic(pretrained_dir() / LOCK_NAME, {"version": 1, "files": files})
+
+
+def forget(entry: Entry) -> None:
+    """Drop ``entry`` from the lock file (its file is being replaced)."""
+    with _lock_guard():
+        files = read_lock()
+        if files.pop(entry.name, None) is not None:
+            _write_json_atomic(pretrained_dir() / LOCK_NAME, {"version": 1, "files": files})
+
+
+# ----------------------------------------------------------------------------- verification
+def checksum_problem(entry: Entry, sha256: str) -> str | None:
+    """Why ``sha256`` is not the published file of ``entry`` (manifest sha256 or prefix), else None."""
+    if entry.sha256 and sha256 != entry.sha256:
+        return f"sha256 {sha256[:16]}... differs from the published {entry.sha256[:16]}..."
+    if entry.sha256_prefix and not sha256.startswith(entry.sha256_prefix):
+        return (f"sha256 {sha256[:16]}... does not start with {entry.sha256_prefix}, the prefix in the "
+                f"published file name")
+    return None
+
+
+def is_cached(entry: Entry) -> bool:
+    """Whether the cache holds a file for ``entry`` (not verified)."""
+    return cached_path(entry).is_file()
+
+
+def verify_cached(entry: Entry) -> str:
+    """sha256 of the cached file after checking it against the manifest and the lock file."""
+    path = cached_path(entry)
+    sha = file_sha256(path)
+    problem = checksum_problem(entry, sha)
+    locked = read_lock().get(entry.name, {}).get("sha256")
+    if problem is None and locked and sha != locked:
+        problem = f"sha256 {sha[:16]}... differs from {locked[:16]}... recorded when it was cached"
+    if problem:
+        raise CheckpointError(f"cached pretrained:{entry.name} ({path}) is corrupted or was replaced: {problem}; "
+                              f"run `dcbench pretrained download {entry.name} --force`")
+    if not locked:
+        if not (entry.sha256 or entry.sha256_prefix):
+            raise CheckpointError(f"{path} was not placed by dcbench, so nothing vouches for it; register it "
+                                  f"with `dcbench pretrained add {entry.name} FILE`")
+        record(entry, sha, "found")  # matches the published checksum: safe to adopt
+    return sha
+
+
+def ensure_cached(entry: Entry) -> tuple[Path, str]:
+    """The verified cached file of ``entry`` and its sha256, downloading it first if needed."""
+    if not is_cached(entry):
+        from pretrained.download import download
+
+        download(entry)
+    return cached_path(entry), verify_cached(entry)
+
+
+def verified_file(name: str) -> tuple[Entry, Path, str]:
+    """``(entry, cached file, file sha256)`` for ``name``: downloaded once, verified on every call."""
+    entry = get_entry(name)
+    path, sha = ensure_cached(entry)
+    return entry, path, sha
+
+
+# ----------------------------------------------------------------------------- add
+def check_structure(entry: Entry, path: Path, trust: bool = False) -> str:
+    """Load ``path`` as ``entry``'s arch (raises CheckpointError if it does not fit); the key report."""
+    from dcbench.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path, arch=entry.arch, trust=trust, input_size=entry.input_size)
+    if entry.converter != loaded.format and not (entry.converter == "state_dict"
+                                                 and loaded.format in ("torchvision", "timm")):
+        # a different layout can still hold the right weights (e.g. a re-saved file): say so, load anyway
+        return f"{loaded.report.summary()} (note: manifest says format {entry.converter})"
+    return loaded.report.summary()
+
+
+def add_file(name: str, file: str | Path, trust: bool = False) -> tuple[Entry, Path, str, str]:
+    """Register a local copy of a published checkpoint: check its checksum (where the manifest has
+    one) and structure, copy it into the cache atomically, record its sha256.
+    Returns ``(entry, cached path, sha256, key report)``."""
+    entry = get_entry(name)
+    src = Path(file).expanduser()
+    if not src.is_file():
+        raise CheckpointError(f"{src} does not exist or is not a file; pass the downloaded checkpoint file")
+    sha = file_sha256(src)
+    problem = checksum_problem(entry, sha)
+    if problem:
+        raise CheckpointError(f"{src} is not the published {entry.name}: {problem}; download it from {entry.url}")
+    report = check_structure(entry, src, trust=trust)
+    _copy_into_cache(src, cached_path(entry))
+    record(entry, sha, "add")
+    return entry, cached_path(entry), sha, report
+
+
+def _copy_into_cache(src: Path, dst: Path) -> None:
+    """Copy to a temp file beside ``dst``, then rename: a crash never leaves a half copy as ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.resolve() == dst.resolve():
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
