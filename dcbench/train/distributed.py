@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dcbench.errors import DcbenchError, UsageError
+
 
 @dataclass
 class DistInfo:
@@ -35,7 +37,12 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this process's GPU when CUDA works, else the CPU."""
     if setting == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise UsageError(f"bad device '{setting}': use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DcbenchError(f"device {setting} asked for but CUDA is not available here; use --device cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

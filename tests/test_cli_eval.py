@@ -1,0 +1,122 @@
+"""The evaluation CLI: eval, compare (store reuse, seeds), leaderboard exports, protocols, errors."""
+import csv
+import io
+import json
+import sqlite3
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+
+from dcbench.checkpoint import save_checkpoint
+from dcbench.cli import main
+from dcbench.data.synthetic import make_image_folder
+from dcbench.models import build_backbone
+
+FAST_LINEAR = ["--set", "image_size=64", "--set", "epochs=1", "--set", "batch_size=16", "--set", "cached=true",
+               "--set", "crops=center", "--set", "workers=0"]
+FAST_KNN = ["--set", "image_size=64", "--set", "workers=0", "--set", "ks=[10]"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("d") / "shapes", n_classes=3, per_class=8, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("c") / "mine.pth"
+    save_checkpoint(path, build_backbone("alexnet", input_size=64, seed=5))
+    return path
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def _count(store) -> int:
+    with sqlite3.connect(store) as db:
+        return db.execute("select count(*) from results").fetchone()[0]
+
+
+@pytest.mark.parametrize("protocol,fast,metric", [("linear", FAST_LINEAR, "top1"), ("knn", FAST_KNN, "top1_k10")])
+def test_eval_json_has_top1_per_conv_layer(data, ckpt, tmp_path, protocol, fast, metric):
+    store = tmp_path / "r.db"
+    result = _invoke("eval", "--protocol", protocol, "--checkpoint", ckpt, "--data", data, "--store", store,
+                     "--json", *fast)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.strip().splitlines()[-1])
+    assert record["protocol"] == protocol and record["checkpoint"]["name"] == "mine"
+    assert len(record["checkpoint"]["sha256"]) == 64 and record["data"]["fingerprint"]
+    taps = {m["tap"] for m in record["metrics"] if m["metric"] == metric}
+    assert taps == {"conv1", "conv2", "conv3", "conv4", "conv5"}
+    assert all(0 <= m["value"] <= 100 for m in record["metrics"])
+    assert record["settings"]["image_size"] == 64 and record["versions"]["torch"]
+    assert _count(store) == 1
+
+
+def test_compare_runs_once_then_reuses_the_store(data, ckpt, tmp_path):
+    store = tmp_path / "r.db"
+    args = ["compare", ckpt, "random:alexnet", "--protocol", "linear", "--data", data, "--store", store,
+            "--seeds", "0,1", *FAST_LINEAR]
+    first = _invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert _count(store) == 4
+    assert "mine" in first.output and "random:alexnet" in first.output and "linear/conv3/top1" in first.output
+    second = _invoke(*args)
+    assert second.exit_code == 0 and _count(store) == 4
+    assert second.stdout == first.stdout and "stored: linear" in second.output
+
+
+def test_leaderboard_exports_parse(data, ckpt, tmp_path):
+    store = tmp_path / "r.db"
+    assert _invoke("compare", ckpt, "random:alexnet", "--protocol", "linear", "--data", data, "--store", store,
+                   *FAST_LINEAR).exit_code == 0
+    outputs = {}
+    for fmt in ("md", "csv", "latex", "html", "json"):
+        out = tmp_path / f"board.{fmt}"
+        result = _invoke("leaderboard", "--store", store, "--format", fmt, "--output", out,
+                         "--reference", "random:alexnet")
+        assert result.exit_code == 0, result.output
+        outputs[fmt] = out.read_text()
+    rows = list(csv.reader(io.StringIO(outputs["csv"])))
+    assert len(rows) == 3 and any("linear/conv1/top1" in h for h in rows[0])
+    assert {d["checkpoint"] for d in json.loads(outputs["json"])} == {"mine", "random:alexnet"}
+    parser = HTMLParser()
+    parser.feed(outputs["html"])
+    assert "<table" in outputs["html"] and "mine" in outputs["html"]
+    assert "\\begin{tabular}" in outputs["latex"] and "\\toprule" in outputs["latex"]
+    assert "| mine" in outputs["md"] or "mine |" in outputs["md"]
+
+
+def test_leaderboard_empty_store_is_one_line(tmp_path):
+    result = _invoke("leaderboard", "--store", tmp_path / "empty.db")
+    assert result.exit_code == 1 and result.output.startswith("error: no results")
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["--protocol", "nope"], 2, "unknown protocol 'nope'"),
+    (["--protocol", "linear", "--set", "learning_rate=0.1"], 2, "unknown setting 'learning_rate' for linear"),
+    (["--protocol", "linear", "--set", "epochs=many"], 2, "bad value 'many' for epochs"),
+    (["--protocol", "linear", "--data", "WRONG"], 1, "expected"),
+])
+def test_eval_errors_are_one_line_and_store_nothing(data, ckpt, tmp_path, args, code, text):
+    store = tmp_path / "r.db"
+    args = [a if a != "WRONG" else str(tmp_path) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(data)]
+    result = _invoke("eval", "--checkpoint", ckpt, "--store", store, *args)
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.output
+    assert not store.exists() or _count(store) == 0
+
+
+def test_protocols_list_and_describe():
+    listing = _invoke("protocols")
+    assert listing.exit_code == 0
+    for name in ("linear", "imagenet-linear", "places-linear", "knn"):
+        assert name in listing.output
+    described = _invoke("protocols", "imagenet-linear")
+    assert described.exit_code == 0
+    assert "train/" in described.output and "preset" in described.output and "deepcluster" in described.output

@@ -1,0 +1,229 @@
+"""Tests for dcbench.features: extraction, the on-disk feature cache, BN re-estimation and the
+frozen-backbone check."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dcbench.checkpoint import resolve_checkpoint
+from dcbench.data import eval_transform, image_folder
+from dcbench.data.synthetic import make_image_folder
+from dcbench.features import (assert_unchanged, extract_features, feature_key, forward_pooled, key_hash,
+                              pool_id, prepared_backbone, recalibrate_bn, tensor_digests,
+                              wants_bn_recalibration)
+
+SHA = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: many tiny ops, and on a shared 2-core machine OpenMP spin-waits
+    behind the other tenants made these tests 10x slower with 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("feat") / "data", n_classes=3, per_class=5,
+                             image_size=32, corrupt=2)
+
+
+@pytest.fixture()
+def dataset(data_root):
+    return image_folder(data_root / "train", transform=eval_transform(64))
+
+
+@pytest.fixture()
+def ckpt():
+    return resolve_checkpoint("random:alexnet,size=64")
+
+
+def count_forwards(backbone: nn.Module) -> list:
+    """Wrap ``backbone.forward`` to record the taps of every call."""
+    calls = []
+    original = backbone.forward
+
+    def forward(x, taps=None):
+        calls.append(list(taps) if taps is not None else None)
+        return original(x, taps=taps)
+
+    backbone.forward = forward
+    return calls
+
+
+POOLS = {"conv1": nn.AdaptiveAvgPool2d(2), "conv2": nn.AdaptiveAvgPool2d(1)}
+
+
+def test_extract_shapes_labels_and_skips(ckpt, dataset):
+    out = extract_features(ckpt.backbone, dataset, ["conv1", "conv2"], POOLS, batch_size=4)
+    n_readable = 15  # 3 classes x 5 images; the 2 corrupt files are skipped
+    assert len(dataset) == 17
+    assert out.features["conv1"].shape == (n_readable, 96 * 4)
+    assert out.features["conv2"].shape == (n_readable, 256)
+    assert out.features["conv1"].dtype == np.float32
+    corrupt = {i for i, p in enumerate(dataset.paths) if "corrupt" in p}
+    assert not corrupt & set(out.indices.tolist())
+    assert out.labels.tolist() == [dataset.targets[i] for i in out.indices]
+    feats, labels, indices = out  # unpacks like a tuple
+    assert indices.dtype == np.int64 and len(labels) == n_readable
+
+
+def test_extract_leaves_mode_and_weights(ckpt, dataset):
+    ckpt.backbone.train()
+    before = tensor_digests(ckpt.backbone)
+    extract_features(ckpt.backbone, dataset, ["conv3"], batch_size=8)
+    assert ckpt.backbone.training  # mode restored
+    assert_unchanged(ckpt.backbone, before)  # eval mode during the pass: BN buffers untouched
+
+
+def test_cache_hit_does_no_forward(ckpt, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    calls = count_forwards(ckpt.backbone)
+    first = extract_features(ckpt.backbone, dataset, ["conv1", "conv2"], POOLS, "t64", SHA, cache, batch_size=4)
+    n_batches = len(calls)
+    assert n_batches == 5 and all(c == ["conv1", "conv2"] for c in calls)  # ONE forward per batch for both taps
+    second = extract_features(ckpt.backbone, dataset, ["conv1", "conv2"], POOLS, "t64", SHA, cache, batch_size=4)
+    assert len(calls) == n_batches  # no forward at all
+    for tap in ("conv1", "conv2"):
+        np.testing.assert_array_equal(first.features[tap], second.features[tap])
+    np.testing.assert_array_equal(first.indices, second.indices)
+    np.testing.assert_array_equal(first.labels, second.labels)
+
+
+def test_cache_layout_and_sidecar(ckpt, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    folder = cache / SHA[:16]
+    key = feature_key(SHA, "conv1", "t64", dataset.fingerprint(), pool_id(POOLS["conv1"]))
+    stem = key_hash(key)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}.npy", f"{stem}.idx.npy", f"{stem}.json"])
+    meta = json.loads((folder / f"{stem}.json").read_text())
+    assert meta["key"]["tap"] == "conv1" and meta["key"]["transform"] == "t64"
+    assert meta["key"]["pooling"] == "AdaptiveAvgPool2d(output_size=2)"
+    assert meta["shape"] == [15, 384]
+
+
+def test_partial_cache_extracts_only_missing_taps(ckpt, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    calls = count_forwards(ckpt.backbone)
+    out = extract_features(ckpt.backbone, dataset, ["conv1", "conv2"], POOLS, "t64", SHA, cache, batch_size=8)
+    assert calls == [["conv2"]] * 3  # ceil(17 files / 8): conv1 is read, not recomputed
+    assert set(out.features) == {"conv1", "conv2"}
+
+
+@pytest.mark.parametrize("change", ["sha", "transform", "pool", "data"])
+def test_cache_key_parts_cause_misses(ckpt, dataset, data_root, tmp_path, change):
+    cache = tmp_path / "cache"
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    calls = count_forwards(ckpt.backbone)
+    args = {"sha": SHA, "transform": "t64", "pool": POOLS, "data": dataset}
+    args[change] = {"sha": "cd" * 32, "transform": "t72", "pool": {"conv1": nn.AdaptiveAvgPool2d(3)},
+                    "data": image_folder(data_root / "val", transform=eval_transform(64))}[change]
+    extract_features(ckpt.backbone, args["data"], ["conv1"], args["pool"], args["transform"], args["sha"],
+                     cache, batch_size=8)
+    assert len(calls) > 0
+
+
+def test_damaged_cache_entry_is_recomputed(ckpt, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    first = extract_features(ckpt.backbone, dataset, ["conv2"], POOLS, "t64", SHA, cache, batch_size=8)
+    for npy in (cache / SHA[:16]).glob("*.idx.npy"):
+        npy.write_bytes(b"garbage")
+    calls = count_forwards(ckpt.backbone)
+    second = extract_features(ckpt.backbone, dataset, ["conv2"], POOLS, "t64", SHA, cache, batch_size=8)
+    assert calls and np.allclose(first.features["conv2"], second.features["conv2"])
+
+
+def test_no_cache_dir_writes_nothing_and_sha_required(ckpt, dataset, tmp_path):
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, batch_size=8, cache_dir=None)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="ckpt_sha"):
+        extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", "", tmp_path / "c")
+
+
+def test_pool_ids():
+    assert pool_id(None) == "identity"
+    assert pool_id(nn.AvgPool2d(6, 6, 3)) == "AvgPool2d(kernel_size=6, stride=6, padding=3)"
+
+    def named(x):
+        return x
+    named.pool_id = "mine"
+    assert pool_id(named) == "mine"
+    with pytest.raises(ValueError, match="pool_id"):
+        pool_id(lambda x: x)
+
+
+def test_forward_pooled_one_pass(ckpt):
+    calls = count_forwards(ckpt.backbone)
+    out = forward_pooled(ckpt.backbone.eval(), torch.randn(2, 3, 64, 64), ["conv1", "conv5"],
+                         {"conv1": nn.AdaptiveAvgPool2d(1)})
+    assert calls == [["conv1", "conv5"]]
+    assert out["conv1"].shape == (2, 96) and out["conv5"].shape == (2, 256 * 3 * 3)
+
+
+def _bn_buffers(module: nn.Module) -> torch.Tensor:
+    return torch.cat([m.running_mean for m in module.modules() if isinstance(m, nn.BatchNorm2d)])
+
+
+def test_recalibrate_bn_changes_copy_only(ckpt, dataset):
+    before = tensor_digests(ckpt.backbone)
+    clone, info = recalibrate_bn(ckpt.backbone, dataset, batch_size=4, seed=0)
+    assert clone is not ckpt.backbone
+    assert info["ran"] and info["batches"] >= 3 and info["images"] >= 12
+    assert not torch.equal(_bn_buffers(clone), _bn_buffers(ckpt.backbone))
+    assert_unchanged(ckpt.backbone, before)  # the original keeps its stats
+    assert not clone.training
+    bns = [m for m in clone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in bns)  # momentum restored after the cumulative average
+    again, _ = recalibrate_bn(ckpt.backbone, dataset, batch_size=4, seed=0)
+    assert torch.allclose(_bn_buffers(again), _bn_buffers(clone))  # seeded: reproducible
+
+
+def test_recalibrate_without_batchnorm(dataset):
+    class NoBN(nn.Module):
+        conv_tap_names = ["conv"]
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x, taps=None):
+            return {"conv": self.conv(x)}
+
+    _, info = recalibrate_bn(NoBN(), dataset, batch_size=4)
+    assert info == {"ran": False, "reason": "no BatchNorm layers"}
+
+
+def test_wants_bn_recalibration():
+    assert wants_bn_recalibration("auto", "random")
+    assert not wants_bn_recalibration("auto", "dcbench")
+    assert wants_bn_recalibration("on", "dcbench")
+    assert not wants_bn_recalibration("off", "random")
+    with pytest.raises(ValueError):
+        wants_bn_recalibration("sometimes", "random")
+
+
+def test_prepared_backbone(ckpt, dataset):
+    with prepared_backbone(ckpt, "auto", dataset, batch_size=4) as (bb, sha, info):
+        assert bb is not ckpt.backbone and info["ran"] and sha != ckpt.sha256
+    trained = dataclasses.replace(ckpt, format="dcbench")
+    with prepared_backbone(trained, "auto", dataset, batch_size=4) as (bb, sha, info):
+        assert bb is ckpt.backbone and sha == ckpt.sha256
+        assert info == {"ran": False, "setting": "auto", "reason": "not a random init (auto)"}
+
+
+def test_assert_unchanged_names_the_tensor(ckpt):
+    snapshot = tensor_digests(ckpt.backbone)
+    assert_unchanged(ckpt.backbone, snapshot)
+    ckpt.backbone.features[1].running_var.mul_(1.5)  # a BN buffer, not a weight
+    with pytest.raises(RuntimeError, match=r"features\.1\.running_var"):
+        assert_unchanged(ckpt.backbone, snapshot)
