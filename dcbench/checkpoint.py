@@ -270,7 +270,7 @@ def _from_foreign(converted: Converted, path: Path, arch: str | None, input_size
     if converted.arch and guess.arch and arch == converted.arch and guess.arch != arch and ":" not in arch:
         arch = guess.arch  # the file's own 'arch' key disagrees with its weights: trust the weights
     sobel = guess.sobel if guess.sobel is not None else False
-    size = input_size or guess.input_size or 224
+    size = guess.input_size or input_size or 224  # the weights decide where they can
     backbone = build_backbone(arch, sobel=sobel, input_size=size)
     report = _load_weights(backbone, converted.state_dict, converted.format, str(path), converted.head_keys,
                            native=True)

@@ -276,7 +276,7 @@ def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], d
         for spec in checkpoints:
             ckpts = {}
             for p in plans:
-                size = getattr(p.settings, "image_size", None)
+                size = p.protocol.model_input_size(p.settings)
                 if size not in ckpts:
                     ckpts[size] = evaluate.load_for(p, spec, arch=arch, trust=trust)
                 ckpt = ckpts[size]

@@ -62,7 +62,7 @@ def with_seed(p: Plan, seed: int) -> Plan:
 
 def load_for(p: Plan, spec: str, arch: str | None = None, trust: bool = False) -> LoadedCheckpoint:
     """The checkpoint, with a random init built at the protocol's image size."""
-    size = getattr(p.settings, "image_size", None)
+    size = p.protocol.model_input_size(p.settings)
     return resolve_checkpoint(spec, arch=arch, trust=trust, input_size=size)
 
 

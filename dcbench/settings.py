@@ -20,6 +20,20 @@ from dcbench.errors import UsageError
 T = TypeVar("T")
 
 
+#: words YAML 1.1 would turn into booleans; bool settings still accept them (see _coerce)
+_YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
+def _number_or_text(value: Any) -> Any:
+    """YAML 1.1 reads '1e-3' as text; a research tool means a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:
     """``["lr=0.1", "taps=[conv1,conv2]"]`` -> ``{"lr": 0.1, "taps": ["conv1", "conv2"]}`` (YAML values)."""
     out: dict[str, Any] = {}
@@ -28,10 +42,14 @@ def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"bad --set '{pair}': use KEY=VALUE, e.g. --set lr=0.01")
+        if raw.strip().lower() in _YAML11_WORDS:
+            out[key] = raw.strip()  # keep on/off/yes/no as words: choices like bn_recalibrate=off
+            continue
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        out[key] = _number_or_text(value)
     return out
 
 

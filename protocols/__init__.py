@@ -66,6 +66,12 @@ class Protocol:
     def default_settings(self) -> Any:
         return self.Settings()
 
+    def model_input_size(self, settings: Any) -> int | None:
+        """The input size the backbone's fully connected layers are built for when a random
+        init is created (and the size foreign checkpoints are loaded at); None = the
+        checkpoint's own size (224 for random inits). Default: the ``image_size`` setting."""
+        return getattr(settings, "image_size", None)
+
     def check_data(self, root: Path, settings: Any) -> None:
         if not root.is_dir():
             from dcbench.data import DataError

@@ -234,3 +234,11 @@ def test_random_spec_identity():
     assert a.sha256 == resolve_checkpoint("random:alexnet,size=64").sha256
     with pytest.raises(CheckpointError, match="bad option"):
         resolve_checkpoint("random:alexnet,depth=3")
+
+
+def test_foreign_checkpoint_loads_at_its_own_fc_size(original_ckpt):
+    """A protocol's image size must not rebuild fc layers a foreign checkpoint cannot fill."""
+    _, path = original_ckpt
+    loaded = resolve_checkpoint(str(path), input_size=64)
+    assert loaded.backbone.input_size == 224
+    assert loaded.backbone(torch.randn(1, 3, 64, 64), taps=["conv5"])["conv5"].shape[-1] == 3

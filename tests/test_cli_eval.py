@@ -120,3 +120,10 @@ def test_protocols_list_and_describe():
     described = _invoke("protocols", "imagenet-linear")
     assert described.exit_code == 0
     assert "train/" in described.output and "preset" in described.output and "deepcluster" in described.output
+
+
+def test_yaml_words_stay_choices():
+    from dcbench.settings import parse_assignments
+
+    assert parse_assignments(["bn_recalibrate=off", "cached=true", "lr=1e-3"]) == \
+        {"bn_recalibrate": "off", "cached": True, "lr": 1e-3}

@@ -4,5 +4,6 @@ Each submodule holds one family; this module re-exports the public functions.
 """
 from dcbench.cluster.nmi import nmi
 from dcbench.metrics.ap import mean_ap, voc_ap, voc_class_ap
+from dcbench.metrics.retrieval import old_protocol_map, revisited_map
 
-__all__ = ["mean_ap", "nmi", "voc_ap", "voc_class_ap"]
+__all__ = ["mean_ap", "nmi", "old_protocol_map", "revisited_map", "voc_ap", "voc_class_ap"]
