@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from dcbench.env import git_hash, software_versions
+from dcbench.fileio import atomic_write
 from dcbench.errors import CheckpointError
 from dcbench.models import Backbone, alexnet_grid, build_backbone
 from dcbench.models.external import HookedBackbone
@@ -47,18 +46,7 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def checkpoint_record(backbone: Backbone, epoch: int | None = None, config: dict | None = None,
@@ -372,17 +360,3 @@ def convert_checkpoint(src: str, dst: str | Path, target: str = "dcbench", arch:
                         config={"converted_from": str(src), "source_format": loaded.format})
     return Path(dst)
 
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

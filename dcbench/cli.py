@@ -305,7 +305,7 @@ def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], d
 def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], fmt: str, output: str | None,
                     reference: str | None, selection: str) -> None:
     """Export the stored results as a table (checkpoints x protocol/tap/metric)."""
-    from dcbench.checkpoint import atomic_write_text
+    from dcbench.fileio import atomic_write_text
     from dcbench.errors import UsageError
     from dcbench.leaderboard import build_table, render
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dcbench import evaluate
-from dcbench.checkpoint import atomic_write_text
+from dcbench.fileio import atomic_write_text
 from dcbench.data import write_digits_imagefolder
 from dcbench.leaderboard import Table, build_table, render, render_terminal
 from dcbench.results import ResultStore

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcbench.data import DataError, SkipCounter, skip_collate
+from dcbench.fileio import atomic_write
 
 log = logging.getLogger("dcbench")
 
@@ -135,14 +135,7 @@ class FeatureCache:
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     """Write through a temp file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- forward

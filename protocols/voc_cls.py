@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,6 +71,7 @@ from torchvision import transforms as T
 from dcbench.data import DataError, SkipCounter, normalize
 from dcbench.data.voc import VOC_CLASSES, VOCSplit, available_classes, layout, load_voc_split
 from dcbench.errors import UsageError
+from dcbench.fileio import atomic_write_bytes
 from dcbench.features import (assert_unchanged, extract_features, feature_key, key_hash, make_loader, pool_id,
                               prepared_backbone, show_progress, tensor_digests)
 from dcbench.metrics.ap import finetune_class_ap, mean_ap, voc_class_ap
@@ -660,15 +660,8 @@ def choose_cost(cv_aps: Sequence[float], costs: Sequence[float]) -> float:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same folder, then rename (no half-written fit)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """No half-written fit survives an interruption."""
+    atomic_write_bytes(path, data)
 
 
 class FitStore:

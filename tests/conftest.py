@@ -6,7 +6,10 @@ os.environ.setdefault("DCBENCH_STORE", os.path.join(os.path.dirname(__file__), "
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One torch thread: the suite runs many tiny ops, and OpenMP spin-waits made them several
+# times slower with 2 threads whenever anything else used the 2 cores. (Subprocess tests
+# set OMP_NUM_THREADS=1 for the same reason.)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -20,14 +20,6 @@ from dcbench.features import (assert_unchanged, extract_features, feature_key, f
 SHA = "ab" * 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: many tiny ops, and on a shared 2-core machine OpenMP spin-waits
-    behind the other tenants made these tests 10x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

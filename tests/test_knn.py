@@ -21,14 +21,6 @@ from protocols.knn import knn_scores, topk_accuracy
 FAST = {"image_size": 64, "batch_size": 32, "workers": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: many tiny ops, and on a shared 2-core machine OpenMP spin-waits
-    behind the other tenants made these tests 10x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

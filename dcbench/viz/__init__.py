@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from PIL import Image
 
 from dcbench.data import IMAGENET_MEAN, IMAGENET_STD
 from dcbench.errors import DcbenchError, UsageError
+from dcbench.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:  # matplotlib is imported only by the modules that plot
     from matplotlib.figure import Figure
@@ -171,17 +171,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic_write_bytes(path, data)
     except OSError as exc:
         raise DcbenchError(f"cannot write {path} ({exc.strerror or exc}); choose a writable --out") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

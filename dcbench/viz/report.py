@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import dcbench
-from dcbench.checkpoint import atomic_write_text, resolve_checkpoint
+from dcbench.checkpoint import resolve_checkpoint
+from dcbench.fileio import atomic_write_text
 from dcbench.errors import DcbenchError
 from dcbench.leaderboard import build_table, render
 from dcbench.results import Result, ResultStore, default_store_path

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dcbench.checkpoint import atomic_write_text
+from dcbench.fileio import atomic_write_text
 from dcbench.data import ImageDataset, SkipCounter, eval_transform, skip_collate, unlabelled_images
 from dcbench.errors import UsageError
 from dcbench.models import Backbone
