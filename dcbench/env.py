@@ -7,7 +7,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-_PACKAGES = ("dcbench", "torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "numpy", "scikit-learn")
+_PACKAGES = ("dcbench", "torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "numpy", "scikit-learn",
+             "mmsegmentation", "mmengine", "mmcv-lite", "mmcv", "detectron2")
 
 
 @lru_cache(maxsize=1)

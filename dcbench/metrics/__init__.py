@@ -5,5 +5,7 @@ Each submodule holds one family; this module re-exports the public functions.
 from dcbench.cluster.nmi import nmi
 from dcbench.metrics.ap import mean_ap, voc_ap, voc_class_ap
 from dcbench.metrics.retrieval import old_protocol_map, revisited_map
+from dcbench.metrics.segmentation import confusion_matrix, mean_iou, pixel_accuracy
 
-__all__ = ["mean_ap", "nmi", "old_protocol_map", "revisited_map", "voc_ap", "voc_class_ap"]
+__all__ = ["confusion_matrix", "mean_ap", "mean_iou", "nmi", "old_protocol_map", "pixel_accuracy",
+           "revisited_map", "voc_ap", "voc_class_ap"]

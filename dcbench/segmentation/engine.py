@@ -1,0 +1,217 @@
+"""Building the mmseg segmentor, and the training / evaluation loops of ``voc-seg``.
+
+Why a small loop of our own rather than mmengine's ``Runner``: the Runner would write a work
+folder (logs, checkpoints, visualisations, a dumped config) for every evaluation, pick its own
+seeding, and register hooks dcbench does not need; dcbench needs instead an exact iteration
+count, its own progress bar and log, a frozen-trunk self-check and "a failed run writes
+nothing". Everything that affects the numbers is still mmseg's / mmengine's own code: the
+``EncoderDecoder`` with its heads and losses, ``SegDataPreProcessor``, the data transforms,
+``model.train_step`` with an ``OptimWrapper``, the ``PolyLR`` scheduler stepped once per
+iteration (as the Runner's ``ParamSchedulerHook`` does with ``by_epoch=False``),
+``InfiniteSampler`` and ``worker_init_fn``, and ``test_step``'s whole-image inference.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dcbench.data import DataError
+from dcbench.features import show_progress
+from dcbench.metrics.segmentation import confusion_matrix
+
+log = logging.getLogger("dcbench")
+#: consecutive batches without a readable image before the run stops with a DataError
+MAX_EMPTY_BATCHES = 50
+
+
+def prepare_mmseg() -> str:
+    """Import mmseg's models and transforms (with the ``mmcv.ops`` stand-in when the compiled
+    ops are missing) and register ``DCBenchBackbone``; returns who provides ``mmcv.ops``."""
+    from dcbench.compat import ensure_mmcv_ops
+
+    source = ensure_mmcv_ops()
+    with warnings.catch_warnings():
+        # mmcv-lite: "Fail to import MultiScaleDeformableAttention" (a transformer op dcbench never uses)
+        warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention.*")
+        import mmseg.datasets  # noqa: F401  (registers the transforms)
+        import mmseg.models  # noqa: F401  (registers EncoderDecoder, FCNHead, losses)
+
+        import dcbench.segmentation.backbone  # noqa: F401  (registers DCBenchBackbone)
+    return source
+
+
+@contextlib.contextmanager
+def mmseg_scope() -> Iterator[None]:
+    """mmseg's registries as the default scope (type names like 'RandomCrop' resolve there)."""
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        yield
+
+
+@contextlib.contextmanager
+def quiet_mmengine(level: int = logging.WARNING) -> Iterator[None]:
+    """Raise mmengine's current logger to ``level`` (its ``init_weights`` logs one INFO
+    paragraph per parameter to stdout); the previous level comes back afterwards."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch, numpy and random (mmseg's transforms draw from numpy/random) and restore
+    the previous states afterwards, so a run leaves the caller's random streams untouched."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def build_segmentor(net: nn.Module, config: dict[str, Any]) -> nn.Module:
+    """The mmseg ``EncoderDecoder`` of ``config`` around ``net`` (modified in place: pass a
+    copy), heads initialised as mmseg initialises them (``init_weights``)."""
+    from mmengine.config import ConfigDict
+    from mmseg.registry import MODELS
+
+    cfg = copy.deepcopy(config)
+    cfg["backbone"] = {**cfg["backbone"], "net": net}
+    for key in ("train_cfg", "test_cfg"):  # mmseg reads these with attribute access
+        cfg[key] = ConfigDict(cfg.get(key) or {})
+    with mmseg_scope(), quiet_mmengine(), warnings.catch_warnings():
+        # mmseg 1.2.2 warns on every build that its own heads call the deprecated build_loss, and
+        # that avg_non_ignore defaults to False: the mean over all crop pixels is its (and
+        # MMSelfSup's) standard, kept on purpose
+        warnings.filterwarnings("ignore", message=".*build_loss.*would be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*avg_non_ignore.*")
+        model = MODELS.build(cfg)
+        model.init_weights()
+    return model
+
+
+def build_pipeline(transforms: Sequence[dict[str, Any]]) -> Any:
+    """mmengine ``Compose`` of mmseg/mmcv transforms."""
+    from mmengine.dataset import Compose
+
+    with mmseg_scope():
+        return Compose([copy.deepcopy(t) for t in transforms])
+
+
+def train_loader(dataset: Any, batch_size: int, workers: int, seed: int) -> DataLoader:
+    """Endless shuffled batches (mmengine's ``InfiniteSampler``), seeded workers."""
+    from mmengine.dataset import InfiniteSampler
+    from mmengine.dataset.utils import worker_init_fn
+
+    from dcbench.segmentation.data import collate
+
+    init = partial(worker_init_fn, num_workers=workers, rank=0, seed=seed) if workers > 0 else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
+                      num_workers=workers, collate_fn=collate, worker_init_fn=init,
+                      persistent_workers=workers > 0)
+
+
+def eval_loader(dataset: Any, workers: int) -> DataLoader:
+    """One image per batch, in order (test images differ in size; mmseg's val batch is 1)."""
+    from dcbench.segmentation.data import collate
+
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate)
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    if not show_progress(progress):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="it", leave=False)
+
+
+def _model_batch(data: dict[str, Any]) -> dict[str, Any]:
+    return {"inputs": data["inputs"], "data_samples": data["data_samples"]}
+
+
+def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """``schedule['max_iters']`` iterations of ``model.train_step``; returns the loss log
+    (every 10% of the run) and the images that could not be read."""
+    from mmengine.optim import OptimWrapper, PolyLR
+
+    iterations = int(schedule["max_iters"])
+    opt_cfg = {k: v for k, v in schedule["optimizer"].items() if k != "type"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapper = OptimWrapper(torch.optim.SGD(params, **opt_cfg))
+    sched_cfg = {k: v for k, v in schedule["param_scheduler"].items() if k != "type"}
+    scheduler = PolyLR(wrapper.optimizer, **sched_cfg)
+    every, losses, failed, empty = max(1, iterations // 10), [], [], 0
+    bar = _bar(iterations, "voc-seg train", progress)
+    model.train()
+    batches = iter(loader)
+    iteration = 0
+    while iteration < iterations:
+        data = next(batches)
+        failed += data["failed"]
+        if not data["indices"]:
+            empty += 1
+            if empty >= MAX_EMPTY_BATCHES:
+                raise DataError(f"{empty} batches in a row without a readable training image "
+                                f"(last error: {failed[-1] if failed else 'none'})")
+            continue
+        empty = 0
+        log_vars = model.train_step(_model_batch(data), wrapper)
+        scheduler.step()
+        iteration += 1
+        if iteration % every == 0 or iteration == iterations:
+            losses.append([iteration, round(float(torch.as_tensor(log_vars["loss"]).detach()), 5)])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if failed:
+        log.warning("voc-seg: %d unreadable training images skipped (first: %s)", len(failed), failed[0])
+    return {"loss": losses, "skipped_train_images": len(failed), "final_lr": wrapper.get_lr()["lr"][0]}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
+             progress: bool = False) -> tuple[np.ndarray, int, list[str]]:
+    """Whole-image predictions at the original size (``test_step``) against the label maps:
+    the confusion matrix over all evaluated pixels, the images evaluated, the failures."""
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    count, failed = 0, []
+    bar = _bar(len(loader), "voc-seg eval", progress)
+    for data in loader:
+        failed += data["failed"]
+        if data["indices"]:
+            for sample in model.test_step(_model_batch(data)):
+                pred = sample.pred_sem_seg.data.squeeze(0).cpu().numpy()
+                gt = sample.gt_sem_seg.data.squeeze(0).cpu().numpy()
+                cm += confusion_matrix(pred, gt, num_classes)
+                count += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if failed:
+        log.warning("voc-seg: %d unreadable test images skipped (first: %s)", len(failed), failed[0])
+    return cm, count, failed

@@ -1,0 +1,248 @@
+"""Pascal VOC2012 semantic segmentation by fine-tuning (``voc-seg``) on mmsegmentation.
+Semantics: ../shared/PROTOCOLS.md, "Pascal VOC segmentation".
+
+Defaults = MMSelfSup's standard (``fcn_r50-d8_4xb4-20k_voc12aug-512x512``): FCN head, VOC2012
+train + SBD aug (10,582 images; used when its files are present, ``sbd_aug``) -> val (1,449),
+random resize into (2048, 512) x 0.5-2.0 keeping the aspect ratio, random 512 crop (at most 75%
+one class), flip, photometric distortion; SGD lr 0.01, momentum 0.9, wd 5e-4, poly 0.9 down
+to 1e-4, 20k iterations, batch 16, ignore label 255; whole-image test at the (2048, 512)
+scale, predictions resized to the original size; mIoU over the 21 classes (one confusion
+matrix over val) and the IoU of each class.
+
+Presets (what each resolves to for the backbone at hand is in the result's ``recipe``; see
+:mod:`dcbench.segmentation.config`):
+
+- ``mmselfsup``: ResNets dilated to output stride 8, ``FCNHead`` on res5 + auxiliary head on
+  res4; other backbones the same head on their last conv tap; everything trains (``all``).
+- ``deepcluster`` (paper Table 2, FCN on AlexNet): the checkpoint's fc6/fc7 as convolutions
+  (FCN-32s), mode ``fc6-8`` (convs frozen) or ``all``. PROTOCOLS.md records no training
+  schedule or data for the paper's FCN runs, so this preset trains with the same data,
+  augmentation and schedule as ``mmselfsup`` (all recorded; each is a setting).
+
+The network is a deep COPY of the backbone (the checkpoint is never touched). The protocol
+checks itself that ``fc6-8`` left every trunk tensor (weights and BN statistics) unchanged and
+that ``all`` changed the trunk's weights.
+
+Differences from MMSelfSup's runs, each recorded: one process instead of 4 GPUs x 4 images
+(BN statistics over the same 16 images, so SyncBN = BN); the backbone is the checkpoint's own
+(e.g. a torchvision ResNet-50, as MMSelfSup's ``torchvision://resnet50`` init) rather than
+mmseg's ``ResNetV1c`` deep stem.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from dcbench.data import DataError
+from dcbench.data.voc import VOC_CLASSES
+from dcbench.errors import UsageError
+from dcbench.features import assert_unchanged, tensor_digests
+from dcbench.results import MetricRow
+from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
+
+log = logging.getLogger("dcbench")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class VocSegSettings:
+    """Settings of ``voc-seg`` (defaults = PROTOCOLS.md's MMSelfSup standard)."""
+
+    preset: Literal["mmselfsup", "deepcluster"] = field(default="mmselfsup", metadata=_help(
+        "mmselfsup: FCNHead (+ auxiliary head, output stride 8 for ResNets), all layers trained; "
+        "deepcluster: the paper's FCN-32s, fc6/fc7 of AlexNet/VGG16 as convolutions, fc6-8 by default"))
+    mode: Literal["fc6-8", "all"] | None = field(default=None, metadata=_help(
+        "fc6-8: backbone convs frozen (weights and BN statistics), fc6/fc7 and the head trained; all: the whole "
+        "network trained (default: the preset's, all for mmselfsup, fc6-8 for deepcluster)"))
+    iterations: int = field(default=20000, metadata=_help("SGD iterations (batches)"))
+    batch_size: int = field(default=16, metadata=_help("training batch size"))
+    crop_size: int = field(default=512, metadata=_help(
+        "training crop side in px; images are resized into (4*crop, crop) x scale_range for training and into "
+        "(4*crop, crop) for testing (mmseg's (2048, 512) at 512)"))
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata=_help(
+        "random resize ratio range of the training images"))
+    lr: float = field(default=0.01, metadata=_help("initial learning rate"))
+    min_lr: float = field(default=1e-4, metadata=_help("learning rate the poly schedule ends at (mmseg's eta_min)"))
+    poly_power: float = field(default=0.9, metadata=_help("power of the poly schedule"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=5e-4, metadata=_help("weight decay of every trained parameter"))
+    sbd_aug: Literal["auto", "on", "off"] = field(default="auto", metadata=_help(
+        "add the SBD images (SegmentationClassAug/ + ImageSets/Segmentation/aug.txt, mmseg's layout) to train: "
+        "auto = when present, on = required, off = VOC2012 train only"))
+    classes: list[str] | None = field(default=None, metadata=_help(
+        "VOC classes to train and evaluate besides background (default: all 20); pixels of the other classes "
+        "are ignored like the void label"))
+    norm_eval: bool | None = field(default=None, metadata=_help(
+        "keep the backbone's BatchNorm in eval mode (running statistics) while training (default: the "
+        "preset's, false for mmselfsup, true for deepcluster)"))
+    output_stride: Literal[8, 16, 32] | None = field(default=None, metadata=_help(
+        "ResNets: reach this output stride by dilating res4/res5 (default: the preset's, 8 for mmselfsup, "
+        "32 (none) for deepcluster)"))
+    backend: Literal["mmseg"] = field(default="mmseg", metadata=_help("segmentation library (mmsegmentation 1.x)"))
+    seed: int = field(default=0, metadata=_help("seed of head init, sampling, augmentation and dropout"))
+    workers: int = field(default=4, metadata=_help("DataLoader worker processes"))
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values."""
+        for name in ("iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"bad value {getattr(self, name)} for {name}: must be at least 1")
+        if self.crop_size < 32:
+            raise UsageError(f"bad value {self.crop_size} for crop_size: must be at least 32 px")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise UsageError(f"bad lr={self.lr} / min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
+        if self.poly_power <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise UsageError("bad value: poly_power must be > 0, weight_decay >= 0 and momentum in [0, 1)")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise UsageError(f"bad value {self.scale_range} for scale_range: give [min,max] with 0 < min <= max")
+        if self.workers < 0:
+            raise UsageError(f"bad value {self.workers} for workers: must be >= 0")
+        self._validate_classes()
+
+    def _validate_classes(self) -> None:
+        if self.classes is None:
+            return
+        unknown = [c for c in self.classes if c not in VOC_CLASSES]
+        if unknown or not self.classes or len(set(self.classes)) != len(self.classes):
+            raise UsageError(f"bad value {self.classes} for classes: give distinct VOC class names, e.g. [cat,dog]"
+                             + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+
+
+# ----------------------------------------------------------------------------- result rows
+def iou_rows(iou: np.ndarray, classes: list[str], tap: str, seed: int) -> tuple[list[MetricRow], dict[str, Any]]:
+    """``mIoU`` and ``IoU_<class>`` rows x100 (a class absent from labels and predictions: no
+    row, None in the per-class dict)."""
+    from dcbench.metrics.segmentation import mean_of
+
+    miou = mean_of(iou)
+    rows = [] if math.isnan(miou) else [MetricRow("mIoU", 100.0 * miou, tap, "val", "final", seed)]
+    rows += [MetricRow(f"IoU_{c}", float(100.0 * v), tap, "val", "final", seed)
+             for c, v in zip(classes, iou) if not math.isnan(v)]
+    return rows, {c: None if math.isnan(v) else round(100.0 * v, 4) for c, v in zip(classes, iou)}
+
+
+def check_trunk(net: Any, before: dict[str, str], mode: str, iterations: int) -> dict[str, Any]:
+    """fc6-8: every trunk tensor (weights, BN statistics) unchanged; all: some weight changed.
+    Raises RuntimeError otherwise (the result would be invalid)."""
+    after = tensor_digests(net)
+    changed = sorted(k for k in before if before[k] != after.get(k))
+    if mode == "fc6-8":
+        if changed:
+            raise RuntimeError(f"fc6-8 fine-tuning changed {len(changed)} frozen trunk tensors "
+                               f"({', '.join(changed[:5])}); the result is invalid")
+        return {"passed": True, "rule": "fc6-8: every trunk tensor unchanged", "changed": 0}
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    if iterations > 0 and trainable and not any(k in trainable for k in changed):
+        raise RuntimeError("all-layers fine-tuning left every trunk weight unchanged; the result is invalid")
+    return {"passed": True, "rule": "all: the trunk weights changed", "changed": len(changed),
+            "trainable_trunk_tensors": len(trainable)}
+
+
+# ----------------------------------------------------------------------------- the protocol
+@register_protocol
+class VocSeg(Protocol):
+    """``voc-seg``: fine-tune an FCN on VOC2012 (+ SBD) train, mIoU on val."""
+
+    name: ClassVar[str] = "voc-seg"
+    description: ClassVar[str] = "Pascal VOC2012 segmentation: FCN fine-tuning on mmsegmentation, mIoU (paper Table 2)"
+    version: ClassVar[str] = "1"
+    Settings: ClassVar[type] = VocSegSettings
+    data_layout: ClassVar[str] = """\
+ROOT/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt}
+ROOT may also be ROOT/VOCdevkit or the VOC2012 folder itself. Labels: palette (or greyscale) index PNGs,
+index = class (0 background, 1..20 the VOC classes in the official order), 255 = void (ignored).
+Optional SBD augmentation in mmsegmentation's layout (tools/dataset_converters/voc_aug.py):
+SegmentationClassAug/<id>.png + ImageSets/Segmentation/aug.txt, added to train when present.
+Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '.[seg]'.
+"""
+
+    def check_data(self, root: Path, settings: VocSegSettings) -> None:
+        """The seg extra is installed; the image sets, images and masks exist (cheap)."""
+        from dcbench.segmentation import missing_packages
+        from dcbench.segmentation.data import load_seg_data
+
+        missing = missing_packages()
+        if missing:
+            raise UsageError(f"voc-seg needs mmsegmentation ({', '.join(missing)} not installed); "
+                             f"install the segmentation extra: pip install -e '.[seg]'")
+        load_seg_data(Path(root), settings.sbd_aug, settings.classes)
+
+    def run(self, ckpt: Any, settings: VocSegSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
+        """Fine-tune a copy of the backbone as an FCN, then score val; see the module docstring."""
+        import copy
+
+        from dcbench import segmentation as seg
+
+        started = time.perf_counter()
+        ops_source = seg.prepare_mmseg()
+        data = seg.load_seg_data(Path(root), settings.sbd_aug, settings.classes)
+        if data.aug == "absent":
+            log.warning("voc-seg: no SBD augmentation found (%s); training on the %d VOC2012 train images only "
+                        "(published numbers use train + aug, 10,582 images)", seg.data.AUG_SET, data.n_train)
+        original = tensor_digests(ckpt.backbone)
+        with seg.seeded(settings.seed):
+            net = copy.deepcopy(ckpt.backbone).cpu()
+            recipe = seg.resolve_recipe(net, settings.preset, len(data.classes), settings.mode, settings.norm_eval,
+                                        settings.output_stride)
+            config = seg.model_config(recipe, settings.crop_size)
+            model = seg.build_segmentor(net, config).to(ctx.device)
+            before = tensor_digests(net)
+            fit = self._train(model, data, settings, ctx)
+            check = check_trunk(net, before, recipe.mode, settings.iterations)
+            cm, n_eval, failed = self._evaluate(model, data, settings, ctx)
+        assert_unchanged(ckpt.backbone, original, what="checkpoint backbone (fine-tuning works on a copy)")
+        return self._output(cm, n_eval, failed, data, recipe, config, fit, check, ops_source, settings, started)
+
+    @staticmethod
+    def _train(model: Any, data: Any, settings: VocSegSettings, ctx: EvalContext) -> dict[str, Any]:
+        from dcbench import segmentation as seg
+
+        pipeline = seg.build_pipeline(seg.train_pipeline(settings.crop_size, tuple(settings.scale_range)))
+        dataset = seg.SegDataset(data.train, pipeline, len(data.classes), data.label_map)
+        loader = seg.train_loader(dataset, settings.batch_size, settings.workers, settings.seed)
+        schedule = seg.schedule_config(settings.iterations, settings.lr, settings.momentum, settings.weight_decay,
+                                       settings.poly_power, settings.min_lr)
+        t0 = time.perf_counter()
+        log_ = seg.train(model, loader, schedule, ctx.progress)
+        return {**log_, "schedule": schedule, "train_wall_s": round(time.perf_counter() - t0, 3)}
+
+    @staticmethod
+    def _evaluate(model: Any, data: Any, settings: VocSegSettings, ctx: EvalContext) -> tuple[np.ndarray, int, list]:
+        from dcbench import segmentation as seg
+
+        pipeline = seg.build_pipeline(seg.eval_pipeline(settings.crop_size))
+        dataset = seg.SegDataset(data.val, pipeline, len(data.classes), data.label_map)
+        cm, n_eval, failed = seg.evaluate(model, seg.eval_loader(dataset, settings.workers), len(data.classes),
+                                          ctx.progress)
+        if n_eval == 0:
+            raise DataError(f"no readable val image in {data.voc_dir} (first error: {failed[0] if failed else 'none'})")
+        return cm, n_eval, failed
+
+    @staticmethod
+    def _output(cm: np.ndarray, n_eval: int, failed: list, data: Any, recipe: Any, config: dict, fit: dict,
+                check: dict, ops_source: str, settings: VocSegSettings, started: float) -> ProtocolOutput:
+        from dcbench import segmentation as seg
+        from dcbench.metrics.segmentation import iou_from_confusion, pixel_accuracy
+
+        iou = iou_from_confusion(cm)
+        rows, per_class = iou_rows(iou, data.classes, recipe.mode, settings.seed)
+        rows.append(MetricRow("aAcc", 100.0 * pixel_accuracy(cm), recipe.mode, "val", "final", settings.seed))
+        config = {**config, "train_pipeline": seg.train_pipeline(settings.crop_size, tuple(settings.scale_range)),
+                  "eval_pipeline": seg.eval_pipeline(settings.crop_size)}
+        extra = {**data.describe(), "recipe": recipe.describe(), "mode": recipe.mode, "head": recipe.head,
+                 "iou": per_class, "mmseg_config": config, "trunk_check": check, "train": fit,
+                 "evaluated_images": n_eval, "skipped_val_images": len(failed),
+                 "metric": "IoU per class from one confusion matrix over val, ignore label 255; mIoU = mean over "
+                           "the classes present in labels or predictions",
+                 "segmentation_versions": seg.versions(), "mmcv_ops": ops_source,
+                 "voc_seg_wall_s": round(time.perf_counter() - started, 3)}
+        return ProtocolOutput(rows, data.fingerprint(), extra)
