@@ -351,8 +351,12 @@ def to_torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 def convert_checkpoint(src: str, dst: str | Path, target: str = "dcbench", arch: str | None = None,
                        trust: bool = False) -> Path:
-    """Load ``src`` in any supported format and write it as ``target`` (dcbench or torchvision)."""
+    """Load ``src`` in any supported format and write it as ``target`` (dcbench, torchvision, detectron2)."""
     loaded = resolve_checkpoint(src, arch=arch, trust=trust)
+    if target == "detectron2":
+        from dcbench.export_detectron2 import export_detectron2
+
+        return export_detectron2(loaded, Path(dst))
     if target == "torchvision":
         atomic_save(to_torchvision_state_dict(loaded.backbone), dst)
     else:

@@ -102,8 +102,8 @@ def checkpoint_inspect(ckpt: str, arch: str | None, trust: bool, as_json: bool) 
 @checkpoint.command("convert")
 @click.argument("src")
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--to", "target", type=click.Choice(["dcbench", "torchvision"]), default="dcbench",
-              show_default=True, help="Output format.")
+@click.option("--to", "target", type=click.Choice(["dcbench", "torchvision", "detectron2"]), default="dcbench",
+              show_default=True, help="Output format (detectron2: a ResNet as a detectron2 .pkl).")
 @_arch_option
 @_trust_option
 def checkpoint_convert(src: str, dst: str, target: str, arch: str | None, trust: bool) -> None:

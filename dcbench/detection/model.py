@@ -1,0 +1,331 @@
+"""Faster R-CNN (torchvision's implementation) on a dcbench backbone.
+
+Two designs, chosen by the backbone:
+
+- DeepCluster AlexNet / VGG16 (the paper's Fast R-CNN setup): the trunk is the Sobel front
+  end and the conv layers up to conv5's ReLU (pool5 removed, stride 16); RoI pooling replaces
+  pool5, and the box head is the checkpoint's OWN classifier (fc6, fc7, with their dropout),
+  weights kept, as Fast R-CNN initialises fc6/fc7 from the pre-trained network. fc6 takes a
+  ``channels x grid x grid`` input, where ``grid`` is the side of pool5's output at the input
+  size the checkpoint was built for (6 for AlexNet and 7 for VGG16 at 224 px; 1 for AlexNet
+  built at 64 px). The RoI output size is therefore the backbone's grid, whatever the
+  detection image size: fc6 fits without re-initialisation.
+- ResNets (torchvision ``tv:resnet*`` or timm ResNets with the torchvision layout): the C4
+  design of Faster R-CNN / detectron2 / MoCo: the trunk is stem + res2..res4 (stride 16), the
+  RoI head is res5 (its first block strides 2) on 14 x 14 RoI features, globally averaged,
+  optionally followed by an extra BatchNorm after res5 (MoCo's ``Res5ROIHeadsExtraNorm``).
+
+Both: an RPN with one 3x3 conv on the trunk's map, anchors of the given sizes and aspect
+ratios; a new box predictor (class scores N(0, 0.01), class-specific box deltas N(0, 0.001),
+biases 0, as Fast R-CNN and detectron2 initialise it) over ``n_classes + 1`` outputs (0 is
+the background). The detector works on a deep COPY of the backbone. Images enter as RGB in
+[0, 1]; torchvision's transform resizes them (short side ``min_size``, long side at most
+``max_size``) and normalises them with the ImageNet mean/std, which is what every dcbench
+backbone expects.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import roi_align, roi_pool
+
+from dcbench.data import IMAGENET_MEAN, IMAGENET_STD
+from dcbench.errors import UsageError
+from dcbench.models import DeepClusterAlexNet, DeepClusterVGG16
+from dcbench.models.external import HookedBackbone
+
+#: RoI output side of the C4 head (detectron2's POOLER_RESOLUTION for R50-C4)
+C4_ROI_SIZE = 14
+#: side of the probe image used to measure the trunk's stride and channels
+_PROBE_SIDE = 128
+
+
+@dataclass
+class DetectorSpec:
+    """The architecture-level recipe of a detector (the protocol's presets fill it)."""
+
+    min_size: tuple[int, ...] = (800,)  # training short sides (one drawn per image)
+    test_size: int = 800  # test short side
+    max_size: int = 1333  # long-side cap, train and test
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    roi_pool: str = "align"  # "align": RoIAlign (aligned, adaptive sampling) | "pool": RoIPool (max)
+    rpn_pre_nms_train: int = 12000
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 6000
+    rpn_post_nms_test: int = 1000
+    rois_per_image: int = 512  # RoIs sampled per image for the box head
+    fg_fraction: float = 0.25
+    extra_norm: bool = False  # C4 only: BatchNorm after res5 (MoCo)
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe, for the result record."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class FeatureTrunk(nn.Module):
+    """Sobel (when the backbone has it) + the layers up to the detection feature map."""
+
+    def __init__(self, sobel: nn.Module | None, body: nn.Module) -> None:
+        super().__init__()
+        self.sobel, self.body = sobel, body
+        self.out_channels = 0  # set by build_detector (torchvision's FasterRCNN reads it)
+        self.stride = 0
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        if self.sobel is not None:
+            x = self.sobel(x)
+        return OrderedDict([("0", self.body(x))])
+
+
+class FcBoxHead(nn.Module):
+    """Flatten the pooled RoI features, then the checkpoint's classifier (fc6, fc7)."""
+
+    def __init__(self, classifier: nn.Sequential) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.out_features = [m for m in classifier if isinstance(m, nn.Linear)][-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(x, 1))
+
+
+class Res5BoxHead(nn.Module):
+    """res5 on the RoI features, [extra BatchNorm], global average (the C4 box head)."""
+
+    def __init__(self, res5: nn.Module, out_features: int, extra_norm: bool) -> None:
+        super().__init__()
+        self.res5 = res5
+        self.norm = nn.BatchNorm2d(out_features) if extra_norm else None
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res5(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x.mean(dim=(2, 3))
+
+
+class RoIPooler(nn.Module):
+    """RoI features of the trunk's single map at a fixed stride (torchvision's RoIHeads call)."""
+
+    def __init__(self, kind: str, output_size: int, stride: int) -> None:
+        super().__init__()
+        if kind not in ("align", "pool"):
+            raise ValueError(f"roi_pool must be 'align' or 'pool', got {kind!r}")
+        self.kind, self.output_size, self.scale = kind, output_size, 1.0 / stride
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        x = features["0"]
+        boxes = [p.to(x.dtype) for p in proposals]
+        if self.kind == "pool":  # Fast R-CNN's max pooling over bins
+            return roi_pool(x, boxes, self.output_size, self.scale)
+        # detectron2's ROIAlignV2: half-pixel aligned, adaptive sampling
+        return roi_align(x, boxes, self.output_size, self.scale, sampling_ratio=0, aligned=True)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, output_size={self.output_size}, spatial_scale={self.scale}"
+
+
+class Detector(nn.Module):
+    """A torchvision Faster R-CNN whose parts dcbench names: ``trunk`` (what ``fc6-8`` freezes),
+    ``box_head`` (fc6/fc7 or res5), ``model`` (the whole detector).
+
+    ``train()`` uses the training short sides, ``eval()`` the test size; modules listed in
+    ``frozen_modules`` stay in eval mode in both (BatchNorm with running statistics).
+    """
+
+    def __init__(self, model: FasterRCNN, trunk: FeatureTrunk, box_head: nn.Module, spec: DetectorSpec,
+                 design: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.design = design
+        self.frozen_modules: list[nn.Module] = []
+        # plain references (not registered twice): they live inside ``model``
+        object.__setattr__(self, "_trunk", trunk)
+        object.__setattr__(self, "_box_head", box_head)
+
+    @property
+    def trunk(self) -> FeatureTrunk:
+        """The feature trunk (shared with ``model.backbone``)."""
+        return self._trunk
+
+    @property
+    def box_head(self) -> nn.Module:
+        """The RoI box head (shared with ``model.roi_heads.box_head``)."""
+        return self._box_head
+
+    def train(self, mode: bool = True) -> "Detector":
+        super().train(mode)
+        self.model.transform.min_size = tuple(self.spec.min_size) if mode else (self.spec.test_size,)
+        for module in self.frozen_modules:
+            module.eval()
+        return self
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
+        """Training (targets given): the dict of losses; eval: one dict of boxes/labels/scores per image."""
+        return self.model(images, targets)
+
+
+# ----------------------------------------------------------------------------- building
+def _is_resnet(net: nn.Module) -> bool:
+    model = getattr(net, "model", None)
+    return isinstance(net, HookedBackbone) and all(
+        hasattr(model, name) for name in ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4"))
+
+
+def _conv5_parts(net: DeepClusterAlexNet | DeepClusterVGG16) -> tuple[FeatureTrunk, nn.Module, int, str]:
+    last = net._feature_taps[net.conv_tap_names[-1]]  # index of conv5's (conv5_3's) ReLU: pool5 dropped
+    trunk = FeatureTrunk(net.sobel, nn.Sequential(*list(net.features)[:last + 1]))
+    head = FcBoxHead(net.classifier)
+    kind = (f"{net.arch}: conv trunk to {net.conv_tap_names[-1]} (stride 16), RoI {net.grid}x{net.grid} = the "
+            f"checkpoint's pool5 grid, box head = its own fc6/fc7")
+    return trunk, head, net.grid, kind
+
+
+def _c4_parts(net: HookedBackbone, extra_norm: bool) -> tuple[FeatureTrunk, nn.Module, int, str]:
+    model = net.model
+    act = getattr(model, "act1", None) or getattr(model, "relu")
+    stem = nn.Sequential(model.conv1, model.bn1, act, model.maxpool)
+    trunk = FeatureTrunk(net.sobel, nn.Sequential(stem, model.layer1, model.layer2, model.layer3))
+    width = _probe_channels(model.layer4, _probe_channels(trunk, None))
+    head = Res5BoxHead(model.layer4, width, extra_norm)
+    kind = (f"{net.arch}: C4 (trunk stem..res4, RoI {C4_ROI_SIZE}x{C4_ROI_SIZE}, box head res5"
+            f"{' + BatchNorm' if extra_norm else ''} + global average)")
+    return trunk, head, C4_ROI_SIZE, kind
+
+
+@torch.no_grad()
+def _probe_channels(module: nn.Module, in_channels: int | None) -> int:
+    """Output channels of ``module`` (a trunk when ``in_channels`` is None, else a res5 stage)."""
+    was = module.training
+    module.eval()
+    x = torch.zeros(1, 3, _PROBE_SIDE, _PROBE_SIDE) if in_channels is None else torch.zeros(1, in_channels, 8, 8)
+    out = module(x)
+    module.train(was)
+    return int((out["0"] if isinstance(out, dict) else out).shape[1])
+
+
+@torch.no_grad()
+def _measure_trunk(trunk: FeatureTrunk) -> tuple[int, int]:
+    """(channels, stride) of the trunk's map; the stride is the power of two nearest to input/output."""
+    was = trunk.training
+    trunk.eval()
+    out = trunk(torch.zeros(1, 3, _PROBE_SIDE, _PROBE_SIDE))["0"]
+    trunk.train(was)
+    stride = 2 ** round(math.log2(_PROBE_SIDE / out.shape[-1]))
+    return int(out.shape[1]), int(stride)
+
+
+def _predictor(in_features: int, n_outputs: int) -> FastRCNNPredictor:
+    predictor = FastRCNNPredictor(in_features, n_outputs)
+    nn.init.normal_(predictor.cls_score.weight, 0.0, 0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, 0.0, 0.001)
+    nn.init.zeros_(predictor.cls_score.bias)
+    nn.init.zeros_(predictor.bbox_pred.bias)
+    return predictor
+
+
+def supported(backbone: nn.Module) -> bool:
+    """Whether :func:`build_detector` has a design for ``backbone``."""
+    return isinstance(backbone, (DeepClusterAlexNet, DeepClusterVGG16)) or _is_resnet(backbone)
+
+
+def require_supported(backbone: nn.Module) -> None:
+    """UsageError naming the supported designs when ``backbone`` has none."""
+    if not supported(backbone):
+        arch = getattr(backbone, "arch", type(backbone).__name__)
+        raise UsageError(f"voc-det has no detector design for {arch}: it supports DeepCluster alexnet/vgg16 "
+                         f"(conv5 + RoI pooling + fc6/fc7) and ResNets (tv:resnet*, timm ResNets; C4)")
+
+
+def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed: int = 0) -> Detector:
+    """A :class:`Detector` for ``n_classes`` object classes over a deep COPY of ``backbone``.
+
+    Raises UsageError for backbones without a design (see the module docstring). The new
+    layers (RPN, predictor, extra norm) are initialised from ``seed`` without touching the
+    global RNG.
+    """
+    require_supported(backbone)
+    net = copy.deepcopy(backbone).cpu()
+    if hasattr(net, "set_top_layer"):
+        net.set_top_layer(None)  # DeepCluster's cluster head plays no part in detection
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(net, (DeepClusterAlexNet, DeepClusterVGG16)):
+            trunk, head, roi_size, kind = _conv5_parts(net)
+        else:
+            trunk, head, roi_size, kind = _c4_parts(net, spec.extra_norm)
+        trunk.out_channels, trunk.stride = _measure_trunk(trunk)
+        anchors = AnchorGenerator(sizes=(tuple(spec.anchor_sizes),), aspect_ratios=(tuple(spec.aspect_ratios),))
+        rpn_head = RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0])
+        model = FasterRCNN(
+            trunk, num_classes=None, min_size=tuple(spec.min_size), max_size=spec.max_size,
+            image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors,
+            rpn_head=rpn_head, rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train,
+            rpn_post_nms_top_n_train=spec.rpn_post_nms_train, rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test,
+            rpn_post_nms_top_n_test=spec.rpn_post_nms_test,
+            box_head=head,
+            box_predictor=_predictor(head.out_features, n_classes + 1), box_score_thresh=spec.score_thresh,
+            box_nms_thresh=spec.nms_thresh, box_detections_per_img=spec.detections_per_image,
+            box_batch_size_per_image=spec.rois_per_image, box_positive_fraction=spec.fg_fraction)
+        # set after construction: torchvision's constructor accepts only its MultiScaleRoIAlign
+        model.roi_heads.box_roi_pool = RoIPooler(spec.roi_pool, roi_size, trunk.stride)
+    design = {"design": kind, "feature_stride": trunk.stride, "feature_channels": trunk.out_channels,
+              "roi_pool": spec.roi_pool, "roi_size": roi_size, "box_head_features": head.out_features,
+              "classes_with_background": n_classes + 1}
+    return Detector(model, trunk, head, spec, design)
+
+
+# ----------------------------------------------------------------------------- what trains
+def _norm_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def set_trainable(det: Detector, mode: str, bn: str) -> set[str]:
+    """Freeze per ``mode`` and ``bn``; return the names (in ``det.trunk``) of the trunk
+    parameters that train.
+
+    ``fc6-8``: the trunk is frozen and kept in eval mode; everything after it (RPN, RoI head,
+    predictor) trains. ``all``: the trunk trains too. Parameters the backbone itself keeps
+    fixed (the Sobel filters) never train. ``bn="frozen"``: every BatchNorm stays in eval mode
+    with its scale/shift frozen (detectron2's FrozenBN); ``bn="train"``: BatchNorm layers that
+    train use the statistics of each (micro-)batch (SyncBN's semantics when the whole batch
+    is on one device) and update their running statistics.
+    """
+    if mode not in ("fc6-8", "all") or bn not in ("frozen", "train"):
+        raise ValueError(f"mode must be fc6-8 or all and bn frozen or train, got {mode!r}, {bn!r}")
+    fixed = {name for name, p in det.trunk.named_parameters() if not p.requires_grad}
+    allowed = set()
+    for name, p in det.trunk.named_parameters():
+        train = mode == "all" and name not in fixed
+        p.requires_grad_(train)
+        if train:
+            allowed.add(name)
+    frozen: list[nn.Module] = [det.trunk] if mode == "fc6-8" else []
+    if bn == "frozen":
+        for norm in _norm_modules(det.model):
+            frozen.append(norm)
+            for p in norm.parameters():
+                p.requires_grad_(False)
+        norm_names = {f"{prefix}.{leaf}" for prefix, m in det.trunk.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) for leaf in ("weight", "bias")}
+        allowed -= norm_names
+    det.frozen_modules = frozen
+    det.train(det.training)
+    return allowed

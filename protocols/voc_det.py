@@ -1,0 +1,485 @@
+"""Pascal VOC object detection by fine-tuning (``voc-det``). Semantics: ../shared/PROTOCOLS.md,
+"Pascal VOC detection"; engine: :mod:`dcbench.detection`.
+
+The detector is torchvision's Faster R-CNN built on a deep COPY of the backbone (the
+checkpoint is never touched):
+
+- DeepCluster AlexNet / VGG16: conv5 features (stride 16), RoI pooling, and the box head
+  made of the checkpoint's OWN fc6/fc7 (weights kept, as Fast R-CNN starts from the
+  pre-trained fc layers). fc6 takes the ``grid x grid`` map the checkpoint was built for, so
+  the RoI output size is the backbone's grid (6 for AlexNet, 7 for VGG16 at 224 px; e.g. 2 for
+  an AlexNet built at 96 px) whatever the detection image size;
+- ResNets (tv/timm): the C4 design of MoCo / VISSL / detectron2: stem..res4 as trunk, res5 on
+  14 x 14 RoIAlign features as box head.
+
+Modes (the paper's): ``fc6-8`` = the conv trunk frozen (and in eval mode), everything after
+it trains (RPN, fc6, fc7, the new predictor; for ResNets res5 as well); ``all`` = everything
+trains except the fixed Sobel filters. The protocol checks itself: ``fc6-8`` left every trunk
+tensor (weights and BatchNorm buffers) unchanged, ``all`` changed trunk weights, and the
+checkpoint's backbone is unchanged.
+
+Presets (``preset=auto``: ``deepcluster`` for DeepCluster AlexNet/VGG16, ``moco`` for every
+other backbone); every value is a setting, ``None`` meaning "the preset's":
+
+=====================  ==============================  ===================================
+                       ``deepcluster`` (paper, Table 2)  ``moco`` (MoCo / VISSL, R50-C4)
+=====================  ==============================  ===================================
+train -> test          VOC2007 trainval -> test          VOC2007+2012 trainval -> VOC2007 test
+mode                   fc6-8 (``all`` = the ALL column)  all
+iterations, batch      40k, 2 images                     24k, 16 images
+lr, steps, warm-up     0.001, x0.1 at 30k, none           0.02, x0.1 at 18k/22k, 100 (linear from 0.001x)
+weight decay           5e-4 (biases: 2x lr, no decay)     1e-4 (none on BatchNorm)
+train / test sizes     short side 600 / 600, long <= 1000 480..800 step 32 / 800, long <= 1333
+anchors                128, 256, 512 x (0.5, 1, 2)        32..512 x (0.5, 1, 2)
+RoIs                   RoIPool, 64 per image, 25% fg      RoIAlign (aligned), 512 per image, 25% fg
+proposals train/test   2000 / 300 (after NMS 0.7)         2000 / 1000
+BatchNorm              frozen (running statistics)        trained (batch statistics; + PreciseBN 200
+                                                          iterations; extra BN after res5)
+difficult objects      left out of training               trained on (detectron2's loader)
+=====================  ==============================  ===================================
+
+The deepcluster preset follows Fast R-CNN's VOC2007 solver (Girshick 2015: 40k iterations,
+lr 0.001 divided by 10 at 30k, 2 images x 64 RoIs, scale 600 / 1000, Caffe's bias
+convention); the paper used Fast R-CNN with selective-search proposals, which dcbench
+replaces with an RPN trained jointly (Faster R-CNN): numbers are close to, not equal to,
+the paper's Table 2. One run is one trial (``seed``); the mean +- std of the 5 trials of
+PROTOCOLS.md is ``dcbench compare --seeds 0,1,2,3,4``.
+
+Evaluation (:mod:`dcbench.detection.evaluation`): the VOC devkit's matching on the VOC2007
+test set, difficult objects ignored; AP50 by the VOC07 11-point rule, AP75 and AP (mean over
+IoU 0.50:0.95) by the same rule (as detectron2's PascalVOCDetectionEvaluator, which MoCo and
+VISSL report); per-class AP50 rows, per-class AP50/AP75/AP in the record.
+
+``backend=detectron2`` (ResNet-50/101/152 only) exports the backbone with
+:mod:`dcbench.export_detectron2` and runs detectron2's trainer with the same recipe; without
+detectron2 installed it is a one-line usage error naming the install command.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from dcbench.data import DataError
+from dcbench.data.voc import VOC_CLASSES, VOCAnnotation, VOCSplit, available_classes, layout, load_voc_split
+from dcbench.detection.data import DetectionDataset, annotations_digest, records_from_annotations
+from dcbench.detection.engine import SolverSpec, detect, precise_bn, train_detector
+from dcbench.detection.evaluation import DetectionAP, evaluate_detections
+from dcbench.detection.model import DetectorSpec, build_detector, require_supported, set_trainable
+from dcbench.errors import UsageError
+from dcbench.features import assert_unchanged, prepared_backbone, show_progress, tensor_digests
+from dcbench.models import DeepClusterAlexNet, DeepClusterVGG16
+from dcbench.results import MetricRow
+from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
+from protocols.linear import center_transform
+from protocols.voc_cls import check_trunk
+
+log = logging.getLogger("dcbench")
+_SET_RE = re.compile(r"(2007|2012):(train|val|trainval|test)")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# ============================================================================= presets
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepcluster": {
+        "mode": "fc6-8", "train_sets": ["2007:trainval"], "test_set": "2007:test", "iterations": 40000,
+        "batch_size": 2, "lr": 0.001, "lr_steps": [30000], "warmup_iters": 0, "weight_decay": 5e-4,
+        "min_size": [600], "test_size": 600, "max_size": 1000, "anchor_sizes": [128, 256, 512],
+        "roi_pool": "pool", "rois_per_image": 64, "proposals_train": 2000, "proposals_test": 300,
+        "bn": "frozen", "precise_bn": 0, "train_difficult": False,
+    },
+    "moco": {
+        "mode": "all", "train_sets": ["2007:trainval", "2012:trainval"], "test_set": "2007:test",
+        "iterations": 24000, "batch_size": 16, "lr": 0.02, "lr_steps": [18000, 22000], "warmup_iters": 100,
+        "weight_decay": 1e-4, "min_size": list(range(480, 801, 32)), "test_size": 800, "max_size": 1333,
+        "anchor_sizes": [32, 64, 128, 256, 512], "roi_pool": "align", "rois_per_image": 512,
+        "proposals_train": 2000, "proposals_test": 1000, "bn": "train", "precise_bn": 200,
+        "train_difficult": True,
+    },
+}
+#: recipe constants of each preset that are not settings
+PRESET_CONSTANTS: dict[str, dict[str, Any]] = {
+    # Caffe's Fast R-CNN: biases at 2x lr without decay (warm-up only when warmup_iters is set)
+    "deepcluster": {"bias_lr_factor": 2.0, "bias_decay": False, "norm_weight_decay": 0.0,
+                    "warmup_factor": 0.001, "extra_norm": False, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000},
+    # detectron2 defaults + MoCo's Base-RCNN-C4-BN (Res5ROIHeadsExtraNorm)
+    "moco": {"bias_lr_factor": 1.0, "bias_decay": True, "norm_weight_decay": 0.0,
+             "warmup_factor": 0.001, "extra_norm": True, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000},
+}
+
+
+# ============================================================================= settings
+@dataclass
+class VocDetSettings:
+    """Settings of ``voc-det``; ``None`` = the preset's value (see the module docstring)."""
+
+    preset: Literal["auto", "deepcluster", "moco"] = field(default="auto", metadata=_help(
+        "deepcluster: the paper's Fast R-CNN setup on conv5 (VOC07 trainval -> test); moco: the MoCo/VISSL "
+        "R50-C4 recipe (VOC07+12 trainval -> VOC07 test, 24k it.); auto: deepcluster for DeepCluster "
+        "alexnet/vgg16, moco otherwise"))
+    mode: Literal["fc6-8", "all"] | None = field(default=None, metadata=_help(
+        "fc6-8: conv trunk frozen, the rest trains; all: everything trains (preset: deepcluster fc6-8, moco all)"))
+    iterations: int | None = field(default=None, metadata=_help("SGD iterations (preset: 40000 / 24000)"))
+    batch_size: int | None = field(default=None, metadata=_help("images per iteration (preset: 2 / 16)"))
+    micro_batch: int = field(default=0, metadata=_help(
+        "images per forward pass, gradients accumulated over the batch (0: the whole batch; smaller saves "
+        "memory, BatchNorm then sees micro-batch statistics)"))
+    lr: float | None = field(default=None, metadata=_help("base learning rate (preset: 0.001 / 0.02)"))
+    lr_steps: list[int] | None = field(default=None, metadata=_help(
+        "iterations at which lr is multiplied by 0.1 (preset: [30000] / [18000,22000])"))
+    warmup_iters: int | None = field(default=None, metadata=_help("linear warm-up iterations (preset: 0 / 100)"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float | None = field(default=None, metadata=_help("weight decay (preset: 5e-4 / 1e-4)"))
+    min_size: list[int] | None = field(default=None, metadata=_help(
+        "training short sides in px, one drawn per image (preset: [600] / [480,512,...,800])"))
+    test_size: int | None = field(default=None, metadata=_help("test short side in px (preset: 600 / 800)"))
+    max_size: int | None = field(default=None, metadata=_help("long-side cap in px, train and test (preset: 1000 / 1333)"))
+    anchor_sizes: list[int] | None = field(default=None, metadata=_help(
+        "RPN anchor sizes in px, aspect ratios 0.5/1/2 (preset: [128,256,512] / [32,64,128,256,512])"))
+    roi_pool: Literal["pool", "align"] | None = field(default=None, metadata=_help(
+        "pool: RoIPool (Fast R-CNN); align: aligned RoIAlign (detectron2's ROIAlignV2) (preset: pool / align)"))
+    rois_per_image: int | None = field(default=None, metadata=_help(
+        "RoIs sampled per image for the box head, 25% foreground (preset: 64 / 512)"))
+    proposals_train: int | None = field(default=None, metadata=_help(
+        "RPN proposals kept per image after NMS in training (preset: 2000)"))
+    proposals_test: int | None = field(default=None, metadata=_help(
+        "RPN proposals kept per image after NMS at test (preset: 300 / 1000)"))
+    bn: Literal["frozen", "train"] | None = field(default=None, metadata=_help(
+        "frozen: BatchNorm uses running statistics, scale/shift fixed; train: batch statistics in the layers "
+        "that train (SyncBN semantics on one device) (preset: frozen / train)"))
+    precise_bn: int | None = field(default=None, metadata=_help(
+        "with bn=train: re-estimate BatchNorm statistics over this many training batches before testing "
+        "(detectron2's PreciseBN; preset: 0 / 200)"))
+    train_difficult: bool | None = field(default=None, metadata=_help(
+        "train on difficult objects too (preset: false as py-faster-rcnn / true as detectron2); the test "
+        "always ignores them"))
+    train_sets: list[str] | None = field(default=None, metadata=_help(
+        "training image sets as YEAR:SPLIT (preset: [2007:trainval] / [2007:trainval,2012:trainval])"))
+    test_set: str | None = field(default=None, metadata=_help("evaluated image set, YEAR:SPLIT (2007:test)"))
+    classes: list[str] | None = field(default=None, metadata=_help(
+        "classes to detect (default: the VOC classes whose ImageSets/Main files exist for the test set; "
+        "all 20 on VOC2007)"))
+    ap_rule: Literal["11-point", "all-points"] = field(default="11-point", metadata=_help(
+        "AP integration: VOC07 11-point (detectron2 on VOC2007 test) or all-points (VOC2010+)"))
+    backend: Literal["torchvision", "detectron2"] = field(default="torchvision", metadata=_help(
+        "torchvision: the built-in Faster R-CNN; detectron2: export the ResNet and run detectron2's trainer "
+        "(needs detectron2 installed)"))
+    bn_recalibrate: Literal["auto", "on", "off"] = field(default="auto", metadata=_help(
+        "re-estimate the backbone's BatchNorm statistics on training images before fine-tuning; auto = on "
+        "for random inits"))
+    seed: int = field(default=0, metadata=_help("seed of the new layers, sampling, flips and shuffling (one trial)"))
+    workers: int = field(default=4, metadata=_help("DataLoader worker processes"))
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values (and for backend=detectron2 without detectron2)."""
+        for name in ("iterations", "warmup_iters", "precise_bn"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UsageError(f"bad value {getattr(self, name)} for {name}: must be >= 0")
+        for name in ("batch_size", "test_size", "max_size", "rois_per_image", "proposals_train", "proposals_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"bad value {getattr(self, name)} for {name}: must be at least 1")
+        for name in ("min_size", "anchor_sizes"):
+            value = getattr(self, name)
+            if value is not None and (not value or min(value) < 1):
+                raise UsageError(f"bad value {value} for {name}: give positive integers, e.g. [600]")
+        self._validate_solver()
+        for text in (self.train_sets or []) + ([self.test_set] if self.test_set else []):
+            if not _SET_RE.fullmatch(text):
+                raise UsageError(f"bad image set {text!r}: use YEAR:SPLIT with YEAR 2007|2012 and SPLIT "
+                                 f"train|val|trainval|test, e.g. 2007:trainval")
+        if self.train_sets is not None and not self.train_sets:
+            raise UsageError("train_sets is empty: name at least one YEAR:SPLIT")
+        if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
+            raise UsageError(f"bad value {self.classes} for classes: give distinct class names, e.g. [cat,dog]")
+        if self.workers < 0 or self.micro_batch < 0:
+            raise UsageError("bad value: workers and micro_batch must be >= 0")
+        if self.backend == "detectron2":
+            from dcbench.detection.detectron2_backend import require_detectron2
+            require_detectron2()
+
+    def _validate_solver(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise UsageError(f"bad value {self.lr} for lr: must be positive")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UsageError(f"bad value {self.weight_decay} for weight_decay: must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"bad value {self.momentum} for momentum: must be in [0, 1)")
+        if self.lr_steps is not None and any(s < 0 for s in self.lr_steps):
+            raise UsageError(f"bad value {self.lr_steps} for lr_steps: iterations must be >= 0")
+
+
+# ============================================================================= recipe
+@dataclass
+class Recipe:
+    """Every effective value of a run: the settings with the preset's values filled in."""
+
+    preset: str
+    values: dict[str, Any]
+    constants: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def detector_spec(self) -> DetectorSpec:
+        """The architecture part."""
+        v, c = self.values, self.constants
+        return DetectorSpec(min_size=tuple(v["min_size"]), test_size=v["test_size"], max_size=v["max_size"],
+                            anchor_sizes=tuple(v["anchor_sizes"]), roi_pool=v["roi_pool"],
+                            rpn_pre_nms_train=max(c["rpn_pre_nms_train"], v["proposals_train"]),
+                            rpn_post_nms_train=v["proposals_train"],
+                            rpn_pre_nms_test=max(c["rpn_pre_nms_test"], v["proposals_test"]),
+                            rpn_post_nms_test=v["proposals_test"], rois_per_image=v["rois_per_image"],
+                            extra_norm=c["extra_norm"])
+
+    def solver(self, workers: int) -> SolverSpec:
+        """The optimisation part."""
+        v, c = self.values, self.constants
+        return SolverSpec(iterations=v["iterations"], batch_size=v["batch_size"], micro_batch=v["micro_batch"],
+                          lr=v["lr"], momentum=v["momentum"], weight_decay=v["weight_decay"],
+                          norm_weight_decay=c["norm_weight_decay"], bias_lr_factor=c["bias_lr_factor"],
+                          bias_weight_decay=v["weight_decay"] if c["bias_decay"] else 0.0,
+                          steps=tuple(v["lr_steps"]), warmup_iters=v["warmup_iters"],
+                          warmup_factor=c["warmup_factor"], seed=v["seed"], workers=workers)
+
+
+def preset_for(settings: VocDetSettings, backbone: Any | None) -> str:
+    """The effective preset; ``auto`` needs the backbone (None: unknown yet)."""
+    if settings.preset != "auto":
+        return settings.preset
+    if backbone is None:
+        return "auto"
+    return "deepcluster" if isinstance(backbone, (DeepClusterAlexNet, DeepClusterVGG16)) else "moco"
+
+
+def resolve(settings: VocDetSettings, backbone: Any | None) -> Recipe:
+    """The recipe of a run: each ``None`` setting takes the preset's value."""
+    preset = preset_for(settings, backbone)
+    if preset == "auto":
+        raise ValueError("resolve(): preset auto needs the backbone")
+    values = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    for key, default in PRESETS[preset].items():
+        if values.get(key) is None:
+            values[key] = copy.deepcopy(default)
+    values["preset"] = preset
+    if values["bn"] == "frozen":
+        values["precise_bn"] = 0  # nothing to re-estimate
+    return Recipe(preset, values, dict(PRESET_CONSTANTS[preset]))
+
+
+def _parse_set(text: str) -> tuple[str, str]:
+    year, split = text.split(":")
+    return year, split
+
+
+# ============================================================================= data
+@dataclass
+class DetData:
+    """The image sets of a run: training splits, the test split, classes, parsed annotations."""
+
+    train: list[VOCSplit]
+    test: VOCSplit
+    classes: list[str]
+    train_annotations: list[list[VOCAnnotation]] = field(default_factory=list)
+    test_annotations: list[VOCAnnotation] = field(default_factory=list)
+
+    def read_annotations(self) -> None:
+        """Parse every XML once."""
+        self.train_annotations = [s.annotations() for s in self.train]
+        self.test_annotations = self.test.annotations()
+
+    def fingerprint(self) -> str:
+        """16 hex chars over every split's images, image sets and annotation files."""
+        parts = [f"{s.year}:{s.split}:{s.fingerprint()}:{annotations_digest(s)}" for s in [*self.train, self.test]]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe facts for the result record."""
+        return {"voc_dirs": sorted({str(s.voc_dir) for s in [*self.train, self.test]}), "classes": self.classes,
+                "all_voc_classes": self.classes == list(VOC_CLASSES),
+                "train_sets": [f"{s.year}:{s.split}" for s in self.train],
+                "test_set": f"{self.test.year}:{self.test.split}",
+                "images": {f"{s.year}:{s.split}": len(s) for s in [*self.train, self.test]}}
+
+
+def _sets_needed(settings: VocDetSettings, preset: str) -> tuple[list[str], str]:
+    """Train sets and test set; with preset auto, only what both presets share (VOC2007)."""
+    base = PRESETS["deepcluster" if preset == "auto" else preset]
+    train = settings.train_sets or base["train_sets"]
+    return list(train), settings.test_set or base["test_set"]
+
+
+def load_det_data(root: Path, train_sets: list[str], test_set: str, classes: list[str] | None,
+                  warn: bool = True) -> DetData:
+    """Read the image sets (cheap: text files, folder listings; annotations are not parsed)."""
+    test_year, test_split = _parse_set(test_set)
+    if test_year == "2012" and test_split == "test":
+        raise DataError("VOC2012 publishes no test annotations; evaluate on 2007:test (or a val split)")
+    found = classes or available_classes(root, [test_split], test_year)
+    if warn and classes is None and len(found) < len(VOC_CLASSES):
+        log.warning("VOCdevkit has the class files of %d of the 20 VOC classes; detecting %s "
+                    "(AP is comparable to published numbers only with all 20)", len(found), ", ".join(found))
+    unknown = [c for c in found if c not in VOC_CLASSES]
+    if unknown:
+        raise UsageError(f"unknown class {unknown[0]!r} in classes; VOC classes: {', '.join(VOC_CLASSES)}")
+    splits = []
+    for text in [*train_sets, test_set]:
+        year, split = _parse_set(text)
+        s = load_voc_split(root, split, year, classes=None)
+        s.check_annotations()
+        splits.append(s)
+    return DetData(splits[:-1], splits[-1], list(found))
+
+
+# ============================================================================= protocol
+@register_protocol
+class VocDetection(Protocol):
+    """``voc-det``: Faster R-CNN fine-tuning on Pascal VOC, AP50 / AP75 / AP."""
+
+    name: ClassVar[str] = "voc-det"
+    description: ClassVar[str] = ("Pascal VOC detection by fine-tuning Faster R-CNN (conv5 + fc6/fc7 or R-C4), "
+                                  "AP50/AP75/AP (paper Table 2; MoCo/VISSL)")
+    version: ClassVar[str] = "1"
+    Settings: ClassVar[type] = VocDetSettings
+    data_layout: ClassVar[str] = f"""\
+{layout("2007")}, and VOC2012 the same way for the moco preset
+ROOT may also be ROOT/VOCdevkit. Boxes from Annotations/<id>.xml (difficult objects ignored by
+the evaluation); image sets from ImageSets/Main/<split>.txt; classes from the test set's
+ImageSets/Main/<cls>_test.txt files (a devkit with only some VOC classes is evaluated on those).
+preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 trainval -> VOC2007 test
+(the VOC2007 test set is a separate download extracted into the same VOCdevkit).
+"""
+
+    def check_data(self, root: Path, settings: VocDetSettings) -> None:
+        """Image sets, JPEGs and annotation files of every set the run reads (with preset auto,
+        the VOC2007 sets both presets share; VOC2012 is checked once the backbone decides)."""
+        train, test = _sets_needed(settings, settings.preset)
+        load_det_data(Path(root), train, test, settings.classes, warn=False)
+
+    def run(self, ckpt: Any, settings: VocDetSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
+        """Fine-tune a detector on a copy of the backbone, detect on the test set, score it."""
+        started = time.perf_counter()
+        recipe = resolve(settings, ckpt.backbone)
+        # backbone errors before reading thousands of annotation files
+        if recipe.backend == "torchvision":
+            require_supported(ckpt.backbone)
+        else:
+            from dcbench.detection.detectron2_backend import detectron2_depth
+            detectron2_depth(ckpt)
+        data = load_det_data(Path(root), recipe.train_sets, recipe.test_set, settings.classes)
+        data.read_annotations()
+        train_ds = DetectionDataset(self._train_records(data, recipe), flip=True)
+        if len(train_ds) == 0:
+            raise DataError(f"no training image holds an object of {', '.join(data.classes)} in "
+                            f"{', '.join(recipe.train_sets)}; check Annotations/ and the classes setting")
+        test_ds = DetectionDataset(records_from_annotations(data.test, data.test_annotations, data.classes, True))
+        original = tensor_digests(ckpt.backbone)
+        if recipe.backend == "detectron2":
+            detections, facts = self._run_detectron2(ckpt, train_ds, test_ds, data, recipe, ctx)
+        else:
+            detections, facts = self._run_torchvision(ckpt, train_ds, test_ds, data, recipe, ctx)
+        assert_unchanged(ckpt.backbone, original, what="checkpoint backbone (fine-tuning works on a copy)")
+        ap = evaluate_detections(detections, data.test_annotations, data.classes,
+                                 use_07_metric=recipe.ap_rule == "11-point")
+        rows = ap_rows(ap, recipe.mode, recipe.seed)
+        extra = {**data.describe(), **facts, "preset": recipe.preset, "recipe": _plain(recipe.values),
+                 "recipe_constants": recipe.constants, "backend": recipe.backend, "mode": recipe.mode,
+                 "ap_rule": f"{ap.rule}, VOC devkit matching (IoU > t), difficult objects ignored; "
+                            f"AP = mean over IoU 0.50:0.95 of the same rule",
+                 "ap_per_class": ap.per_class(), "test_objects": ap.n_ground_truth,
+                 "training_images": len(train_ds), "metric_tap": "the tap of the rows is the mode (fc6-8 / all)",
+                 "proposals": "RPN trained jointly (Faster R-CNN); the paper's Fast R-CNN used selective search",
+                 "det_wall_s": round(time.perf_counter() - started, 3)}
+        return ProtocolOutput(rows, data.fingerprint(), extra)
+
+    @staticmethod
+    def _train_records(data: DetData, recipe: Recipe) -> list:
+        records = []
+        for split, anns in zip(data.train, data.train_annotations):
+            records += records_from_annotations(split, anns, data.classes, recipe.train_difficult)
+        # detectron2 and py-faster-rcnn both drop images without a training box
+        return [r for r in records if len(r.boxes)]
+
+    def _run_torchvision(self, ckpt: Any, train_ds: DetectionDataset, test_ds: DetectionDataset, data: DetData,
+                         recipe: Recipe, ctx: EvalContext) -> tuple[list, dict[str, Any]]:
+        spec, solver = recipe.detector_spec(), recipe.solver(recipe.workers)
+        det, bn_info = _prepare_detector(ckpt, data, recipe, spec, ctx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            allowed = set_trainable(det, recipe.mode, recipe.bn)
+            det.to(ctx.device)
+            before = tensor_digests(det.trunk)
+            bar = _bar(solver.iterations, "detection fine-tune", "it", ctx.progress)
+            train_log = train_detector(det, train_ds, solver, ctx.device, bar)
+            _close(bar)
+            pbn = precise_bn(det, train_ds, recipe.precise_bn, solver.batch_size, recipe.workers, ctx.device,
+                             recipe.seed)
+            check = check_trunk(det.trunk, before, allowed, recipe.mode, solver.iterations)
+            bar = _bar(len(test_ds), "detect", "img", ctx.progress)
+            detections = detect(det, test_ds, max(1, min(solver.batch_size, 8)), recipe.workers, ctx.device, bar)
+            _close(bar)
+        facts = {"detector": det.design, "detector_spec": spec.describe(), "solver": solver.describe(),
+                 "trunk_check": check, "bn_recalibrate": bn_info, "precise_bn": pbn, **train_log,
+                 "skipped_test_images": sum(d is None for d in detections)}
+        return detections, facts
+
+    def _run_detectron2(self, ckpt: Any, train_ds: DetectionDataset, test_ds: DetectionDataset, data: DetData,
+                        recipe: Recipe, ctx: EvalContext) -> tuple[list, dict[str, Any]]:
+        from dcbench.detection.detectron2_backend import run_detectron2
+
+        solver = recipe.solver(recipe.workers)
+        detections, facts = run_detectron2(ckpt, train_ds.records, test_ds.records, data.classes,
+                                           recipe.detector_spec(), solver, recipe.mode, recipe.bn,
+                                           recipe.precise_bn, ctx.device)
+        return detections, {"detectron2": facts, "solver": solver.describe(),
+                            "trunk_check": "not run: detectron2 freezes the trunk itself (FREEZE_AT)",
+                            "bn_recalibrate": {"ran": False, "reason": "not done with backend=detectron2"}}
+
+
+def _prepare_detector(ckpt: Any, data: DetData, recipe: Recipe, spec: DetectorSpec,
+                      ctx: EvalContext) -> tuple[Any, dict[str, Any]]:
+    """The detector on the backbone, whose BatchNorm statistics are first re-estimated on
+    training images when the setting asks for it (random inits by default)."""
+    recal_ds = data.train[0].dataset(center_transform(spec.test_size))
+    with torch.random.fork_rng(devices=[]), prepared_backbone(
+            ckpt, recipe.bn_recalibrate, recal_ds, 16, recipe.workers, ctx.device, recipe.seed,
+            ctx.progress) as (backbone, _sha, bn_info):
+        return build_detector(backbone, len(data.classes), spec, recipe.seed), bn_info
+
+
+def ap_rows(ap: DetectionAP, tap: str, seed: int) -> list[MetricRow]:
+    """``AP50``, ``AP75``, ``AP`` (x100) and one ``AP50_<cls>`` row per class with test objects."""
+    rows = [MetricRow(name, 100.0 * value, tap, "test", None, seed)
+            for name, value in (("AP50", ap.ap50), ("AP75", ap.ap75), ("AP", ap.ap)) if not math.isnan(value)]
+    rows += [MetricRow(f"AP50_{cls}", 100.0 * ap.class_ap(cls, 0.5), tap, "test", None, seed)
+             for cls in ap.classes if not math.isnan(ap.class_ap(cls, 0.5))]
+    return rows
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool) -> Any:
+    if not show_progress(progress):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+def _close(bar: Any) -> None:
+    if bar is not None:
+        bar.close()
