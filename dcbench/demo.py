@@ -57,7 +57,7 @@ def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
     seeds = SEEDS if seeds is None else seeds
     started = time.perf_counter()
     data = write_digits_imagefolder(out / "digits", image_size=IMAGE_SIZE)
-    run_dir = out / "run"
+    run_dir = out / "deepcluster-digits"  # also the checkpoint's row name in the table
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo always starts from scratch
     cfg = TrainConfig(data=str(data / "train"), out=str(run_dir), **{**DEMO_TRAINING, **(

@@ -16,9 +16,9 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "linear/conv3/top1" in result.stdout and "knn/conv5/top1_k20" in result.stdout
-    assert "run" in result.stdout and "random:alexnet,size=64" in result.stdout
+    assert "deepcluster-digits" in result.stdout and "random:alexnet,size=64" in result.stdout
     assert "exceeds the spread" in result.stdout or "within the spread" in result.stdout
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "deepcluster-digits" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[0]["n_images"] == 1347
     assert records[1]["loss"] < records[0]["loss"], "the pseudo-label loss falls"
     assert records[1]["nmi_labels"] is not None and records[1]["nmi_prev"] is not None
