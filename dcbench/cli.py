@@ -266,9 +266,9 @@ def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], d
     from dcbench.leaderboard import build_table, render_terminal
     from dcbench.settings import parse_assignments
 
+    seed_list = _parse_seeds(seeds)
     overrides = parse_assignments(assignments)
     plans = [evaluate.plan(name, overrides, data_root) for name in protocol_names]
-    seed_list = _parse_seeds(seeds)
     if seed_list:
         plans = [evaluate.with_seed(p, seed) for p in plans for seed in seed_list]
     shas, wanted = [], []
