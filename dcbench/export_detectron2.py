@@ -36,10 +36,8 @@ stride in the 3x3 conv)::
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +45,7 @@ import torch
 
 from dcbench.checkpoint import LoadedCheckpoint
 from dcbench.errors import CheckpointError
+from dcbench.fileio import atomic_write
 from dcbench.models.external import HookedBackbone
 
 AUTHOR = "dcbench"
@@ -118,15 +117,5 @@ def export_detectron2(loaded: LoadedCheckpoint, dst: Path) -> Path:
     atomically); raises CheckpointError for other architectures or a Sobel front end."""
     record = {"model": detectron2_state_dict(loaded), "__author__": AUTHOR, "matching_heuristics": True}
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dst, lambda f: pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL), fsync=True)
     return dst
