@@ -31,7 +31,6 @@ import copy
 import hashlib
 import logging
 import math
-import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision import transforms as T
 
-from dcbench.data import DataError, SkipCounter, image_folder, is_image_file, normalize
+from dcbench.data import DataError, SkipCounter, has_direct_images, image_folder, normalize, subfolders
 from dcbench.data.transforms import eval_resize, eval_transform
 from dcbench.errors import UsageError
 from dcbench.features import (assert_unchanged, extract_features, forward_pooled, frozen, make_loader,
@@ -272,16 +271,6 @@ def ten_crop_transform(image_size: int) -> Any:
 
 
 # ----------------------------------------------------------------------------- data layout
-def _subfolders(folder: Path) -> list[str]:
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def _direct_images(folder: Path) -> bool:
-    with os.scandir(folder) as entries:
-        return any(e.is_file() and is_image_file(e.name) for e in entries)
-
-
 def _some(names: Sequence[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
@@ -297,7 +286,7 @@ def check_train_val(root: Path, protocol: str, layout: str, expected_classes: in
     where = f"expected layout for {protocol}: {layout}"
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; {where}")
-    if (root / "images").is_dir() and any(n.startswith("trainvalsplit") for n in _subfolders(root)):
+    if (root / "images").is_dir() and any(n.startswith("trainvalsplit") for n in subfolders(root)):
         raise DataError(f"{root} is the original Places205 layout (images/ + trainvalsplit_places205/); "
                         f"{where}: link images/<x>/<class>/ into train/<x_class>/ and val/<x_class>/ "
                         f"following the split CSVs")
@@ -305,12 +294,12 @@ def check_train_val(root: Path, protocol: str, layout: str, expected_classes: in
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
-            found = _subfolders(root)
+            found = subfolders(root)
             seen = f" (found: {_some([f + '/' for f in found], 5)})" if found else ""
             raise DataError(f"{folder} is missing{seen}; {where}")
-        names = _subfolders(folder)
+        names = subfolders(folder)
         if not names:
-            if _direct_images(folder):
+            if has_direct_images(folder):
                 raise DataError(f"{folder} holds images but no class folders (ImageNet's val/ comes flat: "
                                 f"sort it into val/CLASS/ folders, e.g. with valprep.sh); {where}")
             raise DataError(f"{folder} has no class folders; {where}")

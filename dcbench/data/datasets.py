@@ -264,12 +264,14 @@ def _existing(source: str | os.PathLike) -> Path:
     return path
 
 
-def _subfolders(folder: Path) -> list[str]:
+def subfolders(folder: Path) -> list[str]:
+    """Sorted names of the visible subfolders of ``folder``."""
     with os.scandir(folder) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def _has_direct_images(folder: Path) -> bool:
+def has_direct_images(folder: Path) -> bool:
+    """Whether ``folder`` itself (not a subfolder) holds an image file."""
     with os.scandir(folder) as entries:
         return any(e.is_file() and is_image_file(e.name) for e in entries)
 
@@ -294,9 +296,9 @@ def image_folder(
     path = _existing(root)
     if not path.is_dir():
         raise DataError(f"{path} is not a folder: an ImageFolder is ROOT/CLASS/IMG.jpg")
-    classes = _subfolders(path)
+    classes = subfolders(path)
     if not classes:
-        if _has_direct_images(path):
+        if has_direct_images(path):
             raise DataError(
                 f"{path} has images but no class subfolders: a labelled dataset needs "
                 "ROOT/CLASS/IMG.jpg (move each image into a folder named after its class)"
@@ -405,17 +407,17 @@ def open_training_data(
     path = _existing(source)
     if path.is_file():
         return unlabelled_images(path, transform, strict)
-    if _has_direct_images(path):
+    if has_direct_images(path):
         return unlabelled_images(path, transform, strict)
-    subfolders = _subfolders(path)
-    lowered = {name.lower() for name in subfolders}
+    names = subfolders(path)
+    lowered = {name.lower() for name in names}
     if "train" in lowered and lowered & _SPLIT_NAMES:
-        split = next(name for name in subfolders if name.lower() == "train")
+        split = next(name for name in names if name.lower() == "train")
         raise DataError(
-            f"{path} holds dataset splits ({', '.join(s + '/' for s in subfolders)}), not "
+            f"{path} holds dataset splits ({', '.join(s + '/' for s in names)}), not "
             f"classes: pass {path / split} to train on the training split"
         )
-    if any(_has_image(str(path / name)) for name in subfolders):
+    if any(_has_image(str(path / name)) for name in names):
         return image_folder(path, transform, strict)
     raise _no_images_error(str(path))
 
