@@ -15,7 +15,9 @@ import hashlib
 import logging
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from dcbench.fileio import atomic_write
 from dcbench.errors import CheckpointError
 from dcbench.models import Backbone, alexnet_grid, build_backbone
 from dcbench.models.external import HookedBackbone
-from pretrained.converters import Converted, convert
+from dcbench.converters import Converted, convert
 
 log = logging.getLogger("dcbench")
 FORMAT_VERSION = 1
@@ -287,6 +289,31 @@ def load_checkpoint(path: str | Path, arch: str | None = None, trust: bool = Fal
 
 
 # ----------------------------------------------------------------------------- specs
+SOURCE_GROUP = "dcbench.checkpoint_sources"
+
+
+@dataclass
+class SourceFile:
+    """What a checkpoint source (``SCHEME:NAME``) resolves a name to."""
+
+    path: Path
+    name: str  # the checkpoint's name in results, e.g. ``pretrained:deepcluster-alexnet``
+    arch: str | None = None
+    input_size: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _checkpoint_source(spec: str) -> Callable[[str], SourceFile] | None:
+    """The resolver registered for ``spec``'s scheme in the ``dcbench.checkpoint_sources``
+    entry-point group (e.g. ``pretrained``), or None (then ``spec`` is a file or random init)."""
+    scheme, sep, _ = spec.partition(":")
+    if not sep or scheme in ("random", "timm", "tv") or len(scheme) < 2:
+        return None
+    for ep in metadata.entry_points(group=SOURCE_GROUP, name=scheme):
+        return ep.load()
+    return None
+
+
 def _parse_random(spec: str) -> tuple[str, dict[str, str]]:
     arch, *opts = spec.split(",")
     options = {}
@@ -301,18 +328,16 @@ def _parse_random(spec: str) -> tuple[str, dict[str, str]]:
 def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
                        input_size: int | None = None) -> LoadedCheckpoint:
     """Resolve a checkpoint spec: a file, ``random:ARCH[,seed=N][,sobel=0|1][,size=PX]``,
-    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0), or ``pretrained:NAME`` (a published
-    checkpoint of ``pretrained/manifest.toml``: downloaded once into the cache, its file sha256
-    verified against the manifest or the cache's lock file on every load)."""
-    if spec.startswith("pretrained:"):
-        # imported here: the registry (and its downloader) is needed only for this kind of spec
-        from pretrained.registry import verified_file
-
-        entry, path, file_sha = verified_file(spec[len("pretrained:"):])
-        loaded = load_checkpoint(path, arch=arch or entry.arch, trust=trust,
-                                 input_size=input_size or entry.input_size)
-        loaded.name = f"pretrained:{entry.name}"
-        loaded.meta.update({"pretrained": entry.name, "file_sha256": file_sha, "url": entry.url})
+    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0), or ``SCHEME:NAME`` for a scheme of the
+    ``dcbench.checkpoint_sources`` entry-point group (dcbench's own: ``pretrained:NAME``, a
+    published checkpoint downloaded once into the cache, its file sha256 verified on every load)."""
+    source = _checkpoint_source(spec)
+    if source is not None:
+        found = source(spec.partition(":")[2])
+        loaded = load_checkpoint(found.path, arch=arch or found.arch, trust=trust,
+                                 input_size=input_size or found.input_size)
+        loaded.name = found.name
+        loaded.meta.update(found.meta)
         return loaded
     if spec.startswith(("timm:", "tv:")):
         spec = "random:" + spec
@@ -347,20 +372,3 @@ def to_torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{backbone.arch}{' with Sobel' if backbone.has_sobel else ''} has no torchvision "
                           f"equivalent (torchvision's alexnet has no BatchNorm and other widths); "
                           f"use --to dcbench")
-
-
-def convert_checkpoint(src: str, dst: str | Path, target: str = "dcbench", arch: str | None = None,
-                       trust: bool = False) -> Path:
-    """Load ``src`` in any supported format and write it as ``target`` (dcbench, torchvision, detectron2)."""
-    loaded = resolve_checkpoint(src, arch=arch, trust=trust)
-    if target == "detectron2":
-        from dcbench.export_detectron2 import export_detectron2
-
-        return export_detectron2(loaded, Path(dst))
-    if target == "torchvision":
-        atomic_save(to_torchvision_state_dict(loaded.backbone), dst)
-    else:
-        save_checkpoint(dst, loaded.backbone, epoch=loaded.meta.get("epoch"),
-                        config={"converted_from": str(src), "source_format": loaded.format})
-    return Path(dst)
-

@@ -108,7 +108,7 @@ def checkpoint_inspect(ckpt: str, arch: str | None, trust: bool, as_json: bool) 
 @_trust_option
 def checkpoint_convert(src: str, dst: str, target: str, arch: str | None, trust: bool) -> None:
     """Convert SRC (any supported format) to DST."""
-    from dcbench.checkpoint import convert_checkpoint
+    from dcbench.convert import convert_checkpoint
 
     out = convert_checkpoint(src, dst, target, arch=arch, trust=trust)
     click.echo(f"wrote {out} ({target} format)")
@@ -173,7 +173,7 @@ def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], l
 def protocols_cmd(name: str | None) -> None:
     """List the protocols, or describe NAME: settings, defaults, data layout."""
     from dcbench.settings import describe_fields
-    from protocols import get_protocol, list_protocols
+    from dcbench.protocol import get_protocol, list_protocols
 
     if name is None:
         for proto_name in list_protocols():
@@ -268,26 +268,11 @@ def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], d
 
     seed_list = _parse_seeds(seeds)
     overrides = parse_assignments(assignments)
-    plans = [evaluate.plan(name, overrides, data_root) for name in protocol_names]
-    if seed_list:
-        plans = [evaluate.with_seed(p, seed) for p in plans for seed in seed_list]
-    shas, wanted = [], []
+    plans = evaluate.expand_seeds([evaluate.plan(name, overrides, data_root) for name in protocol_names], seed_list)
     with _open_store(store) as db:
-        for spec in checkpoints:
-            ckpts = {}
-            for p in plans:
-                size = p.protocol.model_input_size(p.settings)
-                if size not in ckpts:
-                    ckpts[size] = evaluate.load_for(p, spec, arch=arch, trust=trust)
-                ckpt = ckpts[size]
-                shas.append(ckpt.sha256)
-                result = evaluate.stored(p, ckpt, db)
-                if result is None:
-                    log.info("running %s on %s", p.protocol.name, ckpt.name)
-                    result = evaluate.run_and_store(p, ckpt, db, evaluate.context_for(p, device, progress=True))
-                else:
-                    log.info("stored: %s on %s (seed %s)", p.protocol.name, ckpt.name, getattr(p.settings, "seed", "-"))
-                wanted.append(result)
+        items = evaluate.sweep(plans, checkpoints, db, device=device, arch=arch, trust=trust, progress=True)
+    wanted = [item.result for item in items]
+    shas = [item.checkpoint.sha256 for item in items]
     table = build_table(wanted, protocols=list(protocol_names), checkpoints=list(dict.fromkeys(shas)),
                         selection=selection)
     click.echo(render_terminal(table))
@@ -338,12 +323,21 @@ def demo_cmd(out: str, epochs: int | None) -> None:
     print_summary(run_demo(out, epochs=epochs), click.echo)
 
 
-def _register_plugins() -> None:
-    """Command groups that live beside their subsystem."""
-    from dcbench.viz.cli import report_command, viz_group
-    from pretrained.cli import pretrained_group
+COMMANDS_GROUP = "dcbench.commands"
 
-    main.add_command(pretrained_group, "pretrained")
+
+def _register_plugins() -> None:
+    """Command groups that live beside their subsystem, and those of the ``dcbench.commands``
+    entry-point group (``dcbench pretrained`` is one: the engine never imports it by name)."""
+    from importlib import metadata
+
+    from dcbench.viz.cli import report_command, viz_group
+
+    for ep in metadata.entry_points(group=COMMANDS_GROUP):
+        try:
+            main.add_command(ep.load(), ep.name)
+        except Exception as exc:  # a broken plugin must not break dcbench
+            log.warning("command plugin %s failed to load: %s", ep.value, exc)
     main.add_command(viz_group, "viz")
     main.add_command(report_command, "report")
 

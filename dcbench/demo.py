@@ -81,16 +81,12 @@ def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
 
 
 def _evaluate_all(store: ResultStore, checkpoints: list[str], data: Path, seeds: tuple[int, ...]) -> list:
-    results = []
-    for name, overrides in DEMO_PROTOCOLS.items():
-        base = evaluate.plan(name, overrides, data)
-        for spec in checkpoints:
-            ckpt = evaluate.load_for(base, spec)
-            for seed in seeds:
-                p = evaluate.with_seed(base, seed)
-                log.info("demo: %s on %s, seed %d", name, ckpt.name, seed)
-                results.append(evaluate.run_and_store(p, ckpt, store, evaluate.context_for(p, "cpu")))
-    return results
+    plans = evaluate.expand_seeds([evaluate.plan(name, overrides, data) for name, overrides in DEMO_PROTOCOLS.items()],
+                                  seeds)
+    items = evaluate.sweep(plans, checkpoints, store, device="cpu", reuse=False,
+                           on_item=lambda item: log.info("demo: %s on %s, seed %s done", item.plan.protocol.name,
+                                                         item.checkpoint.name, item.plan.seed))
+    return [item.result for item in items]
 
 
 def spread_notes(table: Table, trained: str, random: str) -> list[str]:

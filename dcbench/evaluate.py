@@ -1,24 +1,43 @@
-"""Running a protocol on a checkpoint and recording the result.
+"""The runner: one protocol on one checkpoint, and sweeps of many, recorded in the store.
 
-The order matters to users: settings are validated and the data layout is checked BEFORE a
-checkpoint is loaded or any forward pass runs; a result reaches the store in one transaction
-only after the protocol finished, so a failed or interrupted evaluation stores nothing.
+Every step protocols share happens here, once, in this order:
+
+1. :func:`plan`: settings resolved and validated, the data layout checked (``check_data``
+   runs once, before a checkpoint is loaded or any forward pass runs);
+2. :func:`load_for`: the checkpoint, built at the protocol's input size;
+3. :func:`run`: the run context (device, feature cache gated by the ``cache`` setting,
+   workers, progress), seeding from the ``seed`` setting, the wall time, and the MoCo-style
+   check that the checkpoint's backbone, and every frozen backbone the context handed out,
+   kept their weights and BatchNorm buffers (a fine-tune works on a copy; a violation is a
+   :class:`~dcbench.protocol.ProtocolError` naming the protocol, and nothing is stored);
+4. :func:`sweep`: plans x checkpoints x seeds, skipping what the store already holds; it
+   serves ``dcbench compare`` and the demo.
+
+A result reaches the store in one transaction only after the protocol finished, so a failed
+or interrupted evaluation stores nothing.
 """
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
 from dcbench.env import git_hash, software_versions
 from dcbench.errors import UsageError
+from dcbench.features import tensor_digests
+from dcbench.protocol import Protocol, RunContext, check_unchanged, get_protocol
 from dcbench.results import Result, ResultStore, utc_now
 from dcbench.settings import apply_settings, to_plain
-from protocols import EvalContext, Protocol, get_protocol
 
 log = logging.getLogger("dcbench")
 
@@ -39,6 +58,10 @@ class Plan:
     @property
     def plain_settings(self) -> dict[str, Any]:
         return to_plain(self.settings)
+
+    @property
+    def seed(self) -> int | None:
+        return getattr(self.settings, "seed", None)
 
 
 def plan(protocol_name: str, overrides: dict[str, Any], data_root: str | Path | None) -> Plan:
@@ -66,27 +89,59 @@ def load_for(p: Plan, spec: str, arch: str | None = None, trust: bool = False) -
     return resolve_checkpoint(spec, arch=arch, trust=trust, input_size=size)
 
 
-def context_for(p: Plan, device: str = "auto", progress: bool = False) -> EvalContext:
+def context_for(p: Plan, device: str = "auto", progress: bool = False) -> RunContext:
+    """The run context of ``p``: device, feature cache (when the ``cache`` setting is on), workers."""
     from dcbench.train.distributed import pick_device
 
     use_cache = getattr(p.settings, "cache", True)
-    return EvalContext(device=str(pick_device(device)), cache_dir=feature_cache_dir() if use_cache else None,
-                       workers=int(getattr(p.settings, "workers", 0)), progress=progress)
+    return RunContext(device=str(pick_device(device)), cache_dir=feature_cache_dir() if use_cache else None,
+                      workers=int(getattr(p.settings, "workers", 0)), progress=progress, settings=p.settings)
 
 
-def run(p: Plan, ckpt: LoadedCheckpoint, ctx: EvalContext) -> Result:
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch, numpy and ``random`` for the duration; the caller's RNG states come back after."""
+    if seed is None:
+        yield
+        return
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     """Run the protocol and wrap its output into a full :class:`Result` record."""
+    if ctx.settings is None:
+        ctx.settings = p.settings
     started, t0 = utc_now(), time.perf_counter()
-    output = p.protocol.run(ckpt, p.settings, p.root, ctx)
+    original = ("checkpoint backbone", ckpt.backbone, tensor_digests(ckpt.backbone))
+    with seeded(p.seed):
+        output = p.protocol.run(ckpt, p.settings, p.root, ctx)
+    if not p.protocol.finetune:
+        for entry in [original, *ctx.frozen]:
+            check_unchanged(entry, p.protocol.name)
+    else:  # a fine-tune trains a copy: the checkpoint itself must still be what was loaded
+        check_unchanged(original, p.protocol.name)
+    extra = {**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device}
+    if ctx.bn_info is not None and "bn_recalibrate" not in extra:
+        extra["bn_recalibrate"] = ctx.bn_info
+    if "file_sha256" in ckpt.meta:
+        extra["checkpoint_file_sha256"] = ckpt.meta["file_sha256"]
     return Result(protocol=p.protocol.name, protocol_version=p.protocol.version, checkpoint=ckpt.identity(),
                   settings=p.plain_settings, data={"root": str(p.root.resolve()), "fingerprint": output.data_fingerprint},
                   metrics=list(output.metrics), versions=software_versions(), git=git_hash(), started=started,
-                  wall_s=round(time.perf_counter() - t0, 3),
-                  extra={**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device,
-                         **({"checkpoint_file_sha256": ckpt.meta["file_sha256"]} if "file_sha256" in ckpt.meta else {})})
+                  wall_s=round(time.perf_counter() - t0, 3), extra=extra)
 
 
-def run_and_store(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore, ctx: EvalContext) -> Result:
+def run_and_store(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore, ctx: RunContext) -> Result:
+    """:func:`run`, then store the result in one transaction."""
     result = run(p, ckpt, ctx)
     store.add(result)
     return result
@@ -96,3 +151,49 @@ def stored(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore) -> Result | None
     """The latest stored result for this checkpoint, protocol and settings, if any."""
     found = store.find(ckpt.sha256, p.protocol.name, p.plain_settings)
     return found[-1] if found else None
+
+
+def expand_seeds(plans: Sequence[Plan], seeds: Sequence[int] | None) -> list[Plan]:
+    """One plan per (plan, seed); ``plans`` unchanged when ``seeds`` is empty."""
+    if not seeds:
+        return list(plans)
+    return [with_seed(p, seed) for p in plans for seed in seeds]
+
+
+@dataclass
+class SweepItem:
+    """One cell of a sweep: which plan, which checkpoint, the result, whether it was stored."""
+
+    plan: Plan
+    checkpoint: LoadedCheckpoint
+    result: Result
+    reused: bool
+
+
+def sweep(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore, *, device: str = "auto",
+          arch: str | None = None, trust: bool = False, progress: bool = False,
+          reuse: bool = True, on_item: Callable[[SweepItem], None] | None = None) -> list[SweepItem]:
+    """Evaluate every checkpoint spec with every plan (seeds expanded beforehand, see
+    :func:`expand_seeds`), checkpoint by checkpoint, skipping results the store already holds
+    for the same checkpoint, protocol and settings when ``reuse``. A checkpoint is loaded once
+    per input size the plans need."""
+    items = []
+    for spec in specs:
+        loaded: dict[int | None, LoadedCheckpoint] = {}
+        for p in plans:
+            size = p.protocol.model_input_size(p.settings)
+            if size not in loaded:
+                loaded[size] = load_for(p, spec, arch=arch, trust=trust)
+            ckpt = loaded[size]
+            result = stored(p, ckpt, store) if reuse else None
+            if result is None:
+                log.info("running %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
+                result = run_and_store(p, ckpt, store, context_for(p, device, progress=progress))
+                item = SweepItem(p, ckpt, result, reused=False)
+            else:
+                log.info("stored: %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
+                item = SweepItem(p, ckpt, result, reused=True)
+            items.append(item)
+            if on_item is not None:
+                on_item(item)
+    return items

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from pretrained.registry import Entry, cached_path, get_entry, is_cached, load_manifest, partial_path, read_lock
+from dcbench.pretrained.registry import Entry, cached_path, get_entry, is_cached, load_manifest, partial_path, read_lock
 
 
 @click.group("pretrained")
@@ -59,7 +59,7 @@ def list_cmd(as_json: bool) -> None:
 def download_cmd(names: tuple[str, ...], force: bool) -> None:
     """Download NAME into the cache (resumable; checked against the manifest's sha256 when it has
     one, else its sha256 is recorded in the cache's lock file for later loads)."""
-    from pretrained.download import download
+    from dcbench.pretrained.download import download
 
     for name in names:
         entry = get_entry(name)
@@ -88,7 +88,7 @@ def path_cmd(name: str) -> None:
 def add_cmd(name: str, file: str, trust: bool) -> None:
     """Register a local copy of NAME (e.g. fetched on another machine): FILE must match the
     manifest's checksum (where it has one) and load into NAME's arch; it is copied into the cache."""
-    from pretrained.registry import add_file
+    from dcbench.pretrained.registry import add_file
 
     entry, path, sha, report = add_file(name, file, trust=trust)
     click.echo(f"{entry.name}: {path} (sha256 {sha})")

@@ -22,8 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from dcbench.checkpoint import SourceFile
 from dcbench.errors import CheckpointError
-from pretrained.registry import (Entry, cached_path, checksum_problem, file_sha256, forget, partial_path,
+from dcbench.pretrained.registry import (Entry, cached_path, checksum_problem, file_sha256, forget, get_entry,
+                                         is_cached, partial_path,
                                  record, verify_cached)
 
 log = logging.getLogger("dcbench")
@@ -209,3 +211,25 @@ def _reason(exc: BaseException) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def ensure_cached(entry: Entry) -> tuple[Path, str]:
+    """The verified cached file of ``entry`` and its sha256, downloading it first if needed."""
+    if not is_cached(entry):
+        download(entry)
+    return cached_path(entry), verify_cached(entry)
+
+
+def verified_file(name: str) -> tuple[Entry, Path, str]:
+    """``(entry, cached file, file sha256)`` for ``name``: downloaded once, verified on every call."""
+    entry = get_entry(name)
+    path, sha = ensure_cached(entry)
+    return entry, path, sha
+
+
+def resolve_source(name: str) -> SourceFile:
+    """``pretrained:NAME`` for :func:`dcbench.checkpoint.resolve_checkpoint` (registered in the
+    ``dcbench.checkpoint_sources`` entry-point group): the verified cached file of ``name``."""
+    entry, path, file_sha = verified_file(name)
+    return SourceFile(path, f"pretrained:{entry.name}", entry.arch, entry.input_size,
+                      {"pretrained": entry.name, "file_sha256": file_sha, "url": entry.url})

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dcbench.checkpoint import load_checkpoint
 from dcbench.errors import CheckpointError, UsageError
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.toml")
@@ -254,27 +255,9 @@ def verify_cached(entry: Entry) -> str:
     return sha
 
 
-def ensure_cached(entry: Entry) -> tuple[Path, str]:
-    """The verified cached file of ``entry`` and its sha256, downloading it first if needed."""
-    if not is_cached(entry):
-        from pretrained.download import download
-
-        download(entry)
-    return cached_path(entry), verify_cached(entry)
-
-
-def verified_file(name: str) -> tuple[Entry, Path, str]:
-    """``(entry, cached file, file sha256)`` for ``name``: downloaded once, verified on every call."""
-    entry = get_entry(name)
-    path, sha = ensure_cached(entry)
-    return entry, path, sha
-
-
 # ----------------------------------------------------------------------------- add
 def check_structure(entry: Entry, path: Path, trust: bool = False) -> str:
     """Load ``path`` as ``entry``'s arch (raises CheckpointError if it does not fit); the key report."""
-    from dcbench.checkpoint import load_checkpoint
-
     loaded = load_checkpoint(path, arch=entry.arch, trust=trust, input_size=entry.input_size)
     if entry.converter != loaded.format and not (entry.converter == "state_dict"
                                                  and loaded.format in ("torchvision", "timm")):

@@ -24,8 +24,8 @@ from dcbench.errors import UsageError
 from dcbench.data import image_folder
 from dcbench.features import extract_features, prepared_backbone
 from dcbench.results import MetricRow
-from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
-from protocols.linear import (center_transform, center_transform_id, check_train_val, probe_pooling,
+from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
+from dcbench.protocols.linear import (center_transform, center_transform_id, check_train_val, probe_pooling,
                               resolve_taps, train_val_fingerprint)
 
 #: bound on query x bank similarities held at once (float32: 64 MiB)

@@ -50,7 +50,7 @@ from dcbench.errors import UsageError
 from dcbench.features import (assert_unchanged, extract_features, forward_pooled, frozen, make_loader,
                               prepared_backbone, show_progress, tensor_digests)
 from dcbench.results import MetricRow
-from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
+from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
 
 log = logging.getLogger("dcbench")
 

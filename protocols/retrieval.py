@@ -53,7 +53,7 @@ from dcbench.errors import UsageError
 from dcbench.features import FeatureCache, feature_key, frozen, prepared_backbone, show_progress
 from dcbench.metrics.retrieval import old_protocol_map, revisited_setups
 from dcbench.results import MetricRow
-from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
+from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
 
 log = logging.getLogger("dcbench")
 

@@ -76,8 +76,8 @@ from dcbench.features import (assert_unchanged, extract_features, feature_key, k
                               prepared_backbone, show_progress, tensor_digests)
 from dcbench.metrics.ap import finetune_class_ap, mean_ap, voc_class_ap
 from dcbench.results import MetricRow
-from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
-from protocols.linear import (center_transform, center_transform_id, probe_pooling, resolve_taps,
+from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
+from dcbench.protocols.linear import (center_transform, center_transform_id, probe_pooling, resolve_taps,
                               ten_crop_transform)
 
 log = logging.getLogger("dcbench")

@@ -78,9 +78,9 @@ from dcbench.errors import UsageError
 from dcbench.features import assert_unchanged, prepared_backbone, show_progress, tensor_digests
 from dcbench.models import DeepClusterAlexNet, DeepClusterVGG16
 from dcbench.results import MetricRow
-from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
-from protocols.linear import center_transform
-from protocols.voc_cls import check_trunk
+from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
+from dcbench.protocols.linear import center_transform
+from dcbench.protocols.voc_cls import check_trunk
 
 log = logging.getLogger("dcbench")
 _SET_RE = re.compile(r"(2007|2012):(train|val|trainval|test)")

@@ -44,7 +44,7 @@ from dcbench.data.voc import VOC_CLASSES
 from dcbench.errors import UsageError
 from dcbench.features import assert_unchanged, tensor_digests
 from dcbench.results import MetricRow
-from protocols import EvalContext, Protocol, ProtocolOutput, register_protocol
+from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
 
 log = logging.getLogger("dcbench")
 

@@ -15,8 +15,8 @@ from dcbench.data import DataError
 from dcbench.data.synthetic import make_image_folder
 from dcbench.errors import UsageError
 from dcbench.settings import apply_settings
-from protocols import EvalContext, get_protocol
-from protocols.knn import knn_scores, topk_accuracy
+from dcbench.protocol import EvalContext, get_protocol
+from dcbench.protocols.knn import knn_scores, topk_accuracy
 
 FAST = {"image_size": 64, "batch_size": 32, "workers": 0}
 
@@ -155,7 +155,7 @@ def test_check_data_errors(root, tmp_path):
 
 
 def test_blockwise_queries_give_the_same_rows(root, tmp_path, monkeypatch):
-    import protocols.knn as knn
+    import dcbench.protocols.knn as knn
     whole = run(root, tmp_path / "cache", taps=["conv3"], bn_recalibrate="off")
     monkeypatch.setattr(knn, "SIM_BLOCK_ELEMENTS", 100)  # 48-image bank: 2 queries per block
     blocks = run(root, tmp_path / "cache", taps=["conv3"], bn_recalibrate="off")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import protocols.linear as linear
+import dcbench.protocols.linear as linear
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.data import DataError
 from dcbench.data.synthetic import make_image_folder
@@ -18,7 +18,7 @@ from dcbench.errors import UsageError
 from dcbench.features import tensor_digests
 from dcbench.models import build_backbone
 from dcbench.settings import apply_settings
-from protocols import EvalContext, get_protocol
+from dcbench.protocol import EvalContext, get_protocol
 
 FAST = {"image_size": 64, "batch_size": 16, "workers": 0}
 N_CLASSES = 4

@@ -25,9 +25,9 @@ from dcbench.checkpoint import load_checkpoint, resolve_checkpoint
 from dcbench.cli import main
 from dcbench.errors import CheckpointError
 from dcbench.models import build_backbone
-from pretrained import download, registry
-from pretrained.cli import pretrained_group
-from pretrained.converters import convert, converters
+from dcbench.pretrained import download, registry
+from dcbench.pretrained.cli import pretrained_group
+from dcbench.converters import convert, converters
 
 if "pretrained" not in main.commands:  # dcbench/cli.py registers it; tests must not depend on that
     main.add_command(pretrained_group, "pretrained")

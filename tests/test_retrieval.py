@@ -20,8 +20,8 @@ from dcbench.errors import UsageError
 from dcbench.metrics.retrieval import (old_protocol_gnd, old_protocol_map, revisited_gnd, revisited_map,
                                        revisited_setups)
 from dcbench.settings import apply_settings
-from protocols import EvalContext, get_protocol
-from protocols.retrieval import (PCAWhitening, plan_geometry, pool_regions, rank_database, rmac_descriptors,
+from dcbench.protocol import EvalContext, get_protocol
+from dcbench.protocols.retrieval import (PCAWhitening, plan_geometry, pool_regions, rank_database, rmac_descriptors,
                                  rmac_regions, Regions, retrieval_taps)
 
 FAST = ["--set", "image_size=96", "--set", "workers=0"]
@@ -328,7 +328,7 @@ def test_feature_cache_reuse_and_sharing_with_the_other_protocol(root, tmp_path,
     first = _run("roxford5k", root, cache, bn_recalibrate="off")
     assert set(first.extra["feature_cache"].values()) == {"extracted"}
     # the second run reads every region set from the cache: no forward pass at all
-    import protocols.retrieval as retrieval
+    import dcbench.protocols.retrieval as retrieval
 
     def no_forward(*args, **kwargs):
         raise AssertionError("forward pass despite a cached extraction")

@@ -21,10 +21,10 @@ from dcbench.data.voc import VOC_CLASSES, load_voc_split
 from dcbench.features import tensor_digests
 from dcbench.models import build_backbone
 from dcbench.settings import apply_settings
-from protocols import EvalContext, get_protocol
-from protocols import voc_cls
-from protocols.linear import center_transform
-from protocols.voc_cls import (FitStore, SvmParams, build_finetune_net, check_trunk, choose_cost, lowshot_sample,
+from dcbench.protocol import EvalContext, get_protocol
+from dcbench.protocols import voc_cls
+from dcbench.protocols.linear import center_transform
+from dcbench.protocols.voc_cls import (FitStore, SvmParams, build_finetune_net, check_trunk, choose_cost, lowshot_sample,
                                lowshot_stats, lr_at, masked_bce, set_trainable, svm_tap, svm_targets)
 
 CLASSES = VOC_CLASSES[:4]

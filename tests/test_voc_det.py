@@ -21,9 +21,9 @@ from dcbench.detection.detectron2_backend import detectron2_available
 from dcbench.errors import UsageError
 from dcbench.features import tensor_digests
 from dcbench.settings import apply_settings
-from protocols import EvalContext, get_protocol
-from protocols import voc_det
-from protocols.voc_det import VocDetSettings, resolve
+from dcbench.protocol import EvalContext, get_protocol
+from dcbench.protocols import voc_det
+from dcbench.protocols.voc_det import VocDetSettings, resolve
 
 CLASSES = VOC_CLASSES[:4]
 ALEXNET = "random:alexnet,size=96"  # pool5 grid 2: RoI 2x2, fc6 of 256*2*2 inputs

@@ -31,8 +31,8 @@ from dcbench.errors import UsageError  # noqa: E402
 from dcbench.features import tensor_digests  # noqa: E402
 from dcbench.models import build_backbone  # noqa: E402
 from dcbench.settings import apply_settings  # noqa: E402
-from protocols import EvalContext, get_protocol  # noqa: E402
-from protocols.voc_seg import check_trunk  # noqa: E402
+from dcbench.protocol import EvalContext, get_protocol  # noqa: E402
+from dcbench.protocols.voc_seg import check_trunk  # noqa: E402
 
 CLASSES = list(VOC_CLASSES[:4])  # four classes with four different shapes and colours
 CLASS_SET = "classes=[" + ",".join(CLASSES) + "]"

@@ -29,8 +29,17 @@ class Backbone(nn.Module):
         conv_tap_names: the convolutional taps (what per-layer probes evaluate).
         feature_dim: size of the clustering feature (the ``"cluster"`` tap).
         top_layer: ``nn.Linear(feature_dim, k)`` used by DeepCluster training, or None.
+        family: the architecture family protocols key their tables and fine-tune recipes on:
+            ``"alexnet"`` (conv1..conv5 at AlexNet's map sizes), ``"vgg"``, ``"resnet"``
+            (torchvision layout: conv1/bn1/maxpool/layer1..layer4, taps conv1 res2..res5),
+            ``"vit"`` or ``"other"``. Decided once, here, instead of by each protocol.
+        is_deepcluster: whether this is DeepCluster's own AlexNet/VGG16 (``features`` +
+            ``classifier`` Sequentials and a pool5 ``grid``), whose fc6/fc7 protocols reuse.
     """
 
+    #: see the class docstring; subclasses set or compute it
+    family: str = "other"
+    is_deepcluster: bool = False
     arch: str
     input_size: int
     tap_names: list[str]

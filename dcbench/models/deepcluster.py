@@ -42,6 +42,8 @@ def _init_weights(module: nn.Module) -> None:
 class _DeepClusterNet(Backbone):
     """Shared forward for the two DeepCluster nets: features -> flatten -> classifier."""
 
+    is_deepcluster = True
+
     #: index in ``features`` of each tap's ReLU, filled by subclasses
     _feature_taps: dict[str, int]
     #: classifier index after which fc6 (post-ReLU), fc7 pre-ReLU and fc7 (post-ReLU) exist
@@ -110,6 +112,8 @@ def alexnet_grid(input_size: int) -> int:
 class DeepClusterAlexNet(_DeepClusterNet):
     """AlexNet with BN: conv taps ``conv1..conv5`` are the ReLU outputs before max-pool."""
 
+    family = "alexnet"
+
     _feature_taps = {"conv1": 2, "conv2": 6, "conv3": 10, "conv4": 13, "conv5": 16}
     _fc6_index = 2  # Dropout, Linear, ReLU
     _fc7_pre_index = 4  # Dropout, Linear
@@ -145,6 +149,8 @@ def _vgg_tap_names() -> dict[str, int]:
 
 class DeepClusterVGG16(_DeepClusterNet):
     """VGG16-BN: taps ``conv1_1..conv5_3`` (ReLU outputs), ``fc6``, ``fc7``; one dropout only."""
+
+    family = "vgg"
 
     _feature_taps = _vgg_tap_names()
     _fc6_index = 1  # Linear, ReLU

@@ -39,6 +39,7 @@ class HookedBackbone(Backbone):
         self.tap_names = list(tap_modules)
         self.conv_tap_names = list(tap_modules)
         self.feature_dim = feature_dim
+        self.family = hooked_family(arch, model, self.tap_names)
 
     def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         if self.sobel is not None:
@@ -71,6 +72,24 @@ class HookedBackbone(Backbone):
             if LOGITS_TAP in wanted:
                 out[LOGITS_TAP] = self.top_layer(pooled)
         return out
+
+
+_RESNET_LAYOUT = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+_ALEXNET_TAPS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+_RESNET_TAPS = ["conv1", "res2", "res3", "res4", "res5"]
+
+
+def hooked_family(arch: str, model: nn.Module, tap_names: list[str]) -> str:
+    """The :attr:`Backbone.family` of a timm / torchvision model (see that docstring)."""
+    if tap_names == _RESNET_TAPS and all(hasattr(model, name) for name in _RESNET_LAYOUT):
+        return "resnet"
+    if "alexnet" in arch and tap_names == _ALEXNET_TAPS:
+        return "alexnet"
+    if "vgg" in arch:
+        return "vgg"
+    if "vit" in arch:
+        return "vit"
+    return "other"
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:

@@ -1,0 +1,253 @@
+"""The protocol contract: what a protocol is, what the runner gives it, what it returns.
+
+A protocol is a class derived from :class:`Protocol` and decorated with
+:func:`register_protocol`. Contract of what is registered (detectron2's Registry style: the
+docstring is the contract, the registry only checks names):
+
+- ``name`` (unique, kebab-case, what ``--protocol`` takes), ``description`` (one line),
+  ``version`` (bump when a change can move its numbers), ``data_layout`` (text shown by
+  ``dcbench protocols NAME``: the folders and files it expects under ``--data``);
+- ``finetune`` (ClassVar bool): True when the protocol trains the backbone (on a copy).
+  For every other protocol the runner asserts that the backbone it handed out, weights and
+  BatchNorm buffers, is unchanged after the run (MoCo's ``sanity_check``);
+- ``Settings``: a dataclass whose field defaults ARE the protocol's standard settings
+  (PROTOCOLS.md), each field documented with ``metadata={"help": ...}`` (use :func:`setting`).
+  Derive it from :class:`CommonSettings` (or :class:`FrozenFeatureSettings`) so the shared
+  fields and their validation exist once; a ``validate()`` override calls ``super().validate()``
+  and raises :class:`~dcbench.errors.UsageError` for impossible combinations;
+- ``check_data(root, settings)``: raise :class:`dcbench.data.DataError` (one line naming the
+  missing piece and the expected layout) BEFORE any expensive work. The runner calls it once;
+  ``run`` does not repeat it;
+- ``run(ckpt, settings, root, ctx) -> ProtocolOutput``: metric rows plus the metadata needed
+  to reproduce them. Frozen-feature protocols take their backbone from
+  :meth:`RunContext.frozen_backbone` and their features from :meth:`RunContext.extract`, which
+  apply the ``bn_recalibrate`` / ``cache`` / ``batch_size`` / ``workers`` settings, the device
+  and the feature cache the same way for everyone.
+
+Protocols are found through the ``dcbench.protocols`` entry-point group only: an entry names
+a module (importing it registers its classes) or a callable (called once; it imports modules
+that register). dcbench's own protocols are registered the same way as third-party ones, so
+the engine never imports a protocol module by name.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from dcbench.errors import DcbenchError, UsageError
+
+log = logging.getLogger("dcbench")
+ENTRY_POINT_GROUP = "dcbench.protocols"
+
+
+def setting(default: Any = None, help: str = "", *, factory: Any = None) -> Any:  # noqa: A002
+    """A documented settings field: ``setting(0.01, "learning rate")``; ``factory`` for lists."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+class ProtocolError(DcbenchError):
+    """A protocol broke its contract (e.g. changed a backbone it must leave frozen)."""
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class CommonSettings:
+    """Fields every protocol takes, with one validation. Subclasses redeclare a field to
+    change its default (it keeps its place) and extend :meth:`validate`."""
+
+    seed: int = setting(0, "random seed of the trial (head init, shuffling, augmentation)")
+    batch_size: int = setting(256, "batch size")
+    workers: int = setting(4, "DataLoader worker processes")
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values (called after every ``--set``)."""
+        if self.batch_size < 1:
+            raise UsageError(f"bad value {self.batch_size} for batch_size: must be at least 1")
+        if self.workers < 0:
+            raise UsageError(f"bad value {self.workers} for workers: must be >= 0")
+
+
+@dataclass
+class FrozenFeatureSettings(CommonSettings):
+    """Common fields of protocols that read features of a frozen backbone."""
+
+    taps: list[str] | None = setting(None, "taps to evaluate, all from one forward pass (default: every conv tap)")
+    image_size: int = setting(224, "input side in px")
+    cache: bool = setting(True, "read/write the extracted features in the feature cache")
+    bn_recalibrate: Literal["auto", "on", "off"] = setting(
+        "auto", "re-estimate BatchNorm running stats on training images, on a copy, before extracting; "
+                "auto = on for random inits")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.image_size < 1:
+            raise UsageError(f"bad value {self.image_size} for image_size: must be at least 1")
+        if self.taps is not None and not self.taps:
+            raise UsageError("taps is empty: name at least one tap, or leave it unset for every conv tap")
+
+
+# ----------------------------------------------------------------------------- run context
+@dataclass
+class RunContext:
+    """What the runner hands a protocol besides its settings: where to compute, the cache,
+    and the shared steps every frozen-feature protocol takes in the same way."""
+
+    device: str = "cpu"
+    cache_dir: Path | None = None  # feature cache folder; None when caching is off
+    workers: int = 0
+    progress: bool = False
+    settings: Any = None  # the protocol's resolved settings (read by the helpers below)
+    #: (name, digests) of every backbone handed out by :meth:`frozen_backbone`
+    frozen: list[tuple[str, Any, dict[str, str]]] = field(default_factory=list)
+    #: what :meth:`frozen_backbone` did about BatchNorm statistics (recorded in the result)
+    bn_info: dict[str, Any] | None = None
+
+    def _setting(self, name: str, default: Any) -> Any:
+        return getattr(self.settings, name, default)
+
+    @contextmanager
+    def frozen_backbone(self, ckpt: Any, calibration_data: Any) -> Iterator[tuple[Any, str]]:
+        """``(backbone, sha256)`` to read features from, on ``self.device``.
+
+        With BatchNorm re-estimation (setting ``bn_recalibrate``: 'on', or 'auto' for a
+        random init) it is a re-estimated copy fitted on ``calibration_data`` (the protocol's
+        training images) and the sha256 is the copy's; otherwise the checkpoint's own backbone.
+        The runner asserts after the run that it did not change.
+        """
+        from dcbench.features import prepared_backbone, tensor_digests  # noqa: PLC0415 (heavy: torch)
+        import torch
+
+        with torch.random.fork_rng(devices=[]), prepared_backbone(
+                ckpt, self._setting("bn_recalibrate", "auto"), calibration_data,
+                self._setting("batch_size", 256), self.workers, self.device, self._setting("seed", 0),
+                self.progress) as (backbone, sha, info):
+            self.bn_info = info
+            self.frozen.append(("backbone used for features", backbone, tensor_digests(backbone)))
+            yield backbone, sha
+            check_unchanged(self.frozen[-1])
+
+    def extract(self, backbone: Any, sha: str, dataset: Any, taps: Sequence[str],
+                pools: Mapping[str, Any] | None, transform_id: str, mmap: bool = True) -> Any:
+        """:func:`dcbench.features.extract_features` with this run's cache, batch size, workers,
+        device and progress settings (the cache is used only when the ``cache`` setting is on)."""
+        from dcbench.features import extract_features  # noqa: PLC0415
+
+        cache_dir = self.cache_dir if self._setting("cache", True) else None
+        return extract_features(backbone, dataset, taps, pools, transform_id, sha, cache_dir,
+                                self._setting("batch_size", 256), self.workers, self.device,
+                                self.progress, mmap=mmap)
+
+
+#: the pre-1.0 name of :class:`RunContext`
+EvalContext = RunContext
+
+
+def check_unchanged(entry: tuple[str, Any, dict[str, str]], protocol: str = "") -> None:
+    """Raise :class:`ProtocolError` if the module of ``entry`` differs from its digests."""
+    from dcbench.features import assert_unchanged  # noqa: PLC0415
+
+    what, module, before = entry
+    try:
+        assert_unchanged(module, before, what=what)
+    except RuntimeError as exc:
+        who = f"protocol {protocol}: " if protocol else ""
+        raise ProtocolError(f"{who}{exc}; nothing was stored") from None
+
+
+@dataclass
+class ProtocolOutput:
+    """What ``Protocol.run`` returns: metric rows and reproduction metadata."""
+
+    metrics: list  # list[dcbench.results.MetricRow]
+    data_fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- protocol
+class Protocol:
+    """Base class of every protocol; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    data_layout: ClassVar[str] = ""
+    finetune: ClassVar[bool] = False
+    Settings: ClassVar[type] = CommonSettings
+
+    def default_settings(self) -> Any:
+        """The protocol's standard settings (the ``Settings`` defaults)."""
+        return self.Settings()
+
+    def model_input_size(self, settings: Any) -> int | None:
+        """The input size the backbone's fully connected layers are built for when a random
+        init is created (and the size foreign checkpoints are loaded at); None = the
+        checkpoint's own size (224 for random inits). Default: the ``image_size`` setting."""
+        return getattr(settings, "image_size", None)
+
+    def check_data(self, root: Path, settings: Any) -> None:
+        """Fast layout check; the default only asks for a folder."""
+        if not root.is_dir():
+            from dcbench.data import DataError  # noqa: PLC0415
+
+            raise DataError(f"data root {root} is not a folder; {self.name} expects: "
+                            f"{self.data_layout.strip().splitlines()[0]}")
+
+    def run(self, ckpt: Any, settings: Any, root: Path, ctx: RunContext) -> ProtocolOutput:
+        """Evaluate ``ckpt`` (a :class:`dcbench.checkpoint.LoadedCheckpoint`) on ``root``."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Protocol]] = {}
+_discovered = False
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"protocol {cls.name!r} is registered twice "
+                         f"({_REGISTRY[cls.name].__module__} and {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def discover() -> None:
+    """Load every entry of the ``dcbench.protocols`` entry-point group (once)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            loaded = ep.load()
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded()
+        except Exception as exc:  # a broken plugin must not break dcbench
+            log.warning("protocol plugin %s failed to load: %s", ep.value, exc)
+    if not _REGISTRY:
+        log.warning("no protocol is registered: dcbench's entry points are missing; "
+                    "reinstall it (`pip install -e .` in the repository)")
+
+
+def list_protocols() -> list[str]:
+    """Names of every registered protocol, sorted."""
+    discover()
+    return sorted(_REGISTRY)
+
+
+def get_protocol(name: str) -> Protocol:
+    """An instance of the protocol called ``name``; UsageError naming the choices otherwise."""
+    discover()
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown protocol '{name}'; available: {', '.join(sorted(_REGISTRY))} "
+                         f"(see `dcbench protocols`)")
+    return _REGISTRY[name]()
