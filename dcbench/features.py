@@ -15,7 +15,7 @@ cached yet (eval mode, ``torch.inference_mode``). Unreadable images are skipped 
 and labels are dropped; the kept dataset indices are returned).
 
 This module is protocol-agnostic: the pooling modules, the transform and its id come from
-the caller (e.g. the linear-probe tables live in ``protocols/linear.py``).
+the caller (e.g. the linear-probe tables live in :mod:`dcbench.pooling`).
 """
 from __future__ import annotations
 

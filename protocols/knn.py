@@ -25,8 +25,9 @@ from dcbench.data import image_folder
 from dcbench.features import extract_features, prepared_backbone
 from dcbench.results import MetricRow
 from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
-from dcbench.protocols.linear import (center_transform, center_transform_id, check_train_val, probe_pooling,
-                              resolve_taps, train_val_fingerprint)
+from dcbench.data.layouts import check_train_val, train_val_fingerprint
+from dcbench.data.transforms import center_transform, center_transform_id
+from dcbench.pooling import probe_pooling, resolve_taps
 
 #: bound on query x bank similarities held at once (float32: 64 MiB)
 SIM_BLOCK_ELEMENTS = 1 << 24

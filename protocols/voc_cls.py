@@ -77,8 +77,8 @@ from dcbench.features import (assert_unchanged, extract_features, feature_key, k
 from dcbench.metrics.ap import finetune_class_ap, mean_ap, voc_class_ap
 from dcbench.results import MetricRow
 from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
-from dcbench.protocols.linear import (center_transform, center_transform_id, probe_pooling, resolve_taps,
-                              ten_crop_transform)
+from dcbench.data.transforms import center_transform, center_transform_id, ten_crop_transform
+from dcbench.pooling import probe_pooling, resolve_taps
 
 log = logging.getLogger("dcbench")
 

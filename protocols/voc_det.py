@@ -79,7 +79,7 @@ from dcbench.features import assert_unchanged, prepared_backbone, show_progress,
 from dcbench.models import DeepClusterAlexNet, DeepClusterVGG16
 from dcbench.results import MetricRow
 from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
-from dcbench.protocols.linear import center_transform
+from dcbench.data.transforms import center_transform
 from dcbench.protocols.voc_cls import check_trunk
 
 log = logging.getLogger("dcbench")

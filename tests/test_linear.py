@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import dcbench.pooling as pooling
 import dcbench.protocols.linear as linear
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.data import DataError
@@ -196,7 +197,7 @@ def test_fc_tap_at_wrong_size_is_a_usage_error(root, tmp_path):
 def test_alexnet_tables_at_224():
     bb = build_backbone("alexnet", input_size=224)
     for preset, kernels in (("deepcluster", [6, 4, 3, 3, 2]), ("vissl", [19, 12, 9, 9, 8])):
-        plans = linear.probe_pooling(bb, bb.conv_tap_names, 224, preset)
+        plans = pooling.probe_pooling(bb, bb.conv_tap_names, 224, preset)
         assert [p.dim for p in plans.values()] == [9600, 9216, 9600, 9600, 9216]
         assert [p.kernel for p in plans.values()] == kernels
         assert all(p.kind == "table" for p in plans.values())
@@ -206,15 +207,15 @@ def test_alexnet_tables_at_224():
 
 def test_resnet_and_other_taps():
     bb = build_backbone("tv:resnet18", input_size=224)
-    plans = linear.probe_pooling(bb, bb.conv_tap_names, 224, "vissl")
+    plans = pooling.probe_pooling(bb, bb.conv_tap_names, 224, "vissl")
     assert [p.grid[0] for p in plans.values()] == [12, 6, 4, 3, 2]
     assert {p.table for p in plans.values()} == {"resnet50"}
-    small = linear.probe_pooling(bb, ["res4", "res5"], 64)
+    small = pooling.probe_pooling(bb, ["res4", "res5"], 64)
     assert [(p.kind, p.grid) for p in small.values()] == [("adaptive", (3, 3)), ("adaptive", (2, 2))]
-    vgg = linear.plan_pool(None, "deepcluster", "conv5_3", (512, 14, 14))
+    vgg = pooling.plan_pool(None, "deepcluster", "conv5_3", (512, 14, 14))
     assert vgg.grid == (4, 4) and vgg.dim == 8192  # ~9k dims
-    assert linear.plan_pool(None, "deepcluster", "conv1_1", (64, 224, 224)).dim == 9216
-    assert linear.plan_pool(None, "deepcluster", "fc6", (4096,)).kind == "none"
+    assert pooling.plan_pool(None, "deepcluster", "conv1_1", (64, 224, 224)).dim == 9216
+    assert pooling.plan_pool(None, "deepcluster", "fc6", (4096,)).kind == "none"
 
 
 # ----------------------------------------------------------------------------- lr schedules
@@ -223,7 +224,7 @@ def test_deepcluster_lr_schedule_values():
     assert linear.deepcluster_lr(0.1, 0.1, 100) == pytest.approx(0.1 / math.sqrt(2))  # 1 + 0.1*0.1*100 = 2
     assert linear.deepcluster_lr(0.01, 1e-7, 450_450) == pytest.approx(0.01 / math.sqrt(1.00045045))
     bb = build_backbone("alexnet", input_size=64)
-    plans = linear.probe_pooling(bb, ["conv5"], 64)
+    plans = pooling.probe_pooling(bb, ["conv5"], 64)
     probes = linear.ProbeSet(plans, 4, "deepcluster", 0.1, 0.1, 0.9, [], "cpu")
     probes.set_lr(epoch=3, iteration=300)
     assert probes.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # 0.1 / sqrt(1 + 3)
@@ -236,7 +237,7 @@ def test_vissl_lr_schedule_values():
     assert [linear.vissl_lr(0.01, e, [8, 16, 24]) for e in (0, 7, 8, 16, 27)] == \
         pytest.approx([0.01, 0.01, 0.001, 0.0001, 0.00001])
     bb = build_backbone("alexnet", input_size=64)
-    probes = linear.ProbeSet(linear.probe_pooling(bb, ["conv1"], 64, "vissl"), 4, "vissl", 0.01, 5e-4, 0.9,
+    probes = linear.ProbeSet(pooling.probe_pooling(bb, ["conv1"], 64, "vissl"), 4, "vissl", 0.01, 5e-4, 0.9,
                              [8, 16, 24], "cpu")
     assert [g["weight_decay"] for g in probes.optimizer.param_groups] == [5e-4, 0.0]  # no wd on BN
     probes.set_lr(epoch=9, iteration=0)
@@ -311,13 +312,13 @@ def test_joint_run_equals_separate_runs(root, tmp_path):
                                          ((2, 8, 3, 3), (3, 3)), ((1, 4, 40, 40), (5, 5)), ((2, 3, 9, 7), (4, 3))])
 def test_adaptive_grid_pool_equals_torch(shape, grid):
     x = torch.randn(*shape)
-    torch.testing.assert_close(linear.AdaptiveGridPool(grid)(x), nn.AdaptiveAvgPool2d(grid)(x))
+    torch.testing.assert_close(pooling.AdaptiveGridPool(grid)(x), nn.AdaptiveAvgPool2d(grid)(x))
 
 
 def test_tencrop_averages_softmax_not_logits():
     """Crops (10,0,0), (0,2,0), (0,2,0): mean logits pick class 0, mean softmax picks class 1
     (softmax rows ~(1,0,0), (0.107,0.787,0.107) twice -> means 0.405 vs 0.525)."""
-    plan = linear.plan_pool(None, "deepcluster", "fc", (3,))
+    plan = pooling.plan_pool(None, "deepcluster", "fc", (3,))
     probes = linear.ProbeSet({"fc": plan}, 3, "deepcluster", 0.01, 0.0, 0.9, [], "cpu")
     with torch.no_grad():
         probes.heads[0].linear.weight.copy_(torch.eye(3))

@@ -23,7 +23,7 @@ from dcbench.models import build_backbone
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, get_protocol
 from dcbench.protocols import voc_cls
-from dcbench.protocols.linear import center_transform
+from dcbench.data.transforms import center_transform
 from dcbench.protocols.voc_cls import (FitStore, SvmParams, build_finetune_net, check_trunk, choose_cost, lowshot_sample,
                                lowshot_stats, lr_at, masked_bce, set_trainable, svm_tap, svm_targets)
 

@@ -2,7 +2,10 @@
 benchmarks share one definition."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 
 from torchvision import transforms as T
 
@@ -45,3 +48,35 @@ def train_transform(image_size: int = 224, scale: tuple[float, float] = (0.08, 1
         T.ToTensor(),
         normalize(),
     ])
+
+
+def center_transform(image_size: int) -> Any:
+    """Resize(round(s*256/224)), CenterCrop(s), ImageNet normalisation (the cached/test view)."""
+    return eval_transform(image_size)
+
+
+def center_transform_id(image_size: int) -> str:
+    """Feature-cache id of :func:`center_transform` (shared by every frozen-feature protocol)."""
+    return f"resize{eval_resize(image_size)}-center{image_size}-imagenet-norm"
+
+
+def probe_train_transform(image_size: int) -> Any:
+    """Resize(r), CenterCrop(r), RandomCrop(s), flip, with r = round(s*256/224) (256 at 224)."""
+    r = eval_resize(image_size)
+    return T.Compose([T.Resize(r), T.CenterCrop(r), T.RandomCrop(image_size), T.RandomHorizontalFlip(),
+                      T.ToTensor(), normalize()])
+
+
+class _StackCrops:
+    """PIL crops -> normalised tensor n_crops x 3 x s x s (a class, so workers can pickle it)."""
+
+    def __init__(self) -> None:
+        self.norm = normalize()
+
+    def __call__(self, crops: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([self.norm(T.functional.to_tensor(c)) for c in crops])
+
+
+def ten_crop_transform(image_size: int) -> Any:
+    """Resize(r) then TenCrop(s) (4 corners + centre, and their flips)."""
+    return T.Compose([T.Resize(eval_resize(image_size)), T.TenCrop(image_size), _StackCrops()])
