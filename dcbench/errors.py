@@ -25,3 +25,21 @@ class CheckpointError(DcbenchError):
 
 class ArchError(DcbenchError):
     """An unknown architecture name or an impossible architecture option."""
+
+
+class DataError(DcbenchError):
+    """A user-caused data problem (missing path, wrong layout, unreadable file).
+
+    ``str(e)`` is one line naming the problem and the fix. A DataLoader re-raises a
+    worker's exception as ``DataError(<"Caught DataError in DataLoader worker" + the
+    worker's traceback>)``; that form is reduced to the original one-line message, and
+    the full text is kept in ``worker_traceback``.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        self.worker_traceback: str | None = None
+        if "\nOriginal Traceback" in message:
+            self.worker_traceback = message
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split("DataError: ", 1)[-1].strip()
+        super().__init__(message)

@@ -95,7 +95,8 @@ def context_for(p: Plan, device: str = "auto", progress: bool = False) -> RunCon
 
     use_cache = getattr(p.settings, "cache", True)
     return RunContext(device=str(pick_device(device)), cache_dir=feature_cache_dir() if use_cache else None,
-                      workers=int(getattr(p.settings, "workers", 0)), progress=progress, settings=p.settings)
+                      workers=int(getattr(p.settings, "workers", 0)), progress=progress, settings=p.settings,
+                      protocol=p.protocol.name)
 
 
 @contextmanager
@@ -118,8 +119,7 @@ def seeded(seed: int | None) -> Iterator[None]:
 
 def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     """Run the protocol and wrap its output into a full :class:`Result` record."""
-    if ctx.settings is None:
-        ctx.settings = p.settings
+    ctx.settings, ctx.protocol = p.settings, p.protocol.name
     started, t0 = utc_now(), time.perf_counter()
     original = ("checkpoint backbone", ckpt.backbone, tensor_digests(ckpt.backbone))
     with seeded(p.seed):

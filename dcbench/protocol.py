@@ -104,6 +104,7 @@ class RunContext:
     workers: int = 0
     progress: bool = False
     settings: Any = None  # the protocol's resolved settings (read by the helpers below)
+    protocol: str = ""  # the protocol's name, for error messages
     #: (name, digests) of every backbone handed out by :meth:`frozen_backbone`
     frozen: list[tuple[str, Any, dict[str, str]]] = field(default_factory=list)
     #: what :meth:`frozen_backbone` did about BatchNorm statistics (recorded in the result)
@@ -131,7 +132,7 @@ class RunContext:
             self.bn_info = info
             self.frozen.append(("backbone used for features", backbone, tensor_digests(backbone)))
             yield backbone, sha
-            check_unchanged(self.frozen[-1])
+            check_unchanged(self.frozen[-1], self.protocol)
 
     def extract(self, backbone: Any, sha: str, dataset: Any, taps: Sequence[str],
                 pools: Mapping[str, Any] | None, transform_id: str, mmap: bool = True) -> Any:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import functional as TF
 
 from dcbench.data.fingerprint import dataset_fingerprint
-from dcbench.errors import DcbenchError
+from dcbench.errors import DataError, DcbenchError  # noqa: F401 (DataError: re-exported, its historical home)
 
 logger = logging.getLogger("dcbench")
 
@@ -36,24 +36,6 @@ _LAYOUT_HINT = (
     "expected an ImageFolder (ROOT/CLASS/IMG.jpg), a folder of images, "
     "or a text file listing image paths"
 )
-
-
-class DataError(DcbenchError):
-    """A user-caused data problem (missing path, wrong layout, unreadable file).
-
-    ``str(e)`` is one line naming the problem and the fix. A DataLoader re-raises a
-    worker's exception as ``DataError(<"Caught DataError in DataLoader worker" + the
-    worker's traceback>)``; that form is reduced to the original one-line message, and
-    the full text is kept in ``worker_traceback``.
-    """
-
-    def __init__(self, message: str = "") -> None:
-        self.worker_traceback: str | None = None
-        if "\nOriginal Traceback" in message:
-            self.worker_traceback = message
-            last = [line for line in message.splitlines() if line.strip()][-1]
-            message = last.split("DataError: ", 1)[-1].strip()
-        super().__init__(message)
 
 
 # --------------------------------------------------------------------------- loading

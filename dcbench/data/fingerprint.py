@@ -10,6 +10,8 @@ import hashlib
 import os
 from collections.abc import Iterable
 
+from dcbench.errors import DataError
+
 FINGERPRINT_CHARS = 16
 
 
@@ -41,8 +43,6 @@ def dataset_fingerprint(root: str, rel_paths: list[str]) -> str:
     Raises:
         DataError: a listed file no longer exists.
     """
-    from dcbench.data.datasets import DataError  # local: datasets imports this module
-
     pairs = []
     for rel_path in rel_paths:
         full = os.path.join(root, rel_path)
