@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 from dcbench.checkpoint import load_checkpoint
 from dcbench.errors import CheckpointError, UsageError
+from dcbench.fileio import atomic_write, atomic_write_text
 
 MANIFEST_PATH = Path(__file__).with_name("manifest.toml")
 LOCK_NAME = "lock.json"
@@ -190,15 +190,7 @@ def read_lock() -> dict[str, dict[str, Any]]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def record(entry: Entry, sha256: str, source: str) -> None:
@@ -289,11 +281,5 @@ def _copy_into_cache(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.resolve() == dst.resolve():
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with src.open("rb") as source:
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f))

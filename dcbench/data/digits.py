@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from dcbench.data.datasets import DataError, InMemoryImageDataset
+from dcbench.fileio import atomic_write, atomic_write_text
 
 logger = logging.getLogger("dcbench")
 
@@ -68,9 +69,7 @@ def _split_indices(
 
 def _save_png(img: Image.Image, path: Path) -> None:
     """Write atomically, so a concurrent reader or an interrupted run never sees half a file."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def _is_complete(out_dir: Path, params: dict) -> bool:
@@ -113,6 +112,6 @@ def write_digits_imagefolder(
         for i in indices:
             target = out_dir / split / str(int(labels[i])) / f"{i:04d}.png"
             _save_png(_digit_image(images[i], image_size), target)
-    (out_dir / _MARKER).write_text(json.dumps(params))
+    atomic_write_text(out_dir / _MARKER, json.dumps(params))
     logger.info("wrote %d train and %d val digit images to %s", len(train), len(val), out_dir)
     return out_dir

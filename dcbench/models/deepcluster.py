@@ -2,7 +2,8 @@
 
 Module layout and parameter names equal the original (``features.N``, ``classifier.N``,
 ``top_layer``, ``sobel.N``), so an original checkpoint needs only its DataParallel
-``.module`` removed. Layer shapes, initialisation and Sobel follow ../shared/PROTOCOLS.md.
+``.module`` removed. Layer shapes, initialisation and Sobel follow the paper and facebookresearch/deepcluster
+``models/alexnet.py``, ``models/vgg16.py`` and ``util.py``.
 """
 from __future__ import annotations
 
