@@ -7,6 +7,8 @@ docstring is the contract, the registry only checks names):
 - ``name`` (unique, kebab-case, what ``--protocol`` takes), ``description`` (one line),
   ``version`` (bump when a change can move its numbers), ``data_layout`` (text shown by
   ``dcbench protocols NAME``: the folders and files it expects under ``--data``);
+- ``seed_dependent`` (ClassVar bool): False when the result does not depend on the ``seed``
+  setting (kNN, SVMs, retrieval): tables then report no seed trials for it;
 - ``finetune`` (ClassVar bool): True when the protocol trains the backbone (on a copy).
   For every other protocol the runner asserts that the backbone it handed out, weights and
   BatchNorm buffers, is unchanged after the run (MoCo's ``sanity_check``);
@@ -169,6 +171,10 @@ class ProtocolOutput:
     metrics: list  # list[dcbench.results.MetricRow]
     data_fingerprint: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per-evaluation-image outcomes for paired statistics, keyed like the metric rows they
+    #: explain (e.g. ``"top1/conv3/final"`` -> bool array over val images in dataset order);
+    #: optional, kept beside the store (see dcbench.results)
+    outcomes: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -180,6 +186,7 @@ class Protocol:
     version: ClassVar[str] = "1"
     data_layout: ClassVar[str] = ""
     finetune: ClassVar[bool] = False
+    seed_dependent: ClassVar[bool] = True
     Settings: ClassVar[type] = CommonSettings
 
     def default_settings(self) -> Any:
