@@ -3,7 +3,8 @@
 The dcbench format is a dict saved with ``torch.save``::
 
     {"format": "dcbench", "format_version": 1, "arch", "sobel", "input_size", "epoch",
-     "config", "versions", "git", "weights_sha256", "state_dict", "train_state" (optional)}
+     "config", "versions", "git", "weights_sha256", "state_dict", "train_state" (optional),
+     "input_config" (optional: the backbone's input convention, e.g. of timm pretrained weights)}
 
 Writes are atomic (temp file in the same folder, fsync, rename), so an interrupted save never
 leaves a half-written checkpoint. Loading uses ``torch.load(weights_only=True)``; a file that
@@ -28,6 +29,7 @@ from dcbench.fileio import atomic_write
 from dcbench.errors import CheckpointError
 from dcbench.models import Backbone, alexnet_grid, build_backbone
 from dcbench.models.external import HookedBackbone
+from dcbench.models.hub import PretrainedModel, hf_hub_pretrained, timm_pretrained, torchvision_pretrained
 from dcbench.converters import Converted, convert
 
 log = logging.getLogger("dcbench")
@@ -58,7 +60,8 @@ def checkpoint_record(backbone: Backbone, epoch: int | None = None, config: dict
     record = {"format": "dcbench", "format_version": FORMAT_VERSION, "arch": backbone.arch,
               "sobel": backbone.has_sobel, "input_size": backbone.input_size, "epoch": epoch,
               "config": config or {}, "versions": software_versions(), "git": git_hash(),
-              "weights_sha256": weights_sha256(weights), "state_dict": weights}
+              "weights_sha256": weights_sha256(weights), "state_dict": weights,
+              "input_config": dict(backbone.input_config)}
     if train_state is not None:
         record["train_state"] = train_state
     return record
@@ -247,6 +250,9 @@ def _from_dcbench(obj: dict, path: Path) -> LoadedCheckpoint:
     sd = obj["state_dict"]
     report = _load_weights(backbone, sd, "dcbench", str(path), [], native=False)
     meta = {k: obj.get(k) for k in ("epoch", "config", "versions", "git", "format_version")}
+    if isinstance(obj.get("input_config"), dict):  # files before issue 19 lack it: the arch's default stays
+        backbone.input_config = dict(obj["input_config"])
+        meta["input_config"] = dict(obj["input_config"])
     sha = obj.get("weights_sha256") or weights_sha256(backbone.backbone_state_dict())
     return LoadedCheckpoint(backbone, path.stem if path.stem != "checkpoint" else path.parent.name,
                             "dcbench", sha, report, meta, path, obj)
@@ -325,12 +331,62 @@ def _parse_random(spec: str) -> tuple[str, dict[str, str]]:
     return arch, options
 
 
+#: spec prefixes naming published weights (or, without a tag, a seeded random init)
+_NAMED_PREFIXES = ("timm:", "tv:", "hf-hub:")
+
+
+def _named_weights(spec: str, input_size: int | None) -> LoadedCheckpoint | str:
+    """A ``timm:`` / ``tv:`` / ``hf-hub:`` spec: the pretrained checkpoint it names, or (no tag,
+    no ``pretrained`` option) the ``random:`` spec of the same seeded init as a bare ``timm:NAME``."""
+    prefix, _, rest = spec.partition(":")
+    name, *opts = rest.split(",")
+    tagged = prefix == "hf-hub" or (prefix == "timm" and "." in name) or (prefix == "tv" and ":" in name)
+    if "random" in opts:
+        if tagged or "pretrained" in opts:
+            raise CheckpointError(f"'{spec}' asks for pretrained and random weights; drop ',random' or the "
+                                  f"weight tag / ',pretrained'")
+        return "random:" + ",".join([f"{prefix}:{name}"] + [o for o in opts if o != "random"])
+    if not tagged and "pretrained" not in opts:
+        return "random:" + spec
+    if [o for o in opts if o != "pretrained"] or not name:
+        raise CheckpointError(f"bad pretrained spec '{spec}'; use timm:NAME.TAG, timm:NAME,pretrained, "
+                              f"tv:NAME:WEIGHTS, tv:NAME,pretrained or hf-hub:ORG/REPO (no other options)")
+    size = input_size or 224
+    if prefix == "hf-hub":
+        found = hf_hub_pretrained(name, input_size=size)
+    elif prefix == "timm":
+        found = timm_pretrained(name, input_size=size)
+    else:
+        arch, _, weights = name.partition(":")
+        found = torchvision_pretrained(arch, weights or "DEFAULT", input_size=size)
+    return _from_pretrained(found)
+
+
+def _from_pretrained(found: PretrainedModel) -> LoadedCheckpoint:
+    """The LoadedCheckpoint of published weights; meta has the tag, the file and its sha256."""
+    weights = found.backbone.backbone_state_dict()
+    report = LoadReport(found.format, found.backbone.arch, len(weights))
+    log.info("loaded %s from %s (file sha256 %s): %s", found.name, found.file, found.file_sha256[:12],
+             report.summary())
+    return LoadedCheckpoint(found.backbone, found.name, found.format, weights_sha256(weights), report,
+                            found.meta(), found.file)
+
+
 def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
                        input_size: int | None = None) -> LoadedCheckpoint:
     """Resolve a checkpoint spec: a file, ``random:ARCH[,seed=N][,sobel=0|1][,size=PX]``,
-    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0), or ``SCHEME:NAME`` for a scheme of the
-    ``dcbench.checkpoint_sources`` entry-point group (dcbench's own: ``pretrained:NAME``, a
-    published checkpoint downloaded once into the cache, its file sha256 verified on every load)."""
+    ``timm:NAME`` or ``tv:NAME`` (random init, seed 0; ``,random`` says so explicitly), published
+    weights ``timm:NAME.TAG``, ``timm:NAME,pretrained`` (timm's default tag), ``tv:NAME:WEIGHTS``
+    (a torchvision weight enum member), ``tv:NAME,pretrained`` and ``hf-hub:ORG/REPO`` (from the
+    Hugging Face / torch hub caches, see :mod:`dcbench.models.hub`), or ``SCHEME:NAME`` for a
+    scheme of the ``dcbench.checkpoint_sources`` entry-point group (dcbench's own:
+    ``pretrained:NAME``, a published checkpoint downloaded once into the cache, its file sha256
+    verified on every load)."""
+    if spec.startswith(_NAMED_PREFIXES):
+        named = _named_weights(spec, input_size)
+        if isinstance(named, LoadedCheckpoint):
+            return named
+        spec = named
     source = _checkpoint_source(spec)
     if source is not None:
         found = source(spec.partition(":")[2])
@@ -339,8 +395,6 @@ def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
         loaded.name = found.name
         loaded.meta.update(found.meta)
         return loaded
-    if spec.startswith(("timm:", "tv:")):
-        spec = "random:" + spec
     if spec.startswith("random:"):
         name, options = _parse_random(spec[len("random:"):])
         try:

@@ -146,3 +146,23 @@ def test_fc_taps_need_the_built_input_size():
     with pytest.raises(ValueError, match="built for 64px"):
         bb(torch.randn(1, 3, 224, 224), taps=["fc7"])
     assert bb(torch.randn(1, 3, 224, 224), taps=["conv5"])["conv5"].shape[-1] == 13
+
+
+def test_input_config_per_backbone():
+    default = build_backbone("alexnet", input_size=64).input_config
+    assert default == {"input_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                       "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+    assert build_backbone("tv:resnet18").input_config == default
+    timm_cfg = build_backbone("timm:resnet18").input_config  # timm's pretrained config of the default tag
+    assert timm_cfg["interpolation"] == "bicubic" and timm_cfg["crop_pct"] == 0.95
+    default["mean"][0] = 0.0  # every backbone owns its copy
+    assert build_backbone("vgg16", input_size=64).input_config["mean"][0] == 0.485
+
+
+def test_vit_family_and_cls_cluster_feature():
+    bb = build_backbone("timm:deit_tiny_distilled_patch16_224", seed=0).eval()  # two prefix tokens
+    assert bb.family == "vit" and bb.conv_tap_names[-1] == "block12" and "cls" in bb.tap_names
+    with torch.no_grad():
+        out = bb(torch.randn(1, 3, 64, 64), taps=["block12", "cls", CLUSTER_TAP])
+    assert out["block12"].shape == (1, 192, 4, 4)
+    assert torch.equal(out[CLUSTER_TAP], out["cls"]) and out["cls"].shape == (1, 192)

@@ -6,7 +6,9 @@ named taps from ONE forward pass, stopping as soon as the deepest requested tap 
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +16,12 @@ from torch import nn
 #: Extra tap names every backbone accepts besides ``tap_names``.
 CLUSTER_TAP = "cluster"  # the clustering feature (fc7 pre-ReLU for AlexNet/VGG, pooled last stage otherwise)
 LOGITS_TAP = "logits"  # the top layer's output (needs ``top_layer``)
+
+#: Input convention of a backbone without a pretrained config of its own: ImageNet mean/std,
+#: bilinear resize to 256 and a 224 centre crop (torchvision's and DeepCluster's recipe).
+DEFAULT_INPUT_CONFIG: dict[str, Any] = {
+    "input_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
 
 
 class Backbone(nn.Module):
@@ -35,6 +43,10 @@ class Backbone(nn.Module):
             ``"vit"`` or ``"other"``. Decided once, here, instead of by each protocol.
         is_deepcluster: whether this is DeepCluster's own AlexNet/VGG16 (``features`` +
             ``classifier`` Sequentials and a pool5 ``grid``), whose fc6/fc7 protocols reuse.
+        input_config: the input convention the weights expect, ``{"input_size", "mean", "std",
+            "interpolation", "crop_pct", "crop_mode"}`` (a timm model's pretrained config, a
+            torchvision weight enum's transforms, else :data:`DEFAULT_INPUT_CONFIG`). Recorded
+            for protocols to use; the backbone itself never normalises its input.
     """
 
     #: see the class docstring; subclasses set or compute it
@@ -50,6 +62,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.top_layer: nn.Linear | None = None
         self.sobel: nn.Module | None = None
+        self.input_config: dict[str, Any] = copy.deepcopy(DEFAULT_INPUT_CONFIG)
 
     @property
     def has_sobel(self) -> bool:

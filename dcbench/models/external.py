@@ -1,96 +1,24 @@
 """timm (``timm:NAME``) and torchvision (``tv:NAME``) models behind the Backbone interface.
 
-Taps are the outputs of the model's stages, captured with forward hooks; the forward pass is
-cut short (by an exception raised from the hook) once the deepest requested tap is captured,
-so asking for an early tap does not pay for the whole network. The clustering feature is the
-global average of the last stage.
+Taps are the outputs of the model's stages (see :mod:`dcbench.models.hooked`); timm Vision
+Transformers get block, ``cls`` and ``avgpool`` taps instead (:mod:`dcbench.models.vit`).
+Pretrained weights by name are :mod:`dcbench.models.hub`'s.
 """
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import nn
 
 from dcbench.errors import ArchError
-from dcbench.models.base import CLUSTER_TAP, LOGITS_TAP, Backbone
-from dcbench.models.sobel import make_sobel
+from dcbench.models.hooked import HookedBackbone
+from dcbench.models.vit import ViTBackbone, is_timm_vit, is_vit_model
+
+__all__ = ["HookedBackbone", "ViTBackbone", "build_timm", "build_torchvision"]
 
 # Standard names for ResNet stages (PROTOCOLS.md: conv1, res2..res5).
 _RESNET_ALIASES = {"act1": "conv1", "relu": "conv1", "layer1": "res2", "layer2": "res3",
                    "layer3": "res4", "layer4": "res5"}
-
-
-class _StopForward(Exception):
-    """Raised by a tap hook once every requested tap has been captured."""
-
-
-class HookedBackbone(Backbone):
-    """A model whose taps are named submodules; the cluster feature pools the last tap."""
-
-    def __init__(self, arch: str, model: nn.Module, tap_modules: dict[str, str], feature_dim: int,
-                 sobel: bool, input_size: int, native_heads: tuple[str, ...] = ()) -> None:
-        super().__init__()
-        #: prefixes of the model's own classifier in native (un-prefixed) key names
-        self.native_heads = tuple(f"{h}." for h in native_heads)
-        self.head_prefixes = ("top_layer.",) + tuple(f"model.{h}" for h in self.native_heads)
-        self.arch, self.input_size = arch, input_size
-        self.model = model
-        self.sobel = make_sobel() if sobel else None
-        self._tap_modules = tap_modules  # tap name -> module path inside ``model``
-        self.tap_names = list(tap_modules)
-        self.conv_tap_names = list(tap_modules)
-        self.feature_dim = feature_dim
-        self.family = hooked_family(arch, model, self.tap_names)
-
-    def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
-        if self.sobel is not None:
-            x = self.sobel(x)
-        needs_last = bool(wanted & {CLUSTER_TAP, LOGITS_TAP})
-        hooked = [t for t in self.tap_names if t in wanted or (needs_last and t == self.tap_names[-1])]
-        captured: dict[str, torch.Tensor] = {}
-        modules = dict(self.model.named_modules())
-
-        def make_hook(tap: str):
-            def hook(_module, _inputs, output):
-                captured[tap] = output
-                if len(captured) == len(hooked):
-                    raise _StopForward
-            return hook
-
-        handles = [modules[self._tap_modules[t]].register_forward_hook(make_hook(t)) for t in hooked]
-        try:
-            self.model(x)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        out = {t: v for t, v in captured.items() if t in wanted}
-        if needs_last:
-            pooled = captured[self.tap_names[-1]].mean(dim=(-2, -1))
-            if CLUSTER_TAP in wanted:
-                out[CLUSTER_TAP] = pooled
-            if LOGITS_TAP in wanted:
-                out[LOGITS_TAP] = self.top_layer(pooled)
-        return out
-
-
-_RESNET_LAYOUT = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4")
-_ALEXNET_TAPS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
-_RESNET_TAPS = ["conv1", "res2", "res3", "res4", "res5"]
-
-
-def hooked_family(arch: str, model: nn.Module, tap_names: list[str]) -> str:
-    """The :attr:`Backbone.family` of a timm / torchvision model (see that docstring)."""
-    if tap_names == _RESNET_TAPS and all(hasattr(model, name) for name in _RESNET_LAYOUT):
-        return "resnet"
-    if "alexnet" in arch and tap_names == _ALEXNET_TAPS:
-        return "alexnet"
-    if "vgg" in arch:
-        return "vgg"
-    if "vit" in arch:
-        return "vit"
-    return "other"
-
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     for name, module in model.named_modules():
@@ -102,22 +30,55 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
             return
 
 
-def build_timm(name: str, sobel: bool = False, input_size: int = 224, **_: object) -> HookedBackbone:
-    """Any timm model, random init, taps at timm's ``feature_info`` stages."""
+def timm_model_kwargs(name: str) -> dict[str, Any]:
+    """Extra ``timm.create_model`` arguments for ``name``: ViTs take any input size. The option
+    changes no parameter, so the weights (and sha256) of a seeded random init stay as before."""
+    return {"dynamic_img_size": True} if is_timm_vit(name) else {}
+
+
+def timm_input_config(model: nn.Module) -> dict[str, Any]:
+    """The input convention of a timm model's pretrained config (see ``Backbone.input_config``)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return {"input_size": int(cfg["input_size"][-1]), "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]], "interpolation": str(cfg["interpolation"]),
+            "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center"))}
+
+
+def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int = 224) -> HookedBackbone:
+    """A built timm model (``name`` without tag) as a Backbone: ViT taps for VisionTransformers,
+    ``feature_info`` stage taps otherwise."""
+    head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    heads = tuple(head) if isinstance(head, (list, tuple)) else ((head,) if head else ())
+    if is_vit_model(model):
+        backbone: HookedBackbone = ViTBackbone(f"timm:{name}", model, sobel, input_size, heads)
+    else:
+        info = getattr(model, "feature_info", None)
+        if not info:
+            raise ArchError(f"timm model '{name}' has no feature_info, so dcbench cannot name its taps")
+        taps = _name_taps([entry["module"] for entry in info])
+        backbone = HookedBackbone(f"timm:{name}", model, taps, info[-1]["num_chs"], sobel, input_size, heads)
+    backbone.input_config = timm_input_config(model)
+    return backbone
+
+
+def check_timm_name(name: str) -> None:
+    """Raise ArchError unless ``name`` is a timm architecture (without pretrained tag)."""
     import timm
 
     if name not in timm.list_models():
         raise ArchError(f"unknown timm model '{name}'; see timm.list_models() for the names")
-    model = timm.create_model(name, pretrained=False, in_chans=2 if sobel else 3)
-    info = getattr(model, "feature_info", None)
-    if not info:
-        raise ArchError(f"timm model '{name}' has no feature_info, so dcbench cannot name its taps")
-    paths = [entry["module"] for entry in info]
-    taps = _name_taps(paths)
-    dim = info[-1]["num_chs"]
-    head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    heads = tuple(head) if isinstance(head, (list, tuple)) else ((head,) if head else ())
-    return HookedBackbone(f"timm:{name}", model, taps, dim, sobel, input_size, heads)
+
+
+def build_timm(name: str, sobel: bool = False, input_size: int = 224, **_: object) -> HookedBackbone:
+    """Any timm model, random init, taps at timm's ``feature_info`` stages (ViTs: see
+    :mod:`dcbench.models.vit`)."""
+    import timm
+
+    check_timm_name(name)
+    model = timm.create_model(name, pretrained=False, in_chans=2 if sobel else 3, **timm_model_kwargs(name))
+    return wrap_timm(name, model, sobel, input_size)
 
 
 def _tv_tap_paths(model: nn.Module) -> list[str]:
@@ -154,16 +115,28 @@ def _last_channels(model: nn.Module, path: str) -> int:
     return before[-1].out_channels
 
 
-def build_torchvision(name: str, sobel: bool = False, input_size: int = 224, **_: object) -> HookedBackbone:
-    """Any torchvision classification model, random init."""
+def check_torchvision_name(name: str) -> None:
+    """Raise ArchError unless ``name`` is a torchvision classification model."""
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ArchError(f"unknown torchvision model '{name}'; see torchvision.models.list_models()")
-    model = torchvision.models.get_model(name, weights=None)
-    if sobel:
-        _replace_first_conv(model, 2)
+
+
+def wrap_torchvision(name: str, model: nn.Module, sobel: bool = False, input_size: int = 224) -> HookedBackbone:
+    """A built torchvision model as a Backbone with stage taps (its classifier as head)."""
     paths = _tv_tap_paths(model)
     taps = _name_taps(paths)
     heads = tuple(h for h in ("fc", "classifier", "heads") if hasattr(model, h) and h != paths[-1].split(".")[0])
     return HookedBackbone(f"tv:{name}", model, taps, _last_channels(model, paths[-1]), sobel, input_size, heads)
+
+
+def build_torchvision(name: str, sobel: bool = False, input_size: int = 224, **_: object) -> HookedBackbone:
+    """Any torchvision classification model, random init."""
+    import torchvision
+
+    check_torchvision_name(name)
+    model = torchvision.models.get_model(name, weights=None)
+    if sobel:
+        _replace_first_conv(model, 2)
+    return wrap_torchvision(name, model, sobel, input_size)

@@ -1,0 +1,85 @@
+"""Backbones whose taps are named submodules of a wrapped model, captured with forward hooks.
+
+The forward pass is cut short (by an exception raised from the hook) once the deepest
+requested tap is captured, so asking for an early tap does not pay for the whole network.
+The clustering feature is the global average of the last tap.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcbench.models.base import CLUSTER_TAP, LOGITS_TAP, Backbone
+from dcbench.models.sobel import make_sobel
+
+class _StopForward(Exception):
+    """Raised by a tap hook once every requested tap has been captured."""
+
+
+class HookedBackbone(Backbone):
+    """A model whose taps are named submodules; the cluster feature pools the last tap."""
+
+    def __init__(self, arch: str, model: nn.Module, tap_modules: dict[str, str], feature_dim: int,
+                 sobel: bool, input_size: int, native_heads: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        #: prefixes of the model's own classifier in native (un-prefixed) key names
+        self.native_heads = tuple(f"{h}." for h in native_heads)
+        self.head_prefixes = ("top_layer.",) + tuple(f"model.{h}" for h in self.native_heads)
+        self.arch, self.input_size = arch, input_size
+        self.model = model
+        self.sobel = make_sobel() if sobel else None
+        self._tap_modules = tap_modules  # tap name -> module path inside ``model``
+        self.tap_names = list(tap_modules)
+        self.conv_tap_names = list(tap_modules)
+        self.feature_dim = feature_dim
+        self.family = hooked_family(arch, model, self.tap_names)
+
+    def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        if self.sobel is not None:
+            x = self.sobel(x)
+        needs_last = bool(wanted & {CLUSTER_TAP, LOGITS_TAP})
+        hooked = [t for t in self.tap_names if t in wanted or (needs_last and t == self.tap_names[-1])]
+        captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+
+        def make_hook(tap: str):
+            def hook(_module, _inputs, output):
+                captured[tap] = output
+                if len(captured) == len(hooked):
+                    raise _StopForward
+            return hook
+
+        handles = [modules[self._tap_modules[t]].register_forward_hook(make_hook(t)) for t in hooked]
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        out = {t: v for t, v in captured.items() if t in wanted}
+        if needs_last:
+            pooled = captured[self.tap_names[-1]].mean(dim=(-2, -1))
+            if CLUSTER_TAP in wanted:
+                out[CLUSTER_TAP] = pooled
+            if LOGITS_TAP in wanted:
+                out[LOGITS_TAP] = self.top_layer(pooled)
+        return out
+
+
+_RESNET_LAYOUT = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+_ALEXNET_TAPS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+_RESNET_TAPS = ["conv1", "res2", "res3", "res4", "res5"]
+
+
+def hooked_family(arch: str, model: nn.Module, tap_names: list[str]) -> str:
+    """The :attr:`Backbone.family` of a timm / torchvision model (see that docstring)."""
+    if tap_names == _RESNET_TAPS and all(hasattr(model, name) for name in _RESNET_LAYOUT):
+        return "resnet"
+    if "alexnet" in arch and tap_names == _ALEXNET_TAPS:
+        return "alexnet"
+    if "vgg" in arch:
+        return "vgg"
+    if "vit" in arch:
+        return "vit"
+    return "other"

@@ -1,0 +1,98 @@
+"""timm Vision Transformers behind the Backbone interface.
+
+Taps (one forward pass, stopped after the deepest requested block):
+
+* ``block1`` .. ``blockN``: the token output of each transformer block, patch tokens only, as a
+  map N x D x h x w (h x w the patch grid), so the probes' spatial pooling applies unchanged;
+  these are the ``conv_tap_names`` (see :class:`ViTBackbone`).
+* ``cls``: the CLS token after the final norm (N x D), DINO's and timm's image feature.
+* ``avgpool``: the mean of the final normed patch tokens (N x D; through ``fc_norm`` for models
+  that pool that way, i.e. timm's pre-logits feature of average-pooled ViTs).
+
+The clustering feature (``cluster`` tap) is ``cls``, or ``avgpool`` for a model without a CLS
+token. Models are built with ``dynamic_img_size=True`` (position embeddings resampled to the
+input's patch grid), so 32-64 px inputs work.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcbench.models.base import CLUSTER_TAP, LOGITS_TAP
+from dcbench.models.hooked import HookedBackbone
+
+CLS_TAP = "cls"
+AVGPOOL_TAP = "avgpool"
+#: timm modules whose models are VisionTransformer (sub)classes taking ``dynamic_img_size``
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+def is_timm_vit(name: str) -> bool:
+    """Whether timm model ``name`` (without tag) is built by a :data:`VIT_MODULES` module."""
+    from timm.models import model_entrypoint
+
+    return model_entrypoint(name).__module__ in VIT_MODULES
+
+
+def is_vit_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm VisionTransformer (the layout :class:`ViTBackbone` reads)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+class ViTBackbone(HookedBackbone):
+    """A timm VisionTransformer with block, ``cls`` and ``avgpool`` taps.
+
+    ``conv_tap_names`` are the block taps: every engine consumer of conv taps (per-layer probes,
+    R-MAC retrieval, segmentation heads, fine-tune trunks) needs a spatial map, and the block
+    taps give the per-depth curve that conv1..conv5 give for a CNN. The standard ViT probe
+    (DINO's last-block CLS) is ``taps=[cls]``, chosen by the protocol preset.
+    """
+
+    family = "vit"
+
+    def __init__(self, arch: str, model: nn.Module, sobel: bool, input_size: int,
+                 native_heads: tuple[str, ...] = ()) -> None:
+        blocks = {f"block{i + 1}": f"blocks.{i}" for i in range(len(model.blocks))}
+        super().__init__(arch, model, blocks, int(model.num_features), sobel, input_size, native_heads)
+        self.family = "vit"
+        self.has_cls = getattr(model, "cls_token", None) is not None
+        self.conv_tap_names = list(blocks)
+        self.tap_names = list(blocks) + ([CLS_TAP] if self.has_cls else []) + [AVGPOOL_TAP]
+
+    def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        m = self.model
+        if self.sobel is not None:
+            x = self.sobel(x)
+        x = m.patch_embed(x)
+        # dynamic_img_size models emit N x h x w x D; fixed-size ones N x L x D on their own grid
+        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(m.patch_embed.grid_size)
+        x = m.norm_pre(m.patch_drop(m._pos_embed(x)))
+        heads = wanted & {CLS_TAP, AVGPOOL_TAP, CLUSTER_TAP, LOGITS_TAP}
+        depth = len(m.blocks) if heads else max((int(t[len("block"):]) for t in wanted), default=0)
+        out: dict[str, torch.Tensor] = {}
+        for i in range(depth):
+            x = m.blocks[i](x)
+            if f"block{i + 1}" in wanted:
+                out[f"block{i + 1}"] = self._token_map(x, grid)
+        if heads:
+            out.update(self._head_taps(m.norm(x), wanted))
+        return out
+
+    def _token_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens N x L x D as a map N x D x h x w."""
+        patches = tokens[:, self.model.num_prefix_tokens:]
+        n, length, dim = patches.shape
+        if length != grid[0] * grid[1]:
+            raise RuntimeError(f"{self.arch}: {length} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+        return patches.transpose(1, 2).reshape(n, dim, *grid)
+
+    def _head_taps(self, normed: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        avg = self.model.fc_norm(normed[:, self.model.num_prefix_tokens:].mean(dim=1))
+        feature = normed[:, 0] if self.has_cls else avg
+        taps = {CLS_TAP: feature, AVGPOOL_TAP: avg, CLUSTER_TAP: feature}
+        out = {t: v for t, v in taps.items() if t in wanted}
+        if LOGITS_TAP in wanted:
+            out[LOGITS_TAP] = self.top_layer(feature)
+        return out
