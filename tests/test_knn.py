@@ -1,5 +1,6 @@
-"""Tests for the kNN protocol (protocols/knn.py): the weighted vote by hand, chunking, the
-protocol on a synthetic ImageFolder, feature-cache reuse, settings and data errors."""
+"""Tests for the kNN protocol (protocols/knn.py, the vote in dcbench/knn.py): the weighted vote
+by hand, chunking, the protocol on a synthetic ImageFolder through the runner, feature-cache
+reuse, settings and data errors."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import dcbench.knn as knn
+from dcbench import evaluate
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.data import DataError
 from dcbench.data.synthetic import make_image_folder
 from dcbench.errors import UsageError
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, get_protocol
-from dcbench.protocols.knn import knn_scores, topk_accuracy
+from dcbench.knn import knn_scores
+from dcbench.metrics import topk_accuracy
 
 FAST = {"image_size": 64, "batch_size": 32, "workers": 0}
 
@@ -33,7 +37,7 @@ def run(root, cache, ckpt=None, **overrides):
     settings = apply_settings(proto.default_settings(), {**FAST, **overrides})
     proto.check_data(root, settings)
     ckpt = ckpt or resolve_checkpoint("random:alexnet,size=64")
-    return proto.run(ckpt, settings, root, EvalContext(cache_dir=cache))
+    return evaluate.run(evaluate.Plan(proto, settings, root), ckpt, EvalContext(cache_dir=cache))
 
 
 # ----------------------------------------------------------------------------- the vote by hand
@@ -155,7 +159,6 @@ def test_check_data_errors(root, tmp_path):
 
 
 def test_blockwise_queries_give_the_same_rows(root, tmp_path, monkeypatch):
-    import dcbench.protocols.knn as knn
     whole = run(root, tmp_path / "cache", taps=["conv3"], bn_recalibrate="off")
     monkeypatch.setattr(knn, "SIM_BLOCK_ELEMENTS", 100)  # 48-image bank: 2 queries per block
     blocks = run(root, tmp_path / "cache", taps=["conv3"], bn_recalibrate="off")

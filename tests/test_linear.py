@@ -1,4 +1,5 @@
-"""Tests for the linear-probe protocols (protocols/linear.py) on small synthetic ImageFolders."""
+"""Tests for the linear-probe protocols (protocols/linear.py, heads and training in dcbench/probe.py)
+on small synthetic ImageFolders, run through the runner (dcbench.evaluate.run) as the CLI does."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 import dcbench.pooling as pooling
+import dcbench.probe as probe
 import dcbench.protocols.linear as linear
+from dcbench import evaluate
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.data import DataError
 from dcbench.data.synthetic import make_image_folder
@@ -19,7 +22,7 @@ from dcbench.errors import UsageError
 from dcbench.features import tensor_digests
 from dcbench.models import build_backbone
 from dcbench.settings import apply_settings
-from dcbench.protocol import EvalContext, get_protocol
+from dcbench.protocol import EvalContext, ProtocolError, get_protocol
 
 FAST = {"image_size": 64, "batch_size": 16, "workers": 0}
 N_CLASSES = 4
@@ -42,7 +45,7 @@ def run(root, tmp_path, name: str = "linear", ckpt=None, **overrides):
     proto, s = settings(name, **overrides)
     proto.check_data(root, s)
     ckpt = ckpt or resolve_checkpoint("random:alexnet,size=64")
-    return proto.run(ckpt, s, root, EvalContext(cache_dir=tmp_path / "cache"))
+    return evaluate.run(evaluate.Plan(proto, s, root), ckpt, EvalContext(cache_dir=tmp_path / "cache"))
 
 
 def by_key(out):
@@ -69,7 +72,7 @@ def test_cached_deepcluster_learns(root, tmp_path):
     assert extra["pooling"]["conv5"]["grid"] == [3, 3]  # 6x6 capped at the 3x3 map
     assert extra["bn_recalibrate"]["ran"] is True
     assert extra["skipped_images"] == {"train": 1, "val": 1}
-    assert "best" in extra["selection"] and len(out.data_fingerprint) == 16
+    assert "best" in extra["selection"] and len(out.data["fingerprint"]) == 16
     for row in out.metrics:
         row.validate()  # what the runner stores
     json.dumps(extra)  # the result record is JSON
@@ -88,7 +91,7 @@ def test_augmented_vissl_tencrop(root, tmp_path):
     extra = out.extra
     assert extra["crops"] == "tencrop" and extra["mode"] == "augmented"
     assert extra["head"] == "AvgPool -> BatchNorm2d -> Linear"
-    assert extra["weight_decay"] == 5e-4 and extra["lr_steps"] == [1, 1]  # 8/28 of 1 epoch rounds to 0
+    assert extra["weight_decay"] == 5e-4 and extra["lr_steps"] == []  # no step before the only epoch ends
     assert {r.tap for r in out.metrics} == {"conv1", "conv4"}
     for r in out.metrics:
         assert 0 <= r.value <= 100
@@ -108,7 +111,10 @@ def test_cached_vissl_learns_and_reuses_cache(root, tmp_path):
 
 # ----------------------------------------------------------------------------- frozen backbone
 def test_frozen_check_fires_when_backbone_changes(root, tmp_path, monkeypatch):
-    original = linear.forward_pooled
+    """The protocol no longer checks itself: the run context / runner catch a probe that lets
+    BatchNorm buffers move, name the protocol, and store nothing."""
+    assert not hasattr(linear, "assert_unchanged") and not hasattr(linear, "tensor_digests")
+    original = probe.forward_pooled
 
     def leaky(backbone, images, taps, pools):
         backbone.train()  # a bug that lets BN update its running stats during probing
@@ -117,8 +123,8 @@ def test_frozen_check_fires_when_backbone_changes(root, tmp_path, monkeypatch):
         finally:
             backbone.eval()
 
-    monkeypatch.setattr(linear, "forward_pooled", leaky)
-    with pytest.raises(RuntimeError, match="frozen backbone changed.*running_mean"):
+    monkeypatch.setattr(probe, "forward_pooled", leaky)
+    with pytest.raises(ProtocolError, match="protocol linear: .*frozen backbone.*changed.*running_mean"):
         run(root, tmp_path, epochs=1, crops="center", taps=["conv1"], bn_recalibrate="off")
 
 
@@ -225,7 +231,7 @@ def test_deepcluster_lr_schedule_values():
     assert linear.deepcluster_lr(0.01, 1e-7, 450_450) == pytest.approx(0.01 / math.sqrt(1.00045045))
     bb = build_backbone("alexnet", input_size=64)
     plans = pooling.probe_pooling(bb, ["conv5"], 64)
-    probes = linear.ProbeSet(plans, 4, "deepcluster", 0.1, 0.1, 0.9, [], "cpu")
+    probes = probe.ProbeSet(plans, 4, linear.probe_optim("deepcluster", 0.1, 0.1, 0.9, []), "cpu")
     probes.set_lr(epoch=3, iteration=300)
     assert probes.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # 0.1 / sqrt(1 + 3)
 
@@ -237,11 +243,21 @@ def test_vissl_lr_schedule_values():
     assert [linear.vissl_lr(0.01, e, [8, 16, 24]) for e in (0, 7, 8, 16, 27)] == \
         pytest.approx([0.01, 0.01, 0.001, 0.0001, 0.00001])
     bb = build_backbone("alexnet", input_size=64)
-    probes = linear.ProbeSet(pooling.probe_pooling(bb, ["conv1"], 64, "vissl"), 4, "vissl", 0.01, 5e-4, 0.9,
-                             [8, 16, 24], "cpu")
+    probes = probe.ProbeSet(pooling.probe_pooling(bb, ["conv1"], 64, "vissl"), 4,
+                            linear.probe_optim("vissl", 0.01, 5e-4, 0.9, [8, 16, 24]), "cpu")
     assert [g["weight_decay"] for g in probes.optimizer.param_groups] == [5e-4, 0.0]  # no wd on BN
     probes.set_lr(epoch=9, iteration=0)
     assert all(g["lr"] == pytest.approx(0.001) for g in probes.optimizer.param_groups)
+
+
+def test_vissl_steps_never_repeat_at_small_epoch_counts():
+    """Issue 12 item 9: 2 epochs gave [1, 1, 2] (lr x0.01 after epoch 1, and a step that never
+    applies). Steps are now distinct and within [1, epochs - 1]; the standard schedules stay."""
+    assert [linear.vissl_steps(e) for e in (1, 2, 3, 4)] == [[], [1], [1, 2], [1, 2, 3]]
+    for epochs in range(1, 200):
+        steps = linear.vissl_steps(epochs)
+        assert steps == sorted(set(steps)) and all(1 <= s < epochs for s in steps), epochs
+    assert [linear.vissl_lr(0.01, e, linear.vissl_steps(2)) for e in (0, 1)] == pytest.approx([0.01, 0.001])
 
 
 # ----------------------------------------------------------------------------- check_data
@@ -319,7 +335,7 @@ def test_tencrop_averages_softmax_not_logits():
     """Crops (10,0,0), (0,2,0), (0,2,0): mean logits pick class 0, mean softmax picks class 1
     (softmax rows ~(1,0,0), (0.107,0.787,0.107) twice -> means 0.405 vs 0.525)."""
     plan = pooling.plan_pool(None, "deepcluster", "fc", (3,))
-    probes = linear.ProbeSet({"fc": plan}, 3, "deepcluster", 0.01, 0.0, 0.9, [], "cpu")
+    probes = probe.ProbeSet({"fc": plan}, 3, linear.probe_optim("deepcluster", 0.01, 0.0, 0.9, []), "cpu")
     with torch.no_grad():
         probes.heads[0].linear.weight.copy_(torch.eye(3))
         probes.heads[0].linear.bias.zero_()
