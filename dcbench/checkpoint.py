@@ -12,7 +12,6 @@ needs full unpickling is refused unless the caller trusts it.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import warnings
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dcbench.digest import weights_sha256  # noqa: F401 (part of this module's API)
 from dcbench.env import git_hash, software_versions
 from dcbench.fileio import atomic_write
 from dcbench.errors import CheckpointError
@@ -38,16 +38,6 @@ _BUFFER_SUFFIXES = ("num_batches_tracked",)
 
 
 # ----------------------------------------------------------------------------- saving
-def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted key order."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
     atomic_write(path, lambda f: torch.save(obj, f), fsync=True)

@@ -46,7 +46,6 @@ import torch
 from dcbench.checkpoint import LoadedCheckpoint
 from dcbench.errors import CheckpointError
 from dcbench.fileio import atomic_write
-from dcbench.models.external import HookedBackbone
 
 AUTHOR = "dcbench"
 #: detectron2 config values that match an exported torchvision-convention ResNet
@@ -82,10 +81,7 @@ def detectron2_key(key: str) -> str | None:
 
 def _resnet_state_dict(loaded: LoadedCheckpoint) -> dict[str, torch.Tensor]:
     backbone = loaded.backbone
-    model = getattr(backbone, "model", None)
-    is_resnet = isinstance(backbone, HookedBackbone) and all(
-        hasattr(model, n) for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"))
-    if not is_resnet:
+    if backbone.family != "resnet":
         raise CheckpointError(f"{backbone.arch} is not a ResNet; the detectron2 export supports ResNets "
                               f"(tv:resnet*, timm ResNets); use --to dcbench")
     if backbone.has_sobel:

@@ -1,32 +1,53 @@
-"""Frozen feature extraction with an on-disk feature cache, shared by every protocol.
+"""The one frozen-feature extractor (trainer, probes, kNN, SVM, retrieval), with its cache.
 
-One extraction serves SVMs, kNN, retrieval and cached-feature probes: features are keyed by
-``(checkpoint sha256, tap, transform id, dataset fingerprint, pooling id)`` and stored as
+:func:`extract_rows` runs ONE frozen forward per batch for all the taps that are not cached
+yet (eval mode, ``torch.inference_mode``) and returns, per tap, float32 rows and the dataset
+index (``owner``) of each row:
 
-    <cache_dir>/<sha256[:16]>/<key-hash>.npy        float32, N_kept x D (pooled, flattened)
-    <cache_dir>/<sha256[:16]>/<key-hash>.idx.npy    int64, the dataset indices of the rows
+- rows per image: a pooling module/callable's output is flattened (``N_kept x D``);
+- rows per region: a pooling callable with ``per_region = True`` returns ``B x R x D``
+  (e.g. R-MAC regions, :mod:`dcbench.retrieval`), each region becomes a row;
+- ``shard=(rank, world_size)``: only this rank's contiguous share of the dataset (the
+  trainer under torchrun; the scale-out of evaluation);
+- ``spill_dir``: per-image outputs larger than ``spill_over_bytes`` go to a disk memmap,
+  whose file is unlinked as soon as it is mapped, so it disappears with the array and a
+  killed run leaves nothing behind;
+- ``batch_sampler``: batches other than consecutive ones (retrieval groups same-shape images).
+
+:func:`extract_features` (the per-image API every protocol calls, also through
+:meth:`dcbench.protocol.RunContext.extract`) aligns the taps to the same images and adds the
+labels. Unreadable images are skipped (their rows and labels are dropped; the kept dataset
+indices are returned).
+
+The feature cache: rows are keyed by ``(checkpoint sha256, tap, transform id, dataset
+fingerprint, pooling id)`` (+ the shard when sharded) and stored as
+
+    <cache_dir>/<sha256[:16]>/<key-hash>.npy        float32, rows x D (pooled, flattened)
+    <cache_dir>/<sha256[:16]>/<key-hash>.idx.npy    int64, the dataset index of every row
     <cache_dir>/<sha256[:16]>/<key-hash>.json       the key, shape and dtype (written last)
 
 Each file is written to a temp file and renamed into place, and the JSON sidecar is written
 last, so a reader never sees a half-written entry: no sidecar, no entry.
-
-:func:`extract_features` runs ONE frozen forward per batch for all the taps that are not
-cached yet (eval mode, ``torch.inference_mode``). Unreadable images are skipped (their rows
-and labels are dropped; the kept dataset indices are returned).
 
 This module is protocol-agnostic: the pooling modules, the transform and its id come from
 the caller (e.g. the linear-probe tables live in :mod:`dcbench.pooling`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +58,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcbench.data import DataError, SkipCounter, skip_collate
+from dcbench.digest import tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
 
 log = logging.getLogger("dcbench")
@@ -46,7 +68,13 @@ CACHE_VERSION = 1
 #: BatchNorm re-estimation stops after this many batches ("a few hundred")
 BN_RECALIBRATE_MAX_BATCHES = 200
 
+#: a tap's pooling: ``B x C x H x W -> B x ...`` (flattened to one row per image), or, when
+#: it has ``per_region = True``, ``B x R x D`` (one row per region)
 Pool = Callable[[torch.Tensor], torch.Tensor]
+#: ``(rank, world_size)``: extract only that contiguous share of the dataset
+Shard = tuple[int, int]
+#: ``(dataset indices to read, batch size) -> batches of dataset indices``
+BatchSampler = Callable[[Sequence[int], int], Iterable[Sequence[int]]]
 
 
 class ExtractedFeatures(NamedTuple):
@@ -80,11 +108,15 @@ def pool_id(pool: Pool | None) -> str:
 
 
 def feature_key(ckpt_sha: str, tap: str, transform_id: str, dataset_fingerprint: str,
-                pooling: str) -> dict[str, Any]:
-    """The cache key of one tap's features, as a JSON-safe dict."""
-    return {"cache_version": CACHE_VERSION, "checkpoint_sha256": ckpt_sha, "tap": tap,
-            "transform": transform_id, "dataset_fingerprint": dataset_fingerprint,
-            "pooling": pooling, "dtype": "float32"}
+                pooling: str, shard: Shard | None = None) -> dict[str, Any]:
+    """The cache key of one tap's features, as a JSON-safe dict (``shard``: only when sharded,
+    so the keys of whole-dataset extractions never change)."""
+    key = {"cache_version": CACHE_VERSION, "checkpoint_sha256": ckpt_sha, "tap": tap,
+           "transform": transform_id, "dataset_fingerprint": dataset_fingerprint,
+           "pooling": pooling, "dtype": "float32"}
+    if shard is not None and shard[1] > 1:
+        key["shard"] = f"{shard[0]}/{shard[1]}"
+    return key
 
 
 def key_hash(key: Mapping[str, Any]) -> str:
@@ -165,7 +197,8 @@ def frozen(backbone: nn.Module) -> Iterator[nn.Module]:
 
 def forward_pooled(backbone: nn.Module, images: torch.Tensor, taps: Sequence[str],
                    pools: Mapping[str, Pool | None]) -> dict[str, torch.Tensor]:
-    """ONE frozen forward pass of ``images`` for all ``taps``; each tap pooled and flattened.
+    """ONE frozen forward pass of ``images`` for all ``taps``; each tap pooled and flattened
+    to ``B x D`` (a ``per_region`` pool: kept as its ``B x R x D``).
 
     Runs under ``torch.inference_mode``: the results cannot enter autograd (``clone()`` them
     outside inference mode to train on them). The caller sets eval mode (see :func:`frozen`).
@@ -175,8 +208,14 @@ def forward_pooled(backbone: nn.Module, images: torch.Tensor, taps: Sequence[str
         pooled = {}
         for tap in taps:
             pool = pools.get(tap)
-            pooled[tap] = (pool(out[tap]) if pool is not None else out[tap]).flatten(1).float()
+            value = pool(out[tap]) if pool is not None else out[tap]
+            pooled[tap] = (value if is_per_region(pool) else value.flatten(1)).float()
         return pooled
+
+
+def is_per_region(pool: Pool | None) -> bool:
+    """Whether ``pool`` returns ``B x R x D`` (one row per region) instead of one row per image."""
+    return bool(getattr(pool, "per_region", False))
 
 
 def show_progress(progress: bool) -> bool:
@@ -196,11 +235,44 @@ def make_loader(dataset: Any, batch_size: int, workers: int, device: str | torch
 
 
 # ----------------------------------------------------------------------------- extraction
+class TapRows(NamedTuple):
+    """The rows of one tap: float32 ``R x D`` and the dataset index of each row."""
+
+    rows: np.ndarray  # float32 R x D (R = readable images, or their regions)
+    owner: np.ndarray  # int64 R
+
+
+@dataclass
+class Extraction:
+    """What :func:`extract_rows` returns."""
+
+    taps: dict[str, TapRows]
+    n_items: int  # images the extraction covered (the shard's, when sharded), unreadable ones included
+    cached: list[str]  # taps read from the cache
+    seconds: float | None  # time of the forward pass; None when every tap came from the cache
+
+    @property
+    def items_per_s(self) -> float | None:
+        """Images per second of the forward pass (None when nothing was extracted)."""
+        return None if self.seconds is None else self.n_items / max(self.seconds, 1e-9)
+
+
+def shard_indices(n: int, shard: Shard | None) -> range:
+    """The contiguous share of ``range(n)`` that rank ``shard[0]`` of ``shard[1]`` reads."""
+    if shard is None:
+        return range(n)
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard}: rank must be in [0, world_size)")
+    per_rank = math.ceil(n / world)
+    return range(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
+
+
 def extract_features(backbone: nn.Module, dataset: Any, taps: Sequence[str],
                      pools: Mapping[str, Pool | None] | None = None, transform_id: str = "",
                      ckpt_sha: str = "", cache_dir: str | os.PathLike | None = None,
                      batch_size: int = 256, workers: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = False, mmap: bool = False) -> ExtractedFeatures:
+                     progress: bool = False, mmap: bool = False, **options: Any) -> ExtractedFeatures:
     """Pooled features of ``taps`` for every readable image of ``dataset``, through the cache.
 
     Args:
@@ -211,19 +283,52 @@ def extract_features(backbone: nn.Module, dataset: Any, taps: Sequence[str],
             whose transform is described by ``transform_id``.
         taps: the taps to return.
         pools: tap -> pooling module/callable applied to the tap's output before flattening
-            (missing or None: just flatten).
+            (missing or None: just flatten). Per-region pools need :func:`extract_rows`.
         transform_id: text identifying the dataset's transform (part of the cache key).
         ckpt_sha: sha256 of the backbone weights as used (part of the key and the folder name).
         cache_dir: the cache folder, or None to disable caching.
         batch_size, workers, device: the DataLoader and the forward pass.
         progress: show a tqdm bar (only when stderr is a terminal).
         mmap: return cached arrays memory-mapped (read-only) instead of loaded.
+        options: keyword options of :func:`extract_rows` (``shard``, ``spill_dir``, ...).
 
     Returns:
         ``ExtractedFeatures(features, labels, indices)``: ``features[tap]`` is float32
         ``N_kept x D``; rows of unreadable images are dropped from features and labels alike, and
         ``indices`` names the dataset index of every row. A second call with the same keys
         reads the cache and does no forward pass.
+    """
+    if any(is_per_region((pools or {}).get(t)) for t in taps):
+        raise ValueError("extract_features returns one row per image; use extract_rows for per-region pools")
+    out = extract_rows(backbone, dataset, taps, pools, transform_id, ckpt_sha, cache_dir, batch_size, workers,
+                       device, progress, mmap, **options)
+    return _align(out.taps, list(out.taps), dataset)
+
+
+def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
+                 pools: Mapping[str, Pool | None] | None = None, transform_id: str = "", ckpt_sha: str = "",
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = 256, workers: int = 0,
+                 device: str | torch.device = "cpu", progress: bool = False, mmap: bool = False, *,
+                 shard: Shard | None = None, batch_sampler: BatchSampler | None = None,
+                 spill_dir: str | os.PathLike | None = None, spill_over_bytes: float = 0.0,
+                 amp: bool = False, desc: str | None = None) -> Extraction:
+    """Rows of ``taps`` (per image, or per region for ``per_region`` pools), through the cache.
+
+    The arguments up to ``mmap`` are :func:`extract_features`'s. Further:
+
+    Args:
+        shard: ``(rank, world_size)``: read only that rank's contiguous share of the dataset
+            (:func:`shard_indices`); an empty or wholly unreadable shard gives zero rows instead
+            of an error. Sharded cache entries are keyed by their shard.
+        batch_sampler: ``(indices, batch_size) -> batches``; default consecutive batches.
+        spill_dir, spill_over_bytes: a per-image tap whose rows would exceed
+            ``spill_over_bytes`` is written to a disk memmap in ``spill_dir`` (unlinked at once:
+            the space is freed with the array, even after ``kill -9``).
+        amp: bfloat16 autocast on CUDA (the trainer's ``amp``); no effect on the CPU.
+        desc: progress-bar text.
+
+    Returns:
+        :class:`Extraction`: per tap the rows and their dataset indices, in the order read.
     """
     taps = list(dict.fromkeys(taps))
     pools = dict(pools or {})
@@ -233,61 +338,142 @@ def extract_features(backbone: nn.Module, dataset: Any, taps: Sequence[str],
     keys = {}
     if cache is not None:
         fingerprint = dataset.fingerprint()
-        keys = {t: feature_key(ckpt_sha, t, transform_id, fingerprint, pool_id(pools.get(t))) for t in taps}
-
-    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        keys = {t: feature_key(ckpt_sha, t, transform_id, fingerprint, pool_id(pools.get(t)), shard) for t in taps}
+    found: dict[str, TapRows] = {}
     for tap in taps:
         hit = cache.load(keys[tap], mmap=mmap) if cache is not None else None
         if hit is not None:
-            found[tap] = hit
+            found[tap] = TapRows(*hit)
     missing = [t for t in taps if t not in found]
+    indices = shard_indices(len(dataset), shard)
     if found:
         log.info("feature cache: %d of %d taps read from %s", len(found), len(taps), cache.root)
+    seconds = None
     if missing:
-        feats, indices = _extract(backbone, dataset, missing, pools, batch_size, workers, device, progress)
+        started = time.perf_counter()
+        spill = _Spill(spill_dir, spill_over_bytes, shard)
+        fresh = _forward_rows(backbone, dataset, missing, pools, indices, batch_size, workers, device, progress,
+                              _Batching(shard, batch_sampler, amp, desc), spill)
+        seconds = time.perf_counter() - started
         for tap in missing:
-            found[tap] = (feats[tap], indices)
+            found[tap] = fresh[tap]
             if cache is not None:
-                cache.save(keys[tap], feats[tap], indices)
-    return _align(found, taps, dataset)
+                cache.save(keys[tap], fresh[tap].rows, fresh[tap].owner)
+    return Extraction({t: found[t] for t in taps}, len(indices), [t for t in taps if t not in missing], seconds)
 
 
-def _extract(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],
-             batch_size: int, workers: int, device: str | torch.device,
-             progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One pass over ``dataset`` in order: one forward per batch for all ``taps``."""
-    loader = make_loader(dataset, batch_size, workers, device)
+class _Batching(NamedTuple):
+    """How :func:`_forward_rows` walks the data (options of :func:`extract_rows`)."""
+
+    shard: Shard | None
+    batch_sampler: BatchSampler | None
+    amp: bool
+    desc: str | None
+
+
+def _loader(dataset: Any, indices: range, batch_size: int, workers: int, device: str | torch.device,
+            how: _Batching) -> DataLoader:
+    """The DataLoader of one extraction pass, in dataset order unless a batch sampler says otherwise."""
+    if how.batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=list(how.batch_sampler(indices, batch_size)), num_workers=workers,
+                          collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
+    if how.shard is None:
+        return make_loader(dataset, batch_size, workers, device)
+    return DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=workers,
+                      collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
+
+
+def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],
+                  indices: range, batch_size: int, workers: int, device: str | torch.device, progress: bool,
+                  how: _Batching, spill: "_Spill") -> dict[str, TapRows]:
+    """One pass over ``indices`` of ``dataset``: one forward per batch for all ``taps``."""
     counter = SkipCounter(dataset)
-    n_total = len(dataset)
-    arrays: dict[str, np.ndarray] = {}
-    kept = np.empty(n_total, dtype=np.int64)
-    n = 0
-    bar = tqdm(loader, desc=f"features {','.join(taps)}", unit="batch", disable=not show_progress(progress),
-               leave=False)
+    sinks = {t: _RowSink(len(indices), spill, t) for t in taps}
+    bar = tqdm(_loader(dataset, indices, batch_size, workers, device, how), unit="batch", leave=False,
+               desc=how.desc or f"features {','.join(taps)}", disable=not show_progress(progress))
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=torch.device(device).type == "cuda") if how.amp else contextlib.nullcontext()
     with frozen(backbone):
         for images, _targets, idx, n_skipped in bar:
             counter.update(idx, n_skipped)
             if len(idx) == 0:
                 continue
-            pooled = forward_pooled(backbone, images.to(device, non_blocking=True), taps, pools)
-            b = len(idx)
+            with autocast:
+                pooled = forward_pooled(backbone, images.to(device, non_blocking=True), taps, pools)
             for tap, value in pooled.items():
-                if tap not in arrays:  # rows preallocated once the width is known; no concat copy
-                    arrays[tap] = np.empty((n_total, value.shape[1]), dtype=np.float32)
-                arrays[tap][n:n + b] = value.cpu().numpy()
-            kept[n:n + b] = idx.numpy()
-            n += b
-    counter.report()
-    if n == 0:
+                sinks[tap].add(value, idx)
+    counter.report(expected=None if how.shard is None and how.batch_sampler is None else indices)
+    if not sinks[taps[0]].n_rows and (how.shard is None or how.shard[1] == 1):
         raise DataError(f"no readable image in {getattr(dataset, 'root', 'the dataset')}; "
                         f"check the files (every image failed to decode)")
-    return {t: arrays[t][:n] for t in taps}, kept[:n]
+    return {t: sink.result() for t, sink in sinks.items()}
 
 
-def _align(found: Mapping[str, tuple[np.ndarray, np.ndarray]], taps: list[str],
-           dataset: Any) -> ExtractedFeatures:
+class _Spill(NamedTuple):
+    """Where large per-image outputs go (see :func:`extract_rows`)."""
+
+    folder: str | os.PathLike | None
+    over_bytes: float
+    shard: Shard | None
+
+    def array(self, tap: str, rows: int, width: int) -> np.ndarray:
+        """An empty float32 ``rows x width`` array: in RAM, or a self-deleting disk memmap."""
+        if self.folder is None or rows * width * 4 <= self.over_bytes:
+            return np.empty((rows, width), dtype=np.float32)
+        rank = self.shard[0] if self.shard is not None else 0
+        fd, path = tempfile.mkstemp(prefix=f"features.rank{rank}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        array = np.memmap(path, dtype=np.float32, mode="w+", shape=(rows, width))
+        try:
+            os.unlink(path)  # POSIX: the mapping lives on, the file is gone with the array
+        except OSError:  # pragma: no cover - Windows cannot unlink a mapped file: delete after use
+            weakref.finalize(array, _remove, path)
+        log.info("features of %s: %.1f GB on disk in %s (freed after use)", tap, rows * width * 4 / 1e9, self.folder)
+        return array
+
+
+def _remove(path: str) -> None:  # pragma: no cover - Windows only
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class _RowSink:
+    """Collects one tap's rows: preallocated per image (RAM or spill memmap), appended per region."""
+
+    def __init__(self, n_items: int, spill: _Spill, tap: str) -> None:
+        self.n_items, self.spill, self.tap = n_items, spill, tap
+        self.array: np.ndarray | None = None  # per image: rows preallocated once the width is known
+        self.owner = np.empty(n_items, dtype=np.int64)
+        self.parts: list[np.ndarray] = []  # per region
+        self.owners: list[np.ndarray] = []
+        self.n_rows = 0
+
+    def add(self, value: torch.Tensor, idx: torch.Tensor) -> None:
+        """One batch: ``B x D`` (a row per image) or ``B x R x D`` (a row per region)."""
+        if value.dim() == 3:
+            self.parts.append(value.reshape(-1, value.shape[-1]).cpu().numpy())
+            self.owners.append(np.repeat(idx.numpy().astype(np.int64), value.shape[1]))
+            self.n_rows += value.shape[0] * value.shape[1]
+            return
+        if self.array is None:  # no concat copy: written in place
+            self.array = self.spill.array(self.tap, self.n_items, value.shape[1])
+        b = len(idx)
+        self.array[self.n_rows:self.n_rows + b] = value.cpu().numpy()
+        self.owner[self.n_rows:self.n_rows + b] = idx.numpy()
+        self.n_rows += b
+
+    def result(self) -> TapRows:
+        """The rows collected so far."""
+        if self.parts:
+            return TapRows(np.concatenate(self.parts).astype(np.float32), np.concatenate(self.owners))
+        if self.array is None:  # nothing readable (an empty shard)
+            return TapRows(np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64))
+        return TapRows(self.array[:self.n_rows], self.owner[:self.n_rows])
+
+
+def _align(found: Mapping[str, TapRows], taps: list[str], dataset: Any) -> ExtractedFeatures:
     """Bring every tap to the same rows (cached taps may predate a newly unreadable file)."""
-    index_sets = [found[t][1] for t in taps]
+    index_sets = [found[t].owner for t in taps]
     common = index_sets[0]
     same = all(np.array_equal(common, other) for other in index_sets[1:])
     if not same:
@@ -366,21 +552,6 @@ def recalibrate_bn(backbone: nn.Module, dataset: Any, batch_size: int = 256, wor
     return clone, {"ran": True, "images": images_seen, "batches": batches, "max_batches": max_batches}
 
 
-def tensor_digests(module: nn.Module) -> dict[str, str]:
-    """A digest of every parameter and buffer (weights AND BN running stats) of ``module``.
-
-    Small to keep (a few bytes per tensor, unlike a copy of the weights), and it can name
-    the tensors that changed; see :func:`assert_unchanged`.
-    """
-    out = {}
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h = hashlib.blake2b(f"{t.dtype}|{tuple(t.shape)}|".encode(), digest_size=16)
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
-        out[name] = h.hexdigest()
-    return out
-
-
 def assert_unchanged(module: nn.Module, before: Mapping[str, str], what: str = "backbone") -> None:
     """Raise RuntimeError naming the tensors of ``module`` that differ from ``before``.
 
@@ -415,8 +586,6 @@ def prepared_backbone(ckpt: Any, bn_recalibrate: str, dataset: Any, batch_size: 
     original's. Otherwise it is ``ckpt.backbone`` itself, moved to ``device`` and moved back on
     exit, with ``ckpt.sha256``. ``info`` records what happened (``ran`` True/False).
     """
-    from dcbench.checkpoint import weights_sha256  # local: keeps this module importable alone
-
     setting = bn_recalibrate
     if wants_bn_recalibration(setting, ckpt.format) and has_batchnorm(ckpt.backbone):
         backbone, info = recalibrate_bn(ckpt.backbone, dataset, batch_size, workers, device, seed,

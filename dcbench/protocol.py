@@ -33,10 +33,11 @@ the engine never imports a protocol module by name.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -47,11 +48,16 @@ log = logging.getLogger("dcbench")
 ENTRY_POINT_GROUP = "dcbench.protocols"
 
 
-def setting(default: Any = None, help: str = "", *, factory: Any = None) -> Any:  # noqa: A002
-    """A documented settings field: ``setting(0.01, "learning rate")``; ``factory`` for lists."""
+def setting(default: Any = None, help: str = "", *, factory: Any = None, numbers: bool = True) -> Any:  # noqa: A002
+    """A documented settings field: ``setting(0.01, "learning rate")``; ``factory`` for lists.
+
+    ``numbers=False`` marks a setting that cannot move the results (workers, cache, the seed
+    of a trial): changing it is not a deviation from the protocol's source.
+    """
+    metadata = {"help": help, "numbers": numbers}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class ProtocolError(DcbenchError):
@@ -64,13 +70,13 @@ class CommonSettings:
     """Fields every protocol takes, with one validation. Subclasses redeclare a field to
     change its default (it keeps its place) and extend :meth:`validate`."""
 
-    seed: int = setting(0, "random seed of the trial (head init, shuffling, augmentation)")
+    seed: int = setting(0, "random seed of the trial (head init, shuffling, augmentation)", numbers=False)
     batch_size: int = setting(256, "batch size")
-    workers: int = setting(4, "DataLoader worker processes")
+    workers: int = setting(4, "DataLoader worker processes", numbers=False)
 
     def validate(self) -> None:
         """Raise UsageError for impossible values (called after every ``--set``)."""
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:  # None: "the preset's" where allowed
             raise UsageError(f"bad value {self.batch_size} for batch_size: must be at least 1")
         if self.workers < 0:
             raise UsageError(f"bad value {self.workers} for workers: must be >= 0")
@@ -82,7 +88,7 @@ class FrozenFeatureSettings(CommonSettings):
 
     taps: list[str] | None = setting(None, "taps to evaluate, all from one forward pass (default: every conv tap)")
     image_size: int = setting(224, "input side in px")
-    cache: bool = setting(True, "read/write the extracted features in the feature cache")
+    cache: bool = setting(True, "read/write the extracted features in the feature cache", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on training images, on a copy, before extracting; "
                 "auto = on for random inits")
@@ -93,6 +99,45 @@ class FrozenFeatureSettings(CommonSettings):
             raise UsageError(f"bad value {self.image_size} for image_size: must be at least 1")
         if self.taps is not None and not self.taps:
             raise UsageError("taps is empty: name at least one tap, or leave it unset for every conv tap")
+
+
+# ----------------------------------------------------------------------------- provenance
+@dataclass(frozen=True)
+class Deviation:
+    """A difference between what dcbench computes and the source a preset follows."""
+
+    what: str  # e.g. "crops=center" or "region proposals from an RPN, not selective search"
+    why: str  # the reason, or "set by the user"
+    source: str = "card"  # "card": known and documented; "user": a --set away from the preset
+
+    def to_dict(self) -> dict[str, str]:
+        return {"what": self.what, "why": self.why, "source": self.source}
+
+
+@dataclass
+class Card:
+    """A protocol's provenance card for one preset: every default setting with its source and
+    the known deviations from that source (``dcbench protocols NAME [--json]``)."""
+
+    name: str
+    version: str
+    preset: str | None
+    settings: dict[str, Any]  # the resolved defaults
+    sources: dict[str, str]  # setting -> where its default comes from
+    deviations: list[Deviation]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "preset": self.preset, "settings": self.settings,
+                "sources": [{"setting": k, "source": v} for k, v in self.sources.items()],
+                "deviations": [d.to_dict() for d in self.deviations]}
+
+
+def affects_numbers(settings_cls: type, name: str) -> bool:
+    """Whether setting ``name`` can move a result (see :func:`setting`'s ``numbers``)."""
+    for f in fields(settings_cls):
+        if f.name == name:
+            return bool(f.metadata.get("numbers", True))
+    return True
 
 
 # ----------------------------------------------------------------------------- run context
@@ -124,7 +169,8 @@ class RunContext:
         training images) and the sha256 is the copy's; otherwise the checkpoint's own backbone.
         The runner asserts after the run that it did not change.
         """
-        from dcbench.features import prepared_backbone, tensor_digests  # noqa: PLC0415 (heavy: torch)
+        from dcbench.digest import tensor_digests  # noqa: PLC0415 (heavy: torch)
+        from dcbench.features import prepared_backbone  # noqa: PLC0415
         import torch
 
         with torch.random.fork_rng(devices=[]), prepared_backbone(
@@ -188,10 +234,52 @@ class Protocol:
     finetune: ClassVar[bool] = False
     seed_dependent: ClassVar[bool] = True
     Settings: ClassVar[type] = CommonSettings
+    #: setting -> where its default comes from (repository + file + key, or paper + table);
+    #: per preset: override :meth:`sources_for`
+    sources: ClassVar[dict[str, str]] = {}
+    #: known deviations of the recipe from its sources, with the reason
+    known_deviations: ClassVar[tuple[Deviation, ...]] = ()
 
     def default_settings(self) -> Any:
         """The protocol's standard settings (the ``Settings`` defaults)."""
         return self.Settings()
+
+    def preset_defaults(self, settings: Any) -> Any:
+        """The defaults of the preset ``settings`` uses (the plain defaults without presets)."""
+        defaults = self.default_settings()
+        preset = getattr(settings, "preset", None)
+        if preset is not None and preset != getattr(defaults, "preset", None):
+            defaults = dataclasses.replace(defaults, preset=preset)
+        return defaults
+
+    def sources_for(self, preset: str | None) -> dict[str, str]:
+        """Where each default of ``preset`` comes from."""
+        return dict(self.sources)
+
+    def deviations_for(self, preset: str | None) -> list[Deviation]:
+        """The known deviations of ``preset`` from its source."""
+        return list(self.known_deviations)
+
+    def card(self, settings: Any = None) -> Card:
+        """The provenance card of the preset ``settings`` uses (default: the default preset)."""
+        from dcbench.settings import to_plain  # noqa: PLC0415
+
+        resolved = self.preset_defaults(settings if settings is not None else self.default_settings())
+        preset = getattr(resolved, "preset", None)
+        return Card(self.name, self.version, preset, to_plain(resolved), self.sources_for(preset),
+                    self.deviations_for(preset))
+
+    def deviations(self, settings: Any) -> list[Deviation]:
+        """The card's deviations plus every setting of ``settings`` that can move the numbers
+        and differs from its preset's default (what the user's ``--set`` changed)."""
+        defaults = self.preset_defaults(settings)
+        preset = getattr(settings, "preset", None)
+        user = [Deviation(f"{f.name}={_show(getattr(settings, f.name))}",
+                          f"set by the user; the {preset or 'protocol'} default is {_show(getattr(defaults, f.name))}",
+                          "user")
+                for f in fields(settings)
+                if f.metadata.get("numbers", True) and getattr(settings, f.name) != getattr(defaults, f.name)]
+        return self.deviations_for(preset) + user
 
     def model_input_size(self, settings: Any) -> int | None:
         """The input size the backbone's fully connected layers are built for when a random
@@ -210,6 +298,12 @@ class Protocol:
     def run(self, ckpt: Any, settings: Any, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Evaluate ``ckpt`` (a :class:`dcbench.checkpoint.LoadedCheckpoint`) on ``root``."""
         raise NotImplementedError
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -1,5 +1,5 @@
-"""Pascal VOC object detection by fine-tuning (``voc-det``). Semantics: ../shared/PROTOCOLS.md,
-"Pascal VOC detection"; engine: :mod:`dcbench.detection`.
+"""Pascal VOC object detection by fine-tuning (``voc-det``): the DeepCluster paper's Table 2
+(Caron et al., ECCV 2018) and the MoCo / VISSL standard; engine: :mod:`dcbench.detection`.
 
 The detector is torchvision's Faster R-CNN built on a deep COPY of the backbone (the
 checkpoint is never touched):
@@ -14,9 +14,9 @@ checkpoint is never touched):
 
 Modes (the paper's): ``fc6-8`` = the conv trunk frozen (and in eval mode), everything after
 it trains (RPN, fc6, fc7, the new predictor; for ResNets res5 as well); ``all`` = everything
-trains except the fixed Sobel filters. The protocol checks itself: ``fc6-8`` left every trunk
-tensor (weights and BatchNorm buffers) unchanged, ``all`` changed trunk weights, and the
-checkpoint's backbone is unchanged.
+trains except the fixed Sobel filters. The run checks itself (:mod:`dcbench.finetune`):
+``fc6-8`` left every trunk tensor (weights and BatchNorm buffers) unchanged, ``all`` changed
+trunk weights; the runner checks that the checkpoint's backbone is unchanged.
 
 Presets (``preset=auto``: ``deepcluster`` for DeepCluster AlexNet/VGG16, ``moco`` for every
 other backbone); every value is a setting, ``None`` meaning "the preset's":
@@ -57,37 +57,23 @@ detectron2 installed it is a one-line usage error naming the install command.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import math
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
-
 from dcbench.data import DataError
-from dcbench.data.voc import VOC_CLASSES, VOCAnnotation, VOCSplit, available_classes, layout, load_voc_split
-from dcbench.detection.data import DetectionDataset, annotations_digest, records_from_annotations
-from dcbench.detection.engine import SolverSpec, detect, precise_bn, train_detector
-from dcbench.detection.evaluation import DetectionAP, evaluate_detections
-from dcbench.detection.model import DetectorSpec, build_detector, require_supported, set_trainable
+from dcbench.data.voc import layout
+from dcbench.detection import (DetData, DetectionDataset, DetectorSpec, SolverSpec, ap_rows, evaluate_detections,
+                               finetune_torchvision, load_det_data, records_from_annotations, require_supported)
 from dcbench.errors import UsageError
-from dcbench.features import assert_unchanged, prepared_backbone, show_progress, tensor_digests
-from dcbench.models import DeepClusterAlexNet, DeepClusterVGG16
-from dcbench.results import MetricRow
-from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
-from dcbench.data.transforms import center_transform
-from dcbench.protocols.voc_cls import check_trunk
+from dcbench.finetune import design_family
+from dcbench.protocol import CommonSettings, EvalContext, Protocol, ProtocolOutput, register_protocol, setting
 
 log = logging.getLogger("dcbench")
 _SET_RE = re.compile(r"(2007|2012):(train|val|trainval|test)")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 # ============================================================================= presets
@@ -121,72 +107,72 @@ PRESET_CONSTANTS: dict[str, dict[str, Any]] = {
 
 # ============================================================================= settings
 @dataclass
-class VocDetSettings:
+class VocDetSettings(CommonSettings):
     """Settings of ``voc-det``; ``None`` = the preset's value (see the module docstring)."""
 
-    preset: Literal["auto", "deepcluster", "moco"] = field(default="auto", metadata=_help(
-        "deepcluster: the paper's Fast R-CNN setup on conv5 (VOC07 trainval -> test); moco: the MoCo/VISSL "
-        "R50-C4 recipe (VOC07+12 trainval -> VOC07 test, 24k it.); auto: deepcluster for DeepCluster "
-        "alexnet/vgg16, moco otherwise"))
-    mode: Literal["fc6-8", "all"] | None = field(default=None, metadata=_help(
-        "fc6-8: conv trunk frozen, the rest trains; all: everything trains (preset: deepcluster fc6-8, moco all)"))
-    iterations: int | None = field(default=None, metadata=_help("SGD iterations (preset: 40000 / 24000)"))
-    batch_size: int | None = field(default=None, metadata=_help("images per iteration (preset: 2 / 16)"))
-    micro_batch: int = field(default=0, metadata=_help(
-        "images per forward pass, gradients accumulated over the batch (0: the whole batch; smaller saves "
-        "memory, BatchNorm then sees micro-batch statistics)"))
-    lr: float | None = field(default=None, metadata=_help("base learning rate (preset: 0.001 / 0.02)"))
-    lr_steps: list[int] | None = field(default=None, metadata=_help(
-        "iterations at which lr is multiplied by 0.1 (preset: [30000] / [18000,22000])"))
-    warmup_iters: int | None = field(default=None, metadata=_help("linear warm-up iterations (preset: 0 / 100)"))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
-    weight_decay: float | None = field(default=None, metadata=_help("weight decay (preset: 5e-4 / 1e-4)"))
-    min_size: list[int] | None = field(default=None, metadata=_help(
-        "training short sides in px, one drawn per image (preset: [600] / [480,512,...,800])"))
-    test_size: int | None = field(default=None, metadata=_help("test short side in px (preset: 600 / 800)"))
-    max_size: int | None = field(default=None, metadata=_help("long-side cap in px, train and test (preset: 1000 / 1333)"))
-    anchor_sizes: list[int] | None = field(default=None, metadata=_help(
-        "RPN anchor sizes in px, aspect ratios 0.5/1/2 (preset: [128,256,512] / [32,64,128,256,512])"))
-    roi_pool: Literal["pool", "align"] | None = field(default=None, metadata=_help(
-        "pool: RoIPool (Fast R-CNN); align: aligned RoIAlign (detectron2's ROIAlignV2) (preset: pool / align)"))
-    rois_per_image: int | None = field(default=None, metadata=_help(
-        "RoIs sampled per image for the box head, 25% foreground (preset: 64 / 512)"))
-    proposals_train: int | None = field(default=None, metadata=_help(
-        "RPN proposals kept per image after NMS in training (preset: 2000)"))
-    proposals_test: int | None = field(default=None, metadata=_help(
-        "RPN proposals kept per image after NMS at test (preset: 300 / 1000)"))
-    bn: Literal["frozen", "train"] | None = field(default=None, metadata=_help(
-        "frozen: BatchNorm uses running statistics, scale/shift fixed; train: batch statistics in the layers "
-        "that train (SyncBN semantics on one device) (preset: frozen / train)"))
-    precise_bn: int | None = field(default=None, metadata=_help(
-        "with bn=train: re-estimate BatchNorm statistics over this many training batches before testing "
-        "(detectron2's PreciseBN; preset: 0 / 200)"))
-    train_difficult: bool | None = field(default=None, metadata=_help(
-        "train on difficult objects too (preset: false as py-faster-rcnn / true as detectron2); the test "
-        "always ignores them"))
-    train_sets: list[str] | None = field(default=None, metadata=_help(
-        "training image sets as YEAR:SPLIT (preset: [2007:trainval] / [2007:trainval,2012:trainval])"))
-    test_set: str | None = field(default=None, metadata=_help("evaluated image set, YEAR:SPLIT (2007:test)"))
-    classes: list[str] | None = field(default=None, metadata=_help(
-        "classes to detect (default: the VOC classes whose ImageSets/Main files exist for the test set; "
-        "all 20 on VOC2007)"))
-    ap_rule: Literal["11-point", "all-points"] = field(default="11-point", metadata=_help(
-        "AP integration: VOC07 11-point (detectron2 on VOC2007 test) or all-points (VOC2010+)"))
-    backend: Literal["torchvision", "detectron2"] = field(default="torchvision", metadata=_help(
-        "torchvision: the built-in Faster R-CNN; detectron2: export the ResNet and run detectron2's trainer "
-        "(needs detectron2 installed)"))
-    bn_recalibrate: Literal["auto", "on", "off"] = field(default="auto", metadata=_help(
-        "re-estimate the backbone's BatchNorm statistics on training images before fine-tuning; auto = on "
-        "for random inits"))
-    seed: int = field(default=0, metadata=_help("seed of the new layers, sampling, flips and shuffling (one trial)"))
-    workers: int = field(default=4, metadata=_help("DataLoader worker processes"))
+    preset: Literal["auto", "deepcluster", "moco"] = setting(
+        "auto", "deepcluster: the paper's Fast R-CNN setup on conv5 (VOC07 trainval -> test); moco: the MoCo/VISSL "
+                "R50-C4 recipe (VOC07+12 trainval -> VOC07 test, 24k it.); auto: deepcluster for DeepCluster "
+                "alexnet/vgg16, moco otherwise")
+    mode: Literal["fc6-8", "all"] | None = setting(
+        None, "fc6-8: conv trunk frozen, the rest trains; all: everything trains (preset: deepcluster fc6-8, moco all)")
+    iterations: int | None = setting(None, "SGD iterations (preset: 40000 / 24000)")
+    batch_size: int | None = setting(None, "images per iteration (preset: 2 / 16)")
+    micro_batch: int = setting(
+        0, "images per forward pass, gradients accumulated over the batch (0: the whole batch; smaller saves "
+           "memory, BatchNorm then sees micro-batch statistics)")
+    lr: float | None = setting(None, "base learning rate (preset: 0.001 / 0.02)")
+    lr_steps: list[int] | None = setting(
+        None, "iterations at which lr is multiplied by 0.1 (preset: [30000] / [18000,22000])")
+    warmup_iters: int | None = setting(None, "linear warm-up iterations (preset: 0 / 100)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float | None = setting(None, "weight decay (preset: 5e-4 / 1e-4)")
+    min_size: list[int] | None = setting(
+        None, "training short sides in px, one drawn per image (preset: [600] / [480,512,...,800])")
+    test_size: int | None = setting(None, "test short side in px (preset: 600 / 800)")
+    max_size: int | None = setting(None, "long-side cap in px, train and test (preset: 1000 / 1333)")
+    anchor_sizes: list[int] | None = setting(
+        None, "RPN anchor sizes in px, aspect ratios 0.5/1/2 (preset: [128,256,512] / [32,64,128,256,512])")
+    roi_pool: Literal["pool", "align"] | None = setting(
+        None, "pool: RoIPool (Fast R-CNN); align: aligned RoIAlign (detectron2's ROIAlignV2) (preset: pool / align)")
+    rois_per_image: int | None = setting(
+        None, "RoIs sampled per image for the box head, 25% foreground (preset: 64 / 512)")
+    proposals_train: int | None = setting(
+        None, "RPN proposals kept per image after NMS in training (preset: 2000)")
+    proposals_test: int | None = setting(
+        None, "RPN proposals kept per image after NMS at test (preset: 300 / 1000)")
+    bn: Literal["frozen", "train"] | None = setting(
+        None, "frozen: BatchNorm uses running statistics, scale/shift fixed; train: batch statistics in the layers "
+              "that train (SyncBN semantics on one device) (preset: frozen / train)")
+    precise_bn: int | None = setting(
+        None, "with bn=train: re-estimate BatchNorm statistics over this many training batches before testing "
+              "(detectron2's PreciseBN; preset: 0 / 200)")
+    train_difficult: bool | None = setting(
+        None, "train on difficult objects too (preset: false as py-faster-rcnn / true as detectron2); the test "
+              "always ignores them")
+    train_sets: list[str] | None = setting(
+        None, "training image sets as YEAR:SPLIT (preset: [2007:trainval] / [2007:trainval,2012:trainval])")
+    test_set: str | None = setting(None, "evaluated image set, YEAR:SPLIT (2007:test)")
+    classes: list[str] | None = setting(
+        None, "classes to detect (default: the VOC classes whose ImageSets/Main files exist for the test set; "
+              "all 20 on VOC2007)")
+    ap_rule: Literal["11-point", "all-points"] = setting(
+        "11-point", "AP integration: VOC07 11-point (detectron2 on VOC2007 test) or all-points (VOC2010+)")
+    backend: Literal["torchvision", "detectron2"] = setting(
+        "torchvision", "torchvision: the built-in Faster R-CNN; detectron2: export the ResNet and run "
+                       "detectron2's trainer (needs detectron2 installed)")
+    bn_recalibrate: Literal["auto", "on", "off"] = setting(
+        "auto", "re-estimate the backbone's BatchNorm statistics on training images before fine-tuning; auto = on "
+                "for random inits")
+    seed: int = setting(0, "seed of the new layers, sampling, flips and shuffling (one trial)")
 
     def validate(self) -> None:
         """Raise UsageError for impossible values (and for backend=detectron2 without detectron2)."""
-        for name in ("iterations", "warmup_iters", "precise_bn"):
+        super().validate()
+        for name in ("iterations", "warmup_iters", "precise_bn", "micro_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UsageError(f"bad value {getattr(self, name)} for {name}: must be >= 0")
-        for name in ("batch_size", "test_size", "max_size", "rois_per_image", "proposals_train", "proposals_test"):
+        for name in ("test_size", "max_size", "rois_per_image", "proposals_train", "proposals_test"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"bad value {getattr(self, name)} for {name}: must be at least 1")
         for name in ("min_size", "anchor_sizes"):
@@ -202,8 +188,6 @@ class VocDetSettings:
             raise UsageError("train_sets is empty: name at least one YEAR:SPLIT")
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
             raise UsageError(f"bad value {self.classes} for classes: give distinct class names, e.g. [cat,dog]")
-        if self.workers < 0 or self.micro_batch < 0:
-            raise UsageError("bad value: workers and micro_batch must be >= 0")
         if self.backend == "detectron2":
             from dcbench.detection.detectron2_backend import require_detectron2
             require_detectron2()
@@ -262,7 +246,7 @@ def preset_for(settings: VocDetSettings, backbone: Any | None) -> str:
         return settings.preset
     if backbone is None:
         return "auto"
-    return "deepcluster" if isinstance(backbone, (DeepClusterAlexNet, DeepClusterVGG16)) else "moco"
+    return "deepcluster" if design_family(backbone) == "deepcluster" else "moco"
 
 
 def resolve(settings: VocDetSettings, backbone: Any | None) -> Recipe:
@@ -280,68 +264,11 @@ def resolve(settings: VocDetSettings, backbone: Any | None) -> Recipe:
     return Recipe(preset, values, dict(PRESET_CONSTANTS[preset]))
 
 
-def _parse_set(text: str) -> tuple[str, str]:
-    year, split = text.split(":")
-    return year, split
-
-
-# ============================================================================= data
-@dataclass
-class DetData:
-    """The image sets of a run: training splits, the test split, classes, parsed annotations."""
-
-    train: list[VOCSplit]
-    test: VOCSplit
-    classes: list[str]
-    train_annotations: list[list[VOCAnnotation]] = field(default_factory=list)
-    test_annotations: list[VOCAnnotation] = field(default_factory=list)
-
-    def read_annotations(self) -> None:
-        """Parse every XML once."""
-        self.train_annotations = [s.annotations() for s in self.train]
-        self.test_annotations = self.test.annotations()
-
-    def fingerprint(self) -> str:
-        """16 hex chars over every split's images, image sets and annotation files."""
-        parts = [f"{s.year}:{s.split}:{s.fingerprint()}:{annotations_digest(s)}" for s in [*self.train, self.test]]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-safe facts for the result record."""
-        return {"voc_dirs": sorted({str(s.voc_dir) for s in [*self.train, self.test]}), "classes": self.classes,
-                "all_voc_classes": self.classes == list(VOC_CLASSES),
-                "train_sets": [f"{s.year}:{s.split}" for s in self.train],
-                "test_set": f"{self.test.year}:{self.test.split}",
-                "images": {f"{s.year}:{s.split}": len(s) for s in [*self.train, self.test]}}
-
-
 def _sets_needed(settings: VocDetSettings, preset: str) -> tuple[list[str], str]:
     """Train sets and test set; with preset auto, only what both presets share (VOC2007)."""
     base = PRESETS["deepcluster" if preset == "auto" else preset]
     train = settings.train_sets or base["train_sets"]
     return list(train), settings.test_set or base["test_set"]
-
-
-def load_det_data(root: Path, train_sets: list[str], test_set: str, classes: list[str] | None,
-                  warn: bool = True) -> DetData:
-    """Read the image sets (cheap: text files, folder listings; annotations are not parsed)."""
-    test_year, test_split = _parse_set(test_set)
-    if test_year == "2012" and test_split == "test":
-        raise DataError("VOC2012 publishes no test annotations; evaluate on 2007:test (or a val split)")
-    found = classes or available_classes(root, [test_split], test_year)
-    if warn and classes is None and len(found) < len(VOC_CLASSES):
-        log.warning("VOCdevkit has the class files of %d of the 20 VOC classes; detecting %s "
-                    "(AP is comparable to published numbers only with all 20)", len(found), ", ".join(found))
-    unknown = [c for c in found if c not in VOC_CLASSES]
-    if unknown:
-        raise UsageError(f"unknown class {unknown[0]!r} in classes; VOC classes: {', '.join(VOC_CLASSES)}")
-    splits = []
-    for text in [*train_sets, test_set]:
-        year, split = _parse_set(text)
-        s = load_voc_split(root, split, year, classes=None)
-        s.check_annotations()
-        splits.append(s)
-    return DetData(splits[:-1], splits[-1], list(found))
 
 
 # ============================================================================= protocol
@@ -353,6 +280,7 @@ class VocDetection(Protocol):
     description: ClassVar[str] = ("Pascal VOC detection by fine-tuning Faster R-CNN (conv5 + fc6/fc7 or R-C4), "
                                   "AP50/AP75/AP (paper Table 2; MoCo/VISSL)")
     version: ClassVar[str] = "1"
+    finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocDetSettings
     data_layout: ClassVar[str] = f"""\
 {layout("2007")}, and VOC2012 the same way for the moco preset
@@ -381,17 +309,17 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
             detectron2_depth(ckpt)
         data = load_det_data(Path(root), recipe.train_sets, recipe.test_set, settings.classes)
         data.read_annotations()
-        train_ds = DetectionDataset(self._train_records(data, recipe), flip=True)
+        train_ds = DetectionDataset(data.training_records(recipe.train_difficult), flip=True)
         if len(train_ds) == 0:
             raise DataError(f"no training image holds an object of {', '.join(data.classes)} in "
                             f"{', '.join(recipe.train_sets)}; check Annotations/ and the classes setting")
         test_ds = DetectionDataset(records_from_annotations(data.test, data.test_annotations, data.classes, True))
-        original = tensor_digests(ckpt.backbone)
         if recipe.backend == "detectron2":
             detections, facts = self._run_detectron2(ckpt, train_ds, test_ds, data, recipe, ctx)
         else:
-            detections, facts = self._run_torchvision(ckpt, train_ds, test_ds, data, recipe, ctx)
-        assert_unchanged(ckpt.backbone, original, what="checkpoint backbone (fine-tuning works on a copy)")
+            detections, facts = finetune_torchvision(ckpt, train_ds, test_ds, len(data.classes), data.train[0],
+                                                     recipe.detector_spec(), recipe.solver(recipe.workers), recipe,
+                                                     ctx.device, ctx.progress)
         ap = evaluate_detections(detections, data.test_annotations, data.classes,
                                  use_07_metric=recipe.ap_rule == "11-point")
         rows = ap_rows(ap, recipe.mode, recipe.seed)
@@ -404,37 +332,6 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
                  "proposals": "RPN trained jointly (Faster R-CNN); the paper's Fast R-CNN used selective search",
                  "det_wall_s": round(time.perf_counter() - started, 3)}
         return ProtocolOutput(rows, data.fingerprint(), extra)
-
-    @staticmethod
-    def _train_records(data: DetData, recipe: Recipe) -> list:
-        records = []
-        for split, anns in zip(data.train, data.train_annotations):
-            records += records_from_annotations(split, anns, data.classes, recipe.train_difficult)
-        # detectron2 and py-faster-rcnn both drop images without a training box
-        return [r for r in records if len(r.boxes)]
-
-    def _run_torchvision(self, ckpt: Any, train_ds: DetectionDataset, test_ds: DetectionDataset, data: DetData,
-                         recipe: Recipe, ctx: EvalContext) -> tuple[list, dict[str, Any]]:
-        spec, solver = recipe.detector_spec(), recipe.solver(recipe.workers)
-        det, bn_info = _prepare_detector(ckpt, data, recipe, spec, ctx)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
-            allowed = set_trainable(det, recipe.mode, recipe.bn)
-            det.to(ctx.device)
-            before = tensor_digests(det.trunk)
-            bar = _bar(solver.iterations, "detection fine-tune", "it", ctx.progress)
-            train_log = train_detector(det, train_ds, solver, ctx.device, bar)
-            _close(bar)
-            pbn = precise_bn(det, train_ds, recipe.precise_bn, solver.batch_size, recipe.workers, ctx.device,
-                             recipe.seed)
-            check = check_trunk(det.trunk, before, allowed, recipe.mode, solver.iterations)
-            bar = _bar(len(test_ds), "detect", "img", ctx.progress)
-            detections = detect(det, test_ds, max(1, min(solver.batch_size, 8)), recipe.workers, ctx.device, bar)
-            _close(bar)
-        facts = {"detector": det.design, "detector_spec": spec.describe(), "solver": solver.describe(),
-                 "trunk_check": check, "bn_recalibrate": bn_info, "precise_bn": pbn, **train_log,
-                 "skipped_test_images": sum(d is None for d in detections)}
-        return detections, facts
 
     def _run_detectron2(self, ckpt: Any, train_ds: DetectionDataset, test_ds: DetectionDataset, data: DetData,
                         recipe: Recipe, ctx: EvalContext) -> tuple[list, dict[str, Any]]:
@@ -449,37 +346,5 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
                             "bn_recalibrate": {"ran": False, "reason": "not done with backend=detectron2"}}
 
 
-def _prepare_detector(ckpt: Any, data: DetData, recipe: Recipe, spec: DetectorSpec,
-                      ctx: EvalContext) -> tuple[Any, dict[str, Any]]:
-    """The detector on the backbone, whose BatchNorm statistics are first re-estimated on
-    training images when the setting asks for it (random inits by default)."""
-    recal_ds = data.train[0].dataset(center_transform(spec.test_size))
-    with torch.random.fork_rng(devices=[]), prepared_backbone(
-            ckpt, recipe.bn_recalibrate, recal_ds, 16, recipe.workers, ctx.device, recipe.seed,
-            ctx.progress) as (backbone, _sha, bn_info):
-        return build_detector(backbone, len(data.classes), spec, recipe.seed), bn_info
-
-
-def ap_rows(ap: DetectionAP, tap: str, seed: int) -> list[MetricRow]:
-    """``AP50``, ``AP75``, ``AP`` (x100) and one ``AP50_<cls>`` row per class with test objects."""
-    rows = [MetricRow(name, 100.0 * value, tap, "test", None, seed)
-            for name, value in (("AP50", ap.ap50), ("AP75", ap.ap75), ("AP", ap.ap)) if not math.isnan(value)]
-    rows += [MetricRow(f"AP50_{cls}", 100.0 * ap.class_ap(cls, 0.5), tap, "test", None, seed)
-             for cls in ap.classes if not math.isnan(ap.class_ap(cls, 0.5))]
-    return rows
-
-
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-
-
-def _bar(total: int, desc: str, unit: str, progress: bool) -> Any:
-    if not show_progress(progress):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
-
-
-def _close(bar: Any) -> None:
-    if bar is not None:
-        bar.close()

@@ -1,7 +1,8 @@
-"""Pascal VOC2012 semantic segmentation by fine-tuning (``voc-seg``) on mmsegmentation.
-Semantics: ../shared/PROTOCOLS.md, "Pascal VOC segmentation".
+"""Pascal VOC2012 semantic segmentation by fine-tuning (``voc-seg``) on mmsegmentation: the
+DeepCluster paper's Table 2 (FCN on AlexNet) and the MMSelfSup standard.
 
-Defaults = MMSelfSup's standard (``fcn_r50-d8_4xb4-20k_voc12aug-512x512``): FCN head, VOC2012
+Defaults = MMSelfSup's standard (open-mmlab/mmselfsup,
+``configs/benchmarks/mmsegmentation/voc12aug/fcn_r50-d8_4xb4-20k_voc12aug-512x512.py``): FCN head, VOC2012
 train + SBD aug (10,582 images; used when its files are present, ``sbd_aug``) -> val (1,449),
 random resize into (2048, 512) x 0.5-2.0 keeping the aspect ratio, random 512 crop (at most 75%
 one class), flip, photometric distortion; SGD lr 0.01, momentum 0.9, wd 5e-4, poly 0.9 down
@@ -15,13 +16,13 @@ Presets (what each resolves to for the backbone at hand is in the result's ``rec
 - ``mmselfsup``: ResNets dilated to output stride 8, ``FCNHead`` on res5 + auxiliary head on
   res4; other backbones the same head on their last conv tap; everything trains (``all``).
 - ``deepcluster`` (paper Table 2, FCN on AlexNet): the checkpoint's fc6/fc7 as convolutions
-  (FCN-32s), mode ``fc6-8`` (convs frozen) or ``all``. PROTOCOLS.md records no training
-  schedule or data for the paper's FCN runs, so this preset trains with the same data,
-  augmentation and schedule as ``mmselfsup`` (all recorded; each is a setting).
+  (FCN-32s), mode ``fc6-8`` (convs frozen) or ``all``. The paper records no training schedule
+  or data for its FCN runs, so this preset trains with the same data, augmentation and
+  schedule as ``mmselfsup`` (all recorded; each is a setting).
 
-The network is a deep COPY of the backbone (the checkpoint is never touched). The protocol
-checks itself that ``fc6-8`` left every trunk tensor (weights and BN statistics) unchanged and
-that ``all`` changed the trunk's weights.
+The network is a deep COPY of the backbone (the checkpoint is never touched). The run checks
+itself (:mod:`dcbench.finetune`) that ``fc6-8`` left every trunk tensor (weights and BN
+statistics) unchanged and that ``all`` changed the trunk's weights.
 
 Differences from MMSelfSup's runs, each recorded: one process instead of 4 GPUs x 4 images
 (BN statistics over the same 16 images, so SyncBN = BN); the backbone is the checkpoint's own
@@ -33,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -42,60 +43,60 @@ import numpy as np
 from dcbench.data import DataError
 from dcbench.data.voc import VOC_CLASSES
 from dcbench.errors import UsageError
-from dcbench.features import assert_unchanged, tensor_digests
+from dcbench.finetune import TrunkGuard, trainable_names
+from dcbench.protocol import CommonSettings, EvalContext, Protocol, ProtocolOutput, register_protocol, setting
 from dcbench.results import MetricRow
-from dcbench.protocol import EvalContext, Protocol, ProtocolOutput, register_protocol
 
 log = logging.getLogger("dcbench")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
-class VocSegSettings:
-    """Settings of ``voc-seg`` (defaults = PROTOCOLS.md's MMSelfSup standard)."""
+class VocSegSettings(CommonSettings):
+    """Settings of ``voc-seg`` (defaults: MMSelfSup's ``fcn_r50-d8_4xb4-20k_voc12aug-512x512``, built
+    from its ``_base_`` ``models/fcn_r50-d8.py``, ``datasets/pascal_voc12_aug.py`` and
+    ``schedules/schedule_20k.py``)."""
 
-    preset: Literal["mmselfsup", "deepcluster"] = field(default="mmselfsup", metadata=_help(
-        "mmselfsup: FCNHead (+ auxiliary head, output stride 8 for ResNets), all layers trained; "
-        "deepcluster: the paper's FCN-32s, fc6/fc7 of AlexNet/VGG16 as convolutions, fc6-8 by default"))
-    mode: Literal["fc6-8", "all"] | None = field(default=None, metadata=_help(
-        "fc6-8: backbone convs frozen (weights and BN statistics), fc6/fc7 and the head trained; all: the whole "
-        "network trained (default: the preset's, all for mmselfsup, fc6-8 for deepcluster)"))
-    iterations: int = field(default=20000, metadata=_help("SGD iterations (batches)"))
-    batch_size: int = field(default=16, metadata=_help("training batch size"))
-    crop_size: int = field(default=512, metadata=_help(
-        "training crop side in px; images are resized into (4*crop, crop) x scale_range for training and into "
-        "(4*crop, crop) for testing (mmseg's (2048, 512) at 512)"))
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata=_help(
-        "random resize ratio range of the training images"))
-    lr: float = field(default=0.01, metadata=_help("initial learning rate"))
-    min_lr: float = field(default=1e-4, metadata=_help("learning rate the poly schedule ends at (mmseg's eta_min)"))
-    poly_power: float = field(default=0.9, metadata=_help("power of the poly schedule"))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
-    weight_decay: float = field(default=5e-4, metadata=_help("weight decay of every trained parameter"))
-    sbd_aug: Literal["auto", "on", "off"] = field(default="auto", metadata=_help(
-        "add the SBD images (SegmentationClassAug/ + ImageSets/Segmentation/aug.txt, mmseg's layout) to train: "
-        "auto = when present, on = required, off = VOC2012 train only"))
-    classes: list[str] | None = field(default=None, metadata=_help(
-        "VOC classes to train and evaluate besides background (default: all 20); pixels of the other classes "
-        "are ignored like the void label"))
-    norm_eval: bool | None = field(default=None, metadata=_help(
-        "keep the backbone's BatchNorm in eval mode (running statistics) while training (default: the "
-        "preset's, false for mmselfsup, true for deepcluster)"))
-    output_stride: Literal[8, 16, 32] | None = field(default=None, metadata=_help(
-        "ResNets: reach this output stride by dilating res4/res5 (default: the preset's, 8 for mmselfsup, "
-        "32 (none) for deepcluster)"))
-    backend: Literal["mmseg"] = field(default="mmseg", metadata=_help("segmentation library (mmsegmentation 1.x)"))
-    seed: int = field(default=0, metadata=_help("seed of head init, sampling, augmentation and dropout"))
-    workers: int = field(default=4, metadata=_help("DataLoader worker processes"))
+    preset: Literal["mmselfsup", "deepcluster"] = setting(
+        "mmselfsup", "mmselfsup: FCNHead (+ auxiliary head, output stride 8 for ResNets), all layers trained; "
+                     "deepcluster: the paper's FCN-32s, fc6/fc7 of AlexNet/VGG16 as convolutions, fc6-8 by default")
+    mode: Literal["fc6-8", "all"] | None = setting(
+        None, "fc6-8: backbone convs frozen (weights and BN statistics), fc6/fc7 and the head trained; all: the whole "
+              "network trained (default: the preset's, all for mmselfsup, fc6-8 for deepcluster)")
+    # schedule_20k.py: IterBasedTrainLoop max_iters=20000; MMSelfSup: 4 GPUs x 4 images
+    iterations: int = setting(20000, "SGD iterations (batches)")
+    batch_size: int = setting(16, "training batch size")
+    # pascal_voc12_aug.py: RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0)), RandomCrop 512
+    crop_size: int = setting(
+        512, "training crop side in px; images are resized into (4*crop, crop) x scale_range for training and into "
+             "(4*crop, crop) for testing (mmseg's (2048, 512) at 512)")
+    scale_range: list[float] = setting(help="random resize ratio range of the training images",
+                                       factory=lambda: [0.5, 2.0])
+    # schedule_20k.py: SGD(lr=0.01, momentum=0.9, weight_decay=0.0005), PolyLR(eta_min=1e-4, power=0.9)
+    lr: float = setting(0.01, "initial learning rate")
+    min_lr: float = setting(1e-4, "learning rate the poly schedule ends at (mmseg's eta_min)")
+    poly_power: float = setting(0.9, "power of the poly schedule")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "weight decay of every trained parameter")
+    sbd_aug: Literal["auto", "on", "off"] = setting(
+        "auto", "add the SBD images (SegmentationClassAug/ + ImageSets/Segmentation/aug.txt, mmseg's layout) to "
+                "train: auto = when present, on = required, off = VOC2012 train only")
+    classes: list[str] | None = setting(
+        None, "VOC classes to train and evaluate besides background (default: all 20); pixels of the other classes "
+              "are ignored like the void label")
+    norm_eval: bool | None = setting(
+        None, "keep the backbone's BatchNorm in eval mode (running statistics) while training (default: the "
+              "preset's, false for mmselfsup, true for deepcluster)")
+    output_stride: Literal[8, 16, 32] | None = setting(
+        None, "ResNets: reach this output stride by dilating res4/res5 (default: the preset's, 8 for mmselfsup, "
+              "32 (none) for deepcluster)")
+    backend: Literal["mmseg"] = setting("mmseg", "segmentation library (mmsegmentation 1.x)")
+    seed: int = setting(0, "seed of head init, sampling, augmentation and dropout")
 
     def validate(self) -> None:
         """Raise UsageError for impossible values."""
-        for name in ("iterations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"bad value {getattr(self, name)} for {name}: must be at least 1")
+        super().validate()
+        if self.iterations < 1:
+            raise UsageError(f"bad value {self.iterations} for iterations: must be at least 1")
         if self.crop_size < 32:
             raise UsageError(f"bad value {self.crop_size} for crop_size: must be at least 32 px")
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
@@ -104,8 +105,6 @@ class VocSegSettings:
             raise UsageError("bad value: poly_power must be > 0, weight_decay >= 0 and momentum in [0, 1)")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise UsageError(f"bad value {self.scale_range} for scale_range: give [min,max] with 0 < min <= max")
-        if self.workers < 0:
-            raise UsageError(f"bad value {self.workers} for workers: must be >= 0")
         self._validate_classes()
 
     def _validate_classes(self) -> None:
@@ -130,23 +129,6 @@ def iou_rows(iou: np.ndarray, classes: list[str], tap: str, seed: int) -> tuple[
     return rows, {c: None if math.isnan(v) else round(100.0 * v, 4) for c, v in zip(classes, iou)}
 
 
-def check_trunk(net: Any, before: dict[str, str], mode: str, iterations: int) -> dict[str, Any]:
-    """fc6-8: every trunk tensor (weights, BN statistics) unchanged; all: some weight changed.
-    Raises RuntimeError otherwise (the result would be invalid)."""
-    after = tensor_digests(net)
-    changed = sorted(k for k in before if before[k] != after.get(k))
-    if mode == "fc6-8":
-        if changed:
-            raise RuntimeError(f"fc6-8 fine-tuning changed {len(changed)} frozen trunk tensors "
-                               f"({', '.join(changed[:5])}); the result is invalid")
-        return {"passed": True, "rule": "fc6-8: every trunk tensor unchanged", "changed": 0}
-    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    if iterations > 0 and trainable and not any(k in trainable for k in changed):
-        raise RuntimeError("all-layers fine-tuning left every trunk weight unchanged; the result is invalid")
-    return {"passed": True, "rule": "all: the trunk weights changed", "changed": len(changed),
-            "trainable_trunk_tensors": len(trainable)}
-
-
 # ----------------------------------------------------------------------------- the protocol
 @register_protocol
 class VocSeg(Protocol):
@@ -155,6 +137,7 @@ class VocSeg(Protocol):
     name: ClassVar[str] = "voc-seg"
     description: ClassVar[str] = "Pascal VOC2012 segmentation: FCN fine-tuning on mmsegmentation, mIoU (paper Table 2)"
     version: ClassVar[str] = "1"
+    finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocSegSettings
     data_layout: ClassVar[str] = """\
 ROOT/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt}
@@ -188,18 +171,16 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
         if data.aug == "absent":
             log.warning("voc-seg: no SBD augmentation found (%s); training on the %d VOC2012 train images only "
                         "(published numbers use train + aug, 10,582 images)", seg.data.AUG_SET, data.n_train)
-        original = tensor_digests(ckpt.backbone)
         with seg.seeded(settings.seed):
             net = copy.deepcopy(ckpt.backbone).cpu()
             recipe = seg.resolve_recipe(net, settings.preset, len(data.classes), settings.mode, settings.norm_eval,
                                         settings.output_stride)
             config = seg.model_config(recipe, settings.crop_size)
             model = seg.build_segmentor(net, config).to(ctx.device)
-            before = tensor_digests(net)
+            guard = TrunkGuard(net, trainable_names(net), recipe.mode)
             fit = self._train(model, data, settings, ctx)
-            check = check_trunk(net, before, recipe.mode, settings.iterations)
+            check = guard.check(settings.iterations, detail="count")
             cm, n_eval, failed = self._evaluate(model, data, settings, ctx)
-        assert_unchanged(ckpt.backbone, original, what="checkpoint backbone (fine-tuning works on a copy)")
         return self._output(cm, n_eval, failed, data, recipe, config, fit, check, ops_source, settings, started)
 
     @staticmethod

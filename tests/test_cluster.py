@@ -115,6 +115,42 @@ def test_pca_sample_smaller_than_dim_is_an_error():
         PCAWhitening(dim=8).fit(correlated(n=100, d=16), sample_size=5)
 
 
+def _retrieval_reference(blocks, dim, ratio=1e-5):
+    """DeepCluster's retrieval whitening as dcbench's retrieval protocol always computed it."""
+    x = np.concatenate(blocks).astype(np.float64)
+    mean = x.sum(axis=0) / len(x)
+    values, vectors = np.linalg.eigh(x.T @ x / len(x) - np.outer(mean, mean))
+    values = np.maximum(values, values.max() * ratio)
+    order = np.argsort(values)[::-1][:dim]
+    return mean, (vectors[:, order] / np.sqrt(values[order])).astype(np.float32), values[order].sum() / values.sum()
+
+
+def test_pca_relative_floor_float64_is_the_retrieval_recipe():
+    x = correlated(n=700, d=12, offset=3.0)
+    x[:, -1] = x[:, 0]  # a zero eigenvalue: raised to 1e-5 of the largest, not divided by ~0
+    pca = PCAWhitening(12, eps=1e-5, eps_rule="relative_floor", precision="float64").fit(
+        [x[:300], x[300:]], chunk_rows=64)
+    mean, projection, energy = _retrieval_reference([x[:300], x[300:]], 12)
+    np.testing.assert_allclose(pca.mean_, mean, rtol=1e-12)
+    np.testing.assert_allclose(match_signs(pca.projection_, projection), projection, rtol=1e-5, atol=1e-6)
+    assert pca.kept_energy_ == pytest.approx(energy, rel=1e-12) and pca.eigenvalues_.min() > 0
+    out = pca.transform(x)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    raw = pca.transform(x, l2_normalize=False)
+    assert np.cov(raw[:, :11].T, bias=True) == pytest.approx(np.eye(11), abs=1e-3)
+
+
+def test_pca_eps_rules_differ_only_in_the_small_eigenvalues():
+    x = correlated(n=800, d=16)
+    additive = PCAWhitening(4, eps=1e-5, eps_rule="additive").fit(x)
+    floored = PCAWhitening(4, eps=1e-5, eps_rule="relative_floor").fit(x)
+    np.testing.assert_allclose(additive.transform(x), floored.transform(x), atol=1e-4)
+    with pytest.raises(ValueError, match="eps_rule"):
+        PCAWhitening(4, eps_rule="clip")
+    with pytest.raises(ValueError, match="precision"):
+        PCAWhitening(4, precision="float16")
+
+
 # ----------------------------------------------------------------------------- k-means
 def test_kmeans_recovers_well_separated_blobs():
     # Random-init Lloyd (no k-means++ in the original) can stop in a local minimum that

@@ -13,8 +13,10 @@ from torch import nn
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.data import eval_transform, image_folder
 from dcbench.data.synthetic import make_image_folder
-from dcbench.features import (assert_unchanged, extract_features, feature_key, forward_pooled, key_hash,
-                              pool_id, prepared_backbone, recalibrate_bn, tensor_digests,
+from dcbench.checkpoint import weights_sha256 as checkpoint_weights_sha256
+from dcbench.digest import weights_sha256
+from dcbench.features import (assert_unchanged, extract_features, extract_rows, feature_key, forward_pooled,
+                              key_hash, pool_id, prepared_backbone, recalibrate_bn, shard_indices, tensor_digests,
                               wants_bn_recalibration)
 
 SHA = "ab" * 32
@@ -219,3 +221,67 @@ def test_assert_unchanged_names_the_tensor(ckpt):
     ckpt.backbone.features[1].running_var.mul_(1.5)  # a BN buffer, not a weight
     with pytest.raises(RuntimeError, match=r"features\.1\.running_var"):
         assert_unchanged(ckpt.backbone, snapshot)
+
+
+# ----------------------------------------------------------------------------- rows, shards, spill
+class TwoRegions:
+    """A per-region pool: the left and right halves of the map, max-pooled (B x 2 x C)."""
+
+    per_region = True
+    pool_id = "test-two-regions"
+
+    def __call__(self, fmap):
+        w = fmap.shape[-1] // 2
+        return torch.stack([fmap[..., :w].amax(dim=(-2, -1)), fmap[..., w:].amax(dim=(-2, -1))], dim=1)
+
+
+def test_shards_cover_the_dataset_and_concatenate_to_the_whole(ckpt, dataset):
+    assert [list(shard_indices(17, (r, 3))) for r in range(3)] == [list(range(6)), list(range(6, 12)),
+                                                                   list(range(12, 17))]
+    assert list(shard_indices(2, (2, 3))) == []  # more ranks than images: an empty shard
+    whole = extract_rows(ckpt.backbone, dataset, ["conv2"], POOLS, batch_size=4)
+    parts = [extract_rows(ckpt.backbone, dataset, ["conv2"], POOLS, batch_size=4, shard=(r, 2)) for r in range(2)]
+    assert [p.n_items for p in parts] == [9, 8] and whole.n_items == 17
+    np.testing.assert_array_equal(np.concatenate([p.taps["conv2"].rows for p in parts]), whole.taps["conv2"].rows)
+    np.testing.assert_array_equal(np.concatenate([p.taps["conv2"].owner for p in parts]), whole.taps["conv2"].owner)
+
+
+def test_sharded_cache_entries_are_keyed_by_shard(ckpt, dataset, tmp_path):
+    key = feature_key(SHA, "conv1", "t64", "fp", "p")
+    assert feature_key(SHA, "conv1", "t64", "fp", "p", shard=(0, 1)) == key  # unsharded keys never change
+    assert feature_key(SHA, "conv1", "t64", "fp", "p", shard=(1, 2))["shard"] == "1/2"
+    cache = tmp_path / "cache"
+    first = extract_rows(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8, shard=(1, 2))
+    calls = count_forwards(ckpt.backbone)
+    again = extract_rows(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8, shard=(1, 2))
+    assert not calls and again.cached == ["conv1"] and again.seconds is None
+    np.testing.assert_array_equal(first.taps["conv1"].owner, again.taps["conv1"].owner)
+    extract_rows(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8, shard=(0, 2))
+    assert calls  # the other shard is another entry
+
+
+def test_spilled_rows_equal_ram_rows_and_leave_no_file(ckpt, dataset, tmp_path):
+    ram = extract_rows(ckpt.backbone, dataset, ["conv1", "conv2"], POOLS, batch_size=4)
+    disk = extract_rows(ckpt.backbone, dataset, ["conv1", "conv2"], POOLS, batch_size=4, spill_dir=tmp_path,
+                        spill_over_bytes=0)
+    assert isinstance(disk.taps["conv1"].rows, np.memmap)
+    for tap in ("conv1", "conv2"):
+        np.testing.assert_array_equal(disk.taps[tap].rows, ram.taps[tap].rows)
+    assert not list(tmp_path.iterdir())  # unlinked as soon as mapped: nothing left, even after a crash
+
+
+def test_per_region_rows_name_their_image_and_go_through_the_cache(ckpt, dataset, tmp_path):
+    pools = {"conv5": TwoRegions(), "conv2": POOLS["conv2"]}
+    out = extract_rows(ckpt.backbone, dataset, ["conv5", "conv2"], pools, "t64", SHA, tmp_path, batch_size=4)
+    regions, images = out.taps["conv5"], out.taps["conv2"]
+    assert regions.rows.shape == (2 * len(images.owner), 256)
+    np.testing.assert_array_equal(regions.owner, np.repeat(images.owner, 2))
+    again = extract_rows(ckpt.backbone, dataset, ["conv5"], pools, "t64", SHA, tmp_path, batch_size=4)
+    np.testing.assert_array_equal(again.taps["conv5"].rows, regions.rows)
+    with pytest.raises(ValueError, match="extract_rows"):
+        extract_features(ckpt.backbone, dataset, ["conv5"], pools)
+
+
+def test_one_tensor_hash_for_checkpoints_and_digests(ckpt):
+    state = ckpt.backbone.backbone_state_dict()
+    assert weights_sha256(state) == checkpoint_weights_sha256(state) == ckpt.sha256

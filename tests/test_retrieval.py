@@ -21,8 +21,9 @@ from dcbench.metrics.retrieval import (old_protocol_gnd, old_protocol_map, revis
                                        revisited_setups)
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, get_protocol
-from dcbench.protocols.retrieval import (PCAWhitening, plan_geometry, pool_regions, rank_database, rmac_descriptors,
-                                 rmac_regions, Regions, retrieval_taps)
+from dcbench.protocols.retrieval import retrieval_taps
+from dcbench.retrieval import (Regions, learn_whitening, plan_geometry, pool_regions, rank_database, rmac_descriptors,
+                               rmac_regions)
 
 FAST = ["--set", "image_size=96", "--set", "workers=0"]
 ALL_NAMES = ("roxford5k", "rparis6k", "oxford5k", "paris6k")
@@ -180,8 +181,8 @@ def test_geometry_resize_then_crop_box_scaled_alike():
 def test_whitening_decorrelates_and_descriptors_are_unit():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 6)) + 3.0
-    white = PCAWhitening.fit([x[:1000], x[1000:]], dim=4)
-    z = (x - white.mean) @ white.projection.astype(np.float64)
+    white = learn_whitening([x[:1000], x[1000:]], dim=4)
+    z = (x - white.mean_) @ white.projection_.astype(np.float64)
     np.testing.assert_allclose(np.cov(z.T, bias=True), np.eye(4), atol=1e-3)
     regions = Regions(x.astype(np.float32), np.repeat(np.arange(400), 10), 401)  # image 400 unreadable
     desc = rmac_descriptors(regions, white)
@@ -320,7 +321,7 @@ def _run(name, root, cache, spec="random:alexnet,sobel=0", **overrides):
     settings = apply_settings(proto.default_settings(), {"image_size": 96, "workers": 0, **overrides})
     proto.check_data(root, settings)
     ckpt = resolve_checkpoint(spec, input_size=settings.image_size)
-    return proto.run(ckpt, settings, root, EvalContext(cache_dir=cache))
+    return proto.run(ckpt, settings, root, EvalContext(cache_dir=cache, settings=settings))
 
 
 def test_feature_cache_reuse_and_sharing_with_the_other_protocol(root, tmp_path, monkeypatch):
@@ -328,12 +329,12 @@ def test_feature_cache_reuse_and_sharing_with_the_other_protocol(root, tmp_path,
     first = _run("roxford5k", root, cache, bn_recalibrate="off")
     assert set(first.extra["feature_cache"].values()) == {"extracted"}
     # the second run reads every region set from the cache: no forward pass at all
-    import dcbench.protocols.retrieval as retrieval
+    import dcbench.features as features
 
     def no_forward(*args, **kwargs):
         raise AssertionError("forward pass despite a cached extraction")
 
-    monkeypatch.setattr(retrieval, "_forward_regions", no_forward)
+    monkeypatch.setattr(features, "_forward_rows", no_forward)
     again = _run("roxford5k", root, cache, bn_recalibrate="off")
     assert set(again.extra["feature_cache"].values()) == {"hit"}
     assert again.extra["images_per_s"]["database@1.0"] is None

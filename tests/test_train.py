@@ -123,6 +123,25 @@ def test_torchrun_two_processes(images, tmp_path):
     assert load_checkpoint(run / "checkpoint.pth").meta["epoch"] == 2
 
 
+def test_resume_refuses_changed_settings_and_accepts_the_allowed_ones(images, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(images), "--out", str(run), *SMALL, "--set", "feature_memmap_gb=0"]
+    first = CliRunner().invoke(main, [*args, "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    assert not list(run.glob("*.tmp"))  # the features memmap (feature_memmap_gb=0) is deleted after use
+    refused = CliRunner().invoke(main, [*args, "--epochs", "2", "--resume", "--k", "5", "--set", "lr=0.1"])
+    lines = refused.output.strip().splitlines()
+    assert refused.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), refused.output
+    assert "k (4 -> 5)" in lines[0] and "lr (0.05 -> 0.1)" in lines[0] and "--out" in lines[0]
+    assert "k: 4" in (run / "config.yaml").read_text()  # the saved settings are left alone
+    assert [r["epoch"] for r in _metrics(run)] == [0]
+    # epochs (extend the run), workers and device may change: documented in TrainConfig
+    extended = CliRunner().invoke(main, [*args, "--epochs", "2", "--resume", "--device", "cpu"])
+    assert extended.exit_code == 0, extended.output
+    assert [r["epoch"] for r in _metrics(run)] == [0, 1]
+    assert "epochs: 2" in (run / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("case", ["empty", "k_too_large", "unwritable", "non_image_list", "resume_nothing"])
 def test_bad_input_one_line_exit_1(images, tmp_path, case):
     out = tmp_path / "run"

@@ -1,5 +1,6 @@
-"""The VOC07 classification protocols (protocols/voc_cls.py): fine-tuning end to end through the
-CLI and its self-checks, the SVM core on constructed features, per-tap SVMs where a trained
+"""The VOC07 classification protocols (protocols/voc07_cls.py, protocols/voc07_svm.py) and their engine
+(dcbench/voc_finetune.py, dcbench/finetune.py, dcbench/svm.py, dcbench/lowshot.py): fine-tuning end to end
+through the CLI and its self-checks, the SVM core on constructed features, per-tap SVMs where a trained
 checkpoint beats a random one, resuming after an interruption, low-shot, and data errors."""
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ from dcbench.features import tensor_digests
 from dcbench.models import build_backbone
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, get_protocol
-from dcbench.protocols import voc_cls
+from dcbench import svm
 from dcbench.data.transforms import center_transform
-from dcbench.protocols.voc_cls import (FitStore, SvmParams, build_finetune_net, check_trunk, choose_cost, lowshot_sample,
-                               lowshot_stats, lr_at, masked_bce, set_trainable, svm_tap, svm_targets)
+from dcbench.finetune import check_trunk
+from dcbench.lowshot import lowshot_sample, lowshot_stats
+from dcbench.protocols.voc07_svm import COSTS
+from dcbench.svm import FALLBACK_COST, FitStore, SvmParams, choose_cost, svm_tap, svm_targets
+from dcbench.voc_finetune import build_finetune_net, lr_at, masked_bce, set_trainable
 
 CLASSES = VOC_CLASSES[:4]
 FAST = {
@@ -69,7 +73,7 @@ def run(name, root, cache, ckpt=None, **overrides):
     settings = apply_settings(proto.default_settings(), {**FAST[name], **overrides})
     proto.check_data(root, settings)
     ckpt = ckpt or resolve_checkpoint("random:alexnet,size=64")
-    return proto.run(ckpt, settings, root, EvalContext(cache_dir=cache))
+    return proto.run(ckpt, settings, root, EvalContext(cache_dir=cache, workers=settings.workers, settings=settings))
 
 
 def _invoke(*args):
@@ -180,17 +184,17 @@ def test_svm_core_informative_features_beat_noise():
     informative = [np.hstack([x, rng.normal(0, 0.5, (len(x), 50))]) for x in informative]
     noise = [rng.normal(size=(len(lab), 54)) for lab in (train, test)]
     classes = ["a", "b", "c", "d"]
-    good, results = svm_tap(informative[0], train, informative[1], test, classes, voc_cls.COSTS, SvmParams(),
+    good, results = svm_tap(informative[0], train, informative[1], test, classes, COSTS, SvmParams(),
                             FitStore(None), jobs=2)
-    bad, _ = svm_tap(noise[0], train, noise[1], test, classes, voc_cls.COSTS, SvmParams(), FitStore(None), jobs=2)
+    bad, _ = svm_tap(noise[0], train, noise[1], test, classes, COSTS, SvmParams(), FitStore(None), jobs=2)
     assert np.mean(good) > 0.95 and np.mean(bad) < 0.75
-    assert all(r.cost in voc_cls.COSTS and len(r.cv_aps) == len(voc_cls.COSTS) for r in results)
+    assert all(r.cost in COSTS and len(r.cv_aps) == len(COSTS) for r in results)
 
 
 def test_svm_core_conventions():
     assert svm_targets(np.array([1, -1, 0])).tolist() == [1, -1, -1]  # difficult trains as negative
     assert choose_cost([0.5, 0.9, 0.9, 0.1], [1, 2, 3, 4]) == 2.0  # first of equals
-    assert choose_cost([float("nan")] * 2, [5.0, 50.0]) == voc_cls.FALLBACK_COST
+    assert choose_cost([float("nan")] * 2, [5.0, 50.0]) == FALLBACK_COST
     # difficult test images, however high they score, do not move the test AP
     rng = np.random.default_rng(1)
     train, test = _labels(rng, 40), _labels(rng, 30)
@@ -246,7 +250,7 @@ def test_svm_resumes_after_an_interruption(root, tmp_path, monkeypatch):
     settings = {"taps": ["conv3"], "costs": [0.1, 1.0, 10.0], "jobs": 1}
     ckpt = resolve_checkpoint("random:alexnet,size=64")
     reference = run("voc07-svm", root, tmp_path / "fresh", ckpt, **settings)
-    real, calls = voc_cls.fit_svm, []
+    real, calls = svm.fit_svm, []
 
     def interrupted(*args, **kwargs):
         if len(calls) == 5:
@@ -254,13 +258,13 @@ def test_svm_resumes_after_an_interruption(root, tmp_path, monkeypatch):
         calls.append(args[2])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(voc_cls, "fit_svm", interrupted)
+    monkeypatch.setattr(svm, "fit_svm", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run("voc07-svm", root, tmp_path / "cache", ckpt, **settings)
     stored = list((tmp_path / "cache").rglob("svm/*/*.npz"))
     assert len(stored) == 5
 
-    monkeypatch.setattr(voc_cls, "fit_svm", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(svm, "fit_svm", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     calls.clear()
     resumed = run("voc07-svm", root, tmp_path / "cache", ckpt, **settings)
     assert len(calls) == 4 * 3 - 5  # only the fits the interruption lost

@@ -1,4 +1,4 @@
-"""The VOC detection protocol (protocols/voc_det.py) and its engine (dcbench/detection/): a short
+"""The VOC detection protocol (protocols/voc_det.py) and its engine (dcbench/detection/, dcbench/finetune.py): a short
 fine-tune through the CLI that learns, the fc6-8 self-check, the C4 design on a ResNet, the VOC
 AP against hand-computed detections, records and flips, presets, and the user errors."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dcbench.errors import UsageError
 from dcbench.features import tensor_digests
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, get_protocol
-from dcbench.protocols import voc_det
+from dcbench.detection import finetune as det_finetune
 from dcbench.protocols.voc_det import VocDetSettings, resolve
 
 CLASSES = VOC_CLASSES[:4]
@@ -104,14 +104,14 @@ def test_fc68_keeps_the_convs(root):
 
 def test_fc68_self_check_catches_a_trained_conv(root, monkeypatch):
     """If the freezing failed, the protocol refuses its own result."""
-    original = voc_det.set_trainable
+    original = det_finetune.set_trainable
 
     def leaky(det, mode, bn):
         allowed = original(det, mode, bn)
         det.trunk.body[0].weight.requires_grad_(True)  # conv1 trains although fc6-8 froze it
         return allowed
 
-    monkeypatch.setattr(voc_det, "set_trainable", leaky)
+    monkeypatch.setattr(det_finetune, "set_trainable", leaky)
     with pytest.raises(RuntimeError, match="fc6-8 fine-tuning changed"):
         run(root, iterations=2, mode="fc6-8")
 

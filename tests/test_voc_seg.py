@@ -32,7 +32,7 @@ from dcbench.features import tensor_digests  # noqa: E402
 from dcbench.models import build_backbone  # noqa: E402
 from dcbench.settings import apply_settings  # noqa: E402
 from dcbench.protocol import EvalContext, get_protocol  # noqa: E402
-from dcbench.protocols.voc_seg import check_trunk  # noqa: E402
+from dcbench.finetune import check_trunk, trainable_names  # noqa: E402
 
 CLASSES = list(VOC_CLASSES[:4])  # four classes with four different shapes and colours
 CLASS_SET = "classes=[" + ",".join(CLASSES) + "]"
@@ -129,14 +129,14 @@ def test_fc68_component_level_and_the_self_check(root):
     assert tensor_digests(net) == trunk  # conv weights and BN running statistics
     changed = [k for k, v in tensor_digests(model.backbone.fc).items() if fc[k] != v]
     assert any(k.endswith("weight") for k in changed)  # fc6/fc7 (as convolutions) trained
-    assert check_trunk(net, trunk, "fc6-8", 2)["passed"]
+    assert check_trunk(net, trunk, trainable_names(net), "fc6-8", 2, detail="count")["passed"]
     with torch.no_grad():
         net.features[0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="fc6-8 fine-tuning changed 1 frozen trunk tensors"):
-        check_trunk(net, trunk, "fc6-8", 2)
+        check_trunk(net, trunk, trainable_names(net), "fc6-8", 2, detail="count")
     with pytest.raises(RuntimeError, match="left every trunk weight unchanged"):
         net.features[0].weight.requires_grad_(True)
-        check_trunk(net, tensor_digests(net), "all", 2)
+        check_trunk(net, tensor_digests(net), trainable_names(net), "all", 2, detail="count")
 
 
 def test_resnet_gets_dilation_and_an_auxiliary_head(root):

@@ -1,8 +1,21 @@
-"""PCA-whitening + L2 normalisation of clustering features (DeepCluster's preprocessing).
+"""PCA-whitening + L2 normalisation: the one implementation, for the trainer and retrieval.
 
-The original code used ``faiss.PCAMatrix(d, 256, eigen_power=-0.5)`` on the full in-memory
-matrix: an uncentred covariance of every row, then a *full* double-precision eigen
-decomposition (LAPACK ``dsyev``; ~70 s for d=4096 on 2 cores). Here:
+Two numerical recipes, each kept exactly as its caller has always computed it (the numbers
+of both are pinned by tests), chosen with two parameters of :class:`PCAWhitening`:
+
+* ``precision="float32"`` (the trainer, DeepCluster's clustering features; large N x 4096):
+  chunked float32 covariance and the top ``dim`` eigenpairs only, see below;
+* ``precision="float64"`` (retrieval's R-MAC regions; D <= 2048): uncentred Gram matrix
+  accumulated in float64 over ``chunk_rows`` chunks of each block, full eigendecomposition.
+
+``eps_rule`` says how small eigenvalues are kept from blowing the whitening up:
+``"additive"`` divides by ``sqrt(eigenvalue + eps)`` (the trainer), ``"relative_floor"``
+raises every eigenvalue to at least ``eps * largest`` before dividing by its square root
+(DeepCluster's retrieval code).
+
+DeepCluster's clustering code used ``faiss.PCAMatrix(d, 256, eigen_power=-0.5)`` on the full
+in-memory matrix: an uncentred covariance of every row, then a *full* double-precision eigen
+decomposition (LAPACK ``dsyev``; ~70 s for d=4096 on 2 cores). The float32 recipe instead:
 
 * the covariance is accumulated over row chunks (never a float copy of the whole matrix)
   with a rank-k update (BLAS ``ssyrk``, half the flops of a GEMM) written in place;
@@ -13,7 +26,8 @@ decomposition (LAPACK ``dsyev``; ~70 s for d=4096 on 2 cores). Here:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import scipy.linalg
@@ -26,6 +40,9 @@ except ImportError:  # pragma: no cover
 
 # Chunks are also capped in bytes: 8192 rows of 4096 floats would be 128 MiB per copy.
 _MAX_CHUNK_BYTES = 32 * 2**20
+
+EpsRule = Literal["additive", "relative_floor"]
+Precision = Literal["float32", "float64"]
 
 
 def _as_matrix(x) -> np.ndarray:
@@ -136,11 +153,17 @@ def _top_eigen(cov: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
             overwrite_a=True, check_finite=False,
         )
     values, vectors = values[::-1], vectors[:, ::-1]
-    # Fix each component's sign (largest-magnitude entry positive) so outputs are reproducible.
+    return np.maximum(values, 0.0), _fix_signs(vectors)
+
+
+def _fix_signs(vectors: np.ndarray) -> np.ndarray:
+    """Each component's largest-magnitude entry made positive, so outputs are reproducible.
+
+    A negation is exact in floating point, so this never changes an inner product."""
     pivot = np.abs(vectors).argmax(axis=0)
-    signs = np.sign(vectors[pivot, np.arange(dim)])
+    signs = np.sign(vectors[pivot, np.arange(vectors.shape[1])])
     signs[signs == 0] = 1
-    return np.maximum(values, 0.0), vectors * signs
+    return vectors * signs
 
 
 _GRAM_MAX_BYTES = 512 * 2**20
@@ -161,36 +184,75 @@ def _gram_eigen(x: np.ndarray, rows: np.ndarray | None, dim: int) -> tuple[np.nd
     values, u = scipy.linalg.eigh(gram, subset_by_index=[n - dim, n - 1], check_finite=False)
     values, u = np.maximum(values[::-1], 0.0), u[:, ::-1]
     vectors = sample.T @ u / np.sqrt(np.maximum(n * values, 1e-30))
-    pivot = np.abs(vectors).argmax(axis=0)
-    signs = np.sign(vectors[pivot, np.arange(dim)])
-    signs[signs == 0] = 1
-    return mean, values, vectors * signs
+    return mean, values, _fix_signs(vectors)
+
+
+def _float64_eigen(blocks: Sequence[np.ndarray], chunk_rows: int, eps: float,
+                   dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """The float64 recipe: ``(mean, eigenvalues, eigenvectors, kept energy)``, eps floor applied.
+
+    Sums and the uncentred Gram matrix over chunks of exactly ``chunk_rows`` rows of each block
+    (the chunking is part of the numbers), ``cov = G / n - mean mean^T``, every eigenpair with
+    ``np.linalg.eigh``; eigenvalues are raised to ``eps * largest`` (relative floor) before the
+    top ``dim`` are chosen, and the kept energy is their share of the floored total.
+    """
+    n = sum(len(b) for b in blocks)
+    d = blocks[0].shape[1]
+    total, gram = np.zeros(d), np.zeros((d, d))
+    for block in blocks:
+        for start in range(0, len(block), chunk_rows):
+            chunk = np.asarray(block[start:start + chunk_rows], dtype=np.float64)
+            total += chunk.sum(axis=0)
+            gram += chunk.T @ chunk
+    mean = total / n
+    values, vectors = np.linalg.eigh(gram / n - np.outer(mean, mean))
+    values = np.maximum(values, values.max() * eps)
+    order = np.argsort(values)[::-1][:dim]
+    return mean, values[order], _fix_signs(vectors[:, order]), float(values[order].sum() / values.sum())
 
 
 class PCAWhitening:
-    """PCA to ``dim`` dimensions with whitening, as DeepCluster's ``PCAMatrix(eigen_power=-0.5)``.
+    """PCA to ``dim`` dimensions with whitening (DeepCluster's ``PCAMatrix(eigen_power=-0.5)``).
 
-    Each output component is divided by ``sqrt(eigenvalue + eps)``; the covariance uses the
-    1/n normalisation (as faiss). Fitted with numpy/scipy BLAS+LAPACK in float32 over row
-    chunks (not ``faiss.PCAMatrix``: see the module docstring for why).
+    Each output component is divided by the square root of its eigenvalue, made safe by
+    ``eps`` as ``eps_rule`` says (see the module docstring); the covariance uses the 1/n
+    normalisation (as faiss). ``precision`` picks the numerical recipe: "float32" (the
+    trainer: chunked float32 BLAS/LAPACK, top eigenpairs only; not ``faiss.PCAMatrix``, see
+    the module docstring for why) or "float64" (retrieval: float64 Gram, every eigenpair).
+
+    Callers pass their rule explicitly: the trainer ``eps=1e-5, eps_rule="additive"``,
+    retrieval ``eps=1e-5, eps_rule="relative_floor", precision="float64"``.
     """
 
-    def __init__(self, dim: int = 256, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int = 256, eps: float = 1e-5, eps_rule: EpsRule = "additive",
+                 precision: Precision = "float32") -> None:
+        if eps_rule not in ("additive", "relative_floor"):
+            raise ValueError(f"eps_rule must be 'additive' or 'relative_floor', got {eps_rule!r}")
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
         self.dim = dim
         self.eps = eps
+        self.eps_rule = eps_rule
+        self.precision = precision
         self.mean_: np.ndarray | None = None         # (D,) float64
-        self.eigenvalues_: np.ndarray | None = None  # (dim,) float64, decreasing
+        self.eigenvalues_: np.ndarray | None = None  # (dim,) float64, decreasing (floored: relative_floor)
         self.components_: np.ndarray | None = None   # (D, dim) float32 eigenvectors
         self.projection_: np.ndarray | None = None   # (D, dim) float32, whitening included
         self.bias_: np.ndarray | None = None         # (dim,) float32 = mean @ projection
+        self.kept_energy_: float | None = None       # share of the variance kept (float64 recipe only)
 
     def fit(self, x, sample_size: int | None = 100_000, seed: int = 0,
             chunk_rows: int = 8192) -> "PCAWhitening":
-        """Fit on ``x`` (N x D array or memmap); on a random sample of ``sample_size`` rows if N is larger.
+        """Fit on ``x`` (N x D array or memmap, or for "float64" a list of such blocks, whose
+        rows are used together without a concatenated copy).
 
-        Peak extra memory: one D x D float32 covariance plus one chunk buffer (<= 32 MiB).
-        Raises ValueError if ``dim > min(N, D)`` (or exceeds the number of sampled rows).
+        "float32": on a random sample of ``sample_size`` rows if N is larger; peak extra memory
+        one D x D float32 covariance plus one chunk buffer (<= 32 MiB). "float64": every row
+        (``sample_size`` is ignored), read ``chunk_rows`` rows at a time. Raises ValueError if
+        ``dim > min(N, D)`` (or exceeds the number of sampled rows).
         """
+        if self.precision == "float64":
+            return self._fit_float64(x, chunk_rows)
         x = _as_matrix(x)
         n, d = x.shape
         rows = _sample_rows(n, sample_size, seed)
@@ -202,22 +264,48 @@ class PCAWhitening:
             mean, cov = _covariance(x, rows, _chunk_len(chunk_rows, d))
             values, vectors = _top_eigen(cov, self.dim)
             del cov
-        self.mean_ = mean
-        self.eigenvalues_ = values.astype(np.float64)
-        self.components_ = vectors.astype(np.float32)
-        scale = 1.0 / np.sqrt(self.eigenvalues_ + self.eps)
-        self.projection_ = (vectors * scale).astype(np.float32)
-        # einsum, not @: keeps numpy's own BLAS thread pool out of the fit (see _project).
-        self.bias_ = np.einsum("d,dk->k", mean, vectors * scale).astype(np.float32)
+        self._set(mean, values, vectors)
         return self
 
+    def _fit_float64(self, x, chunk_rows: int) -> "PCAWhitening":
+        blocks = [_as_matrix(b) for b in (x if isinstance(x, (list, tuple)) else [x])]
+        n, d = sum(len(b) for b in blocks), blocks[0].shape[1]
+        _check_dim(self.dim, n, d, n)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        eps = self.eps if self.eps_rule == "relative_floor" else 0.0
+        mean, values, vectors, self.kept_energy_ = _float64_eigen(blocks, chunk_rows, eps, self.dim)
+        self._set(mean, values, vectors)
+        return self
+
+    def _set(self, mean: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> None:
+        """Store the fit; the projection divides by sqrt(eigenvalue) made safe by the eps rule."""
+        values = values.astype(np.float64)
+        if self.eps_rule == "relative_floor":  # idempotent where the float64 recipe floored already
+            values = np.maximum(values, values.max() * self.eps)
+        root = np.sqrt(values if self.eps_rule == "relative_floor" else values + self.eps)
+        # float64 divides (retrieval's numbers), float32 multiplies by the inverse (the trainer's)
+        whitened = vectors / root if self.precision == "float64" else vectors * (1.0 / root)
+        self.mean_, self.eigenvalues_ = mean, values
+        self.components_ = vectors.astype(np.float32)
+        self.projection_ = whitened.astype(np.float32)
+        # einsum, not @: keeps numpy's own BLAS thread pool out of the fit (see _project).
+        self.bias_ = np.einsum("d,dk->k", mean, whitened).astype(np.float32)
+
     def transform(self, x, chunk_rows: int = 8192, l2_normalize: bool = True) -> np.ndarray:
-        """Project ``x`` (N x D) to N x dim float32 whitened components, rows L2-normalised if asked."""
+        """Project ``x`` (N x D) to N x dim float32 whitened components, rows L2-normalised if asked.
+
+        "float64": rows are centred in float64, then projected in float32 (one block: callers
+        chunk); "float32": chunked, ``x @ P - mean @ P`` written into the output.
+        """
         if self.projection_ is None:
             raise RuntimeError("PCAWhitening.transform called before fit")
         x = _as_matrix(x)
         if x.shape[1] != self.projection_.shape[0]:
             raise ValueError(f"features have dimension {x.shape[1]}, PCA was fitted on {self.projection_.shape[0]}")
+        if self.precision == "float64":
+            out = (np.asarray(x, dtype=np.float64) - self.mean_).astype(np.float32) @ self.projection_
+            return l2_normalize_rows(out) if l2_normalize else out
         out = np.empty((x.shape[0], self.dim), dtype=np.float32)
         step = _chunk_len(chunk_rows, x.shape[1])
         direct = x.dtype == np.float32 and x.flags.c_contiguous
@@ -253,11 +341,22 @@ def _l2_normalize_rows(block: np.ndarray) -> None:
     block /= norms[:, None]
 
 
+def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` divided by their L2 norm (at least 1e-12), as a new float32 array.
+
+    The division runs in ``x``'s precision (float64 input: before the cast), as retrieval
+    has always computed its descriptors; all-zero rows stay zero.
+    """
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
 def preprocess_features(x, dim: int = 256, sample_size: int | None = 100_000, seed: int = 0,
                         chunk_rows: int = 8192) -> np.ndarray:
     """PCA-whiten to ``dim`` then L2-normalise rows (DeepCluster's preprocessing).
 
     Output N x dim float32; peak extra memory ~ N*dim*4 + D*D*4 bytes (+ one <= 32 MiB chunk).
     """
-    pca = PCAWhitening(dim=dim).fit(x, sample_size=sample_size, seed=seed, chunk_rows=chunk_rows)
+    pca = PCAWhitening(dim=dim, eps=1e-5, eps_rule="additive").fit(x, sample_size=sample_size, seed=seed,
+                                                                    chunk_rows=chunk_rows)
     return pca.transform(x, chunk_rows=chunk_rows, l2_normalize=True)

@@ -30,6 +30,7 @@ import numpy as np
 
 from dcbench.data.voc import VOCAnnotation
 from dcbench.metrics.ap import mean_ap, voc_ap
+from dcbench.results import MetricRow
 
 #: IoU thresholds of the AP over 0.50:0.95 (detectron2: range(50, 100, 5) / 100)
 COCO_THRESHOLDS: tuple[float, ...] = tuple(t / 100.0 for t in range(50, 100, 5))
@@ -205,3 +206,12 @@ def _class_detections(detections: Sequence[Detections | None], c: int) -> tuple[
     if not index:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4))
     return np.concatenate(index), np.concatenate(scores), np.concatenate(boxes)
+
+
+def ap_rows(ap: DetectionAP, tap: str, seed: int) -> list[MetricRow]:
+    """``AP50``, ``AP75``, ``AP`` (x100) and one ``AP50_<cls>`` row per class with test objects."""
+    rows = [MetricRow(name, 100.0 * value, tap, "test", None, seed)
+            for name, value in (("AP50", ap.ap50), ("AP75", ap.ap75), ("AP", ap.ap)) if not math.isnan(value)]
+    rows += [MetricRow(f"AP50_{cls}", 100.0 * ap.class_ap(cls, 0.5), tap, "test", None, seed)
+             for cls in ap.classes if not math.isnan(ap.class_ap(cls, 0.5))]
+    return rows

@@ -39,10 +39,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import roi_align, roi_pool
 
+from dcbench import finetune as ft
 from dcbench.data import IMAGENET_MEAN, IMAGENET_STD
 from dcbench.errors import UsageError
-from dcbench.models import DeepClusterAlexNet, DeepClusterVGG16
-from dcbench.models.external import HookedBackbone
 
 #: RoI output side of the C4 head (detectron2's POOLER_RESOLUTION for R50-C4)
 C4_ROI_SIZE = 14
@@ -76,19 +75,17 @@ class DetectorSpec:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-class FeatureTrunk(nn.Module):
-    """Sobel (when the backbone has it) + the layers up to the detection feature map."""
+class FeatureTrunk(ft.Trunk):
+    """Sobel (when the backbone has it) + the layers up to the detection feature map, as the
+    one-map dict torchvision's FasterRCNN takes."""
 
     def __init__(self, sobel: nn.Module | None, body: nn.Module) -> None:
-        super().__init__()
-        self.sobel, self.body = sobel, body
+        super().__init__(sobel, body)
         self.out_channels = 0  # set by build_detector (torchvision's FasterRCNN reads it)
         self.stride = 0
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        if self.sobel is not None:
-            x = self.sobel(x)
-        return OrderedDict([("0", self.body(x))])
+        return OrderedDict([("0", super().forward(x))])
 
 
 class FcBoxHead(nn.Module):
@@ -183,28 +180,19 @@ class Detector(nn.Module):
 
 
 # ----------------------------------------------------------------------------- building
-def _is_resnet(net: nn.Module) -> bool:
-    model = getattr(net, "model", None)
-    return isinstance(net, HookedBackbone) and all(
-        hasattr(model, name) for name in ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4"))
-
-
-def _conv5_parts(net: DeepClusterAlexNet | DeepClusterVGG16) -> tuple[FeatureTrunk, nn.Module, int, str]:
-    last = net._feature_taps[net.conv_tap_names[-1]]  # index of conv5's (conv5_3's) ReLU: pool5 dropped
-    trunk = FeatureTrunk(net.sobel, nn.Sequential(*list(net.features)[:last + 1]))
+def _conv5_parts(net: nn.Module) -> tuple[FeatureTrunk, nn.Module, int, str]:
+    trunk = FeatureTrunk(net.sobel, ft.conv_body(net, net.conv_tap_names[-1]))  # to conv5's ReLU: pool5 dropped
     head = FcBoxHead(net.classifier)
     kind = (f"{net.arch}: conv trunk to {net.conv_tap_names[-1]} (stride 16), RoI {net.grid}x{net.grid} = the "
             f"checkpoint's pool5 grid, box head = its own fc6/fc7")
     return trunk, head, net.grid, kind
 
 
-def _c4_parts(net: HookedBackbone, extra_norm: bool) -> tuple[FeatureTrunk, nn.Module, int, str]:
-    model = net.model
-    act = getattr(model, "act1", None) or getattr(model, "relu")
-    stem = nn.Sequential(model.conv1, model.bn1, act, model.maxpool)
-    trunk = FeatureTrunk(net.sobel, nn.Sequential(stem, model.layer1, model.layer2, model.layer3))
-    width = _probe_channels(model.layer4, _probe_channels(trunk, None))
-    head = Res5BoxHead(model.layer4, width, extra_norm)
+def _c4_parts(net: nn.Module, extra_norm: bool) -> tuple[FeatureTrunk, nn.Module, int, str]:
+    body, res5 = ft.c4_split(net)
+    trunk = FeatureTrunk(net.sobel, body)
+    width = _probe_channels(res5, _probe_channels(trunk, None))
+    head = Res5BoxHead(res5, width, extra_norm)
     kind = (f"{net.arch}: C4 (trunk stem..res4, RoI {C4_ROI_SIZE}x{C4_ROI_SIZE}, box head res5"
             f"{' + BatchNorm' if extra_norm else ''} + global average)")
     return trunk, head, C4_ROI_SIZE, kind
@@ -243,7 +231,7 @@ def _predictor(in_features: int, n_outputs: int) -> FastRCNNPredictor:
 
 def supported(backbone: nn.Module) -> bool:
     """Whether :func:`build_detector` has a design for ``backbone``."""
-    return isinstance(backbone, (DeepClusterAlexNet, DeepClusterVGG16)) or _is_resnet(backbone)
+    return ft.design_family(backbone) in ("deepcluster", "resnet")
 
 
 def require_supported(backbone: nn.Module) -> None:
@@ -263,11 +251,10 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
     """
     require_supported(backbone)
     net = copy.deepcopy(backbone).cpu()
-    if hasattr(net, "set_top_layer"):
-        net.set_top_layer(None)  # DeepCluster's cluster head plays no part in detection
+    ft.drop_cluster_head(net)  # DeepCluster's cluster head plays no part in detection
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if isinstance(net, (DeepClusterAlexNet, DeepClusterVGG16)):
+        if ft.design_family(net) == "deepcluster":
             trunk, head, roi_size, kind = _conv5_parts(net)
         else:
             trunk, head, roi_size, kind = _c4_parts(net, spec.extra_norm)
@@ -293,10 +280,6 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
 
 
 # ----------------------------------------------------------------------------- what trains
-def _norm_modules(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 def set_trainable(det: Detector, mode: str, bn: str) -> set[str]:
     """Freeze per ``mode`` and ``bn``; return the names (in ``det.trunk``) of the trunk
     parameters that train.
@@ -308,24 +291,16 @@ def set_trainable(det: Detector, mode: str, bn: str) -> set[str]:
     train use the statistics of each (micro-)batch (SyncBN's semantics when the whole batch
     is on one device) and update their running statistics.
     """
-    if mode not in ("fc6-8", "all") or bn not in ("frozen", "train"):
+    if mode not in ft.MODES or bn not in ("frozen", "train"):
         raise ValueError(f"mode must be fc6-8 or all and bn frozen or train, got {mode!r}, {bn!r}")
-    fixed = {name for name, p in det.trunk.named_parameters() if not p.requires_grad}
-    allowed = set()
-    for name, p in det.trunk.named_parameters():
-        train = mode == "all" and name not in fixed
-        p.requires_grad_(train)
-        if train:
-            allowed.add(name)
+    allowed = ft.set_trainable(det.trunk, mode)
     frozen: list[nn.Module] = [det.trunk] if mode == "fc6-8" else []
     if bn == "frozen":
-        for norm in _norm_modules(det.model):
+        for norm in (m for m in det.model.modules() if ft.is_norm(m)):
             frozen.append(norm)
             for p in norm.parameters():
                 p.requires_grad_(False)
-        norm_names = {f"{prefix}.{leaf}" for prefix, m in det.trunk.named_modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm) for leaf in ("weight", "bias")}
-        allowed -= norm_names
+        allowed -= ft.bn_affine_names(det.trunk)
     det.frozen_modules = frozen
     det.train(det.training)
     return allowed

@@ -22,20 +22,11 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import nn
 
+from dcbench import finetune as ft
+
 #: dilation of res4 and res5 for each output stride (mmseg: strides (1, 2, 1, 1), dilations (1, 1, 2, 4) = 8)
 RESNET_DILATIONS: dict[int, tuple[int, int]] = {8: (2, 4), 16: (1, 2), 32: (1, 1)}
 FC_TAP = "fc7"
-
-
-def is_deepcluster_net(net: nn.Module) -> bool:
-    """Whether ``net`` has DeepCluster's ``features`` + ``classifier`` layout (AlexNet, VGG16)."""
-    return isinstance(getattr(net, "features", None), nn.Sequential) and \
-        isinstance(getattr(net, "classifier", None), nn.Sequential) and hasattr(net, "grid")
-
-
-def is_resnet(net: nn.Module) -> bool:
-    """Whether ``net`` names ResNet stages ``res2..res5`` (timm / torchvision ResNets)."""
-    return {"res4", "res5"} <= set(getattr(net, "tap_names", ()))
 
 
 class FcAsConv(nn.Module):
@@ -123,15 +114,13 @@ class DCBenchBackbone(BaseModule):
         self.net, self.taps = net, list(taps)
         self.frozen, self.norm_eval = frozen, norm_eval
         self.fc: FcAsConv | None = None
-        if FC_TAP in self.taps and is_deepcluster_net(net):
+        if FC_TAP in self.taps and ft.design_family(net) == "deepcluster":
             self.fc = FcAsConv(net.classifier, net.channels, net.grid)
             net.classifier = nn.Sequential()  # replaced by self.fc: no dead weights in the optimiser
-        if hasattr(net, "set_top_layer"):
-            net.set_top_layer(None)  # DeepCluster's cluster head plays no part
+        ft.drop_cluster_head(net)  # DeepCluster's cluster head plays no part
         self.dilations = dilate_resnet(net, output_stride) if output_stride else {}
-        for name, p in net.named_parameters():
-            if frozen or name.startswith(tuple(getattr(net, "head_prefixes", ()))):
-                p.requires_grad_(False)  # the frozen trunk, and the model's own unused classifier
+        ft.freeze_native_head(net)  # the model's own classifier never runs
+        ft.set_trainable(net, "fc6-8" if frozen else "all")  # fc6-8: the whole trunk frozen
         self._conv_taps = [t for t in self.taps if not (self.fc is not None and t == FC_TAP)]
 
     def init_weights(self) -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dcbench.errors import UsageError
+from dcbench.finetune import design_family
 
 IGNORE_INDEX = 255
 MEAN = [123.675, 116.28, 103.53]  # ImageNet mean/std in 0..255, RGB
@@ -90,11 +91,11 @@ def tap_channels(net: nn.Module, taps: list[str], size: int = 96) -> dict[str, i
 def resolve_recipe(net: nn.Module, preset: str, num_classes: int, mode: str | None = None,
                    norm_eval: bool | None = None, output_stride: int | None = None) -> SegRecipe:
     """The taps, heads, mode and BN handling of ``preset`` for backbone ``net``."""
-    from dcbench.segmentation.backbone import FC_TAP, is_deepcluster_net, is_resnet
+    from dcbench.segmentation.backbone import FC_TAP
 
     mode = mode or PRESET_MODE[preset]
     norm_eval = PRESET_NORM_EVAL[preset] if norm_eval is None else norm_eval
-    family = "deepcluster" if is_deepcluster_net(net) else "resnet" if is_resnet(net) else "other"
+    family = design_family(net)
     if output_stride is not None and family != "resnet":
         raise UsageError(f"output_stride={output_stride} needs a ResNet backbone (res4/res5 taps); "
                          f"{getattr(net, 'arch', 'this backbone')} keeps its own stride: drop the setting")

@@ -6,8 +6,9 @@ momentum 0.9, weight decay 1e-5, batch 256, 500 epochs, seed 31).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from dcbench.errors import UsageError
 
@@ -16,9 +17,23 @@ def _doc(text: str) -> dict:
     return {"help": text}
 
 
+#: Settings ``dcbench train --resume`` accepts with a value other than the saved one: they say
+#: how long the run goes (``epochs``: extend or stop a run), where it lives and runs (``out``,
+#: ``device``: bit-exact resumption needs the same device) and how it uses the machine
+#: (``workers``, ``feature_memmap_gb``, ``checkpoint_every``, ``snapshot_every``, ``strict``),
+#: never what a step computes. Any other change is refused: the run would mix two recipes.
+RESUME_MAY_CHANGE = frozenset({"epochs", "out", "device", "workers", "feature_memmap_gb", "checkpoint_every",
+                               "snapshot_every", "strict"})
+
+
 @dataclass
 class TrainConfig:
-    """Resolved training settings; saved as ``RUN_DIR/config.yaml``."""
+    """Resolved training settings; saved as ``RUN_DIR/config.yaml``.
+
+    On ``--resume`` the saved config.yaml and the resolved settings must agree on every field
+    but those in :data:`RESUME_MAY_CHANGE` (e.g. raise ``epochs`` to extend a run, change
+    ``workers`` or ``device``); see :func:`resume_conflicts`.
+    """
 
     data: str = field(default="", metadata=_doc("training images: ImageFolder, folder of images, or a file list"))
     out: str = field(default="runs/deepcluster", metadata=_doc("run folder"))
@@ -36,7 +51,7 @@ class TrainConfig:
     pic_iters: int = field(default=200, metadata=_doc("PIC: power iterations"))
     reassign: float = field(default=1.0, metadata=_doc("images drawn per clustering, as a multiple of N "
                                                         "(several passes per clustering on small data)"))
-    epochs: int = field(default=500, metadata=_doc("clustering + training rounds"))
+    epochs: int = field(default=500, metadata=_doc("clustering + training rounds (may change on --resume)"))
     batch_size: int = field(default=256, metadata=_doc("SGD batch size (per process under torchrun)"))
     lr: float = field(default=0.05, metadata=_doc("backbone SGD learning rate (constant)"))
     momentum: float = field(default=0.9, metadata=_doc("backbone SGD momentum"))
@@ -52,7 +67,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_doc("auto | cpu | cuda | cuda:N"))
     amp: bool = field(default=False, metadata=_doc("mixed precision on CUDA (bfloat16 autocast)"))
     feature_memmap_gb: float = field(default=2.0, metadata=_doc("features larger than this go to a disk "
-                                                                 "memmap in the run folder"))
+                                                                 "memmap in the run folder (deleted after use)"))
 
     def validate(self) -> None:
         """Raise UsageError for settings no run can use."""
@@ -70,3 +85,13 @@ class TrainConfig:
             raise UsageError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.lr <= 0 or self.top_lr <= 0:
             raise UsageError("lr and top_lr must be positive")
+
+
+def resume_conflicts(saved: Mapping[str, Any], resolved: Mapping[str, Any]) -> list[str]:
+    """Keys whose saved value differs from the resolved one, outside :data:`RESUME_MAY_CHANGE`.
+
+    Both are plain dicts (``config.yaml`` and ``to_plain(TrainConfig)``); a key the saved
+    config lacks (a file from a version without that setting) is not compared.
+    """
+    names = [f.name for f in fields(TrainConfig)]
+    return [k for k in names if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != resolved.get(k)]

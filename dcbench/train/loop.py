@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcbench.checkpoint import checkpoint_record, atomic_save, read_checkpoint_file, save_checkpoint
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
-from dcbench.data import ImageDataset, SkipCounter, eval_transform, open_training_data, skip_collate, train_transform
+from dcbench.data import ImageDataset, eval_transform, open_training_data, skip_collate, train_transform
 from dcbench.errors import DcbenchError
+from dcbench.features import extract_rows
 from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
@@ -38,6 +39,10 @@ from dcbench.train.distributed import (DistInfo, all_reduce_sum, barrier, broadc
 from dcbench.train.rundir import RunDir, capture_rng, restore_rng
 
 log = logging.getLogger("dcbench")
+
+#: the clustering PCA divides each component by sqrt(eigenvalue + PCA_EPS) (dcbench's trainer
+#: always has; faiss's PCAMatrix(eigen_power=-0.5) in the original code adds no epsilon)
+PCA_EPS = 1e-5
 
 
 @dataclass
@@ -119,6 +124,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
     model = build_backbone(cfg.arch, sobel=cfg.sobel, input_size=cfg.image_size, seed=cfg.seed)
     check_sizes(cfg, len(images), model.feature_dim)
     run = RunDir(cfg.out)
+    run.check(to_plain(cfg), resume)  # every rank: they all stop together on a refused resume
     if dist.is_main:
         run.prepare(to_plain(cfg), resume)
     barrier(dist)
@@ -146,39 +152,20 @@ def check_sizes(cfg: TrainConfig, n_images: int, feature_dim: int) -> None:
 
 # ----------------------------------------------------------------------------- phase 1: extract
 def extract_features(t: Trainer) -> tuple[np.ndarray, np.ndarray, float]:
-    """Clustering features of this rank's contiguous shard, in dataset order (eval mode)."""
+    """Clustering features of this rank's contiguous shard, in dataset order (eval mode).
+
+    The one extractor (:func:`dcbench.features.extract_rows`); beyond ``feature_memmap_gb``
+    the rows go to a disk memmap in the run folder that is deleted with the array.
+    """
     start = time.perf_counter()
-    n = len(t.images)
-    shard = range(t.dist.rank * math.ceil(n / t.dist.world_size),
-                   min(n, (t.dist.rank + 1) * math.ceil(n / t.dist.world_size)))
-    loader = DataLoader(t.images, batch_size=t.cfg.batch_size, sampler=list(shard), num_workers=t.cfg.workers,
-                        collate_fn=skip_collate, pin_memory=t.dist.device.type == "cuda")
-    features = _feature_buffer(t, len(shard))
-    kept, counter, row = [], SkipCounter(t.images), 0
-    t.model.eval()
-    with torch.inference_mode():
-        for images, _, indices, n_skipped in _progress(t, loader, f"epoch {t.state.epoch} extract"):
-            counter.update(indices, n_skipped)
-            if len(indices) == 0:
-                continue
-            with _autocast(t):
-                out = t.model(images.to(t.dist.device, non_blocking=True), taps=[CLUSTER_TAP])[CLUSTER_TAP]
-            features[row:row + len(indices)] = out.float().cpu().numpy()
-            kept.append(indices.numpy())
-            row += len(indices)
-    t.state.stats["n_skipped"] = int(all_reduce_sum(t.dist, counter.count))
-    counter.report(expected=shard)
-    indices = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
-    return features[:row], indices, time.perf_counter() - start
-
-
-def _feature_buffer(t: Trainer, rows: int) -> np.ndarray:
-    """RAM for small sets; a disk memmap in the run folder beyond ``feature_memmap_gb``."""
-    shape = (rows, t.model.feature_dim)
-    if rows * t.model.feature_dim * 4 <= t.cfg.feature_memmap_gb * 1e9:
-        return np.empty(shape, dtype=np.float32)
-    path = t.run.path / f"features.rank{t.dist.rank}.tmp"
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    out = extract_rows(t.model, t.images, [CLUSTER_TAP], batch_size=t.cfg.batch_size, workers=t.cfg.workers,
+                       device=t.dist.device, progress=t.dist.is_main, shard=(t.dist.rank, t.dist.world_size),
+                       spill_dir=t.run.path, spill_over_bytes=t.cfg.feature_memmap_gb * 1e9, amp=t.cfg.amp,
+                       desc=f"epoch {t.state.epoch} extract")
+    rows = out.taps[CLUSTER_TAP]
+    t.state.stats["n_skipped"] = int(all_reduce_sum(t.dist, out.n_items - len(rows.owner)))
+    features = rows.rows if len(rows.owner) else np.empty((0, t.model.feature_dim), dtype=np.float32)
+    return features, rows.owner, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- phase 2: cluster
@@ -202,11 +189,12 @@ def _fit_pca(t: Trainer, features: np.ndarray) -> PCAWhitening:
     cfg, dist = t.cfg, t.dist
     seed = cfg.seed + t.state.epoch
     if not dist.enabled:
-        return PCAWhitening(cfg.pca_dim).fit(features, sample_size=cfg.pca_sample, seed=seed)
+        return PCAWhitening(cfg.pca_dim, PCA_EPS, "additive").fit(features, sample_size=cfg.pca_sample, seed=seed)
     per_rank = max(1, cfg.pca_sample // dist.world_size)
     rows = np.random.default_rng(seed + dist.rank).permutation(len(features))[:per_rank]
     samples = gather_to_main(dist, np.ascontiguousarray(features[np.sort(rows)]))
-    pca = PCAWhitening(cfg.pca_dim).fit(np.concatenate(samples), sample_size=None) if dist.is_main else None
+    pca = (PCAWhitening(cfg.pca_dim, PCA_EPS, "additive").fit(np.concatenate(samples), sample_size=None)
+           if dist.is_main else None)
     return broadcast_from_main(dist, pca)
 
 

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from dcbench.errors import DcbenchError, UsageError
+from dcbench.train.config import resume_conflicts
 
 log = logging.getLogger("dcbench")
 
@@ -33,13 +34,28 @@ class RunDir:
         self.snapshots = self.path / "checkpoints"
         self._tb = None
 
-    def prepare(self, config: dict[str, Any], resume: bool) -> None:
-        """Create the folder (checking it is writable) and save the resolved config."""
+    def check(self, config: dict[str, Any], resume: bool) -> None:
+        """Refuse to start over a run, to resume nothing, or to resume with other settings.
+
+        Read-only, so every rank runs it and they all stop together (rank 0 alone writes).
+        """
         if not resume and self.checkpoint.exists():
             raise UsageError(f"{self.path} already holds a run; pass --resume to continue it "
                              f"or choose another --out")
         if resume and not self.checkpoint.exists():
             raise UsageError(f"nothing to resume: {self.checkpoint} does not exist; drop --resume to start")
+        if resume and self.config.exists():
+            saved = yaml.safe_load(self.config.read_text()) or {}
+            changed = resume_conflicts(saved, config)
+            if changed:
+                shown = ", ".join(f"{k} ({saved[k]!r} -> {config.get(k)!r})" for k in changed)
+                raise UsageError(f"cannot resume {self.path} with other settings: {shown}; resume with the "
+                                 f"settings in {self.config.name}, or start a new run with another --out")
+
+    def prepare(self, config: dict[str, Any], resume: bool) -> None:
+        """Check (see :meth:`check`), create the folder (checking it is writable) and save the
+        resolved config (on resume: the saved one with the changes it may take)."""
+        self.check(config, resume)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"

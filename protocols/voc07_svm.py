@@ -1,0 +1,275 @@
+"""Pascal VOC 2007 classification with linear SVMs on frozen features: per layer
+(``voc07-svm``, Goyal et al., "Scaling and Benchmarking Self-Supervised Visual Representation
+Learning", ICCV 2019) and low-shot (``voc07-lowshot``), as VISSL runs them
+(facebookresearch/vissl, ``vissl/utils/svm_utils/svm_trainer.py`` and
+``svm_low_shot_trainer.py``). The SVM library is :mod:`dcbench.svm` / :mod:`dcbench.lowshot`.
+
+Labels come from ``ImageSets/Main/<cls>_<split>.txt``: 1 positive, -1 negative, 0 difficult.
+Train on trainval and test on test (``train_split=train``: train -> val, for tuning).
+
+``voc07-svm``: per tap, features pooled as for the linear probes (``preset``),
+L2-normalised ``x / (||x|| + 1e-5)``; per class a one-vs-rest
+``LinearSVC(C, class_weight={1: 2, -1: 1}, squared hinge, L2, dual, tol 1e-4, max_iter 2000)``
+for each C of the grid, C chosen by 3-fold (stratified) cross-validation on trainval scored by
+average precision, refit on all of trainval; training counts difficult images as negatives,
+the test leaves them out; AP = VOC all-points (area under the monotone precision envelope).
+Classes are fitted in parallel threads. Every finished (class, C) fit is written to the
+feature-cache folder, keyed by the training features, the labels and the SVM settings, so an
+interrupted run resumes without refitting them.
+
+``voc07-lowshot``: for k in {1, 2, 4, 8, 16, 32, 64, 96} and 5 independent samples, each
+class trains on k positives and (n_classes - 1) * k negatives drawn from trainval (difficult
+images are never drawn), one SVM per C without cross-validation; test mAP per (k, sample, C).
+As in VISSL, the reported C is the one with the best mean mAP over the samples (selected on
+the test set; ``cost`` fixes it instead) and the rows are that C's mean / min / max / std
+(population) over the samples.
+
+Both read their features through the run context (:meth:`RunContext.frozen_backbone`,
+:meth:`RunContext.extract`): BatchNorm re-estimation, the feature cache, and the runner's
+check that the backbone stayed unchanged are the engine's.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from dcbench.data.transforms import center_transform, center_transform_id
+from dcbench.errors import UsageError
+from dcbench.features import feature_key, key_hash, pool_id
+from dcbench.lowshot import lowshot_sets, lowshot_summary, lowshot_tap
+from dcbench.metrics.ap import mean_ap
+from dcbench.pooling import probe_pooling, resolve_taps
+from dcbench.protocol import EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput, register_protocol, setting
+from dcbench.results import MetricRow
+from dcbench.svm import FitStore, SvmParams, array_digest, describe_results, fit_store_key, svm_tap
+from dcbench.voc_classification import VOC07_LAYOUT, VocData, ap_rows, check_classes, labels_of, load_voc_data
+
+log = logging.getLogger("dcbench")
+
+#: the C grid of VISSL's VOC07 SVM benchmark (its configs' SVM costs_list, read by svm_trainer.py)
+COSTS = [0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0]
+#: positives per class of VISSL's VOC07 low-shot benchmark
+LOW_SHOT_KS = [1, 2, 4, 8, 16, 32, 64, 96]
+
+
+# ============================================================================= settings
+@dataclass
+class _SvmCommon(FrozenFeatureSettings):
+    """Settings shared by ``voc07-svm`` and ``voc07-lowshot``."""
+
+    preset: Literal["vissl", "deepcluster"] = setting(
+        "vissl", "pooling of each tap: the linear-probe table of this preset (VISSL's for the SVM benchmark)")
+    costs: list[float] = setting(help="the grid of SVM costs C", factory=lambda: list(COSTS))
+    # svm_trainer.py: LinearSVC(class_weight={1: 2, -1: 1}, tol=0.0001); max_iter 2000 from the benchmark config
+    positive_weight: float = setting(2.0, "class_weight of the positives (negatives: 1)")
+    max_iter: int = setting(2000, "liblinear iterations")
+    tol: float = setting(1e-4, "liblinear stopping tolerance")
+    image_size: int = setting(224, "centre-crop side in px; images are resized to round(s*256/224) first")
+    batch_size: int = setting(256, "extraction batch size")
+    train_split: Literal["trainval", "train"] = setting(
+        "trainval", "trainval: train on trainval, test on test (report); train: train on train, test on val")
+    classes: list[str] | None = setting(
+        None, "classes to evaluate (default: the VOC classes whose ImageSets/Main files exist; all 20 on VOC2007)")
+    jobs: int = setting(0, "parallel SVM fits (threads); 0 = auto: min(classes, CPU cores, what free memory allows)")
+    cache: bool = setting(
+        True, "read/write features and finished SVM fits in the feature cache (resumes interrupted runs)")
+    seed: int = setting(0, "seed of BN re-estimation, liblinear and low-shot sampling")
+    bn_recalibrate: Literal["auto", "on", "off"] = setting(
+        "auto", "re-estimate BatchNorm running stats on trainval on a copy before extracting; "
+                "auto = on for random inits")
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values."""
+        super().validate()
+        if self.max_iter < 1:
+            raise UsageError(f"bad value {self.max_iter} for max_iter: must be at least 1")
+        if not self.costs or any(c <= 0 for c in self.costs):
+            raise UsageError(f"bad value {self.costs} for costs: give positive numbers")
+        if self.positive_weight <= 0 or self.tol <= 0:
+            raise UsageError("bad value: positive_weight and tol must be positive")
+        if self.jobs < 0:
+            raise UsageError(f"bad value {self.jobs} for jobs: 0 (auto) or a positive count")
+        check_classes(self.classes)
+
+
+@dataclass
+class VocSvmSettings(_SvmCommon):
+    """Settings of ``voc07-svm`` (defaults: VISSL's VOC07 SVM benchmark)."""
+
+    # svm_trainer.py: cross_val_score(cv=cross_val_folds), 3 in the benchmark config
+    cv_folds: int = setting(3, "cross-validation folds choosing C per class")
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values."""
+        super().validate()
+        if self.cv_folds < 2:
+            raise UsageError(f"bad value {self.cv_folds} for cv_folds: at least 2")
+
+
+@dataclass
+class VocLowShotSettings(_SvmCommon):
+    """Settings of ``voc07-lowshot`` (defaults: VISSL's VOC07 low-shot benchmark)."""
+
+    ks: list[int] = setting(help="positives per class in each low-shot training set (capped at what the class has)",
+                            factory=lambda: list(LOW_SHOT_KS))
+    samples: int = setting(5, "independent samples per k")
+    cost: float | None = setting(
+        None, "fixed C; default (VISSL): per k, the C of the grid with the best mean test mAP over the samples")
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values."""
+        super().validate()
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise UsageError(f"bad value {self.ks} for ks: give positive integers, e.g. [1,2,4]")
+        if self.samples < 1:
+            raise UsageError(f"bad value {self.samples} for samples: at least 1")
+        if self.cost is not None and self.cost <= 0:
+            raise UsageError(f"bad value {self.cost} for cost: must be positive")
+
+
+# ============================================================================= features
+@dataclass
+class _Features:
+    """Extracted features of both splits for every tap, and how they were made."""
+
+    train: Any  # ExtractedFeatures
+    test: Any
+    pooling: dict[str, Any]
+    pool_ids: dict[str, str]
+    sha: str
+    bn_info: dict[str, Any] | None
+    transform_id: str
+    fingerprints: tuple[str, str]  # train, test datasets
+
+    def key(self, tap: str, split: int = 0) -> dict[str, Any]:
+        """The feature-cache key of ``tap`` on the train (0) or test (1) split."""
+        return feature_key(self.sha, tap, self.transform_id, self.fingerprints[split], self.pool_ids[tap])
+
+
+def extract_voc_features(ckpt: Any, data: VocData, taps: list[str], settings: _SvmCommon,
+                         ctx: EvalContext) -> _Features:
+    """Pooled centre-crop features of train and test splits, through the run context (BN
+    re-estimation on the training images and the feature cache, per the settings)."""
+    plans = probe_pooling(ckpt.backbone, taps, settings.image_size, settings.preset)
+    pools = {t: p.module() for t, p in plans.items()}
+    transform_id = center_transform_id(settings.image_size)
+    datasets = [split.dataset(center_transform(settings.image_size)) for split in (data.train, data.test)]
+    with ctx.frozen_backbone(ckpt, datasets[0]) as (backbone, sha):
+        train, test = [ctx.extract(backbone, sha, ds, taps, pools, transform_id) for ds in datasets]
+    return _Features(train, test, {t: p.describe() for t, p in plans.items()},
+                     {t: pool_id(pools[t]) for t in taps}, sha, ctx.bn_info, transform_id,
+                     (datasets[0].fingerprint(), datasets[1].fingerprint()))
+
+
+def _svm_extra(feats: _Features, params: SvmParams, settings: _SvmCommon, data: VocData) -> dict[str, Any]:
+    return {**data.describe(), "pooling": feats.pooling, "preset": settings.preset, "svm": params.describe(),
+            "ap_rule": "VOC all-points (area under the monotone precision envelope), difficult excluded",
+            "train_labels": "difficult counted as negative", "crops": "center",
+            "bn_recalibrate": feats.bn_info,
+            "skipped_images": {data.train.split: len(data.train) - len(feats.train.indices),
+                               data.test.split: len(data.test) - len(feats.test.indices)},
+            "fit_store": "feature cache" if settings.cache else "off", "costs": list(settings.costs)}
+
+
+class _VocSvmProtocol(Protocol):
+    """What both SVM protocols share: the layout, the data check, the features."""
+
+    version: ClassVar[str] = "1"
+    data_layout: ClassVar[str] = VOC07_LAYOUT
+
+    def check_data(self, root: Path, settings: _SvmCommon) -> None:
+        """Read the image sets of both splits and check the JPEGs exist (cheap)."""
+        load_voc_data(Path(root), settings.train_split, settings.classes, warn=False)
+
+    @staticmethod
+    def features(ckpt: Any, settings: _SvmCommon, root: Path,
+                 ctx: EvalContext) -> tuple[VocData, list[str], _Features, np.ndarray, np.ndarray]:
+        """The data, the taps, their features and the label rows of the extracted images."""
+        data = load_voc_data(Path(root), settings.train_split, settings.classes)
+        taps = resolve_taps(ckpt.backbone, settings.taps)
+        feats = extract_voc_features(ckpt, data, taps, settings, ctx)
+        return data, taps, feats, labels_of(data.train, feats.train.indices), labels_of(data.test, feats.test.indices)
+
+    @staticmethod
+    def params(settings: _SvmCommon, cv_folds: int) -> SvmParams:
+        """The liblinear settings of every fit (0 folds: no cross-validation)."""
+        return SvmParams(settings.positive_weight, settings.max_iter, settings.tol, cv_folds, settings.seed)
+
+    @staticmethod
+    def store(ctx: EvalContext, settings: _SvmCommon, feats: _Features, key: dict[str, Any]) -> FitStore:
+        """The fit store of ``key`` beside the cached features (nothing persisted with ``cache`` off)."""
+        return FitStore.for_key(ctx.cache_dir if settings.cache else None, feats.sha, key)
+
+
+# ============================================================================= protocols
+@register_protocol
+class VocSvm(_VocSvmProtocol):
+    """``voc07-svm``: linear SVMs per tap on frozen features (Goyal et al. / VISSL)."""
+
+    name: ClassVar[str] = "voc07-svm"
+    description: ClassVar[str] = "Pascal VOC07 classification with linear SVMs per layer on frozen features (VISSL)"
+    Settings: ClassVar[type] = VocSvmSettings
+
+    def run(self, ckpt: Any, settings: VocSvmSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
+        """Extract (or read) features, fit the SVMs of every class and tap, score the test split."""
+        started = time.perf_counter()
+        data, taps, feats, train_labels, test_labels = self.features(ckpt, settings, root, ctx)
+        params = self.params(settings, settings.cv_folds)
+        rows, per_tap = [], {}
+        for tap in taps:
+            key = fit_store_key("voc07-svm", feats.key(tap), feats.train.indices, train_labels, params)
+            store = self.store(ctx, settings, feats, key)
+            aps, results = svm_tap(feats.train.features[tap], train_labels, feats.test.features[tap], test_labels,
+                                   data.classes, settings.costs, params, store, settings.jobs)
+            tap_rows, per_class = ap_rows(aps, data.classes, tap, data.test.split, settings.seed)
+            rows += tap_rows
+            per_tap[tap] = {"ap": per_class, **describe_results(results, len(settings.costs))}
+            log.info("voc07-svm %s: mAP %.2f", tap, 100.0 * mean_ap(aps))
+        extra = {**_svm_extra(feats, params, settings, data), "per_tap": per_tap,
+                 "svm_wall_s": round(time.perf_counter() - started, 3)}
+        return ProtocolOutput(rows, data.fingerprint(), extra)
+
+
+@register_protocol
+class VocLowShot(_VocSvmProtocol):
+    """``voc07-lowshot``: low-shot linear SVMs per tap (VISSL)."""
+
+    name: ClassVar[str] = "voc07-lowshot"
+    description: ClassVar[str] = "Pascal VOC07 low-shot SVMs per layer (k positives per class, VISSL)"
+    Settings: ClassVar[type] = VocLowShotSettings
+
+    def run(self, ckpt: Any, settings: VocLowShotSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
+        """Sample the low-shot sets, fit every (k, sample, class, C), report per k."""
+        started = time.perf_counter()
+        if settings.cost is not None and settings.cost not in settings.costs:
+            raise UsageError(f"cost={settings.cost} is not in costs {settings.costs}; add it to the grid")
+        data, taps, feats, train_labels, test_labels = self.features(ckpt, settings, root, ctx)
+        params = self.params(settings, 0)
+        sets = lowshot_sets(train_labels, settings.ks, settings.samples, settings.seed)
+        rows, per_tap = [], {}
+        for tap in taps:
+            extra_key = {"test_features": key_hash(feats.key(tap, 1)), "test_labels": array_digest(test_labels),
+                         "seed": settings.seed}
+            key = fit_store_key("voc07-lowshot", feats.key(tap), feats.train.indices, train_labels, params, extra_key)
+            store = self.store(ctx, settings, feats, key)
+            ap, computed = lowshot_tap(feats.train.features[tap], train_labels, feats.test.features[tap], test_labels,
+                                       sets, data.classes, settings.costs, params, store, settings.jobs)
+            chosen = {}
+            for k, cost, stats in lowshot_summary(ap, settings.ks, settings.costs, settings.cost):
+                chosen[str(k)] = cost
+                rows += [MetricRow(f"mAP_k{k}_{stat}", value, tap, data.test.split, None, settings.seed)
+                         for stat, value in stats.items()]
+            per_tap[tap] = {"chosen_cost": chosen, "fits_computed": computed}
+        extra = {**_svm_extra(feats, params, settings, data), "per_tap": per_tap, "samples": settings.samples,
+                 "cost_selection": ("fixed" if settings.cost is not None
+                                    else "VISSL: per k, the C with the best mean test mAP over the samples"),
+                 "min_positives_drawn": {str(k): min(int((train_labels[picked, c] == 1).sum())
+                                                     for c, picked in enumerate(sets[(k, 0)]))
+                                         for k in dict.fromkeys(settings.ks)},
+                 "lowshot_wall_s": round(time.perf_counter() - started, 3)}
+        return ProtocolOutput(rows, data.fingerprint(), extra)
