@@ -151,15 +151,13 @@ def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], l
         for name, type_name, default, help_text in describe_fields(TrainConfig):
             click.echo(f"{name:<18} {str(default):<18} {help_text}")
         return
-    overrides: dict = {}
-    if resume and flags.get("out"):
-        saved = Path(flags["out"]) / "config.yaml"
-        if saved.exists():
-            overrides.update(load_yaml_settings(saved))
-    if config_file:
-        overrides.update(load_yaml_settings(config_file))
+    overrides: dict = load_yaml_settings(config_file) if config_file else {}
     overrides.update({_TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None})
     overrides.update(parse_assignments(assignments))
+    if resume:  # the run's own settings first; what the command line says on top (checked on resume)
+        saved = Path(str(overrides.get("out") or TrainConfig().out)).expanduser() / "config.yaml"
+        if saved.exists():
+            overrides = {**load_yaml_settings(saved), **overrides}
     cfg = apply_settings(TrainConfig(), overrides)
     if not cfg.data:
         raise click.UsageError("--data is required (an ImageFolder, a folder of images, or a file list)")
@@ -237,7 +235,7 @@ def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: 
         click.echo(result.to_json())
 
 
-# ----------------------------------------------------------------------------- compare
+# ----------------------------------------------------------------------------- tables
 def _parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -247,61 +245,110 @@ def _parse_seeds(text: str | None) -> list[int] | None:
         raise click.BadParameter(f"'{text}' is not a comma-separated list of integers", param_hint="--seeds")
 
 
+def _split_list(values: tuple[str, ...]) -> list[str] | None:
+    """Repeatable options that also take comma-separated lists; None when not given."""
+    out = [v.strip() for text in values for v in text.split(",") if v.strip()]
+    return out or None
+
+
+def _table_options(fn):
+    """--metric, --tap, --reference, --selection: what every table command shares."""
+    options = [
+        click.option("--metric", "metrics", multiple=True, metavar="NAME",
+                     help="Metrics to show (repeatable, globs ok, e.g. 'AP_*'); 'headline' (default): each "
+                          "protocol's headline metric (top1, top1_k20, mAP, AP50, mIoU); 'all': every metric."),
+        click.option("--tap", "taps", multiple=True, metavar="TAP", help="Only these taps (repeatable, globs ok)."),
+        click.option("--reference", help="Checkpoint row to compare every other row with (paired difference, "
+                                         "95% CI, significance mark)."),
+        click.option("--selection", type=click.Choice(["final", "best"]), default="final", show_default=True,
+                     help="Probe epoch to report (final is the standard; best is selected on val)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _metrics(values: tuple[str, ...]) -> list[str]:
+    from dcbench.leaderboard import HEADLINE
+
+    return _split_list(values) or [HEADLINE]
+
+
+def _seed_dependent(protocol_name: str) -> bool:
+    """For records older than the ``seed_dependent`` flag: ask the registered protocol."""
+    from dcbench.protocol import get_protocol
+
+    try:
+        return bool(get_protocol(protocol_name).seed_dependent)
+    except DcbenchError:
+        return True
+
+
+def _parse_data(values: tuple[str, ...], protocols: tuple[str, ...]) -> dict[str, str | None]:
+    """``--data ROOT`` (shared) and ``--data NAME=ROOT`` (one protocol) -> root per protocol."""
+    from dcbench.errors import UsageError
+
+    shared, own = None, {}
+    for value in values:
+        name, sep, root = value.partition("=")
+        if sep and name in protocols:
+            own[name] = root
+        elif shared is not None:
+            raise UsageError(f"--data given twice without a protocol ({shared}, {value}); "
+                             f"use --data NAME=ROOT for one protocol")
+        else:
+            shared = value
+    return {name: own.get(name, shared) for name in protocols}
+
+
 @main.command("compare")
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--protocol", "protocol_names", multiple=True, required=True, help="Protocol (repeatable).")
-@click.option("--data", "data_root", type=click.Path(), help="Dataset root for the protocols.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Setting for every protocol.")
-@click.option("--seeds", help="Comma-separated seeds: one trial each, reported as mean +- std.")
-@click.option("--selection", type=click.Choice(["final", "best"]), default="final", show_default=True)
+@click.option("--data", "data_roots", multiple=True, metavar="[NAME=]ROOT",
+              help="Dataset root for every protocol, or NAME=ROOT for protocol NAME only (repeatable).")
+@click.option("--set", "assignments", multiple=True, metavar="[NAME.]KEY=VALUE",
+              help="Setting: KEY=VALUE for every protocol that has KEY, NAME.KEY=VALUE for protocol NAME only.")
+@click.option("--seeds", help="Comma-separated seeds: one trial each (protocols whose result does not depend on "
+                              "the seed run once).")
+@_table_options
 @_store_option
 @click.option("--device", default="auto", show_default=True)
 @_arch_option
 @_trust_option
-def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], data_root: str | None,
-                assignments: tuple[str, ...], seeds: str | None, selection: str, store: str | None,
-                device: str, arch: str | None, trust: bool) -> None:
-    """Evaluate CHECKPOINTS with each --protocol (skipping results already stored) and print one table."""
+def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], data_roots: tuple[str, ...],
+                assignments: tuple[str, ...], seeds: str | None, metrics: tuple[str, ...], taps: tuple[str, ...],
+                reference: str | None, selection: str, store: str | None, device: str, arch: str | None,
+                trust: bool) -> None:
+    """Evaluate CHECKPOINTS with each --protocol (skipping results already stored) and print the table:
+    one block per protocol and metric, n, mean +- std over seeds, best / tied marks, and with
+    --reference the paired difference with its 95% CI."""
     from dcbench import evaluate
-    from dcbench.leaderboard import build_table, render_terminal
     from dcbench.settings import parse_assignments
 
-    seed_list = _parse_seeds(seeds)
-    overrides = parse_assignments(assignments)
-    plans = evaluate.expand_seeds([evaluate.plan(name, overrides, data_root) for name in protocol_names], seed_list)
+    overrides = evaluate.split_overrides(protocol_names, parse_assignments(assignments))
+    roots = _parse_data(data_roots, protocol_names)
+    plans = evaluate.expand_seeds([evaluate.plan(name, overrides[name], roots[name]) for name in protocol_names],
+                                  _parse_seeds(seeds))
     with _open_store(store) as db:
         items = evaluate.sweep(plans, checkpoints, db, device=device, arch=arch, trust=trust, progress=True)
-    wanted = [item.result for item in items]
-    shas = [item.checkpoint.sha256 for item in items]
-    table = build_table(wanted, protocols=list(protocol_names), checkpoints=list(dict.fromkeys(shas)),
-                        selection=selection)
-    click.echo(render_terminal(table))
+        shas = list(dict.fromkeys(item.checkpoint.sha256 for item in items))
+        if reference in checkpoints and len(shas) == len(checkpoints):
+            reference = shas[checkpoints.index(reference)]  # a spec as given -> its weights
+        _echo_table([item.result for item in items], "terminal", db, protocols=list(protocol_names),
+                    checkpoints=shas, metrics=_metrics(metrics), taps=_split_list(taps), reference=reference,
+                    selection=selection)
 
 
-# ----------------------------------------------------------------------------- leaderboard
-@main.command("leaderboard")
-@_store_option
-@click.option("--protocol", "protocol_names", multiple=True, help="Only these protocols (repeatable).")
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html", "json"]), default="md",
-              show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
-@click.option("--reference", help="Row to show deltas against (a checkpoint name).")
-@click.option("--selection", type=click.Choice(["final", "best"]), default="final", show_default=True)
-def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], fmt: str, output: str | None,
-                    reference: str | None, selection: str) -> None:
-    """Export the stored results as a table (checkpoints x protocol/tap/metric)."""
-    from dcbench.fileio import atomic_write_text
+def _echo_table(results: list, fmt: str, db, *, output: str | None = None, reference: str | None = None,
+                **build) -> None:
+    """Build, analyse and print (or write) a table of ``results``; statistics read ``db``'s outcomes."""
     from dcbench.errors import UsageError
-    from dcbench.leaderboard import build_table, render
+    from dcbench.fileio import atomic_write_text
+    from dcbench.leaderboard import build_table, render, render_terminal
 
-    with _open_store(store) as db:
-        results = [r for r in db.results() if not protocol_names or r.protocol in protocol_names]
-    if not results:
-        raise DcbenchError(f"no results in the store{' for ' + ', '.join(protocol_names) if protocol_names else ''}; "
-                           f"run `dcbench eval` or `dcbench compare` first")
-    table = build_table(results, protocols=list(protocol_names) or None, selection=selection)
+    table = build_table(results, seed_dependent=_seed_dependent, outcomes=db.outcomes, **build)
     try:
-        text = render(table, fmt, reference=reference)
+        text = render_terminal(table, reference) if fmt == "terminal" else render(table, fmt, reference=reference)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if output:
@@ -309,6 +356,153 @@ def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], fmt: str
         click.echo(f"wrote {output}")
     else:
         click.echo(text)
+
+
+# ----------------------------------------------------------------------------- leaderboard
+@main.command("leaderboard")
+@_store_option
+@click.option("--protocol", "protocol_names", multiple=True, help="Only these protocols (repeatable).")
+@click.option("--checkpoint", "checkpoint_names", multiple=True,
+              help="Only these checkpoints (name or sha256 prefix; repeatable), in this order.")
+@_table_options
+@click.option("--where", "where", multiple=True, metavar="[NAME.]KEY=VALUE",
+              help="Only results whose setting KEY is VALUE (data=FINGERPRINT_PREFIX for the dataset).")
+@click.option("--latest", is_flag=True,
+              help="Per checkpoint and protocol, only the setup (settings, data) of its most recent result.")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html", "json"]), default="md",
+              show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
+def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], checkpoint_names: tuple[str, ...],
+                    metrics: tuple[str, ...], taps: tuple[str, ...], reference: str | None, selection: str,
+                    where: tuple[str, ...], latest: bool, fmt: str, output: str | None) -> None:
+    """Export the stored results as a table: one column per protocol setup, tap and metric (results of
+    different settings or data are never merged: their column names what differs)."""
+    from dcbench.errors import UsageError
+    from dcbench.leaderboard import filter_results
+
+    pairs = [w.partition("=") for w in where]
+    if any(not sep or not key for key, sep, _ in pairs):
+        raise UsageError(f"bad --where '{next(w for w in where if '=' not in w or w.startswith('='))}': "
+                         f"use KEY=VALUE, e.g. --where epochs=2")
+    with _open_store(store) as db:
+        results = [r for r in db.results() if not protocol_names or r.protocol in protocol_names]
+        results = filter_results(results, {key.strip(): value for key, _, value in pairs})
+        if not results:
+            what = f" for {', '.join(protocol_names)}" if protocol_names else ""
+            raise DcbenchError(f"no results in the store{what}{' matching --where' if where else ''}; "
+                               f"run `dcbench eval` or `dcbench compare` first (see `dcbench results list`)")
+        _echo_table(results, fmt, db, output=output, protocols=list(protocol_names) or None,
+                    checkpoints=list(checkpoint_names) or None, metrics=_metrics(metrics), taps=_split_list(taps),
+                    reference=reference, selection=selection, latest=latest)
+
+
+# ----------------------------------------------------------------------------- results
+@main.group("results")
+def results_group() -> None:
+    """See and curate the stored results the tables are built from."""
+
+
+def _existing_store(path: str | None):
+    from dcbench.results import ResultStore, StoreError, default_store_path
+
+    where = Path(path) if path else default_store_path()
+    if not where.is_file():
+        raise StoreError(f"no results store at {where}; run `dcbench eval` first or pass --store PATH")
+    return ResultStore(where)
+
+
+_filter_options = [click.option("--checkpoint", help="Only this checkpoint (name or sha256 prefix of 8+)."),
+                   click.option("--protocol", "protocol_name", help="Only this protocol.")]
+
+
+def _with_filters(fn):
+    for option in reversed(_filter_options):
+        fn = option(fn)
+    return fn
+
+
+@results_group.command("list")
+@_store_option
+@_with_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def results_list(store: str | None, checkpoint: str | None, protocol_name: str | None, as_json: bool) -> None:
+    """One line per stored result: id, time, protocol, checkpoint, seed, comparability key, data."""
+    with _existing_store(store) as db:
+        for line in _list_lines(db, db.results(protocol_name, checkpoint), as_json):
+            click.echo(line)
+
+
+def _list_lines(db, results: list, as_json: bool) -> list[str]:
+    """``results list`` lines: aligned columns, or one JSON object per result."""
+    import json
+
+    with_outcomes = db.outcome_names()
+    rows = []
+    for r in results:
+        flags = ",".join(f for f, on in (("outcomes", r.id in with_outcomes), ("unverified", r.unverified)) if on)
+        rows.append({"id": r.id, "started": r.started[:19].replace("T", " "), "protocol": r.protocol,
+                     "version": r.protocol_version, "checkpoint": r.checkpoint.get("name"),
+                     "sha256": r.checkpoint["sha256"], "seed": r.seed, "key": r.key(),
+                     "data": r.data.get("fingerprint"), "metrics": len(r.metrics), "flags": flags})
+    if as_json:
+        return [json.dumps(row) for row in rows]
+    header = ("id", "started", "protocol", "checkpoint", "seed", "key", "data", "metrics", "flags")
+    table = [header] + [(str(x["id"]), x["started"], f"{x['protocol']} v{x['version']}", str(x["checkpoint"]),
+                         str(x["seed"]), x["key"][:12], str(x["data"] or "-")[:12], str(x["metrics"]),
+                         x["flags"] or "-") for x in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+
+
+@results_group.command("show")
+@click.argument("result_id", type=int)
+@_store_option
+def results_show(result_id: int, store: str | None) -> None:
+    """The full record of RESULT_ID as JSON, with its keys and outcome names."""
+    import json
+
+    with _existing_store(store) as db:
+        result = db.get(result_id)
+        record = {"id": result.id, "key": result.key(), "setup_key": result.setup_key(),
+                  "outcomes": sorted(db.outcomes(result_id)), **result.to_dict()}
+    click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+
+
+@results_group.command("rm")
+@click.argument("result_ids", type=int, nargs=-1, required=True)
+@_store_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+def results_rm(result_ids: tuple[int, ...], store: str | None, yes: bool) -> None:
+    """Delete results (their metric rows and outcomes too)."""
+    with _existing_store(store) as db:
+        doomed = [db.get(i) for i in result_ids]  # an unknown id stops here, before anything is deleted
+        for line in _list_lines(db, doomed, False):
+            click.echo(line)
+        if not yes:
+            click.confirm(f"delete {len(doomed)} result(s)?", abort=True)
+        removed = db.remove(result_ids)
+    click.echo(f"removed {removed} result(s)")
+
+
+@results_group.command("export")
+@_store_option
+@_with_filters
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True,
+              help="json: the full records (with id and keys); csv: one line per metric row.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
+def results_export(store: str | None, checkpoint: str | None, protocol_name: str | None, fmt: str,
+                   output: str | None) -> None:
+    """Every stored result with everything needed to reproduce it."""
+    from dcbench.fileio import atomic_write_text
+    from dcbench.results import export_results
+
+    with _existing_store(store) as db:
+        text = export_results(db.results(protocol_name, checkpoint), fmt)
+    if output:
+        atomic_write_text(output, text)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
 
 
 # ----------------------------------------------------------------------------- demo

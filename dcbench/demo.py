@@ -2,8 +2,10 @@
 
 Digits has 1,797 real 8x8 images. With the paper's settings (batch 256, k=10000, PCA-256)
 that is 7 SGD steps per clustering and a network that learns nothing, so the demo uses
-documented small-data settings (see ``DEMO_TRAINING``) and shows whatever the table says,
-with the spread over seeds. It never tunes the table.
+documented small-data settings (see ``DEMO_TRAINING``) and shows whatever the table says.
+Its claims are those of the paired tests of :mod:`dcbench.stats` (the same as
+``dcbench leaderboard --reference``): a difference is called significant only when its 95%
+interval excludes zero (p < 0.05). It never tunes the table.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from dcbench import evaluate
 from dcbench.fileio import atomic_write_text
 from dcbench.data import write_digits_imagefolder
-from dcbench.leaderboard import Table, build_table, render, render_terminal
+from dcbench.leaderboard import Analysis, Table, analyze, build_table, render, render_terminal
 from dcbench.results import ResultStore
 from dcbench.train import TrainConfig, train
 
@@ -48,6 +50,7 @@ class DemoOutput:
     folder: Path
     table: Table
     notes: list[str]
+    analysis: Analysis | None = None
 
 
 def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
@@ -70,14 +73,14 @@ def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
     checkpoints = [str(run_dir / "checkpoint.pth"), f"random:alexnet,size={IMAGE_SIZE}"]
     with ResultStore(store_path) as store:
         results = _evaluate_all(store, checkpoints, data, seeds)
-    shown = [replace(r, metrics=[m for m in r.metrics if m.metric in SHOWN_METRICS]) for r in results]
-    table = build_table(shown, protocols=list(DEMO_PROTOCOLS), selection="final")
-    reference = table.rows[-1]
-    atomic_write_text(out / "leaderboard.md", render(table, "md", reference=reference))
-    atomic_write_text(out / "leaderboard.html", render(table, "html", reference=reference))
-    notes = spread_notes(table, table.rows[0], reference)
+        shown = [replace(r, metrics=[m for m in r.metrics if m.metric in SHOWN_METRICS]) for r in results]
+        table = build_table(shown, protocols=list(DEMO_PROTOCOLS), selection="final", outcomes=store.outcomes)
+        analysis = analyze(table, reference=table.rows[-1])  # the random init
+    atomic_write_text(out / "leaderboard.md", render(table, "md", analysis=analysis))
+    atomic_write_text(out / "leaderboard.html", render(table, "html", analysis=analysis))
+    notes = paired_notes(analysis, table.rows[0])
     log.info("demo finished in %.0f s", time.perf_counter() - started)
-    return DemoOutput(out, table, notes)
+    return DemoOutput(out, table, notes, analysis)
 
 
 def _evaluate_all(store: ResultStore, checkpoints: list[str], data: Path, seeds: tuple[int, ...]) -> list:
@@ -89,24 +92,29 @@ def _evaluate_all(store: ResultStore, checkpoints: list[str], data: Path, seeds:
     return [item.result for item in items]
 
 
-def spread_notes(table: Table, trained: str, random: str) -> list[str]:
-    """Which trained-vs-random differences exceed the spread over seeds (|diff| > std_a + std_b)."""
+def paired_notes(analysis: Analysis, trained: str) -> list[str]:
+    """Per column, the trained-vs-reference difference as the paired test states it."""
     notes = []
-    for col in table.columns:
-        a, b = table.cells.get((trained, col)), table.cells.get((random, col))
-        if a is None or b is None:
+    for col in analysis.table.columns:
+        cmp = analysis.diffs.get((trained, col))
+        if cmp is None:
             continue
-        spread = (a.std or 0.0) + (b.std or 0.0)
-        diff = a.mean - b.mean
-        verdict = "exceeds the spread" if abs(diff) > spread else "within the spread"
-        notes.append(f"{col}: trained - random = {diff:+.1f} ({verdict} {spread:.1f})")
+        diff = f"{cmp.diff:+.1f}"
+        if not cmp.tested:
+            notes.append(f"{col}: trained - random = {diff} (not testable: fewer than 2 paired seeds and no "
+                         f"per-image outcomes stored)")
+            continue
+        verdict = "significant" if cmp.significant(analysis.alpha) else "not significant"
+        p = "" if cmp.p_value is None else f", p = {cmp.p_value:.3g}"
+        notes.append(f"{col}: trained - random = {diff}, 95% CI [{cmp.ci_low:+.1f}, {cmp.ci_high:+.1f}]{p}, "
+                     f"{cmp.method} over n={cmp.n}: {verdict}")
     return notes
 
 
 def print_summary(result: DemoOutput, echo) -> None:
-    echo(render_terminal(result.table))
+    echo(render_terminal(result.table, analysis=result.analysis))
     echo("")
-    echo("Differences against the random init (spread = sum of the two std over seeds):")
+    echo("Differences against the random init (paired tests, 95% CI):")
     for note in result.notes:
         echo(f"  {note}")
     echo("")

@@ -13,16 +13,19 @@ Every step protocols share happens here, once, in this order:
 4. :func:`sweep`: plans x checkpoints x seeds, skipping what the store already holds; it
    serves ``dcbench compare`` and the demo.
 
-A result reaches the store in one transaction only after the protocol finished, so a failed
-or interrupted evaluation stores nothing.
+A result reaches the store in one transaction, with the protocol's per-image outcomes, only
+after the protocol finished, so a failed or interrupted evaluation stores nothing. A re-run
+of a stored comparability key and seed is stored beside the earlier record (and logged);
+tables use the latest (dcbench.results).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ import torch
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
 from dcbench.env import git_hash, software_versions
 from dcbench.errors import UsageError
-from dcbench.features import tensor_digests
+from dcbench.digest import tensor_digests
 from dcbench.protocol import Protocol, RunContext, check_unchanged, get_protocol
 from dcbench.results import Result, ResultStore, utc_now
 from dcbench.settings import apply_settings, to_plain
@@ -130,34 +133,79 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     else:  # a fine-tune trains a copy: the checkpoint itself must still be what was loaded
         check_unchanged(original, p.protocol.name)
     extra = {**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device}
+    # a protocol may say per run (e.g. seed-driven BatchNorm re-estimation of a random init)
+    extra.setdefault("seed_dependent", p.protocol.seed_dependent)
+    # the card's known deviations from the preset's source + every --set away from the preset
+    extra["deviations"] = [d.to_dict() for d in p.protocol.deviations(p.settings)]
     if ctx.bn_info is not None and "bn_recalibrate" not in extra:
         extra["bn_recalibrate"] = ctx.bn_info
     if "file_sha256" in ckpt.meta:
         extra["checkpoint_file_sha256"] = ckpt.meta["file_sha256"]
+    if ckpt.meta.get("unverified"):  # a `pretrained add --force` file: tables say so
+        extra["checkpoint_unverified"] = True
     return Result(protocol=p.protocol.name, protocol_version=p.protocol.version, checkpoint=ckpt.identity(),
                   settings=p.plain_settings, data={"root": str(p.root.resolve()), "fingerprint": output.data_fingerprint},
                   metrics=list(output.metrics), versions=software_versions(), git=git_hash(), started=started,
-                  wall_s=round(time.perf_counter() - t0, 3), extra=extra)
+                  wall_s=round(time.perf_counter() - t0, 3), extra=extra, outcomes=dict(output.outcomes or {}))
 
 
 def run_and_store(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore, ctx: RunContext) -> Result:
-    """:func:`run`, then store the result in one transaction."""
+    """:func:`run`, then store the result and its per-image outcomes in one transaction."""
     result = run(p, ckpt, ctx)
+    earlier = store.trials(result.key(), result.seed)
     store.add(result)
+    if earlier:
+        log.info("the store already held %d result(s) of this key and seed %s: kept (tables use the latest; "
+                 "`dcbench results list` shows them)", earlier, result.seed)
     return result
 
 
 def stored(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore) -> Result | None:
-    """The latest stored result for this checkpoint, protocol and settings, if any."""
-    found = store.find(ckpt.sha256, p.protocol.name, p.plain_settings)
+    """The latest stored result for this checkpoint, protocol version, settings and data root, if any."""
+    root = str(p.root.resolve())
+    found = [r for r in store.find(ckpt.sha256, p.protocol.name, p.plain_settings)
+             if r.protocol_version == p.protocol.version and r.data.get("root") == root]
     return found[-1] if found else None
 
 
 def expand_seeds(plans: Sequence[Plan], seeds: Sequence[int] | None) -> list[Plan]:
-    """One plan per (plan, seed); ``plans`` unchanged when ``seeds`` is empty."""
+    """One plan per (plan, seed); ``plans`` unchanged when ``seeds`` is empty. A protocol whose
+    result does not depend on the seed (``seed_dependent = False``) runs once, not per seed."""
     if not seeds:
         return list(plans)
-    return [with_seed(p, seed) for p in plans for seed in seeds]
+    out = []
+    for p in plans:
+        out += [with_seed(p, seed) for seed in seeds] if p.protocol.seed_dependent else [p]
+    return out
+
+
+def split_overrides(protocols: Sequence[str], overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-protocol settings from ``--set`` assignments for several protocols.
+
+    ``NAME.key`` applies to protocol NAME only; a bare ``key`` applies to every protocol whose
+    settings have it and is a UsageError only when none has it. A scoped value wins over a bare
+    one. A scope that is not among ``protocols`` is a UsageError.
+    """
+    fields = {name: {f.name for f in dataclasses.fields(get_protocol(name).Settings)} for name in protocols}
+    out: dict[str, dict[str, Any]] = {name: {} for name in protocols}
+    scoped: dict[str, dict[str, Any]] = {name: {} for name in protocols}
+    for key, value in overrides.items():
+        scope, dot, bare = key.partition(".")
+        if dot and scope in fields:
+            scoped[scope][bare] = value
+            continue
+        if dot and scope not in fields:
+            raise UsageError(f"--set {key}: '{scope}' is not one of the --protocol values "
+                             f"({', '.join(protocols)})")
+        takers = [name for name in protocols if key in fields[name]]
+        if not takers:
+            raise UsageError(f"unknown setting '{key}' for {', '.join(protocols)} (no protocol has it); "
+                             f"see `dcbench protocols NAME`")
+        for name in takers:
+            out[name][key] = value
+    for name in protocols:
+        out[name].update(scoped[name])  # validated (unknown keys named) by plan()
+    return out
 
 
 @dataclass

@@ -6,22 +6,49 @@ file in WAL mode; each :meth:`ResultStore.add` is a single transaction, so a fai
 interrupted evaluation writes nothing. The full record is kept as JSON (the source of truth)
 and the metric rows are also spread into a ``metrics`` table so that leaderboards and ad-hoc
 analysis are plain SQL queries.
+
+Identity. A result's *comparability key* (:func:`comparability_key`) is the sha256 of
+(checkpoint sha256, protocol, protocol version, every setting except the seed and the
+execution-only settings of :data:`EXECUTION_SETTINGS`, dataset fingerprint). Results of one
+key are trials (seeds) of one experiment and aggregate; results of different keys never
+merge. The *setup key* is the same without the checkpoint: two checkpoints are compared
+(paired) only on one setup. Both are columns of the ``results`` table (schema version 2;
+older stores are migrated on open).
+
+Re-runs. Storing the same key and seed again keeps both records (nothing is replaced or
+deleted); tables use the latest and count the earlier ones as duplicates, and
+``dcbench results rm`` removes either.
+
+Outcomes. Per-evaluation-image outcomes (``ProtocolOutput.outcomes``: name -> 1-D array, 0/1
+for accuracy-type metrics, named by :func:`outcome_key`) are stored as one compressed ``.npz``
+blob per result in the ``outcomes`` table, written in the same transaction as the result, for
+the paired bootstrap of :mod:`dcbench.stats`.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import numbers
 import os
 import sqlite3
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from dcbench.errors import DcbenchError
 
-__all__ = ["MetricRow", "Result", "ResultStore", "StoreError", "default_store_path", "utc_now"]
+__all__ = ["EXECUTION_SETTINGS", "MetricRow", "Result", "ResultStore", "StoreError", "comparability_key",
+           "default_store_path", "export_results", "key_of", "outcome_key", "setup_identity", "setup_key", "utc_now"]
+
+#: settings that choose how a run executes, not what it computes (data-loader processes,
+#: reading extracted features from the cache): left out of the comparability key with the seed
+EXECUTION_SETTINGS = ("seed", "workers", "cache")
 
 SELECTIONS = ("final", "best", None)
 _REQUIRED_KEYS = ("protocol", "protocol_version", "checkpoint", "settings", "data", "metrics")
@@ -92,6 +119,12 @@ class Result:
     started: str = ""  # ISO 8601 UTC
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)  # protocol-specific metadata
+    #: the store's id of this record (set by ResultStore.add and when read back); not part
+    #: of the record and ignored by ``==``
+    id: int | None = field(default=None, compare=False, repr=False)
+    #: per-image outcomes of the run (``ProtocolOutput.outcomes``), stored beside the record by
+    #: ResultStore.add; not part of the record and ignored by ``==``
+    outcomes: dict = field(default_factory=dict, compare=False, repr=False)
 
     def validate(self) -> None:
         """Raise ValueError if the record is incomplete or a metric row is malformed."""
@@ -159,11 +192,64 @@ class Result:
         """Canonical JSON of the settings: two runs have "the same settings" iff keys match."""
         return settings_key(self.settings)
 
+    def key(self) -> str:
+        """The comparability key (see the module docstring)."""
+        return comparability_key(self.to_dict())
+
+    def setup_key(self) -> str:
+        """The comparability key without the checkpoint: what two compared checkpoints share."""
+        return setup_key(self.to_dict())
+
+    @property
+    def seed(self) -> Any:
+        """The ``seed`` setting of the run (None when the protocol has none)."""
+        return self.settings.get("seed")
+
+    @property
+    def unverified(self) -> bool:
+        """Whether the checkpoint was a ``pretrained add --force`` file that failed its checks."""
+        return bool(self.extra.get("checkpoint_unverified"))
+
 
 def settings_key(settings: dict) -> str:
     """Canonical JSON (sorted keys, compact) of a settings dict."""
     return json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False, default=_json_default)
+
+
+def setup_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two results of different checkpoints comparable: protocol, version,
+    settings except :data:`EXECUTION_SETTINGS`, dataset fingerprint (``record``: a
+    :meth:`Result.to_dict`)."""
+    settings = {k: v for k, v in (record.get("settings") or {}).items() if k not in EXECUTION_SETTINGS}
+    return {"protocol": record["protocol"], "protocol_version": str(record["protocol_version"]),
+            "settings": settings, "data_fingerprint": (record.get("data") or {}).get("fingerprint")}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(settings_key(obj).encode("utf-8")).hexdigest()
+
+
+def setup_key(record: Mapping[str, Any]) -> str:
+    """sha256 hex of :func:`setup_identity`."""
+    return _digest(setup_identity(record))
+
+
+def comparability_key(record: Mapping[str, Any]) -> str:
+    """sha256 hex of (checkpoint sha256, :func:`setup_identity`): results of one key are seeds
+    of one experiment."""
+    return key_of(record["checkpoint"]["sha256"], setup_identity(record))
+
+
+def key_of(checkpoint_sha256: str, identity: Mapping[str, Any]) -> str:
+    """:func:`comparability_key` from a checkpoint sha256 and a :func:`setup_identity`."""
+    return _digest({"checkpoint": checkpoint_sha256, **identity})
+
+
+def outcome_key(metric: str, tap: str | None = None, selection: str | None = None) -> str:
+    """The name under which a protocol stores the per-image outcomes of a metric row:
+    ``metric/tap/selection`` with absent parts left out (``"top1/conv3/final"``, ``"top1_k20/conv3"``)."""
+    return "/".join(p for p in (metric, tap, selection) if p)
 
 
 def utc_now() -> str:
@@ -223,11 +309,78 @@ CREATE INDEX IF NOT EXISTS metrics_result ON metrics(result_id);
 CREATE INDEX IF NOT EXISTS metrics_metric ON metrics(metric, tap);
 """
 
+#: version 1 -> 2: the comparability key, setup key, seed and data fingerprint as columns
+#: (computed from record_json for existing rows) and the outcomes table
+_V2_COLUMNS = (("comparability_key", "TEXT"), ("setup_key", "TEXT"), ("seed", "INTEGER"),
+               ("data_fingerprint", "TEXT"))
+_V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    result_id INTEGER PRIMARY KEY REFERENCES results(id) ON DELETE CASCADE,
+    names TEXT NOT NULL,
+    npz BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_key ON results(comparability_key, seed);
+CREATE INDEX IF NOT EXISTS results_setup ON results(setup_key);
+"""
+
+
+def _statements(script: str) -> list[str]:
+    return [s for s in script.split(";") if s.strip()]
+
+
+def _identity_columns(record: Mapping[str, Any]) -> tuple[str, str, Any, Any]:
+    """(comparability key, setup key, seed, data fingerprint) of a record dict."""
+    seed = (record.get("settings") or {}).get("seed")
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return (comparability_key(record), setup_key(record), seed,
+            (record.get("data") or {}).get("fingerprint"))
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    for name, kind in _V2_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
+    for rid, text in conn.execute("SELECT id, record_json FROM results").fetchall():
+        conn.execute("UPDATE results SET comparability_key=?, setup_key=?, seed=?, data_fingerprint=? "
+                     "WHERE id=?", (*_identity_columns(json.loads(text)), rid))
+    for statement in _statements(_V2_SCHEMA):
+        conn.execute(statement)
+
+
+#: migrations[v] brings a store from version v to v + 1, inside the opening transaction
+_MIGRATIONS = {1: _migrate_1_to_2}
+
+
+def encode_outcomes(outcomes: Mapping[str, Any]) -> tuple[list[str], bytes]:
+    """Validate per-image outcomes (name -> finite 1-D numeric array) and pack them as a
+    compressed ``.npz``; ValueError naming the bad entry otherwise."""
+    arrays = {}
+    for name, value in outcomes.items():
+        arr = np.asarray(value)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"outcomes: names must be non-empty strings, got {name!r}")
+        if arr.ndim != 1 or arr.dtype.kind not in "biuf":
+            raise ValueError(f"outcomes {name!r}: expected a 1-D numeric array, got shape {arr.shape} "
+                             f"dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"outcomes {name!r}: values must be finite")
+        arrays[name] = arr
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return sorted(arrays), buf.getvalue()
+
+
+def decode_outcomes(blob: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an :func:`encode_outcomes` blob."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
 
 class ResultStore:
     """Results in one SQLite file (WAL mode); use as a context manager or call :meth:`close`."""
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2
 
     def __init__(self, path: str | Path) -> None:
         """Open (creating parent directories and the schema if needed) the store at ``path``."""
@@ -261,12 +414,15 @@ class ResultStore:
                     f"results store {self.path} has schema version {found}, newer than this "
                     f"dcbench supports ({self.SCHEMA_VERSION}); upgrade dcbench or "
                     f"pass --store PATH")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._conn.execute(statement)
-            if found is None:
-                self._conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
-                                   (str(self.SCHEMA_VERSION),))
+            for statement in _statements(_SCHEMA):
+                self._conn.execute(statement)
+            # a new store is a version-1 store migrated like an old one: one code path
+            version = 1 if found is None else found
+            while version < self.SCHEMA_VERSION:
+                _MIGRATIONS[version](self._conn)
+                version += 1
+            self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                               (str(version),))
 
     def schema_version(self) -> int:
         """The schema version recorded in the store's ``meta`` table."""
@@ -317,22 +473,29 @@ class ResultStore:
             raise StoreError(f"cannot read results store {self.path}: {_one_line(exc)}") from exc
 
     # -- writing ------------------------------------------------------------------------
-    def add(self, result: Result) -> int:
-        """Store ``result`` (record + metric rows) in one transaction; return its id.
+    def add(self, result: Result, outcomes: Mapping[str, Any] | None = None) -> int:
+        """Store ``result`` (record + metric rows + per-image ``outcomes``, default
+        ``result.outcomes``, if any) in one transaction; return its id (also set as ``result.id``).
 
-        Raises ValueError for a malformed record (nothing written) and StoreError when the
-        database refuses the write (nothing written either).
+        Raises ValueError for a malformed record or outcomes (nothing written) and StoreError
+        when the database refuses the write (nothing written either).
         """
         record = result.to_dict()  # validates and normalises before anything is written
         record_json = _dumps(record)
+        outcomes = result.outcomes if outcomes is None else outcomes
+        packed = encode_outcomes(outcomes) if outcomes else None
         try:
             with self._transaction() as conn:
                 result_id = self._insert_result(conn, record, record_json)
                 for row in record["metrics"]:
                     self._insert_metric(conn, result_id, row)
+                if packed is not None:
+                    conn.execute("INSERT INTO outcomes(result_id, names, npz) VALUES (?,?,?)",
+                                 (result_id, _dumps(packed[0]), packed[1]))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write to results store {self.path}: "
                              f"{_one_line(exc)}") from exc
+        result.id = result_id
         return result_id
 
     @staticmethod
@@ -340,11 +503,27 @@ class ResultStore:
         ckpt = record["checkpoint"]
         cur = conn.execute(
             "INSERT INTO results(protocol, protocol_version, checkpoint_name, checkpoint_sha256, "
-            "arch, settings_key, record_json, started, wall_s) VALUES (?,?,?,?,?,?,?,?,?)",
+            "arch, settings_key, record_json, started, wall_s, comparability_key, setup_key, seed, "
+            "data_fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (record["protocol"], record["protocol_version"], ckpt.get("name"), ckpt["sha256"],
              ckpt.get("arch"), settings_key(record["settings"]), record_json, record["started"],
-             record["wall_s"]))
+             record["wall_s"], *_identity_columns(record)))
         return int(cur.lastrowid)
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Delete the results ``ids`` (their metric rows and outcomes too) in one transaction;
+        return how many existed."""
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        try:
+            with self._transaction() as conn:
+                removed = 0
+                for rid in ids:
+                    conn.execute("DELETE FROM metrics WHERE result_id=?", (rid,))
+                    conn.execute("DELETE FROM outcomes WHERE result_id=?", (rid,))
+                    removed += conn.execute("DELETE FROM results WHERE id=?", (rid,)).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to results store {self.path}: {_one_line(exc)}") from exc
+        return removed
 
     @staticmethod
     def _insert_metric(conn: sqlite3.Connection, result_id: int, row: dict) -> None:
@@ -358,18 +537,50 @@ class ResultStore:
     def find(self, checkpoint_sha256: str, protocol: str, settings: dict) -> list[Result]:
         """Results of ``protocol`` on this checkpoint with exactly these settings, oldest first."""
         cur = self._execute(
-            "SELECT record_json FROM results WHERE checkpoint_sha256=? AND protocol=? "
+            "SELECT id, record_json FROM results WHERE checkpoint_sha256=? AND protocol=? "
             "AND settings_key=? ORDER BY id", (checkpoint_sha256, protocol, settings_key(settings)))
-        return [self._load(rec) for (rec,) in cur.fetchall()]
+        return [self._load(rec, rid) for rid, rec in cur.fetchall()]
 
-    def results(self, protocol: str | None = None) -> list[Result]:
-        """All results (of one protocol when given), oldest first."""
-        if protocol is None:
-            cur = self._execute("SELECT record_json FROM results ORDER BY id")
+    def results(self, protocol: str | None = None, checkpoint: str | None = None) -> list[Result]:
+        """All results, oldest first; of one protocol and/or one checkpoint (its name, or a
+        sha256 prefix of 8+ hex digits) when given."""
+        sql, params = "SELECT id, record_json FROM results", []
+        clauses = []
+        if protocol is not None:
+            clauses.append("protocol=?")
+            params.append(protocol)
+        if checkpoint is not None:
+            clauses.append("(checkpoint_name=? OR (length(?) >= 8 AND checkpoint_sha256 LIKE ? || '%'))")
+            params += [checkpoint, checkpoint, checkpoint.lower()]
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        cur = self._execute(sql + " ORDER BY id", tuple(params))
+        return [self._load(rec, rid) for rid, rec in cur.fetchall()]
+
+    def get(self, result_id: int) -> Result:
+        """The result stored under ``result_id``; StoreError naming the fix if there is none."""
+        row = self._execute("SELECT record_json FROM results WHERE id=?", (int(result_id),)).fetchone()
+        if row is None:
+            raise StoreError(f"no result {result_id} in {self.path}; see `dcbench results list`")
+        return self._load(row[0], int(result_id))
+
+    def outcomes(self, result_id: int) -> dict[str, np.ndarray]:
+        """The per-image outcomes stored with ``result_id`` (empty when it has none)."""
+        row = self._execute("SELECT npz FROM outcomes WHERE result_id=?", (int(result_id),)).fetchone()
+        return {} if row is None else decode_outcomes(row[0])
+
+    def outcome_names(self) -> dict[int, list[str]]:
+        """``{result id: outcome names}`` of every result that has outcomes (no arrays read)."""
+        cur = self._execute("SELECT result_id, names FROM outcomes")
+        return {int(rid): json.loads(names) for rid, names in cur.fetchall()}
+
+    def trials(self, key: str, seed: Any) -> int:
+        """How many stored results share comparability ``key`` and ``seed`` (re-runs)."""
+        if seed is None:
+            cur = self._execute("SELECT COUNT(*) FROM results WHERE comparability_key=? AND seed IS NULL", (key,))
         else:
-            cur = self._execute("SELECT record_json FROM results WHERE protocol=? ORDER BY id",
-                                (protocol,))
-        return [self._load(rec) for (rec,) in cur.fetchall()]
+            cur = self._execute("SELECT COUNT(*) FROM results WHERE comparability_key=? AND seed=?", (key, seed))
+        return int(cur.fetchone()[0])
 
     def __iter__(self) -> Iterator[Result]:
         return iter(self.results())
@@ -377,12 +588,14 @@ class ResultStore:
     def __len__(self) -> int:
         return int(self._execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
-    def _load(self, record_json: str) -> Result:
+    def _load(self, record_json: str, result_id: int | None = None) -> Result:
         try:
-            return Result.from_json(record_json)
+            result = Result.from_json(record_json)
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"results store {self.path} holds a corrupt record: "
                              f"{_one_line(exc)}") from exc
+        result.id = result_id
+        return result
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
@@ -399,6 +612,35 @@ class ResultStore:
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.path)!r})"
+
+
+_EXPORT_FIELDS = ("id", "key", "setup_key", "protocol", "protocol_version", "checkpoint_name", "checkpoint_sha256",
+                  "arch", "seed", "data_root", "data_fingerprint", "settings", "metric", "value", "tap", "split",
+                  "selection", "started", "wall_s", "git", "unverified")
+
+
+def export_results(results: Iterable[Result], fmt: str = "json") -> str:
+    """``json``: a list of full records, each with its store ``id``, ``key`` and ``setup_key``;
+    ``csv``: one line per metric row with the identity of its result (settings as JSON)."""
+    results = list(results)
+    if fmt == "json":
+        records = [{"id": r.id, "key": r.key(), "setup_key": r.setup_key(), **r.to_dict()} for r in results]
+        return json.dumps(records, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if fmt != "csv":
+        raise ValueError(f"unknown export format {fmt!r}; choose json or csv")
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(_EXPORT_FIELDS)
+    for r in results:
+        ident = [r.id, r.key(), r.setup_key(), r.protocol, r.protocol_version, r.checkpoint.get("name"),
+                 r.checkpoint["sha256"], r.checkpoint.get("arch"), r.seed, r.data.get("root"),
+                 r.data.get("fingerprint"), settings_key(r.settings)]
+        for m in r.metrics:
+            writer.writerow(ident + [m.metric, repr(float(m.value)), m.tap, m.split, m.selection, r.started,
+                                     r.wall_s, r.git, "true" if r.unverified else "false"])
+    return buf.getvalue()
 
 
 def _one_line(exc: BaseException) -> str:

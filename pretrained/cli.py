@@ -20,6 +20,8 @@ def pretrained_group() -> None:
 
 def _cache_state(entry: Entry, lock: dict) -> str:
     if is_cached(entry):
+        if entry.name in lock and lock[entry.name].get("unverified"):
+            return "forced (unverified)"
         return "yes" if entry.name in lock else "unverified"
     part = partial_path(entry)
     return f"partial {part.stat().st_size / 1e6:.0f} MB" if part.is_file() else "no"
@@ -85,11 +87,16 @@ def path_cmd(name: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--trust-checkpoint", "trust", is_flag=True,
               help="Allow full unpickling of FILE (can run code: only for files you trust).")
-def add_cmd(name: str, file: str, trust: bool) -> None:
-    """Register a local copy of NAME (e.g. fetched on another machine): FILE must match the
-    manifest's checksum (where it has one) and load into NAME's arch; it is copied into the cache."""
+@click.option("--force", is_flag=True, help="Store FILE even if it does not match the manifest entry; it is "
+                                            "recorded as unverified and every table of its results says so.")
+def add_cmd(name: str, file: str, trust: bool, force: bool) -> None:
+    """Register a local copy of NAME (e.g. fetched on another machine): FILE must match the manifest
+    entry (sha256 where published or pinned, format, arch, input size); it is copied into the cache.
+    A mismatch is refused with one line naming what differs."""
     from dcbench.pretrained.registry import add_file
 
-    entry, path, sha, report = add_file(name, file, trust=trust)
+    entry, path, sha, report, unverified = add_file(name, file, trust=trust, force=force)
     click.echo(f"{entry.name}: {path} (sha256 {sha})")
     click.echo(f"structure: {report}")
+    if unverified:
+        click.echo(f"stored as UNVERIFIED ({unverified}); its results are marked [unverified]", err=True)

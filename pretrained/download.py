@@ -26,7 +26,7 @@ from dcbench.checkpoint import SourceFile
 from dcbench.errors import CheckpointError
 from dcbench.pretrained.registry import (Entry, cached_path, checksum_problem, file_sha256, forget, get_entry,
                                          is_cached, partial_path,
-                                 record, verify_cached)
+                                 record, unverified_reason, verify_cached)
 
 log = logging.getLogger("dcbench")
 
@@ -231,5 +231,8 @@ def resolve_source(name: str) -> SourceFile:
     """``pretrained:NAME`` for :func:`dcbench.checkpoint.resolve_checkpoint` (registered in the
     ``dcbench.checkpoint_sources`` entry-point group): the verified cached file of ``name``."""
     entry, path, file_sha = verified_file(name)
-    return SourceFile(path, f"pretrained:{entry.name}", entry.arch, entry.input_size,
-                      {"pretrained": entry.name, "file_sha256": file_sha, "url": entry.url})
+    meta = {"pretrained": entry.name, "file_sha256": file_sha, "url": entry.url}
+    reason = unverified_reason(entry)
+    if reason:  # a `pretrained add --force` file: results record it (dcbench.evaluate.run)
+        meta["unverified"] = reason
+    return SourceFile(path, f"pretrained:{entry.name}", entry.arch, entry.input_size, meta)

@@ -193,15 +193,23 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def record(entry: Entry, sha256: str, source: str) -> None:
-    """Record the cached file of ``entry`` and its sha256 in the lock file."""
+def record(entry: Entry, sha256: str, source: str, unverified: str | None = None) -> None:
+    """Record the cached file of ``entry`` and its sha256 in the lock file; ``unverified`` (what
+    did not match the manifest) marks a file stored with ``pretrained add --force``."""
     path = cached_path(entry)
     with _lock_guard():
         files = read_lock()
         files[entry.name] = {"file": path.name, "sha256": sha256, "size": path.stat().st_size,
                              "url": entry.url, "source": source,
                              "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if unverified:
+            files[entry.name]["unverified"] = unverified
         _write_json_atomic(pretrained_dir() / LOCK_NAME, {"version": 1, "files": files})
+
+
+def unverified_reason(entry: Entry) -> str | None:
+    """What did not match the manifest when the cached file of ``entry`` was forced in, else None."""
+    return read_lock().get(entry.name, {}).get("unverified")
 
 
 def forget(entry: Entry) -> None:
@@ -232,8 +240,10 @@ def verify_cached(entry: Entry) -> str:
     """sha256 of the cached file after checking it against the manifest and the lock file."""
     path = cached_path(entry)
     sha = file_sha256(path)
-    problem = checksum_problem(entry, sha)
-    locked = read_lock().get(entry.name, {}).get("sha256")
+    lock = read_lock().get(entry.name, {})
+    locked = lock.get("sha256")
+    # a forced (unverified) file is by definition not the published one: only the lock vouches for it
+    problem = None if lock.get("unverified") else checksum_problem(entry, sha)
     if problem is None and locked and sha != locked:
         problem = f"sha256 {sha[:16]}... differs from {locked[:16]}... recorded when it was cached"
     if problem:
@@ -248,32 +258,53 @@ def verify_cached(entry: Entry) -> str:
 
 
 # ----------------------------------------------------------------------------- add
-def check_structure(entry: Entry, path: Path, trust: bool = False) -> str:
-    """Load ``path`` as ``entry``'s arch (raises CheckpointError if it does not fit); the key report."""
-    loaded = load_checkpoint(path, arch=entry.arch, trust=trust, input_size=entry.input_size)
+def check_file(entry: Entry, path: Path, sha256: str, trust: bool = False) -> tuple[list[str], str | None]:
+    """What differs between the file at ``path`` (sha256 ``sha256``) and the manifest entry:
+    sha256 (published or pinned in the lock file), format, arch, input size. Returns
+    ``(differences, key report or None when it does not load as the entry's arch)``."""
+    problems = []
+    published = checksum_problem(entry, sha256)
+    pinned = read_lock().get(entry.name, {})
+    if published:
+        problems.append(published)
+    elif pinned.get("sha256") and not pinned.get("unverified") and pinned["sha256"] != sha256:
+        problems.append(f"sha256 {sha256[:16]}... differs from {pinned['sha256'][:16]}... pinned in "
+                        f"{pretrained_dir() / LOCK_NAME} ({pinned.get('source')})")
+    try:
+        loaded = load_checkpoint(path, arch=entry.arch, trust=trust, input_size=entry.input_size)
+    except CheckpointError as exc:
+        return problems + [str(exc).split("; ")[0]], None
     if entry.converter != loaded.format and not (entry.converter == "state_dict"
                                                  and loaded.format in ("torchvision", "timm")):
-        # a different layout can still hold the right weights (e.g. a re-saved file): say so, load anyway
-        return f"{loaded.report.summary()} (note: manifest says format {entry.converter})"
-    return loaded.report.summary()
+        problems.append(f"format {loaded.format} (manifest: {entry.converter})")
+    if loaded.backbone.arch != entry.arch:
+        problems.append(f"arch {loaded.backbone.arch} (manifest: {entry.arch})")
+    if loaded.backbone.input_size != entry.input_size:
+        problems.append(f"input size {loaded.backbone.input_size} (manifest: {entry.input_size})")
+    return problems, loaded.report.summary()
 
 
-def add_file(name: str, file: str | Path, trust: bool = False) -> tuple[Entry, Path, str, str]:
-    """Register a local copy of a published checkpoint: check its checksum (where the manifest has
-    one) and structure, copy it into the cache atomically, record its sha256.
-    Returns ``(entry, cached path, sha256, key report)``."""
+def add_file(name: str, file: str | Path, trust: bool = False,
+             force: bool = False) -> tuple[Entry, Path, str, str, str | None]:
+    """Register a local copy of a published checkpoint: check it against the manifest entry
+    (:func:`check_file`), copy it into the cache atomically, record its sha256.
+
+    A mismatch is a CheckpointError naming what differs, unless ``force``: then the file is
+    stored with the differences recorded as ``unverified`` in the lock file (results of it say
+    so). Returns ``(entry, cached path, sha256, key report, unverified reason or None)``."""
     entry = get_entry(name)
     src = Path(file).expanduser()
     if not src.is_file():
         raise CheckpointError(f"{src} does not exist or is not a file; pass the downloaded checkpoint file")
     sha = file_sha256(src)
-    problem = checksum_problem(entry, sha)
-    if problem:
-        raise CheckpointError(f"{src} is not the published {entry.name}: {problem}; download it from {entry.url}")
-    report = check_structure(entry, src, trust=trust)
+    problems, report = check_file(entry, src, sha, trust=trust)
+    if problems and not force:
+        raise CheckpointError(f"{src} is not the published {entry.name}: {'; '.join(problems)} "
+                              f"(download it from {entry.url}, or pass --force to store it as unverified)")
+    reason = "; ".join(problems) or None
     _copy_into_cache(src, cached_path(entry))
-    record(entry, sha, "add")
-    return entry, cached_path(entry), sha, report
+    record(entry, sha, "add", unverified=reason)
+    return entry, cached_path(entry), sha, report or "not loadable as the manifest's arch", reason
 
 
 def _copy_into_cache(src: Path, dst: Path) -> None:

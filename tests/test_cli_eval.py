@@ -59,13 +59,36 @@ def test_compare_runs_once_then_reuses_the_store(data, ckpt, tmp_path):
     store = tmp_path / "r.db"
     args = ["compare", ckpt, "random:alexnet", "--protocol", "linear", "--data", data, "--store", store,
             "--seeds", "0,1", *FAST_LINEAR]
-    first = _invoke(*args)
+    first = _invoke(*args, "--reference", "random:alexnet")
     assert first.exit_code == 0, first.output
     assert _count(store) == 4
-    assert "mine" in first.output and "random:alexnet" in first.output and "linear/conv3/top1" in first.output
-    second = _invoke(*args)
+    assert "mine" in first.output and "random:alexnet (reference)" in first.output
+    assert "linear · top1 (val)" in first.stdout and "conv3" in first.stdout and "n=2" in first.stdout
+    assert "Δ vs random:alexnet" in first.stdout and "[" in first.stdout  # paired t over the 2 seeds: a CI
+    second = _invoke(*args, "--reference", "random:alexnet")
     assert second.exit_code == 0 and _count(store) == 4
     assert second.stdout == first.stdout and "stored: linear" in second.output
+
+
+def test_compare_per_protocol_settings_and_data(data, ckpt, tmp_path):
+    store = tmp_path / "r.db"
+    args = ["compare", ckpt, "--protocol", "linear", "--protocol", "knn", "--data", data, "--data", f"knn={data}",
+            "--store", store, "--set", "linear.cached=true", "--set", "knn.ks=[10]", "--set", "image_size=64",
+            "--set", "workers=0", "--set", "linear.epochs=1", "--set", "linear.crops=center",
+            "--set", "batch_size=16"]
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "linear · top1 (val)" in result.stdout and "knn · top1_k10 (val)" in result.stdout
+    with sqlite3.connect(store) as db:
+        records = [json.loads(r) for (r,) in db.execute("select record_json from results order by id")]
+    linear, knn = records
+    assert linear["settings"]["cached"] is True and knn["settings"]["ks"] == [10]
+    assert linear["settings"]["image_size"] == knn["settings"]["image_size"] == 64  # shared: both have it
+    bad = _invoke("compare", ckpt, "--protocol", "linear", "--protocol", "knn", "--data", data, "--store", store,
+                  "--set", "nope=1")
+    assert bad.exit_code == 2 and "unknown setting 'nope' for linear, knn" in bad.output
+    bad = _invoke("compare", ckpt, "--protocol", "knn", "--data", data, "--store", store, "--set", "linear.epochs=1")
+    assert bad.exit_code == 2 and "'linear' is not one of the --protocol values" in bad.output
 
 
 def test_leaderboard_exports_parse(data, ckpt, tmp_path):
@@ -79,9 +102,11 @@ def test_leaderboard_exports_parse(data, ckpt, tmp_path):
                          "--reference", "random:alexnet")
         assert result.exit_code == 0, result.output
         outputs[fmt] = out.read_text()
-    rows = list(csv.reader(io.StringIO(outputs["csv"])))
-    assert len(rows) == 3 and any("linear/conv1/top1" in h for h in rows[0])
-    assert {d["checkpoint"] for d in json.loads(outputs["json"])} == {"mine", "random:alexnet"}
+    rows = list(csv.DictReader(io.StringIO(outputs["csv"])))
+    assert len(rows) == 10 and {r["column"] for r in rows} == {f"linear/conv{i}/top1" for i in range(1, 6)}
+    items = json.loads(outputs["json"])
+    assert {d["checkpoint"] for d in items} == {"mine", "random:alexnet"}
+    assert all(d["n"] == 1 and d["reference"] == "random:alexnet" and "p_value" in d for d in items)
     parser = HTMLParser()
     parser.feed(outputs["html"])
     assert "<table" in outputs["html"] and "mine" in outputs["html"]

@@ -15,9 +15,15 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "linear/conv3/top1" in result.stdout and "knn/conv5/top1_k20" in result.stdout
-    assert "deepcluster-digits" in result.stdout and "random:alexnet,size=64" in result.stdout
-    assert "exceeds the spread" in result.stdout or "within the spread" in result.stdout
+    assert "linear · top1 (val)" in result.stdout and "knn · top1_k20 (val)" in result.stdout
+    assert "conv3" in result.stdout and "conv5" in result.stdout and "n=2" in result.stdout
+    assert "deepcluster-digits" in result.stdout and "random:alexnet,size=64 (reference)" in result.stdout
+    notes = result.stdout.split("paired tests, 95% CI):")[1].split("wrote")[0].strip().splitlines()
+    assert len(notes) == 10  # linear and kNN, conv1..conv5
+    for note in notes:  # the claims are the paired test's: significant, not significant, or no test
+        assert note.endswith(": significant") or note.endswith(": not significant") or "not testable" in note
+    assert any("paired-t over n=2" in note for note in notes)
+    assert "spread" not in result.stdout
     records = [json.loads(line) for line in (out / "deepcluster-digits" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[0]["n_images"] == 1347
     assert records[1]["loss"] < records[0]["loss"], "the pseudo-label loss falls"

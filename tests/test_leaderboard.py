@@ -7,20 +7,24 @@ import json
 import math
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
+from scipy import stats
 
-from dcbench.leaderboard import Cell, Table, build_table, render, render_terminal
+from dcbench.errors import UsageError
+from dcbench.leaderboard import Cell, Table, analyze, build_table, filter_results, find_row, render, render_terminal
 from dcbench.results import MetricRow, Result
 
 
 def res(name: str, sha: str, values: dict, seed: int | None = 0, protocol: str = "linear",
-        selection: str | None = "final", split: str | None = "val") -> Result:
+        selection: str | None = "final", split: str | None = "val", settings: dict | None = None,
+        fingerprint: str = "f", extra: dict | None = None) -> Result:
     """A result with one metric row per ``{(tap, metric): value}``."""
     rows = [MetricRow(metric, v, tap=tap, split=split, selection=selection, seed=seed)
             for (tap, metric), v in values.items()]
-    return Result(protocol=protocol, protocol_version="1", settings={"seed": seed},
+    return Result(protocol=protocol, protocol_version="1", settings={"seed": seed, **(settings or {})},
                   checkpoint={"name": name, "sha256": sha, "arch": "alexnet"},
-                  data={"root": "/d", "fingerprint": "f"}, metrics=rows)
+                  data={"root": "/d", "fingerprint": fingerprint}, metrics=rows, extra=dict(extra or {}))
 
 
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
@@ -36,17 +40,20 @@ def results() -> list[Result]:
     return out
 
 
-def test_three_seed_mean_and_sample_std(results):
+def test_three_seed_mean_sample_std_and_interval(results):
     t = build_table(results)
     assert t.rows == ["dc", "random"]
     assert t.columns == ["linear/conv3/top1", "linear/conv5/top1", "knn/knn_top1@20"]
     cell = t.cells[("dc", "linear/conv3/top1")]
     mean = (40.0 + 41.0 + 45.0) / 3  # 42.0
     std = math.sqrt(((40 - mean) ** 2 + (41 - mean) ** 2 + (45 - mean) ** 2) / 2)  # sqrt(7)
-    assert cell.n == 3
+    assert cell.n == 3 and cell.values == {0: 40.0, 1: 41.0, 2: 45.0}
     assert cell.mean == pytest.approx(mean)
     assert cell.std == pytest.approx(std)
-    assert t.cells[("random", "linear/conv3/top1")] == Cell(12.0, None, 1)
+    half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, 2 df)
+    assert (cell.ci_low, cell.ci_high) == pytest.approx((mean - half, mean + half))
+    rnd = t.cells[("random", "linear/conv3/top1")]
+    assert (rnd.mean, rnd.std, rnd.n, rnd.ci_low) == (12.0, None, 1, None)
     assert ("random", "knn/knn_top1@20") not in t.cells
 
 
@@ -60,10 +67,13 @@ def test_selection_filters_rows():
     assert build_table(rs, selection="best").cells[("m", "linear/conv3/top1")].mean == 44.0
 
 
-def test_rerun_with_same_seed_replaces_not_averages():
+def test_rerun_with_same_seed_uses_the_latest_and_counts_it():
     rs = [res("m", SHA_A, {("conv3", "top1"): 40.0}, seed=0),
           res("m", SHA_A, {("conv3", "top1"): 42.0}, seed=0)]
-    assert build_table(rs).cells[("m", "linear/conv3/top1")] == Cell(42.0, None, 1)
+    cell = build_table(rs).cells[("m", "linear/conv3/top1")]
+    assert (cell.mean, cell.n, cell.duplicates) == (42.0, 1, 1)
+    item = json.loads(render(build_table(rs), "json"))[0]
+    assert item["duplicates"] == 1 and item["n"] == 1
 
 
 def test_shared_name_is_disambiguated():
@@ -86,40 +96,144 @@ def test_splits_never_mixed():
     assert t.columns == ["linear/conv3/top1 (val)", "linear/conv3/top1 (test)"]
 
 
-def test_best_marking(results):
+# -- identity: different keys never merge ---------------------------------------------------------
+def test_other_settings_or_data_are_separate_labelled_columns():
+    """Three seeds on one root, then one eval on another root with other epochs: two cells, never one."""
+    rs = [res("dc", SHA_A, {("conv1", "top1"): v}, seed=i, settings={"epochs": 2}) for i, v in
+          enumerate([90.0, 92.0, 93.1])]
+    rs.append(res("dc", SHA_A, {("conv1", "top1"): 86.8}, seed=0, settings={"epochs": 5}, fingerprint="other"))
+    rs.append(res("dc", SHA_A, {("conv1", "top1"): 88.0}, seed=0, settings={"epochs": 2}, fingerprint="zzz"))
+    t = build_table(rs)
+    assert t.columns == ["linear [epochs=2, data=f]/conv1/top1", "linear [epochs=5, data=other]/conv1/top1",
+                         "linear [epochs=2, data=zzz]/conv1/top1"]
+    assert [t.cells[("dc", c)].n for c in t.columns] == [3, 1, 1]
+    assert t.cells[("dc", t.columns[0])].mean == pytest.approx(91.7)
+    items = json.loads(render(t, "json"))
+    assert len({i["key"] for i in items}) == 3 and {i["setup"] for i in items} == {
+        "epochs=2, data=f", "epochs=5, data=other", "epochs=2, data=zzz"}
+    assert {i["data_fingerprint"] for i in items} == {"f", "other", "zzz"}
+    # --latest: per checkpoint and protocol, only the setup of the most recent result
+    assert build_table(rs, latest=True).columns == ["linear/conv1/top1"]
+
+
+def test_workers_and_cache_do_not_split_a_key_but_the_version_does():
+    rs = [res("m", SHA_A, {("conv3", "top1"): 40.0}, seed=0, settings={"workers": 0, "cache": True}),
+          res("m", SHA_A, {("conv3", "top1"): 42.0}, seed=1, settings={"workers": 4, "cache": False})]
+    assert build_table(rs).cells[("m", "linear/conv3/top1")].n == 2
+    rs[1].protocol_version = "2"
+    assert build_table(rs).columns == ["linear [v1]/conv3/top1", "linear [v2]/conv3/top1"]
+
+
+def test_seed_independent_protocol_has_one_trial():
+    rs = [res("m", SHA_A, {("conv3", "top1_k20"): 33.3}, seed=s, protocol="knn", extra={"seed_dependent": False})
+          for s in (0, 1, 2)]
+    t = build_table(rs)
+    cell = t.cells[("m", "knn/conv3/top1_k20")]
+    assert (cell.n, cell.std, cell.duplicates, cell.seed_dependent) == (1, None, 2, False)
+    text = render_terminal(t)
+    assert "n=1 (seed-independent" in text and "±" not in text.split("\n\n")[0]
+    # records without the flag ask the caller (the CLI asks the protocol registry)
+    for r in rs:
+        r.extra = {}
+    assert build_table(rs, seed_dependent=lambda p: p != "knn").cells[("m", "knn/conv3/top1_k20")].n == 1
+    assert build_table(rs).cells[("m", "knn/conv3/top1_k20")].n == 3
+
+
+def test_filter_results_by_setting_and_data():
+    rs = [res("m", SHA_A, {("conv3", "top1"): 1.0}, settings={"epochs": 2}),
+          res("m", SHA_A, {("conv3", "top1"): 2.0}, settings={"epochs": 5}, fingerprint="abc"),
+          res("m", SHA_A, {("conv3", "top1_k20"): 3.0}, protocol="knn")]
+    assert [r.metrics[0].value for r in filter_results(rs, {"epochs": 2})] == [1.0, 3.0]  # knn has no epochs
+    assert [r.metrics[0].value for r in filter_results(rs, {"linear.epochs": 5})] == [2.0, 3.0]
+    assert [r.metrics[0].value for r in filter_results(rs, {"data": "ab"})] == [2.0]
+    with pytest.raises(UsageError, match="no result has a setting 'epoch'"):
+        filter_results(rs, {"epoch": 2})
+
+
+# -- readable tables ----------------------------------------------------------------------------
+def test_headline_metric_and_tap_filters():
+    rs = [res("m", SHA_A, {("conv3", "top1"): 1.0, ("conv3", "top5"): 2.0, ("conv5", "top1"): 3.0}),
+          res("m", SHA_A, {("conv3", "top1_k10"): 4.0, ("conv3", "top1_k20"): 5.0, ("conv3", "top5_k20"): 6.0},
+              protocol="knn"),
+          res("m", SHA_A, {("fc6-8", "mAP"): 7.0, ("fc6-8", "AP_cat"): 8.0}, protocol="voc07-cls"),
+          res("m", SHA_A, {("all", "AP50"): 9.0, ("all", "AP"): 10.0}, protocol="voc-det"),
+          res("m", SHA_A, {("all", "mIoU"): 11.0, ("all", "aAcc"): 12.0}, protocol="voc-seg"),
+          res("m", SHA_A, {("conv5", "mAP_easy"): 13.0, ("conv5", "mAP_medium"): 14.0}, protocol="roxford5k")]
+    t = build_table(rs, metrics=["headline"])
+    assert [t.column(c).metric for c in t.columns] == ["top1", "top1", "top1_k20", "mAP", "AP50", "mIoU",
+                                                        "mAP_medium"]
+    assert build_table(rs, metrics=["top5*"]).columns == ["linear/conv3/top5", "knn/conv3/top5_k20"]
+    assert build_table(rs, metrics=["all"]).columns == build_table(rs).columns
+    assert len(build_table(rs).columns) == 14
+    assert build_table(rs, metrics=["top1"], taps=["conv5"]).columns == ["linear/conv5/top1"]
+
+
+# -- statistics and marks -----------------------------------------------------------------------
+def test_best_only_when_significantly_better_than_the_runner_up(results):
     t = build_table(results)
-    md = render(t, "md")
-    dc_line = next(line for line in md.splitlines() if line.startswith("| dc "))
-    rnd_line = next(line for line in md.splitlines() if line.startswith("| random "))
-    assert "**42.0 ± 2.6**" in dc_line and "**" not in rnd_line
-    items = json.loads(render(t, "json"))
-    best = {(i["checkpoint"], i["column"]) for i in items if i["best"]}
-    assert best == {("dc", c) for c in t.columns}
-    t.higher_is_better = False
-    items = json.loads(render(t, "json"))
-    assert {(i["checkpoint"], i["column"]) for i in items if i["best"]} == {
-        ("random", "linear/conv3/top1"), ("random", "linear/conv5/top1"), ("dc", "knn/knn_top1@20")}
+    marks = {(i["checkpoint"], i["column"]): i["mark"] for i in json.loads(render(t, "json"))}
+    # dc's 3 seeds vs random's single seed: no paired seeds, no test -> both tied, none "best"
+    assert marks[("dc", "linear/conv3/top1")] == marks[("random", "linear/conv3/top1")] == "tied"
+    assert marks[("dc", "knn/knn_top1@20")] is None  # alone in its column: nothing to compare
+
+
+def _pair(values_a: list[float], values_b: list[float]) -> Table:
+    rs = [res("a", SHA_A, {("conv3", "top1"): v}, seed=i) for i, v in enumerate(values_a)]
+    rs += [res("b", SHA_B, {("conv3", "top1"): v}, seed=i) for i, v in enumerate(values_b)]
+    return build_table(rs)
+
+
+def test_noise_is_not_best_but_a_clear_gap_is():
+    noisy = analyze(_pair([97.1, 98.1, 97.6], [97.2, 97.8, 97.5]))  # 97.6 +- 0.5 vs 97.5 +- 0.3
+    assert set(noisy.marks.values()) == {"tied"} and len(noisy.marks) == 2
+    clear = analyze(_pair([60.0, 61.0, 62.0], [50.0, 50.5, 51.5]))
+    assert clear.marks == {("a", "linear/conv3/top1"): "best"}
+    md = render(clear.table, "md")
+    assert "**linear · top1 (val) — n=3 per cell**" in md  # a uniform n is said once, in the heading
+    assert "**61.0 ± 1.0**" in md and "≈" not in md.split("\n\n")[1]
 
 
 def test_ties_are_all_marked():
     t = Table(columns=["c"], rows=["x", "y"], cells={("x", "c"): Cell(5.0, None, 1),
                                                        ("y", "c"): Cell(5.0, None, 1)})
-    assert all(i["best"] for i in json.loads(render(t, "json")))
+    assert all(i["mark"] == "tied" and not i["best"] for i in json.loads(render(t, "json")))
 
 
-def test_deltas_vs_reference(results):
-    t = build_table(results)
-    items = {(i["checkpoint"], i["column"]): i for i in json.loads(render(t, "json", reference="random"))}
-    assert items[("dc", "linear/conv3/top1")]["delta"] == pytest.approx(30.0)
-    assert items[("random", "linear/conv3/top1")]["delta"] == 0.0
-    assert items[("dc", "knn/knn_top1@20")]["delta"] is None  # reference has no value there
-    md = render(t, "md", reference="random")
-    assert "(+30.0)" in md and "(+23.0)" in md
-    rnd_line = next(line for line in md.splitlines() if line.startswith("| random "))
-    assert "(+" not in rnd_line  # the reference row shows plain values
-    t.reference = "dc"
-    assert "(-30.0)" in render_terminal(t)
-    assert json.loads(render(t, "json"))[-1]["delta"] is not None  # table.reference is the default
+def test_paired_differences_vs_reference():
+    t = _pair([60.0, 61.0, 62.0], [50.0, 50.5, 51.5])
+    items = {i["checkpoint"]: i for i in json.loads(render(t, "json", reference="b"))}
+    a = items["a"]
+    d = np.array([10.0, 10.5, 10.5])
+    ref = stats.ttest_rel([60.0, 61.0, 62.0], [50.0, 50.5, 51.5])
+    ci = ref.confidence_interval(0.95)
+    assert a["diff"] == pytest.approx(d.mean()) and a["test"] == "paired-t" and a["significant"] is True
+    assert (a["diff_ci_low"], a["diff_ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert a["p_value"] == pytest.approx(ref.pvalue)
+    assert items["b"]["diff"] == 0.0 and items["b"]["p_value"] is None
+    text = render_terminal(t, reference="b")
+    assert "Δ vs b" in text and f"+{d.mean():.1f} [" in text and "†" in text
+    assert render_terminal(t, reference=SHA_B[:8]) == text  # a sha256 prefix names the row too
+    t.reference = "b"
+    assert json.loads(render(t, "json"))[0]["diff"] is not None  # table.reference is the default
+
+
+def test_bootstrap_over_stored_outcomes():
+    rng = np.random.default_rng(0)
+    ob = (rng.random(400) < 0.5).astype(np.uint8)
+    oa = ob.copy()
+    oa[np.flatnonzero(ob == 0)[:40]] = 1  # a is right on 40 more images: +10 points
+    outcomes = {1: {"top1_k20/conv3": oa}, 2: {"top1_k20/conv3": ob}}
+    rs = [res("a", SHA_A, {("conv3", "top1_k20"): 100 * oa.mean()}, protocol="knn", selection=None,
+              extra={"seed_dependent": False}),
+          res("b", SHA_B, {("conv3", "top1_k20"): 100 * ob.mean()}, protocol="knn", selection=None,
+              extra={"seed_dependent": False})]
+    rs[0].id, rs[1].id = 1, 2
+    t = build_table(rs, outcomes=outcomes.get)
+    an = analyze(t, reference="b")
+    cmp = an.diffs[("a", "knn/conv3/top1_k20")]
+    assert cmp.method == "paired-bootstrap" and cmp.significant() and cmp.diff == pytest.approx(10.0)
+    assert an.marks[("a", "knn/conv3/top1_k20")] == "best"
+    assert an.summaries[("a", "knn/conv3/top1_k20")].method == "bootstrap"
 
 
 def test_unknown_reference_names_rows(results):
@@ -132,27 +246,35 @@ def test_unknown_format(results):
         render(build_table(results), "xlsx")
 
 
-def test_csv_parses(results):
+def test_unverified_rows_are_labelled():
+    rs = [res("pretrained:x", SHA_A, {("conv3", "top1"): 1.0}, extra={"checkpoint_unverified": True})]
+    t = build_table(rs)
+    assert t.rows == ["pretrained:x [unverified]"]
+    assert json.loads(render(t, "json"))[0]["unverified"] is True
+    assert find_row(t, "pretrained:x") == "pretrained:x [unverified]"
+
+
+# -- formats ------------------------------------------------------------------------------------
+def test_csv_is_tidy(results):
     text = render(build_table(results), "csv", reference="random")
-    rows = list(csv.reader(io.StringIO(text)))
-    header = rows[0]
-    assert header[:6] == ["checkpoint", "linear/conv3/top1 mean", "linear/conv3/top1 std",
-                          "linear/conv3/top1 n", "linear/conv3/top1 best", "linear/conv3/top1 delta"]
-    assert len(rows) == 3 and all(len(r) == len(header) for r in rows)
-    dc = dict(zip(header, rows[1]))
-    assert float(dc["linear/conv3/top1 mean"]) == pytest.approx(42.0)
-    assert float(dc["linear/conv3/top1 std"]) == pytest.approx(math.sqrt(7))
-    assert dc["linear/conv3/top1 n"] == "3" and dc["linear/conv3/top1 best"] == "true"
-    assert float(dc["linear/conv3/top1 delta"]) == pytest.approx(30.0)
-    rnd = dict(zip(header, rows[2]))
-    assert rnd["linear/conv3/top1 std"] == "" and rnd["knn/knn_top1@20 mean"] == ""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 5
+    dc = next(r for r in rows if r["checkpoint"] == "dc" and r["column"] == "linear/conv3/top1")
+    assert float(dc["mean"]) == pytest.approx(42.0) and float(dc["std"]) == pytest.approx(math.sqrt(7))
+    assert dc["n"] == "3" and dc["mark"] == "tied" and float(dc["ci_low"]) < 42.0 < float(dc["ci_high"])
+    assert float(dc["diff"]) == pytest.approx(30.0) and dc["test"] == "none" and dc["significant"] == ""
+    assert json.loads(dc["settings"]) == {} and dc["data_fingerprint"] == "f" and len(dc["key"]) == 64
+    rnd = next(r for r in rows if r["checkpoint"] == "random" and r["column"] == "linear/conv3/top1")
+    assert rnd["std"] == "" and rnd["ci_low"] == ""
 
 
-def test_json_parses(results):
+def test_json_fields(results):
     items = json.loads(render(build_table(results), "json"))
-    assert all(set(i) == {"checkpoint", "column", "mean", "std", "n", "best", "delta"} for i in items)
     assert len(items) == 5
-    assert items[0]["n"] == 3 and items[0]["std"] == pytest.approx(math.sqrt(7))
+    assert {"n", "mean", "std", "ci_low", "ci_high", "mark", "best", "key", "settings", "data_fingerprint",
+            "seed_dependent", "duplicates"} <= set(items[0])
+    assert items[0]["n"] == 3 and items[0]["std"] == pytest.approx(math.sqrt(7)) and items[0]["seeds"] == [0, 1, 2]
+    assert "diff" not in items[0]
 
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
@@ -190,25 +312,29 @@ def parse_html(text: str) -> BalanceChecker:
     return p
 
 
-def test_html_well_formed_and_contains_values(results):
+def test_html_grouped_scrolling_and_well_formed(results):
     text = render(build_table(results), "html", reference="random")
     p = parse_html(text)
     assert p.decl.lower() == "doctype html"
     assert p.errors == [] and p.stack == []
     visible = "".join(p.text)
-    assert "42.0 ± 2.6" in visible and "(+30.0)" in visible and "33.3" in visible
+    assert "42.0 ± 2.6" in visible and "+30.0" in visible and "33.3" in visible and "n=3" in visible
+    assert '<div class="dcb-scroll">' in text and "overflow-x: auto" in text  # scrolls inside, not the page
+    assert 'colspan="2">linear · top1 (val)</th>' in text  # protocol > tap headers
     assert "<style>" in text and "<script>" in text and "addEventListener" in text
-    assert "<strong>42.0 ± 2.6</strong>" in text
+    assert "tied for best" in visible  # the legend
 
 
-def test_latex_booktabs(results):
+def test_latex_booktabs_grouped(results):
     text = render(build_table(results), "latex")
-    for token in (r"\begin{tabular}", r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}"):
+    for token in (r"\begin{tabular}", r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}",
+                  r"\multicolumn{2}{c}{linear $\cdot$ top1 (val)}", r"\cmidrule(lr){2-3}"):
         assert token in text
-    assert r"\textbf{42.0 $\pm$ 2.6}" in text
+    assert r"42.0 $\pm$ 2.6 n=3 $\approx$" in text
     assert r"knn\_top1@20" in text
     body = text.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
     assert len(body) == 2 and all(line.endswith(r"\\") and line.count(" & ") == 3 for line in body)
+    assert "tied for best" in text.split(r"\bottomrule")[1]
 
 
 NASTY = "a_b & <c> 50%"
@@ -223,7 +349,7 @@ def nasty_table() -> Table:
 def test_escaping_latex(nasty_table):
     text = render(nasty_table, "latex")
     assert r"a\_b \& \textless{}c\textgreater{} 50\%" in text
-    assert r"linear/conv\_3/top1" in text
+    assert r"conv\_3" in text
     assert NASTY not in text
 
 
@@ -238,7 +364,8 @@ def test_escaping_html(nasty_table):
 def test_escaping_md(nasty_table):
     text = render(nasty_table, "md")
     assert r"a\_b & \<c\> 50%" in text
-    assert all(line.count(" | ") == 1 for line in text.splitlines())  # 2 cells; names split none
+    table_lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 4 and all(line.count(" | ") == 1 for line in table_lines)  # names split none
 
 
 def test_escaping_csv_json(nasty_table):
@@ -252,15 +379,16 @@ def test_pipe_in_md_name_escaped():
     assert r"x\|y" in render(t, "md")
 
 
-def test_terminal_alignment(results):
+def test_terminal_blocks_aligned_and_narrow(results):
     text = render_terminal(build_table(results))
-    lines = text.splitlines()
-    assert lines[0].startswith("checkpoint") and "linear/conv3/top1" in lines[0]
-    assert set(lines[1]) <= {"-", " "}
-    assert "42.0 ± 2.6 *" in text and "12.0" in text
-    # numeric columns are right-aligned: every table line ends at the same column
-    table_lines = [ln for ln in lines[:4]]
-    assert len({len(ln) for ln in table_lines}) == 1
+    blocks = text.split("\n\n")
+    assert blocks[0].splitlines()[0] == "linear · top1 (val)"
+    lines = blocks[0].splitlines()
+    assert lines[1].split() == ["checkpoint", "conv3", "conv5"] and set(lines[2]) <= {"-", " "}
+    assert "42.0 ± 2.6 n=3 ≈" in text and "12.0 n=1" in text
+    assert len({len(ln) for ln in lines[1:]}) == 1  # right-aligned: every line ends at one column
+    assert max(len(ln) for block in blocks for ln in block.splitlines()) <= 110
+    assert blocks[-1].startswith("mean ± sample std")  # the legend
     assert render_terminal(build_table([])) == "no results"
 
 
@@ -269,3 +397,11 @@ def test_empty_table_renders_everywhere():
     for fmt in ("md", "csv", "latex", "html", "json"):
         assert render(t, fmt)
     assert json.loads(render(t, "json")) == []
+
+
+def test_where_values_match_as_typed_or_parsed():
+    rs = [res("m", SHA_A, {("conv3", "top1"): 1.0}, settings={"taps": ["conv1", "conv2"], "lr": 0.01}, fingerprint="0012ab"),
+          res("m", SHA_A, {("conv3", "top1"): 2.0}, settings={"taps": ["conv3"], "lr": 0.1}, fingerprint="0099")]
+    assert [r.metrics[0].value for r in filter_results(rs, {"taps": "[conv1,conv2]"})] == [1.0]
+    assert [r.metrics[0].value for r in filter_results(rs, {"lr": "0.1"})] == [2.0]
+    assert [r.metrics[0].value for r in filter_results(rs, {"data": "0012"})] == [1.0]  # not YAML's octal 10

@@ -416,3 +416,50 @@ def test_added_file_works_in_eval(manifest, server, files, tmp_path):
     expected = load_checkpoint(files["dc"][0], arch="alexnet", input_size=64)
     assert record["checkpoint"]["sha256"] == expected.sha256
     assert server.requests == []  # placed with add: nothing downloaded
+
+
+def test_add_refuses_a_mismatch_in_one_line_naming_what_differs(manifest, files, tmp_path):
+    from dcbench.checkpoint import save_checkpoint
+
+    own = tmp_path / "mine.pth"  # a dcbench-format AlexNet trained at 96 px: not the published tiny-dc
+    save_checkpoint(own, build_backbone("alexnet", input_size=96, seed=1))
+    result = cli("pretrained", "add", "tiny-dc", str(own))
+    assert result.exit_code == 1
+    (line,) = error_lines(result)
+    assert "is not the published tiny-dc" in line and "format dcbench (manifest: deepcluster)" in line
+    assert "input size 96 (manifest: 64)" in line and "--force" in line
+    assert not list(cache_dir().glob("tiny-dc*")) and "tiny-dc" not in lock()
+
+
+def test_add_refuses_a_file_other_than_the_pinned_one(manifest, server, files, tmp_path):
+    assert cli("pretrained", "download", "tiny-swav").exit_code == 0  # pins its sha256 in lock.json
+    other = tmp_path / "other.pth.tar"
+    torch.save({f"module.{k}": v + 1 for k, v in torch.load(files["swav"][0], weights_only=True).items()}, other)
+    result = cli("pretrained", "add", "tiny-swav", str(other))
+    assert result.exit_code == 1 and "pinned in" in result.output and "(download)" in result.output
+    assert lock()["tiny-swav"]["sha256"] == sha(files["swav"][1])
+
+
+def test_forced_add_is_recorded_unverified_and_tables_say_so(manifest, files, tmp_path):
+    from dcbench.checkpoint import save_checkpoint
+    from dcbench.data.synthetic import make_image_folder
+
+    own = tmp_path / "mine.pth"
+    save_checkpoint(own, build_backbone("alexnet", input_size=64, seed=1))
+    added = cli("pretrained", "add", "tiny-dc", str(own), "--force")
+    assert added.exit_code == 0, added.output
+    assert "UNVERIFIED (format dcbench (manifest: deepcluster))" in added.output
+    assert lock()["tiny-dc"]["unverified"] == "format dcbench (manifest: deepcluster)"
+    assert re.search(r"^tiny-dc\s+alexnet\s+deepcluster\s+forced \(unverified\)", cli("pretrained", "list").output,
+                     re.M)
+    assert resolve_checkpoint("pretrained:tiny-dc").meta["unverified"].startswith("format dcbench")
+    root = make_image_folder(tmp_path / "data", n_classes=3, per_class=4, image_size=32)
+    store = tmp_path / "r.db"
+    result = cli("eval", "--protocol", "knn", "--checkpoint", "pretrained:tiny-dc", "--data", str(root), "--store",
+                 str(store), "--set", "image_size=64", "--set", "batch_size=16", "--set", "workers=0",
+                 "--set", "ks=[10]", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["extra"]["checkpoint_unverified"] is True
+    items = json.loads(cli("leaderboard", "--store", str(store), "--format", "json").stdout)
+    assert {i["checkpoint"] for i in items} == {"pretrained:tiny-dc [unverified]"}
+    assert all(i["unverified"] for i in items)

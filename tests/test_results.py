@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dcbench.errors import DcbenchError
-from dcbench.results import MetricRow, Result, ResultStore, StoreError, default_store_path
+from dcbench.results import (MetricRow, Result, ResultStore, StoreError, comparability_key, default_store_path,
+                             export_results, outcome_key, setup_key)
 
 RECORD_KEYS = {"protocol", "protocol_version", "checkpoint", "settings", "data", "metrics",
                "versions", "git", "started", "wall_s", "extra"}
@@ -194,19 +195,19 @@ def test_wal_mode_and_schema_version(store):
     store.add(make_result())
     con = sqlite3.connect(store.path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     con.close()
-    assert store.schema_version() == ResultStore.SCHEMA_VERSION == 1
+    assert store.schema_version() == ResultStore.SCHEMA_VERSION == 2
 
 
 def test_newer_schema_refused(tmp_path):
     path = tmp_path / "r.db"
     ResultStore(path).close()
     con = sqlite3.connect(path)
-    con.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    con.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
     con.commit()
     con.close()
-    with pytest.raises(StoreError, match="schema version 2") as info:
+    with pytest.raises(StoreError, match="schema version 3") as info:
         ResultStore(path)
     assert isinstance(info.value, DcbenchError)
     assert "\n" not in str(info.value)
@@ -237,3 +238,139 @@ def test_default_store_path(monkeypatch, tmp_path):
     monkeypatch.delenv("DCBENCH_STORE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_store_path() == tmp_path / ".dcbench" / "results.db"
+
+
+# -- identity ---------------------------------------------------------------------------------
+def test_comparability_key_ignores_seed_and_execution_settings_only():
+    base = make_result()
+    key = base.key()
+    assert len(key) == 64 and key == comparability_key(base.to_dict())
+    assert make_result(seed=7).key() == key  # another trial of the same experiment
+    assert make_result(settings={**base.settings, "workers": 8, "cache": False}).key() == key
+    assert make_result(settings={**base.settings, "epochs": 3}).key() != key
+    other_data = make_result()
+    other_data.data = {"root": "/data/imagenet", "fingerprint": "beef"}
+    assert other_data.key() != key
+    other_version = make_result()
+    other_version.protocol_version = "2.0"
+    assert other_version.key() != key
+    other_ckpt = make_result(sha="b" * 64)
+    assert other_ckpt.key() != key and other_ckpt.setup_key() == base.setup_key() == setup_key(base.to_dict())
+    moved = make_result()
+    moved.data = {"root": "/elsewhere", "fingerprint": "f00d"}  # the same data at another path
+    assert moved.key() == key
+
+
+def test_key_columns_are_stored(store):
+    r = make_result(seed=2)
+    rid = store.add(r)
+    assert r.id == rid == store.results()[0].id
+    con = sqlite3.connect(store.path)
+    row = con.execute("SELECT comparability_key, setup_key, seed, data_fingerprint FROM results").fetchone()
+    con.close()
+    assert row == (r.key(), r.setup_key(), 2, "f00d")
+
+
+def _v1_store(path: Path, records: list[Result]) -> None:
+    """A store as dcbench wrote it before schema version 2."""
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE results (id INTEGER PRIMARY KEY AUTOINCREMENT, protocol TEXT NOT NULL,
+            protocol_version TEXT NOT NULL, checkpoint_name TEXT, checkpoint_sha256 TEXT NOT NULL, arch TEXT,
+            settings_key TEXT NOT NULL, record_json TEXT NOT NULL, started TEXT, wall_s REAL);
+        CREATE TABLE metrics (result_id INTEGER NOT NULL REFERENCES results(id) ON DELETE CASCADE,
+            metric TEXT NOT NULL, value REAL NOT NULL, tap TEXT, split TEXT, selection TEXT, seed INTEGER);
+    """)
+    for r in records:
+        con.execute("INSERT INTO results(protocol, protocol_version, checkpoint_name, checkpoint_sha256, arch, "
+                    "settings_key, record_json) VALUES (?,?,?,?,?,?,?)",
+                    (r.protocol, r.protocol_version, r.checkpoint["name"], r.checkpoint["sha256"], "alexnet",
+                     r.settings_key(), r.to_json()))
+    con.commit()
+    con.close()
+
+
+def test_version_1_store_is_migrated(tmp_path):
+    path = tmp_path / "old.db"
+    old = [make_result(seed=0), make_result(seed=1, settings={"epochs": 5, "seed": 1})]
+    _v1_store(path, old)
+    with ResultStore(path) as s:
+        assert s.schema_version() == 2
+        assert s.results() == old
+        con = sqlite3.connect(path)
+        keys = con.execute("SELECT comparability_key, seed FROM results ORDER BY id").fetchall()
+        con.close()
+        assert keys == [(old[0].key(), 0), (old[1].key(), 1)]
+        assert s.trials(old[0].key(), 0) == 1
+        s.add(make_result(seed=0), outcomes={"top1/conv3/final": np.ones(4, bool)})  # the outcomes table exists
+        assert s.trials(old[0].key(), 0) == 2
+    with ResultStore(path) as s:  # opening again migrates nothing
+        assert s.schema_version() == 2 and len(s) == 3
+
+
+# -- outcomes -----------------------------------------------------------------------------------
+def test_outcomes_round_trip_and_key_names(store):
+    assert outcome_key("top1", "conv3", "final") == "top1/conv3/final"
+    assert outcome_key("top1_k20", "conv3") == "top1_k20/conv3" and outcome_key("mAP") == "mAP"
+    r = make_result()
+    r.outcomes = {"top1/conv3/final": np.array([True, False, True]), "top5/conv5": np.arange(3, dtype=np.float32)}
+    rid = store.add(r)
+    got = store.outcomes(rid)
+    assert set(got) == set(r.outcomes) and got["top1/conv3/final"].dtype == bool
+    np.testing.assert_array_equal(got["top1/conv3/final"], [True, False, True])
+    assert store.outcome_names() == {rid: ["top1/conv3/final", "top5/conv5"]}
+    assert store.outcomes(store.add(make_result(sha="b" * 64))) == {}
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 2)), np.array(["a", "b"]), np.array([1.0, np.nan])])
+def test_bad_outcomes_write_nothing(store, bad):
+    with pytest.raises(ValueError, match="outcomes"):
+        store.add(make_result(), outcomes={"top1/conv3/final": bad})
+    assert len(store) == 0
+
+
+def test_outcomes_are_in_the_results_transaction(store, monkeypatch):
+    def broken(conn, result_id, row):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ResultStore, "_insert_metric", staticmethod(broken))
+    with pytest.raises(StoreError):
+        store.add(make_result(), outcomes={"top1/conv3/final": np.ones(3)})
+    con = sqlite3.connect(store.path)
+    assert con.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 0
+    con.close()
+
+
+# -- curating -----------------------------------------------------------------------------------
+def test_get_remove_and_filters(store):
+    a = store.add(make_result(), outcomes={"top1/conv3/final": np.ones(2)})
+    b = store.add(make_result(sha="b" * 64, name="other"))
+    store.add(make_result(protocol="knn"))
+    assert store.get(b).checkpoint["name"] == "other"
+    with pytest.raises(StoreError, match="no result 99 .*results list"):
+        store.get(99)
+    assert [r.id for r in store.results(checkpoint="other")] == [b]
+    assert [r.id for r in store.results(checkpoint="bbbbbbbb")] == [b]
+    assert [r.id for r in store.results(checkpoint="bbbb")] == []  # too short a prefix
+    assert [r.id for r in store.results("linear", "dc_alexnet")] == [a]
+    assert store.remove([a, 42]) == 1
+    assert len(store) == 2 and store.outcomes(a) == {}
+    assert table_counts(store.path) == (2, 6)
+
+
+def test_export_json_and_csv(store):
+    store.add(make_result())
+    results = store.results()
+    records = json.loads(export_results(results, "json"))
+    assert records[0]["id"] == 1 and records[0]["key"] == results[0].key() and records[0]["settings"]["lr"] == 0.01
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(export_results(results, "csv"))))
+    assert len(rows) == 3 and rows[0]["metric"] == "top1" and float(rows[0]["value"]) == 41.25
+    assert rows[0]["key"] == results[0].key() and json.loads(rows[0]["settings"])["epochs"] == 2
+    assert rows[0]["data_fingerprint"] == "f00d" and rows[0]["seed"] == "0"
+    with pytest.raises(ValueError, match="json or csv"):
+        export_results(results, "xml")

@@ -118,3 +118,12 @@ def test_common_settings_validate_once():
         apply_settings(FrozenFeatureSettings(), {"taps": []})
     with pytest.raises(UsageError, match="batch_size"):
         apply_settings(ToySettings(), {"batch_size": 0})
+
+
+def test_record_lists_the_settings_that_leave_the_standard(toy):
+    p = evaluate.plan("toy-runner", {"image_size": 72, "workers": 0, "seed": 5}, toy)
+    result = evaluate.run(p, evaluate.load_for(p, "random:alexnet"), evaluate.context_for(p, "cpu"))
+    deviations = result.extra["deviations"]
+    # image_size moves numbers; the seed (a trial) and workers (execution only) do not
+    assert deviations == [{"what": "image_size=72", "why": "set by the user; the protocol default is 64",
+                           "source": "user"}]

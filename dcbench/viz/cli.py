@@ -168,21 +168,30 @@ def training_command(run_dir: str, out: str) -> None:
 @click.option("--run", "runs", multiple=True, type=click.Path(), help="A training run folder (repeatable).")
 @click.option("--checkpoint", "checkpoints", multiple=True,
               help="Also show the first-layer filters of this checkpoint (repeatable).")
-@click.option("--metric", default="top1", show_default=True, help="Metric of the per-layer curves.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Metrics of the table and the per-layer curves (repeatable, globs ok); default 'headline': "
+                   "each protocol's headline metric; 'all': every metric.")
+@click.option("--tap", "taps", multiple=True, metavar="TAP", help="Only these taps (repeatable, globs ok).")
+@click.option("--reference", help="Checkpoint row the table shows paired differences against.")
 @click.option("--selection", type=click.Choice(["final", "best"]), default="final", show_default=True)
 @click.option("--title", default="dcbench report", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
-def report_command(store: str | None, runs: tuple[str, ...], checkpoints: tuple[str, ...], metric: str,
-                   selection: str, title: str, out: str) -> None:
-    """One standalone HTML page: leaderboard, per-layer curves, runs, filters.
+def report_command(store: str | None, runs: tuple[str, ...], checkpoints: tuple[str, ...], metrics: tuple[str, ...],
+                   taps: tuple[str, ...], reference: str | None, selection: str, title: str, out: str) -> None:
+    """One standalone HTML page: leaderboard, per-layer curves with 95% CIs, runs, filters.
 
     Images are embedded, so the file opens offline. Filter grids are drawn for each --run's
     checkpoint.pth and each --checkpoint.
     """
+    from dcbench.leaderboard import HEADLINE
     from dcbench.viz.report import ReportInputs, load_results, write_report
 
+    def listed(values: tuple[str, ...]) -> list[str]:
+        return [v.strip() for text in values for v in text.split(",") if v.strip()]
+
     results, store_path = load_results(store)
-    inputs = ReportInputs(results=results, runs=list(runs), checkpoints=list(checkpoints), metric=metric,
+    inputs = ReportInputs(results=results, runs=list(runs), checkpoints=list(checkpoints),
+                          metrics=listed(metrics) or [HEADLINE], taps=listed(taps) or None, reference=reference,
                           selection=selection, title=title, store=store_path)
     path = write_report(inputs, out)
     click.echo(f"wrote {path}")

@@ -2,7 +2,9 @@
 
 Every picture is embedded as a base64 PNG and the leaderboard's sorting script is inline,
 so the file can be mailed or archived and opened offline. Sections without data are left
-out; a report with nothing at all to show is an error.
+out; a report with nothing at all to show is an error. The leaderboard and the curves come
+from the same table (:mod:`dcbench.leaderboard`): one curve per checkpoint and setup (never
+averaged across settings or data), with 95% confidence intervals as error bars.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import html
 import logging
 import os
 import re
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import dcbench
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.fileio import atomic_write_text
 from dcbench.errors import DcbenchError
-from dcbench.leaderboard import build_table, render
+from dcbench.leaderboard import HEADLINE, HTML_SCRIPT, HTML_STYLE, Analysis, Table, analyze, build_table, html_table
 from dcbench.results import Result, ResultStore, default_store_path
 from dcbench.viz import figure_png_bytes, new_figure, png_bytes
 from dcbench.viz.filters import filter_grid
@@ -39,10 +41,12 @@ class ReportInputs:
     results: list[Result] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)  # run folders
     checkpoints: list[str] = field(default_factory=list)  # extra checkpoints for filter grids
-    metric: str = "top1"  # the metric of the per-layer curves
+    metrics: list[str] = field(default_factory=lambda: [HEADLINE])  # table and curves (see build_table)
+    taps: list[str] | None = None
+    reference: str | None = None  # checkpoint row the table's differences are against
     selection: str = "final"
     title: str = "dcbench report"
-    store: str | None = None  # shown in the page
+    store: str | None = None  # shown in the page; its per-image outcomes feed the statistics
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -70,55 +74,75 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _labels(results: list[Result]) -> dict[str, str]:
-    """sha256 -> display name (``name@sha[:8]`` when two checkpoints share a name)."""
-    shas_by_name: dict[str, set[str]] = defaultdict(set)
-    for r in results:
-        shas_by_name[r.checkpoint.get("name") or r.checkpoint["sha256"][:8]].add(r.checkpoint["sha256"])
-    labels = {}
-    for name, shas in shas_by_name.items():
-        for sha in shas:
-            labels[sha] = name if len(shas) == 1 else f"{name}@{sha[:8]}"
-    return labels
-
-
 def layer_curves(results: list[Result], metric: str = "top1",
                  selection: str = "final") -> dict[str, dict[str, dict[str, float]]]:
-    """``{"protocol (split)": {checkpoint: {tap: mean over seeds}}}`` for rows of ``metric`` with a tap.
-
-    As in the leaderboard, rows with another selection are skipped and a later result for
-    the same seed replaces an earlier one.
-    """
-    labels = _labels(results)
-    samples: dict[tuple[str, str, str], dict] = defaultdict(dict)
-    for r in results:
-        for row in r.metrics:
-            if row.metric != metric or row.tap is None or row.selection not in (selection, None):
-                continue
-            group = r.protocol + (f" ({row.split})" if row.split else "")
-            samples[(group, labels[r.checkpoint["sha256"]], row.tap)][row.seed] = row.value
-    curves: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    for (group, label, tap), by_seed in samples.items():
-        curves[group][label][tap] = float(np.mean(list(by_seed.values())))
-    return {g: dict(c) for g, c in curves.items()}
+    """``{"protocol[ [setup]] (split)": {checkpoint: {tap: mean over seeds}}}`` for rows of
+    ``metric`` with a tap (the leaderboard's cells: other selections skipped, the latest
+    re-run of a seed used, setups never merged)."""
+    table = build_table(results, metrics=[metric], selection=selection)
+    return {group: {row: {tap: mean for tap, (mean, _, _) in taps.items()} for row, taps in rows.items()}
+            for (group, _), rows in curve_points(table, analyze(table)).items()}
 
 
-def curve_png(group: str, curves: dict[str, dict[str, float]], metric: str) -> bytes:
-    """One line per checkpoint over the layers (the paper's Table 1 read as a plot)."""
+def _curve_group(table: Table, col: str) -> str:
+    info = table.column(col)
+    variant = f" [{info.variant}]" if info.variant else ""
+    return f"{info.protocol}{variant}" + (f" ({info.split})" if info.split else "")
+
+
+def curve_points(table: Table, analysis: Analysis
+                 ) -> dict[tuple[str, str], dict[str, dict[str, tuple[float, float | None, float | None]]]]:
+    """``{(group, metric): {checkpoint: {tap: (mean, ci_low, ci_high)}}}`` of the table's tap
+    columns, one group per protocol setup, split and metric (the group names the metric when
+    a setup has several)."""
+    metrics_per_group: dict[str, set[str]] = {}
+    for col in table.columns:
+        metrics_per_group.setdefault(_curve_group(table, col), set()).add(table.column(col).metric)
+    out: dict[tuple[str, str], dict[str, dict[str, tuple]]] = {}
+    for col in table.columns:
+        info = table.column(col)
+        if info.tap is None:
+            continue
+        group = _curve_group(table, col)
+        if len(metrics_per_group[group]) > 1:
+            group += f" {info.metric}"
+        for row in table.rows:
+            if (row, col) in table.cells:
+                s = analysis.summaries[(row, col)]
+                out.setdefault((group, info.metric), {}).setdefault(row, {})[info.tap] = (s.mean, s.ci_low, s.ci_high)
+    return out
+
+
+def curve_png(group: str, curves: dict[str, dict[str, float | tuple]], metric: str) -> bytes:
+    """One line per checkpoint over the layers (the paper's Table 1 read as a plot); values
+    given as ``(mean, ci_low, ci_high)`` get the interval as error bars."""
     taps = sorted({t for per_tap in curves.values() for t in per_tap}, key=_natural_key)
     fig = new_figure(6.4, 3.8)
     ax = fig.subplots()
     x = np.arange(len(taps))
     for i, (label, per_tap) in enumerate(sorted(curves.items())):
-        y = np.array([per_tap.get(t, np.nan) for t in taps])  # NaN: a gap where a layer was not run
-        ax.plot(x, y, marker="o", label=label, color=f"C{i % 10}")
+        points = [_point(per_tap.get(t)) for t in taps]  # NaN: a gap where a layer was not run
+        y = np.array([p[0] for p in points])
+        err = np.array([[p[0] - p[1], p[2] - p[0]] for p in points]).T
+        dodge = 0.06 * (i - (len(curves) - 1) / 2)  # overlapping error bars stay apart
+        ax.errorbar(x + dodge, y, yerr=np.nan_to_num(err), marker="o", capsize=3, label=label, color=f"C{i % 10}")
     ax.set_xticks(x, taps)
     ax.set_xlabel("layer")
     ax.set_ylabel(metric)
-    ax.set_title(f"{group}: {metric} by layer", fontsize=10)
+    ax.set_title(f"{group}: {metric} by layer (95% CI)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure_png_bytes(fig)
+
+
+def _point(value: float | tuple | None) -> tuple[float, float, float]:
+    """(mean, low, high); NaN for a missing layer, the mean for a missing interval."""
+    if value is None:
+        return (np.nan, np.nan, np.nan)
+    if not isinstance(value, tuple):
+        return (float(value), float(value), float(value))
+    mean, low, high = value
+    return (mean, mean if low is None else low, mean if high is None else high)
 
 
 # ----------------------------------------------------------------------------- page parts
@@ -128,27 +152,27 @@ def _img(data: bytes, alt: str, css: str = "") -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}"{css_attr}>'
 
 
-def _leaderboard_section(results: list[Result], selection: str) -> str:
-    table = build_table(results, selection=selection)
-    if not table.rows:
+def _leaderboard_section(analysis: Analysis) -> str:
+    if not analysis.table.rows:
         return ""
-    page = render(table, "html")
-    # reuse the leaderboard's own table, style and sorting script from its standalone page
-    parts = [re.search(pattern, page, re.S) for pattern in
-             (r"<style>.*?</style>", r"<table id=\"leaderboard\">.*?</table>", r"<script>.*?</script>")]
-    if not all(parts):
-        return f"<h2>Leaderboard</h2><pre>{html.escape(render(table, 'md'))}</pre>"
-    style, body, script = (p.group(0) for p in parts)
-    style = re.sub(r"body\s*\{[^}]*\}", "", style)  # the report's own page style wins
-    return f"<h2>Leaderboard</h2>{style}{body}{script}"
+    return f"<h2>Leaderboard</h2><style>{HTML_STYLE}</style>{html_table(analysis)}<script>{HTML_SCRIPT}</script>"
 
 
-def _curves_section(results: list[Result], metric: str, selection: str) -> str:
-    curves = layer_curves(results, metric, selection)
-    if not curves:
-        return ""
-    images = "".join(_img(curve_png(g, c, metric), f"{metric} by layer, {g}") for g, c in sorted(curves.items()))
-    return f"<h2>{html.escape(metric)} by layer</h2>{images}"
+def _curves_section(table: Table, analysis: Analysis) -> str:
+    images = []
+    for (group, metric), curves in sorted(curve_points(table, analysis).items()):
+        if len({t for per_tap in curves.values() for t in per_tap}) > 1:  # a curve needs two layers
+            images.append(_img(curve_png(group, curves, metric), f"{metric} by layer, {group}"))
+    return f"<h2>By layer</h2>{''.join(images)}" if images else ""
+
+
+def _tables(inputs: ReportInputs, outcomes: Callable | None) -> tuple[Table, Analysis]:
+    table = build_table(inputs.results, selection=inputs.selection, metrics=inputs.metrics, taps=inputs.taps,
+                        outcomes=outcomes)
+    try:
+        return table, analyze(table, inputs.reference)
+    except ValueError as exc:
+        raise DcbenchError(f"--reference: {exc}") from None
 
 
 def _runs_section(runs: list[str]) -> str:
@@ -193,10 +217,15 @@ figcaption, .path, .meta { color: #666; font-size: 0.9em; }
 # ----------------------------------------------------------------------------- the page
 def build_report(inputs: ReportInputs) -> str:
     """The report as one HTML string (raises DcbenchError when there is nothing to show)."""
-    sections = [_leaderboard_section(inputs.results, inputs.selection) if inputs.results else "",
-                _curves_section(inputs.results, inputs.metric, inputs.selection),
-                _runs_section(inputs.runs),
-                _filters_section(_filter_specs(inputs))]
+    sections = []
+    if inputs.results:
+        if inputs.store and Path(inputs.store).is_file():
+            with ResultStore(inputs.store) as db:
+                table, analysis = _tables(inputs, db.outcomes)
+        else:
+            table, analysis = _tables(inputs, None)
+        sections += [_leaderboard_section(analysis), _curves_section(table, analysis)]
+    sections += [_runs_section(inputs.runs), _filters_section(_filter_specs(inputs))]
     if not any(sections):
         where = f"the store {inputs.store} has no results" if inputs.store else "there is no results store"
         raise DcbenchError(f"nothing to report: {where} and no --run or --checkpoint was given; "
