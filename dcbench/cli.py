@@ -168,25 +168,41 @@ def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], l
 # ----------------------------------------------------------------------------- protocols
 @main.command("protocols")
 @click.argument("name", required=False)
-def protocols_cmd(name: str | None) -> None:
-    """List the protocols, or describe NAME: settings, defaults, data layout."""
-    from dcbench.settings import describe_fields
-    from dcbench.protocol import get_protocol, list_protocols
+@click.option("--json", "as_json", is_flag=True,
+              help="Print NAME's provenance card as JSON: name, version, settings, sources, deviations.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Show the card for these settings (e.g. --set preset=vissl); a changed setting is a deviation.")
+@click.option("--markdown", is_flag=True, help="Print every protocol's card as Markdown (docs/protocols.md).")
+def protocols_cmd(name: str | None, as_json: bool, assignments: tuple[str, ...], markdown: bool) -> None:
+    """List the protocols, or describe NAME: data layout, settings with their sources, deviations."""
+    import json
 
+    from dcbench.errors import UsageError
+    from dcbench.protocol import get_protocol, list_protocols
+    from dcbench.provenance import card_dict, card_lines, protocols_markdown
+    from dcbench.settings import parse_assignments
+
+    if markdown:
+        click.echo(protocols_markdown([get_protocol(n) for n in list_protocols()]), nl=False)
+        return
     if name is None:
+        if as_json or assignments:
+            raise UsageError("--json and --set describe one protocol: dcbench protocols NAME --json")
         for proto_name in list_protocols():
             click.echo(f"{proto_name:<18} {get_protocol(proto_name).description}")
         return
     proto = get_protocol(name)
+    card = card_dict(proto, parse_assignments(assignments))
+    if as_json:
+        click.echo(json.dumps(card, indent=2))
+        return
     click.echo(f"{proto.name} (version {proto.version}): {proto.description}\n")
     click.echo("data layout (--data ROOT):")
     for line in proto.data_layout.strip().splitlines():
         click.echo(f"  {line}")
-    click.echo("\nsettings (--set KEY=VALUE):")
-    defaults = proto.default_settings()
-    for field_name, type_name, _, help_text in describe_fields(type(defaults)):
-        value = getattr(defaults, field_name)
-        click.echo(f"  {field_name:<16} {str(value):<14} {help_text}")
+    click.echo("")
+    for line in card_lines(proto, card):
+        click.echo(line)
 
 
 # ----------------------------------------------------------------------------- eval

@@ -4,8 +4,11 @@ The engine side of the Oxford/Paris protocols (``dcbench.protocols.retrieval`` i
 :mod:`dcbench.data.retrieval` reads the datasets, :mod:`dcbench.metrics.retrieval` scores):
 
 - every image is resized so its largest side is ``max_side`` (bilinear); a query is cropped
-  to its box AFTER that resize (the box scaled alike), as DeepCluster's ``eval_retrieval.py``
-  does, so the object keeps the scale it has in the database images;
+  to its box AFTER that resize (the box scaled alike; ``query_crop="after_resize"``), as
+  DeepCluster's ``eval_retrieval.py`` does for the original Oxford/Paris, or BEFORE it
+  (``"before_resize"``: the box cut from the original image, then resized by the ratio of the
+  whole image), as revisitop prescribes (``example_process_images.py``: ``.crop(bbx)`` on the
+  loaded image); either way the object keeps the scale it has in the database images;
 - R-MAC (Tolias et al., ICLR 2016) on a frozen conv tap: ``levels`` levels of square regions
   of side ``2 * min(H, W) / (l + 1)`` with ~40 % overlap, max-pool per region, L2,
   PCA-whitening, L2, sum over the regions, L2 (multi-scale: per-scale descriptors summed, L2);
@@ -54,40 +57,61 @@ Box = tuple[float, float, float, float]
 
 
 # ----------------------------------------------------------------------------- geometry
+#: where a query is cut to its box: after the resize (DeepCluster, the original protocol), or
+#: from the original image before it (revisitop); "none" keeps the whole query image
+QUERY_CROPS = ("before_resize", "after_resize", "none")
+
+
 class Geometry(NamedTuple):
-    """How one image is prepared: resize to ``resize``, crop ``crop`` (or not), scale to ``size``."""
+    """How one image is prepared: resize to ``resize``, crop ``crop`` (or not), scale to ``size``;
+    with ``crop_first`` the crop (in original pixels) comes before the resize, and ``resize`` is
+    the whole image's (the crop is scaled straight to ``size``)."""
 
     resize: tuple[int, int]
     crop: tuple[int, int, int, int] | None
     size: tuple[int, int]
+    crop_first: bool = False
 
 
-def plan_geometry(width: int, height: int, max_side: int, box: Box | None = None) -> Geometry:
-    """Resize so the largest side is ``max_side``; crop the box scaled alike; upscale tiny results.
+def _clamped_box(box: Box, scale: float, limits: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box * scale`` rounded and kept inside ``limits`` (width, height), at least 1 px wide."""
+    x1, y1 = (min(max(round(v * scale), 0), lim - 1) for v, lim in zip(box[:2], limits))
+    x2, y2 = (min(max(round(v * scale), lo + 1), lim) for v, lo, lim in zip(box[2:], (x1, y1), limits))
+    return x1, y1, x2, y2
 
-    As DeepCluster's ``eval_retrieval.py``: the box (``x1, y1, x2, y2`` in original pixels) is
-    scaled by the resize ratio and rounded, so a query crop keeps the database's scale. A
-    result whose shorter side is below :data:`MIN_SIDE` is upscaled to it (keeping the
-    aspect), so every backbone has a feature map to pool.
+
+def plan_geometry(width: int, height: int, max_side: int, box: Box | None = None,
+                  crop_first: bool = False) -> Geometry:
+    """Resize so the largest side is ``max_side``; crop the box; upscale tiny results.
+
+    The box (``x1, y1, x2, y2`` in original pixels) is either scaled by the resize ratio and
+    rounded, then cut from the resized image (DeepCluster's ``eval_retrieval.py``), or, with
+    ``crop_first``, rounded and cut from the original image (revisitop; PIL's ``crop`` rounds
+    the same way), then resized by the whole image's ratio. Either way a query crop keeps the
+    database's scale. A result whose shorter side is below :data:`MIN_SIDE` is upscaled to it
+    (keeping the aspect), so every backbone has a feature map to pool.
     """
     ratio = max_side / max(width, height)
     resize = (max(1, round(width * ratio)), max(1, round(height * ratio)))
     crop = None
     size = resize
-    if box is not None:
-        x1, y1 = (min(max(round(v * ratio), 0), lim - 1) for v, lim in zip(box[:2], resize))
-        x2, y2 = (min(max(round(v * ratio), lo + 1), lim) for v, lo, lim in zip(box[2:], (x1, y1), resize))
-        crop = (x1, y1, x2, y2)
-        size = (x2 - x1, y2 - y1)
+    if box is not None and crop_first:
+        crop = _clamped_box(box, 1.0, (width, height))
+        size = (max(1, round((crop[2] - crop[0]) * ratio)), max(1, round((crop[3] - crop[1]) * ratio)))
+    elif box is not None:
+        crop = _clamped_box(box, ratio, resize)
+        size = (crop[2] - crop[0], crop[3] - crop[1])
     if min(size) < MIN_SIDE:
         up = MIN_SIDE / min(size)
         size = (max(MIN_SIDE, round(size[0] * up)), max(MIN_SIDE, round(size[1] * up)))
-    return Geometry(resize, crop, size)
+    return Geometry(resize, crop, size, crop_first and crop is not None)
 
 
-def prepare_image(img: Image.Image, max_side: int, box: Box | None = None) -> Image.Image:
+def prepare_image(img: Image.Image, max_side: int, box: Box | None = None, crop_first: bool = False) -> Image.Image:
     """Apply :func:`plan_geometry` to a PIL image (bilinear resampling)."""
-    geo = plan_geometry(img.width, img.height, max_side, box)
+    geo = plan_geometry(img.width, img.height, max_side, box, crop_first)
+    if geo.crop_first:
+        return img.crop(geo.crop).resize(geo.size, Image.Resampling.BILINEAR)
     out = img.resize(geo.resize, Image.Resampling.BILINEAR)
     if geo.crop is not None:
         out = out.crop(geo.crop)
@@ -110,28 +134,30 @@ class RetrievalImages(ImageDataset):
 
     Items are ``(normalised tensor, -1, index)``, or None for an unreadable file (skipped, as
     every dcbench dataset). ``root`` is the image folder, so the fingerprint does not depend
-    on where the dataset lives; boxes are part of the fingerprint.
+    on where the dataset lives; boxes are part of the fingerprint. ``crop_first``: boxes are
+    cut from the original images, before the resize (see :func:`plan_geometry`).
     """
 
     def __init__(self, paths: Sequence[str], root: str | Path, max_side: int,
-                 boxes: Sequence[Box | None] | None = None) -> None:
+                 boxes: Sequence[Box | None] | None = None, crop_first: bool = False) -> None:
         super().__init__(paths, root=str(root), transform=T.Compose([T.ToTensor(), normalize()]))
         self.max_side = max_side
         self.boxes = list(boxes) if boxes is not None else None
+        self.crop_first = crop_first
 
     def box(self, index: int) -> Box | None:
         """The crop box of image ``index`` (None: the whole image)."""
         return None if self.boxes is None else self.boxes[index]
 
     def load_image(self, index: int) -> Image.Image:
-        return prepare_image(load_rgb(self.paths[index]), self.max_side, self.box(index))
+        return prepare_image(load_rgb(self.paths[index]), self.max_side, self.box(index), self.crop_first)
 
     def shapes(self) -> list[tuple[int, int] | None]:
         """The prepared (width, height) of every image, from the headers (None: unreadable)."""
         out = []
         for i, path in enumerate(self.paths):
             size = header_size(path)
-            out.append(None if size is None else plan_geometry(*size, self.max_side, self.box(i)).size)
+            out.append(None if size is None else plan_geometry(*size, self.max_side, self.box(i), self.crop_first).size)
         return out
 
     def same_shape_batches(self, indices: Sequence[int], batch_size: int) -> "SameShapeBatches":
@@ -142,7 +168,8 @@ class RetrievalImages(ImageDataset):
     @property
     def transform_id(self) -> str:
         """Feature-cache text of :func:`prepare_image` at ``max_side`` (crops are in the fingerprint)."""
-        cropped = "yes" if self.boxes is not None else "no"
+        # "yes" (crop after the resize) keeps the cache ids of version 1
+        cropped = "no" if self.boxes is None else ("before-resize" if self.crop_first else "yes")
         return f"retrieval:max-side={self.max_side}:bilinear:box-crop={cropped}:min-side={MIN_SIDE}"
 
     def fingerprint(self) -> str:
@@ -267,16 +294,20 @@ ImageSets = dict[tuple[str, float], RetrievalImages]
 Extracted = Mapping[tuple[str, float], RegionExtraction]
 
 
-def image_sets(ds: RetrievalDataset, scales: Sequence[float], image_size: int, query_crop: bool,
+def image_sets(ds: RetrievalDataset, scales: Sequence[float], image_size: int, query_crop: str,
                whitening: tuple[Path, list[str]] | None) -> ImageSets:
-    """The database, the queries (cropped to their boxes if ``query_crop``) and the whitening
-    set (``(image folder, paths)``, or None) at every scale of ``image_size``."""
-    boxes = ds.query_boxes() if query_crop else None
+    """The database, the queries (cut to their boxes per ``query_crop``, one of
+    :data:`QUERY_CROPS`) and the whitening set (``(image folder, paths)``, or None) at every
+    scale of ``image_size``."""
+    if query_crop not in QUERY_CROPS:
+        raise ValueError(f"query_crop must be one of {', '.join(QUERY_CROPS)}, got {query_crop!r}")
+    boxes = None if query_crop == "none" else ds.query_boxes()
     sets = {}
     for scale in scales:
         side = round(image_size * scale)
         sets[("database", scale)] = RetrievalImages(ds.db_paths(), ds.image_dir, side)
-        sets[("queries", scale)] = RetrievalImages(ds.query_paths(), ds.image_dir, side, boxes)
+        sets[("queries", scale)] = RetrievalImages(ds.query_paths(), ds.image_dir, side, boxes,
+                                                   crop_first=query_crop == "before_resize")
         if whitening is not None:
             sets[("whitening", scale)] = RetrievalImages(whitening[1], whitening[0], side)
     return sets

@@ -1,7 +1,8 @@
 """Weighted k-nearest-neighbour classification on frozen features.
 
 Source: facebookresearch/dino ``eval_knn.py`` (cosine on L2-normalised features, T = 0.07,
-k in {10, 20, 100, 200}, votes weighted ``exp(sim / T)``), the vote itself in :mod:`dcbench.knn`.
+k in {10, 20, 100, 200}, votes weighted ``exp(sim / T)``; images ``Resize(256, interpolation=3)``
+(bicubic), ``CenterCrop(224)``), the vote itself in :mod:`dcbench.knn`.
 Memory bank: the pooled features of ROOT/train; queries: those of ROOT/val; top-1 and top-5 per
 tap and k. Features go through the feature cache, so re-running with other ``ks`` or
 ``temperature`` costs no forward pass, and kNN shares extractions with the other
@@ -25,6 +26,7 @@ from dcbench.knn import GlobalAvgPool, knn_hits
 from dcbench.pooling import probe_pooling, resolve_taps
 from dcbench.protocol import (FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, register_protocol,
                               setting)
+from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.results import MetricRow
 
 
@@ -38,8 +40,10 @@ class KnnSettings(FrozenFeatureSettings):
                             factory=lambda: [10, 20, 100, 200])
     temperature: float = setting(0.07, "T in the vote weight exp(cosine / T)")
     image_size: int = setting(224, "centre-crop side in px; images are resized to round(s*256/224) first")
+    interpolation: Literal["bicubic", "bilinear"] = setting(
+        "bicubic", "resampling of the resize before the centre crop (DINO: bicubic)")
     batch_size: int = setting(256, "extraction batch size")
-    seed: int = setting(0, "seed of BN re-estimation (kNN itself is deterministic)")
+    seed: int = setting(0, "seed of BN re-estimation (kNN itself is deterministic)", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on train images on a copy before extracting; "
         "auto = on for random inits")
@@ -53,14 +57,31 @@ class KnnSettings(FrozenFeatureSettings):
             raise UsageError(f"bad value {self.temperature} for temperature: must be positive")
 
 
+_DINO = "facebookresearch/dino eval_knn.py"
+KNN_SOURCES = {**FROZEN_FEATURE_SOURCES,
+    "seed": "dcbench choice: seeds BN re-estimation only (kNN is deterministic); cannot be a deviation",
+    "batch_size": f"dcbench choice: extraction batch ({_DINO} --batch_size_per_gpu 128); moves only BN "
+                  "re-estimation of random inits",
+    "taps": f"{_DINO} uses the model's output feature (ViTs: the CLS token, tap cls; torchvision ResNets: fc = "
+            "Identity, the 2048-d average, tap avgpool); dcbench's default: every conv tap, globally averaged",
+    "image_size": f"{_DINO} transform: Resize(256, interpolation=3), CenterCrop(224)",
+    "pool": f"{_DINO}: one global feature per image (global: the spatial average of a map tap)",
+    "ks": f"{_DINO} --nb_knn [10, 20, 100, 200]",
+    "temperature": f"{_DINO} --temperature 0.07 (knn_classifier: votes exp(sim / T))",
+    "interpolation": f"{_DINO} transform: Resize(256, interpolation=3) (bicubic)",
+}
+
+
 @register_protocol
 class Knn(Protocol):
     """Weighted kNN (cosine, T = 0.07, k in 10/20/100/200) per tap."""
 
     name: ClassVar[str] = "knn"
     description: ClassVar[str] = "weighted kNN (cosine, exp(sim/0.07) votes) per layer on frozen features"
-    version: ClassVar[str] = "1"
+    #: 2: images resized bicubically (DINO's eval_knn.py), was bilinear
+    version: ClassVar[str] = "2"
     Settings: ClassVar[type] = KnnSettings
+    sources: ClassVar[dict[str, str]] = KNN_SOURCES
     data_layout: ClassVar[str] = """\
 ROOT/train/CLASS/*.jpg (memory bank) and ROOT/val/CLASS/*.jpg (queries), same class folders
 Class indices follow the sorted class folder names. Unreadable images are skipped (counted).
@@ -73,12 +94,12 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
     def run(self, ckpt: Any, settings: KnnSettings, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Extract (or read) the features of both splits, then vote per tap and k."""
         started = time.perf_counter()
-        transform = center_transform(settings.image_size)
+        transform = center_transform(settings.image_size, settings.interpolation)
         train_ds = image_folder(root / "train", transform=transform)
         val_ds = image_folder(root / "val", transform=transform)
         taps = resolve_taps(ckpt.backbone, settings.taps)  # settings errors before expensive work
         pools, pooling = self._pools(ckpt.backbone, taps, settings)
-        transform_id = center_transform_id(settings.image_size)
+        transform_id = center_transform_id(settings.image_size, settings.interpolation)
         with ctx.frozen_backbone(ckpt, train_ds) as (backbone, sha):
             train = ctx.extract(backbone, sha, train_ds, taps, pools, transform_id)
             val = ctx.extract(backbone, sha, val_ds, taps, pools, transform_id)
@@ -86,6 +107,7 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
         extra = {"pooling": pooling, "ks": [min(k, len(train.labels)) for k in settings.ks],
                  "temperature": settings.temperature, "similarity": "cosine on L2-normalised features",
                  "vote": "sum of exp(sim / T) per class over the k nearest", "crops": "center",
+                 "interpolation": settings.interpolation,
                  "bank_size": len(train.labels), "queries": len(val.labels), "classes": len(train_ds.classes),
                  "skipped_images": {"train": len(train_ds) - len(train.labels),
                                     "val": len(val_ds) - len(val.labels)},

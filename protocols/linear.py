@@ -12,19 +12,25 @@ Three protocols, one recipe: ``linear`` (any labelled ImageFolder with train/ an
 - Preset ``vissl`` (facebookresearch/vissl ``configs/config/benchmark/linear_image_classification/
   {imagenet1k,places205}/eval_alexnet_8gpu_transfer_*_linear.yaml``, head
   ``vissl/models/heads/linear_eval_mlp.py``): VISSL's AvgPool2d table, then BatchNorm2d,
-  then Linear; wd 5e-4 (none on BN), 28 epochs (Places205: 14) with lr x0.1 at 8/16/24
-  (4/8/12), at the same fractions when ``epochs`` is overridden (see :func:`vissl_steps`).
+  then Linear (torch's default init, ``vissl/models/heads/mlp.py``); wd 5e-4 (none on BN),
+  28 epochs (Places205: 14) with lr x0.1 at 8/16/24 (4/8/12), at the same fractions when
+  ``epochs`` is overridden (see :func:`vissl_steps`); ResNets also probe ``avgpool`` (VISSL's
+  ``res5avg``, the 2048-d global average on ResNet-50).
 - Other input sizes / archs: adaptive average pooling to the preset's grid capped at the map
   size (:func:`dcbench.pooling.probe_pooling`); the pooling of each tap is recorded.
-- Train: Resize(s*256/224), CenterCrop(same), RandomCrop(s), flip; test: Resize then TenCrop(s)
-  with softmax averaged over the crops (or the centre crop). ``cached=true``: pooled
-  centre-crop features are extracted once per split (feature cache) and the heads trained on them.
+- Train: Resize(s*256/224), [CenterCrop(same): deepcluster only], RandomCrop(s), flip; test
+  (``crops``): Resize then TenCrop(s) with softmax averaged over the crops (deepcluster), or the
+  centre crop (vissl). ``cached=true``: pooled centre-crop features are extracted once per split
+  (feature cache) and the heads trained on them.
+- Provenance of every default, per preset, and the known deviations: protocols/_sources_linear.py,
+  ``dcbench protocols linear [--json] [--set preset=vissl]`` and docs/protocols.md.
 - Metrics: top-1 and top-5 per tap on val at the last epoch (``selection="final"``) and at the
   best epoch by val top-1 (``selection="best"``, what the paper reports).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -39,14 +45,20 @@ from dcbench.data.layouts import check_train_val, train_val_fingerprint
 from dcbench.data.transforms import (center_transform, center_transform_id, probe_train_transform,
                                      ten_crop_transform)
 from dcbench.errors import UsageError
+from dcbench.models.hooked import AVGPOOL_TAP
 from dcbench.pooling import PoolPlan, probe_pooling, resolve_taps
 from dcbench.probe import (History, ProbeLoop, ProbeOptim, ProbeSet, final_and_best_rows, train_on_features,
                            train_on_images)
-from dcbench.protocol import (FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, register_protocol,
-                              setting)
+from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext,
+                              register_protocol, setting)
+from dcbench.protocols._sources_linear import PRESET_DEVIATIONS, PRESET_SOURCES, places_epochs_source
 
-# deepcluster eval_linear.py: --wd -7 (10**-7); VISSL configs: weight_decay 0.0005
+# deepcluster eval_linear.sh: --wd -7 (10**-7); VISSL configs: weight_decay 0.0005
 PRESET_WEIGHT_DECAY = {"deepcluster": 1e-7, "vissl": 5e-4}
+# eval_linear.sh --tencrops; VISSL TEST TRANSFORMS: Resize 256, CenterCrop 224
+PRESET_CROPS = {"deepcluster": "tencrop", "vissl": "center"}
+# eval_linear.py transformations_train has CenterCrop(256); VISSL's TRAIN TRANSFORMS do not
+PRESET_TRAIN_CENTER_CROP = {"deepcluster": True, "vissl": False}
 # VISSL milestones [8, 16, 24] of 28 epochs (ImageNet), [4, 8, 12] of 14 (Places205)
 VISSL_STEP_FRACTIONS = (8 / 28, 16 / 28, 24 / 28)
 TEN_CROPS = 10
@@ -74,14 +86,16 @@ def vissl_lr(lr0: float, epoch: int, steps: Sequence[int]) -> float:
     return lr0 * 0.1 ** sum(1 for s in steps if epoch >= s)
 
 
-def probe_optim(preset: str, lr: float, weight_decay: float, momentum: float, steps: Sequence[int]) -> ProbeOptim:
-    """The heads and SGD of ``preset``: DeepCluster's RegLog (Linear, torch's default init,
-    1/sqrt decay per iteration) or VISSL's eval_mlp (BatchNorm2d + Linear with N(0, 0.01)
-    weights, step decay per epoch)."""
+def probe_optim(preset: str, lr: float, weight_decay: float, momentum: float, steps: Sequence[int],
+                head_init: str = "torch") -> ProbeOptim:
+    """The heads and SGD of ``preset``: DeepCluster's RegLog (Linear, 1/sqrt decay per
+    iteration) or VISSL's eval_mlp (BatchNorm2d + Linear, step decay per epoch); both init the
+    Linear as torch does (``head_init=normal``: N(0, 0.01) weights, zero bias)."""
+    init_std = 0.01 if head_init == "normal" else None
     if preset == "vissl":
         return ProbeOptim(lr, weight_decay, momentum, lambda epoch, _t, _wd: vissl_lr(lr, epoch, steps),
-                          batchnorm=True, init_std=0.01)
-    return ProbeOptim(lr, weight_decay, momentum, lambda _epoch, t, wd: deepcluster_lr(lr, wd, t))
+                          batchnorm=True, init_std=init_std)
+    return ProbeOptim(lr, weight_decay, momentum, lambda _epoch, t, wd: deepcluster_lr(lr, wd, t), init_std=init_std)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -93,7 +107,8 @@ class LinearSettings(FrozenFeatureSettings):
         "deepcluster", "deepcluster: AvgPool table + Linear, 1/sqrt lr decay, wd 1e-7, 90 epochs; "
         "vissl: VISSL AvgPool table + BatchNorm + Linear, lr x0.1 steps, wd 5e-4, 28 epochs (Places205: 14)")
     taps: list[str] | None = setting(
-        None, "taps to probe, all in one run sharing each forward pass (default: every conv tap)")
+        None, "taps to probe, all in one run sharing each forward pass (default: every conv tap; vissl on "
+              "ResNets: + avgpool)")
     image_size: int = setting(224, "crop side in px; images are resized to round(s*256/224) first")
     batch_size: int = setting(256, "training batch size (TenCrop val batches hold batch_size/10 images)")
     epochs: int | None = setting(
@@ -102,14 +117,22 @@ class LinearSettings(FrozenFeatureSettings):
     weight_decay: float | None = setting(
         None, "weight decay of the Linear heads (default: the preset's, 1e-7 deepcluster / 5e-4 vissl; never on BN)")
     momentum: float = setting(0.9, "SGD momentum")
-    crops: Literal["tencrop", "center"] = setting(
-        "tencrop", "val evaluation: TenCrop with softmax averaged, or the centre crop (cached=true always uses center)")
+    crops: Literal["tencrop", "center"] | None = setting(
+        None, "val evaluation: TenCrop with softmax averaged, or the centre crop (default: the preset's, tencrop "
+              "deepcluster / center vissl; cached=true always uses center)")
+    train_center_crop: bool | None = setting(
+        None, "training crops: Resize, CenterCrop(resize side), RandomCrop, flip (true) or Resize, RandomCrop, flip "
+              "(false) (default: the preset's, true deepcluster / false vissl)")
+    head_init: Literal["torch", "normal"] = setting(
+        "torch", "init of the Linear heads: torch's default (both presets' sources), or normal = N(0, 0.01) "
+                 "weights and zero bias")
     cached: bool = setting(
         False, "train on pooled features extracted once per split (centre crop, no augmentation) instead of "
         "augmented crops; much faster, not the paper's protocol")
     cache: bool = setting(
-        True, "with cached=true, read/write the extracted features in the feature cache (shared with other runs)")
-    seed: int = setting(0, "seed of head init, shuffling, augmentation and BN re-estimation")
+        True, "with cached=true, read/write the extracted features in the feature cache (shared with other runs)",
+        numbers=False)
+    seed: int = setting(0, "seed of head init, shuffling, augmentation and BN re-estimation", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on train images (train-mode forwards, no grad, at most "
         "200 batches) on a copy of the backbone before probing; auto = on for random inits")
@@ -141,14 +164,18 @@ class _Run:
     mode: str
     crops: str
     n_classes: int
+    train_center_crop: bool
+    head_init: str
+    crops_note: str | None = None
 
 
 class LinearProbe(Protocol):
     """Shared recipe of ``linear``, ``imagenet-linear`` and ``places-linear``."""
 
     #: 2: vissl_steps no longer repeats a step at 2 epochs (only vissl-preset runs of exactly
-    #: 2 epochs change; see CHANGELOG)
-    version: ClassVar[str] = "2"
+    #: 2 epochs change; see CHANGELOG). 3: the vissl preset follows VISSL: centre-crop test,
+    #: no CenterCrop(256) in training, torch's default head init, + avgpool on ResNets
+    version: ClassVar[str] = "3"
     Settings: ClassVar[type] = LinearSettings
     #: number of classes the dataset must have (None: any)
     expected_classes: ClassVar[int | None] = None
@@ -161,17 +188,49 @@ class LinearProbe(Protocol):
         layout = self.data_layout.strip().splitlines()[0]
         check_train_val(Path(root), self.name, layout, self.expected_classes, self.dataset_name)
 
+    def filled(self, settings: LinearSettings) -> LinearSettings:
+        """``settings`` with every "the preset's" (None) value replaced by the preset's."""
+        p = settings.preset
+        return dataclasses.replace(
+            settings, epochs=settings.epochs or self.preset_epochs[p],
+            weight_decay=PRESET_WEIGHT_DECAY[p] if settings.weight_decay is None else settings.weight_decay,
+            crops=settings.crops or PRESET_CROPS[p],
+            train_center_crop=(PRESET_TRAIN_CENTER_CROP[p] if settings.train_center_crop is None
+                               else settings.train_center_crop))
+
+    def preset_defaults(self, settings: Any) -> Any:
+        """The preset's defaults with its values filled in (what the card shows)."""
+        return self.filled(super().preset_defaults(settings))
+
+    def deviations(self, settings: Any) -> list[Deviation]:
+        """As :meth:`Protocol.deviations`, comparing filled-in values (crops=None under vissl is center)."""
+        return super().deviations(self.filled(settings))
+
+    def sources_for(self, preset: str | None) -> dict[str, str]:
+        """Where each default of ``preset`` comes from."""
+        chosen = dict(PRESET_SOURCES[preset or "deepcluster"])
+        if preset == "vissl" and self.preset_epochs["vissl"] != 28:
+            chosen["epochs"] = places_epochs_source(self.preset_epochs["vissl"])
+        return {f.name: chosen[f.name] for f in dataclasses.fields(self.Settings)}
+
+    def deviations_for(self, preset: str | None) -> list[Deviation]:
+        """The known deviations of ``preset`` from its source."""
+        return list(PRESET_DEVIATIONS[preset or "deepcluster"])
+
     def resolve(self, settings: LinearSettings, backbone: nn.Module, n_classes: int = 0) -> _Run:
         """Effective taps, pooling, epochs, weight decay, lr steps, mode and crops (UsageError
         for unknown taps or an image size the taps cannot take)."""
-        taps = resolve_taps(backbone, settings.taps)
-        plans = probe_pooling(backbone, taps, settings.image_size, settings.preset)
-        epochs = settings.epochs or self.preset_epochs[settings.preset]
-        wd = settings.weight_decay if settings.weight_decay is not None else PRESET_WEIGHT_DECAY[settings.preset]
-        steps = vissl_steps(epochs) if settings.preset == "vissl" else []
-        mode = "cached" if settings.cached else "augmented"
-        crops = "center" if settings.cached else settings.crops
-        return _Run(settings.preset, taps, plans, epochs, wd, steps, mode, crops, n_classes)
+        s = self.filled(settings)
+        taps = resolve_taps(backbone, s.taps)
+        if s.taps is None and s.preset == "vissl" and backbone.family == "resnet" and AVGPOOL_TAP in backbone.tap_names:
+            taps.append(AVGPOOL_TAP)  # VISSL's res5avg, the most cited ResNet-50 probe
+        plans = probe_pooling(backbone, taps, s.image_size, s.preset)
+        steps = vissl_steps(s.epochs) if s.preset == "vissl" else []
+        mode = "cached" if s.cached else "augmented"
+        crops = "center" if s.cached else s.crops
+        note = "cached=true evaluates the centre crop" if s.cached and s.crops != "center" else None
+        return _Run(s.preset, taps, plans, s.epochs, s.weight_decay, steps, mode, crops, n_classes,
+                    s.train_center_crop, s.head_init, note)
 
     def run(self, ckpt: Any, settings: LinearSettings, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Train one linear head per tap on the frozen backbone; see the module docstring."""
@@ -183,7 +242,7 @@ class LinearProbe(Protocol):
         with ctx.frozen_backbone(ckpt, calibration) as (backbone, sha):
             loop = ProbeLoop({t: run.plans[t].module() for t in run.taps}, run.epochs, settings.batch_size,
                              settings.seed, ctx.device, settings.workers, ctx.progress)
-            optim = probe_optim(run.preset, settings.lr, run.weight_decay, settings.momentum, run.steps)
+            optim = probe_optim(run.preset, settings.lr, run.weight_decay, settings.momentum, run.steps, run.head_init)
             probes = ProbeSet(run.plans, run.n_classes, optim, ctx.device, settings.seed)
             if settings.cached:
                 history, skipped = self._train_cached(ctx, backbone, sha, probes, loop, train_ds, val_ds, settings)
@@ -212,7 +271,7 @@ class LinearProbe(Protocol):
         """Augmented crops through the frozen backbone every epoch; TenCrop or centre-crop val."""
         size = settings.image_size
         tencrop = run.crops == "tencrop"
-        train_ds.transform = probe_train_transform(size)
+        train_ds.transform = probe_train_transform(size, run.train_center_crop)
         val_ds.transform = ten_crop_transform(size) if tencrop else center_transform(size)
         return train_on_images(backbone, probes, train_ds, val_ds, TEN_CROPS if tencrop else 1, loop)
 
@@ -224,8 +283,10 @@ class LinearProbe(Protocol):
         return {
             "mode": run.mode,
             "crops": run.crops,
-            "crops_note": ("cached=true evaluates the centre crop"
-                           if settings.cached and settings.crops != "center" else None),
+            "crops_note": run.crops_note,
+            "train_crops": None if settings.cached else (
+                "Resize, CenterCrop, RandomCrop, flip" if run.train_center_crop else "Resize, RandomCrop, flip"),
+            "head_init": "torch default" if run.head_init == "torch" else "N(0, 0.01), bias 0",
             "selection": "final = last epoch; best = epoch with the highest val top-1 per tap (top-5 of that epoch)",
             "preset": run.preset,
             "taps": run.taps,

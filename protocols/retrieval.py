@@ -6,10 +6,13 @@ Sources (the standard of PROTOCOLS.md, "Instance retrieval"):
   ``eval_retrieval.py``): VGG16 ``conv5_3`` after BN+ReLU, final max-pool removed (AlexNet:
   ``conv5``); largest image side 1024; R-MAC with 3 levels (Tolias et al., ICLR 2016), per
   region max-pool, L2, PCA-whitening learned on the OTHER dataset (Paris for Oxford and vice
-  versa), L2, sum, L2; inner-product similarity; queries cropped to their box after resizing.
+  versa), L2, sum, L2; inner-product similarity; queries cropped to their box after resizing;
+  Paris's 20 corrupted images left out (``Dataset.blacklisted``).
   Paper (VGG16): DeepCluster Oxford 61.0, Paris 72.0 mAP.
-- revisitop (filipradenovic/revisitop, ``example_evaluate.py`` and ``compute.py``): the
-  revisited ground truth and its Easy/Medium/Hard setups, mAP and mP@k for k in {1, 5, 10}.
+- revisitop (filipradenovic/revisitop, ``example_evaluate.py``, ``compute.py`` and
+  ``example_process_images.py``): the revisited ground truth and its Easy/Medium/Hard setups,
+  mAP and mP@k for k in {1, 5, 10}; queries cut to their box from the ORIGINAL image before any
+  processing (``query_crop=before_resize``, the default of ``roxford5k`` / ``rparis6k``).
 
 The old protocol (``oxford5k`` / ``paris6k``: good+ok positive, junk ignored) reports ``mAP``;
 the revisited one (``roxford5k`` / ``rparis6k``) ``mAP_{easy,medium,hard}`` and
@@ -37,6 +40,7 @@ from dcbench.data.retrieval import RetrievalDataset, image_set_paths, read_retri
 from dcbench.errors import UsageError
 from dcbench.protocol import (EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput, register_protocol,
                               setting)
+from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.results import MetricRow
 from dcbench.retrieval import (MIN_SIDE, RMAC_OVERLAP, WHITENING_EPS_RATIO, Extracted, bn_images, check_queries,
                                extract_regions, image_sets, rank_tap, retrieval_scores, sets_fingerprint,
@@ -69,7 +73,10 @@ class RetrievalSettings(FrozenFeatureSettings):
         factory=lambda: [1.0])
     # Tolias et al. 2016 / DeepCluster: L = 3
     levels: int = setting(3, "R-MAC levels (region side 2*min(H,W)/(l+1), ~40% overlap)")
-    query_crop: bool = setting(True, "crop each query image to its bounding box")
+    # DeepCluster eval_retrieval.py ImageHelper.load_and_prepare_image: resize, then crop the scaled roi
+    query_crop: Literal["before_resize", "after_resize", "none"] = setting(
+        "after_resize", "cut each query to its box after the resize (box scaled alike; DeepCluster), before it "
+                        "(from the original image; revisitop), or not at all")
     whitening: str = setting("", "dataset under ROOT whose regions learn the PCA-whitening (the other one), or 'none'")
     whitening_fallback: bool = setting(
         False, "when the whitening dataset is absent, learn the whitening on the evaluated database itself "
@@ -77,8 +84,8 @@ class RetrievalSettings(FrozenFeatureSettings):
     # DeepCluster eval_retrieval.py: PCA to 512 dims (VGG16 conv5_3 has 512 channels)
     whitening_dim: int = setting(512, "PCA-whitening output dims, capped at the tap's channels (DeepCluster: 512)")
     batch_size: int = setting(4, "images of one resized shape per forward pass")
-    cache: bool = setting(True, "read/write the region vectors in the feature cache")
-    seed: int = setting(0, "seed of BN re-estimation (retrieval itself is deterministic)")
+    cache: bool = setting(True, "read/write the region vectors in the feature cache", numbers=False)
+    seed: int = setting(0, "seed of BN re-estimation (retrieval itself is deterministic)", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on database images (square crops of image_size) on a copy "
                 "before extracting; auto = on for random inits")
@@ -102,17 +109,23 @@ class RetrievalSettings(FrozenFeatureSettings):
 
 
 # Presets: each dataset is whitened on the other one (DeepCluster eval_retrieval.py).
+_QUERY_CROP_HELP = ("cut each query to its box from the original image before the resize (revisitop), after "
+                    "the resize (box scaled alike; DeepCluster), or not at all")
+
+
 @dataclass
 class ROxfordSettings(RetrievalSettings):
-    """``roxford5k`` settings: whitening learned on RParis6k."""
+    """``roxford5k`` settings: whitening learned on RParis6k, queries cropped as revisitop."""
 
+    query_crop: Literal["before_resize", "after_resize", "none"] = setting("before_resize", _QUERY_CROP_HELP)
     whitening: str = setting("rparis6k", _WHITENING_HELP)
 
 
 @dataclass
 class RParisSettings(RetrievalSettings):
-    """``rparis6k`` settings: whitening learned on ROxford5k."""
+    """``rparis6k`` settings: whitening learned on ROxford5k, queries cropped as revisitop."""
 
+    query_crop: Literal["before_resize", "after_resize", "none"] = setting("before_resize", _QUERY_CROP_HELP)
     whitening: str = setting("roxford5k", _WHITENING_HELP)
 
 
@@ -143,6 +156,28 @@ def retrieval_taps(backbone: nn.Module, taps: Sequence[str] | None) -> list[str]
     return wanted
 
 
+# ----------------------------------------------------------------------------- provenance
+_DC_RET = "facebookresearch/deepcluster eval_retrieval.py"
+RETRIEVAL_SOURCES = {**FROZEN_FEATURE_SOURCES,
+    "seed": "dcbench choice: seeds BN re-estimation only (retrieval is deterministic); cannot be a deviation",
+    "batch_size": "dcbench choice: images of one shape per forward pass (eval_retrieval.py: one at a time); "
+                  "moves only BN re-estimation of random inits",
+    "taps": f"{_DC_RET}: net.features without its last layer (VGG16 conv5_3 after BN + ReLU, final max-pool "
+            "removed); AlexNet conv5 and ResNet res5 by the same rule (dcbench choice)",
+    "image_size": f"{_DC_RET} --S 1024 (largest side, Image.BILINEAR); below 32 px a side is upscaled "
+                  "(dcbench choice, for tiny query boxes only)",
+    "scales": f"{_DC_RET} --multires off by default: one scale",
+    "levels": f"{_DC_RET} --L 3 (Tolias et al., ICLR 2016 R-MAC, get_rmac_region_coordinates)",
+    "whitening_fallback": "dcbench choice: off; learning the whitening on the evaluated database is transductive",
+    "whitening_dim": f"{_DC_RET} --n_pca 512 (PCA.fit: eigenvalues floored at 1e-5 of the largest)",
+}
+DC_QUERY_CROP = (f"{_DC_RET} ImageHelper.load_and_prepare_image: resize, then crop np.round(roi * ratio) "
+                 "(the original protocol)")
+REVISITOP_QUERY_CROP = ("filipradenovic/revisitop example_process_images.py / README: query = the original image "
+                        ".crop(gnd[i]['bbx']) before any processing; then resized by the whole image's ratio "
+                        "(cnnimageretrieval-pytorch ImagesFromList with bbxs)")
+
+
 # ----------------------------------------------------------------------------- the protocols
 def _layout_text(dataset: str, other: str, layout: str) -> str:
     if layout == "revisitop":
@@ -160,7 +195,8 @@ ROOT/<whitening>/: its database images when its ground truth is present (then th
 shared with that protocol), else every image in its jpg/ folder. Without it, set
 whitening_fallback=true (whiten on the database itself, recorded) or whitening=none.
 A missing ground-truth file or listed image is an error; unreadable images are skipped (counted).
-"""
+""" + ("Paris6k's 20 known corrupted images (DeepCluster eval_retrieval.py Dataset.blacklisted) are left out "
+       "of the database and the ground-truth lists.\n" if dataset == "paris6k" else "")
 
 
 class _RetrievalProtocol(Protocol):
@@ -168,7 +204,9 @@ class _RetrievalProtocol(Protocol):
 
     dataset: ClassVar[str]
     revisited: ClassVar[bool]
-    version: ClassVar[str] = "1"
+    #: 2: roxford5k / rparis6k cut queries from the original image (revisitop); paris6k leaves out
+    #: its 20 corrupted images (database and ground truth), the whitening set of oxford5k too
+    version: ClassVar[str] = "2"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """The layout text of the dataset, whitened on its preset's ``whitening`` set."""
@@ -182,6 +220,14 @@ class _RetrievalProtocol(Protocol):
         Only conv taps are used, at any size, so a checkpoint must load at its own input size.
         """
         return None
+
+    def sources_for(self, preset: str | None) -> dict[str, str]:
+        """Where each default comes from (DeepCluster's descriptor; revisitop's benchmark)."""
+        other = self.Settings().whitening
+        return {**RETRIEVAL_SOURCES,
+                "query_crop": REVISITOP_QUERY_CROP if self.revisited else DC_QUERY_CROP,
+                "whitening": f"{_DC_RET} stage db_features: 'for tests on Paris, use Oxford PCA, and vice-versa' "
+                             f"(here: {other})"}
 
     def check_data(self, root: Path, settings: RetrievalSettings) -> None:
         """Ground truth and listed images of the dataset, and the whitening set: DataError if missing."""
@@ -240,7 +286,7 @@ class _RetrievalProtocol(Protocol):
             "skipped_images": {"database": len(ds.imlist) - n_ranked},
             "descriptor": f"R-MAC, {settings.levels} levels, overlap {RMAC_OVERLAP}, max-pool, L2, {whitened}sum, L2",
             "whitening": _whitening_info(ds, settings, white_paths), "whitening_eps_ratio": WHITENING_EPS_RATIO,
-            "query_crop": settings.query_crop,
+            "query_crop": settings.query_crop, "excluded_images": ds.excluded,
             "resize": f"largest side {settings.image_size} (bilinear), min side {MIN_SIDE}",
             "similarity": "inner product (faiss IndexFlatIP)", "kappas": list(KAPPAS),
             "images_per_s": {f"{role}@{scale}": None if e.images_per_s is None else round(e.images_per_s, 2)

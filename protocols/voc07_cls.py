@@ -43,7 +43,9 @@ from dcbench.data.transforms import center_transform
 from dcbench.errors import UsageError
 from dcbench.features import prepared_backbone
 from dcbench.metrics.ap import finetune_class_ap
-from dcbench.protocol import CommonSettings, EvalContext, Protocol, ProtocolOutput, register_protocol, setting
+from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
+                              setting)
+from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.voc_classification import VOC07_LAYOUT, ap_rows, check_classes, load_voc_data
 from dcbench.voc_finetune import build_finetune_net, finetune_and_score
 
@@ -82,7 +84,7 @@ class VocFinetuneSettings(CommonSettings):
         None, "classes to evaluate (default: the VOC classes whose ImageSets/Main files exist; all 20 on VOC2007)")
     head_dim: int = setting(
         4096, "hidden width of the new fc6/fc7 for backbones without DeepCluster's classifier (timm, tv)")
-    seed: int = setting(0, "seed of head init, shuffling, crops and BN re-estimation")
+    seed: int = setting(0, "seed of head init, shuffling, crops and BN re-estimation", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on trainval before fine-tuning; auto = on for random inits")
 
@@ -101,6 +103,37 @@ class VocFinetuneSettings(CommonSettings):
         check_classes(self.classes)
 
 
+_DC = "facebookresearch/deepcluster eval_voc_classif.py"
+VOC_CLS_SOURCES = {
+    "workers": FROZEN_FEATURE_SOURCES["workers"], "bn_recalibrate": FROZEN_FEATURE_SOURCES["bn_recalibrate"],
+    "seed": "dcbench choice: the trial's seed (head init, shuffling, crops); cannot be a deviation",
+    "batch_size": f"{_DC} DataLoader(batch_size=16)",
+    "mode": f"{_DC} --fc6_8 1 (the paper's Table 2 FC6-8 column; mode=all: --fc6_8 0, the ALL column)",
+    "train_bn_affine": f"{_DC} --train_batchnorm 1: the paper's 72.0 (the README's erratum: 70.4 without)",
+    "iterations": f"{_DC} --nit 80000",
+    "lr": f"{_DC} --lr 0.003",
+    "lr_step": f"{_DC} --stepsize 5000 (train(): lr x0.5 every stepsize iterations)",
+    "momentum": f"{_DC} torch.optim.SGD(momentum=0.9)",
+    "weight_decay": f"{_DC} --wd 1e-6",
+    "clip_norm": f"{_DC} train(): clip_grad_norm_(model.parameters(), 10)",
+    "image_size": f"{_DC} RandomResizedCrop(224, ...)",
+    "crop_scale": f"{_DC} --min_scale 0.1 --max_scale 0.5, ratio (1, 1)",
+    "test_crops": f"{_DC} --eval_random_crops 1: logits of 10 random train-style crops summed (evaluate())",
+    "train_split": f"{_DC} --split trainval (test on test; the paper's Table 2)",
+    "classes": "dcbench choice: the VOC classes whose ImageSets/Main files exist (all 20 on VOC2007)",
+    "head_dim": f"4096: the width of DeepCluster's fc6/fc7 ({_DC} re-initialises them); used only for "
+                "backbones without that classifier (dcbench choice)",
+}
+VOC_CLS_DEVIATIONS = (
+    Deviation("mode=all only: the conv weights of the checkpoint are kept",
+              f"{_DC} --fc6_8 0 re-initialises the convs (a bug its authors acknowledged, facebookresearch/"
+              "deepcluster#16); the paper's ALL column fine-tunes the pre-trained convs"),
+    Deviation("training images reshuffled at every pass over trainval",
+              f"{_DC} shuffles the image list once (VOC2007_dataset: np.random.shuffle) and iterates it in that "
+              "order every pass (DataLoader shuffle=False)"),
+)
+
+
 @register_protocol
 class VocFinetune(Protocol):
     """``voc07-cls``: fine-tune fc6-8 or all layers on VOC2007, mAP over the classes."""
@@ -111,6 +144,8 @@ class VocFinetune(Protocol):
     finetune: ClassVar[bool] = True
     data_layout: ClassVar[str] = VOC07_LAYOUT
     Settings: ClassVar[type] = VocFinetuneSettings
+    sources: ClassVar[dict[str, str]] = VOC_CLS_SOURCES
+    known_deviations: ClassVar[tuple[Deviation, ...]] = VOC_CLS_DEVIATIONS
 
     def check_data(self, root: Path, settings: VocFinetuneSettings) -> None:
         """Read the image sets of both splits and check the JPEGs exist (cheap)."""

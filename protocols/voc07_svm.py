@@ -7,8 +7,9 @@ Learning", ICCV 2019) and low-shot (``voc07-lowshot``), as VISSL runs them
 Labels come from ``ImageSets/Main/<cls>_<split>.txt``: 1 positive, -1 negative, 0 difficult.
 Train on trainval and test on test (``train_split=train``: train -> val, for tuning).
 
-``voc07-svm``: per tap, features pooled as for the linear probes (``preset``),
-L2-normalised ``x / (||x|| + 1e-5)``; per class a one-vs-rest
+``voc07-svm``: per tap, features of the whole image squashed to image_size x image_size
+(VISSL's ``Resize 256``, ``Resize [224, 224]``; ``resize=crop``: Resize + centre crop), pooled as for
+the linear probes (``preset``), L2-normalised ``x / (||x|| + 1e-5)``; per class a one-vs-rest
 ``LinearSVC(C, class_weight={1: 2, -1: 1}, squared hinge, L2, dual, tol 1e-4, max_iter 2000)``
 for each C of the grid, C chosen by 3-fold (stratified) cross-validation on trainval scored by
 average precision, refit on all of trainval; training counts difficult images as negatives,
@@ -38,13 +39,15 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from dcbench.data.transforms import center_transform, center_transform_id
+from dcbench.data.transforms import center_transform, center_transform_id, squash_transform, squash_transform_id
 from dcbench.errors import UsageError
 from dcbench.features import feature_key, key_hash, pool_id
 from dcbench.lowshot import lowshot_sets, lowshot_summary, lowshot_tap
 from dcbench.metrics.ap import mean_ap
 from dcbench.pooling import probe_pooling, resolve_taps
-from dcbench.protocol import EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput, register_protocol, setting
+from dcbench.protocol import (Deviation, EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput,
+                              register_protocol, setting)
+from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.results import MetricRow
 from dcbench.svm import FitStore, SvmParams, array_digest, describe_results, fit_store_key, svm_tap
 from dcbench.voc_classification import VOC07_LAYOUT, VocData, ap_rows, check_classes, labels_of, load_voc_data
@@ -69,16 +72,22 @@ class _SvmCommon(FrozenFeatureSettings):
     positive_weight: float = setting(2.0, "class_weight of the positives (negatives: 1)")
     max_iter: int = setting(2000, "liblinear iterations")
     tol: float = setting(1e-4, "liblinear stopping tolerance")
-    image_size: int = setting(224, "centre-crop side in px; images are resized to round(s*256/224) first")
+    image_size: int = setting(224, "input side in px; images are resized to round(s*256/224) first")
+    # the benchmark configs' TRANSFORMS: Resize 256, Resize [224, 224] (the whole image, no crop)
+    resize: Literal["squash", "crop"] = setting(
+        "squash", "squash: the whole image resized to (s, s), no crop (VISSL; voc07-svm first resizes the short "
+                  "side to round(s*256/224), as its configs); crop: Resize(round(s*256/224)) then CenterCrop(s)")
     batch_size: int = setting(256, "extraction batch size")
     train_split: Literal["trainval", "train"] = setting(
         "trainval", "trainval: train on trainval, test on test (report); train: train on train, test on val")
     classes: list[str] | None = setting(
         None, "classes to evaluate (default: the VOC classes whose ImageSets/Main files exist; all 20 on VOC2007)")
-    jobs: int = setting(0, "parallel SVM fits (threads); 0 = auto: min(classes, CPU cores, what free memory allows)")
+    jobs: int = setting(0, "parallel SVM fits (threads); 0 = auto: min(classes, CPU cores, what free memory allows)",
+                        numbers=False)
     cache: bool = setting(
-        True, "read/write features and finished SVM fits in the feature cache (resumes interrupted runs)")
-    seed: int = setting(0, "seed of BN re-estimation, liblinear and low-shot sampling")
+        True, "read/write features and finished SVM fits in the feature cache (resumes interrupted runs)",
+        numbers=False)
+    seed: int = setting(0, "seed of BN re-estimation, liblinear and low-shot sampling", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on trainval on a copy before extracting; "
                 "auto = on for random inits")
@@ -151,14 +160,22 @@ class _Features:
         return feature_key(self.sha, tap, self.transform_id, self.fingerprints[split], self.pool_ids[tap])
 
 
+def voc_view(image_size: int, resize: str, pre_resize: bool) -> tuple[Any, str]:
+    """The image transform of ``resize`` (squash: with/without VISSL's Resize 256 first; crop:
+    Resize + centre crop) and its feature-cache id."""
+    if resize == "squash":
+        return squash_transform(image_size, pre_resize), squash_transform_id(image_size, pre_resize)
+    return center_transform(image_size), center_transform_id(image_size)
+
+
 def extract_voc_features(ckpt: Any, data: VocData, taps: list[str], settings: _SvmCommon,
-                         ctx: EvalContext) -> _Features:
-    """Pooled centre-crop features of train and test splits, through the run context (BN
-    re-estimation on the training images and the feature cache, per the settings)."""
+                         ctx: EvalContext, pre_resize: bool = True) -> _Features:
+    """Pooled features of train and test splits (transform: :func:`voc_view`), through the run
+    context (BN re-estimation on the training images and the feature cache, per the settings)."""
     plans = probe_pooling(ckpt.backbone, taps, settings.image_size, settings.preset)
     pools = {t: p.module() for t, p in plans.items()}
-    transform_id = center_transform_id(settings.image_size)
-    datasets = [split.dataset(center_transform(settings.image_size)) for split in (data.train, data.test)]
+    transform, transform_id = voc_view(settings.image_size, settings.resize, pre_resize)
+    datasets = [split.dataset(transform) for split in (data.train, data.test)]
     with ctx.frozen_backbone(ckpt, datasets[0]) as (backbone, sha):
         train, test = [ctx.extract(backbone, sha, ds, taps, pools, transform_id) for ds in datasets]
     return _Features(train, test, {t: p.describe() for t, p in plans.items()},
@@ -169,30 +186,73 @@ def extract_voc_features(ckpt: Any, data: VocData, taps: list[str], settings: _S
 def _svm_extra(feats: _Features, params: SvmParams, settings: _SvmCommon, data: VocData) -> dict[str, Any]:
     return {**data.describe(), "pooling": feats.pooling, "preset": settings.preset, "svm": params.describe(),
             "ap_rule": "VOC all-points (area under the monotone precision envelope), difficult excluded",
-            "train_labels": "difficult counted as negative", "crops": "center",
+            "train_labels": "difficult counted as negative", "resize": settings.resize,
+            "crops": "whole image squashed to a square" if settings.resize == "squash" else "center",
             "bn_recalibrate": feats.bn_info,
             "skipped_images": {data.train.split: len(data.train) - len(feats.train.indices),
                                data.test.split: len(data.test) - len(feats.test.indices)},
             "fit_store": "feature cache" if settings.cache else "off", "costs": list(settings.costs)}
 
 
+# ============================================================================= provenance
+_VISSL = "facebookresearch/vissl"
+_SVM_CFG = (f"{_VISSL} configs/config/benchmark/linear_image_classification/voc07/"
+            "eval_alexnet_8gpu_transfer_voc07_svm.yaml")
+_LOWSHOT_CFG = (f"{_VISSL} configs/config/benchmark/low_shot_transfer/voc07/"
+                "eval_resnet_8gpu_transfer_voc07_low_shot_svm.yaml")
+_TRAINER = f"{_VISSL} vissl/utils/svm_utils/svm_trainer.py"
+SVM_SOURCES = {**FROZEN_FEATURE_SOURCES,
+    "seed": "dcbench choice: seeds BN re-estimation, liblinear and low-shot sampling; cannot be a deviation",
+    "batch_size": "dcbench choice: extraction batch (VISSL BATCHSIZE_PER_REPLICA 32); moves only BN re-estimation "
+                  "of random inits",
+    "taps": f"{_SVM_CFG} MODEL.EVAL_FEATURES conv1..conv5 (ResNets: conv1, res2..res5)",
+    "image_size": f"{_SVM_CFG} TRANSFORMS Resize [224, 224]",
+    "cache": "dcbench choice: the feature cache and finished fits; cannot move the numbers",
+    "preset": f"vissl: the pooling table of {_SVM_CFG} MODEL.TRUNK.LINEAR_FEAT_POOL_OPS (ResNets: "
+              "LINEAR_EVAL_FEAT_POOL_OPS_MAP); deepcluster: eval_linear.py's pools (a dcbench option)",
+    "costs": f"{_SVM_CFG} SVM.costs.costs_list",
+    "positive_weight": f"{_TRAINER} LinearSVC(class_weight={{1: 2, -1: 1}})",
+    "max_iter": f"{_SVM_CFG} SVM.max_iter 2000",
+    "tol": f"{_TRAINER} LinearSVC(tol=0.0001); SVM.loss squared_hinge, penalty l2, dual True, normalize True",
+    "resize": f"{_SVM_CFG} DATA.TRAIN/TEST.TRANSFORMS: Resize 256, Resize [224, 224] (the whole image, no crop)",
+    "train_split": "Goyal et al., ICCV 2019 paper: VOC07 SVMs trained on trainval, tested on test",
+    "classes": "dcbench choice: the VOC classes whose ImageSets/Main files exist (all 20 on VOC2007)",
+    "jobs": "dcbench choice: parallel fits; cannot move the numbers",
+    "cv_folds": f"{_SVM_CFG} SVM.cross_val_folds 3 ({_TRAINER} cross_val_score, scoring average precision)",
+}
+LOWSHOT_SOURCES = {
+    **SVM_SOURCES,
+    "taps": f"{_LOWSHOT_CFG} evaluates res4, res5 of ResNet-50; dcbench: every conv tap (per-tap numbers unchanged)",
+    "image_size": f"{_LOWSHOT_CFG} TRANSFORMS Resize [224, 224]",
+    "resize": f"{_LOWSHOT_CFG} DATA.TRAIN/TEST.TRANSFORMS: Resize [224, 224] (the whole image, no crop)",
+    "costs": f"{_LOWSHOT_CFG} SVM.costs.costs_list",
+    "ks": f"{_LOWSHOT_CFG} SVM.low_shot.k_values",
+    "samples": f"{_LOWSHOT_CFG} SVM.low_shot.sample_inds [1, 2, 3, 4, 5]",
+    "cost": f"{_VISSL} vissl/utils/svm_utils/svm_low_shot_trainer.py: per k, the cost with the best mean test mAP",
+    "cv_folds": "not used: low-shot SVMs are trained without cross-validation",
+}
+
+
 class _VocSvmProtocol(Protocol):
     """What both SVM protocols share: the layout, the data check, the features."""
 
-    version: ClassVar[str] = "1"
+    #: 2: images squashed to image_size x image_size (VISSL), was Resize + centre crop
+    version: ClassVar[str] = "2"
     data_layout: ClassVar[str] = VOC07_LAYOUT
+    #: VISSL's SVM configs resize to 256 before squashing; its low-shot config does not
+    squash_pre_resize: ClassVar[bool] = True
+    sources: ClassVar[dict[str, str]] = SVM_SOURCES
 
     def check_data(self, root: Path, settings: _SvmCommon) -> None:
         """Read the image sets of both splits and check the JPEGs exist (cheap)."""
         load_voc_data(Path(root), settings.train_split, settings.classes, warn=False)
 
-    @staticmethod
-    def features(ckpt: Any, settings: _SvmCommon, root: Path,
+    def features(self, ckpt: Any, settings: _SvmCommon, root: Path,
                  ctx: EvalContext) -> tuple[VocData, list[str], _Features, np.ndarray, np.ndarray]:
         """The data, the taps, their features and the label rows of the extracted images."""
         data = load_voc_data(Path(root), settings.train_split, settings.classes)
         taps = resolve_taps(ckpt.backbone, settings.taps)
-        feats = extract_voc_features(ckpt, data, taps, settings, ctx)
+        feats = extract_voc_features(ckpt, data, taps, settings, ctx, self.squash_pre_resize)
         return data, taps, feats, labels_of(data.train, feats.train.indices), labels_of(data.test, feats.test.indices)
 
     @staticmethod
@@ -242,6 +302,12 @@ class VocLowShot(_VocSvmProtocol):
     name: ClassVar[str] = "voc07-lowshot"
     description: ClassVar[str] = "Pascal VOC07 low-shot SVMs per layer (k positives per class, VISSL)"
     Settings: ClassVar[type] = VocLowShotSettings
+    squash_pre_resize: ClassVar[bool] = False
+    sources: ClassVar[dict[str, str]] = {k: v for k, v in LOWSHOT_SOURCES.items() if k != "cv_folds"}
+    known_deviations: ClassVar[tuple[Deviation, ...]] = (
+        Deviation("low-shot training sets drawn by dcbench's seeded sampler",
+                  "VISSL reads sample files written by extra_scripts/create_voc07_low_shot_samples.py: same "
+                  "rule, other draws, so per-k numbers differ by sampling noise"),)
 
     def run(self, ckpt: Any, settings: VocLowShotSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
         """Sample the low-shot sets, fit every (k, sample, class, C), report per k."""

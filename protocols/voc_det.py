@@ -36,6 +36,8 @@ proposals train/test   2000 / 300 (after NMS 0.7)         2000 / 1000
 BatchNorm              frozen (running statistics)        trained (batch statistics; + PreciseBN 200
                                                           iterations; extra BN after res5)
 difficult objects      left out of training               trained on (detectron2's loader)
+box loss (smooth-L1)   RPN beta 1/9, box head beta 1      L1 (beta 0) in both
+test NMS               0.3                                0.5
 =====================  ==============================  ===================================
 
 The deepcluster preset follows Fast R-CNN's VOC2007 solver (Girshick 2015: 40k iterations,
@@ -57,6 +59,7 @@ detectron2 installed it is a one-line usage error naming the install command.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 import time
@@ -70,7 +73,9 @@ from dcbench.detection import (DetData, DetectionDataset, DetectorSpec, SolverSp
                                finetune_torchvision, load_det_data, records_from_annotations, require_supported)
 from dcbench.errors import UsageError
 from dcbench.finetune import design_family
-from dcbench.protocol import CommonSettings, EvalContext, Protocol, ProtocolOutput, register_protocol, setting
+from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
+                              setting)
+from dcbench.protocols._sources_voc_det import PRESET_DEVIATIONS, PRESET_SOURCES, auto_deviations, auto_sources
 
 log = logging.getLogger("dcbench")
 _SET_RE = re.compile(r"(2007|2012):(train|val|trainval|test)")
@@ -83,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 2, "lr": 0.001, "lr_steps": [30000], "warmup_iters": 0, "weight_decay": 5e-4,
         "min_size": [600], "test_size": 600, "max_size": 1000, "anchor_sizes": [128, 256, 512],
         "roi_pool": "pool", "rois_per_image": 64, "proposals_train": 2000, "proposals_test": 300,
-        "bn": "frozen", "precise_bn": 0, "train_difficult": False,
+        "bn": "frozen", "precise_bn": 0, "train_difficult": False, "rpn_loss_beta": 1 / 9, "box_loss_beta": 1.0,
     },
     "moco": {
         "mode": "all", "train_sets": ["2007:trainval", "2012:trainval"], "test_set": "2007:test",
@@ -91,17 +96,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-4, "min_size": list(range(480, 801, 32)), "test_size": 800, "max_size": 1333,
         "anchor_sizes": [32, 64, 128, 256, 512], "roi_pool": "align", "rois_per_image": 512,
         "proposals_train": 2000, "proposals_test": 1000, "bn": "train", "precise_bn": 200,
-        "train_difficult": True,
+        "train_difficult": True, "rpn_loss_beta": 0.0, "box_loss_beta": 0.0,
     },
 }
 #: recipe constants of each preset that are not settings
 PRESET_CONSTANTS: dict[str, dict[str, Any]] = {
     # Caffe's Fast R-CNN: biases at 2x lr without decay (warm-up only when warmup_iters is set)
     "deepcluster": {"bias_lr_factor": 2.0, "bias_decay": False, "norm_weight_decay": 0.0,
-                    "warmup_factor": 0.001, "extra_norm": False, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000},
+                    "warmup_factor": 0.001, "extra_norm": False, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000,
+                    "nms_thresh": 0.3},
     # detectron2 defaults + MoCo's Base-RCNN-C4-BN (Res5ROIHeadsExtraNorm)
     "moco": {"bias_lr_factor": 1.0, "bias_decay": True, "norm_weight_decay": 0.0,
-             "warmup_factor": 0.001, "extra_norm": True, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000},
+             "warmup_factor": 0.001, "extra_norm": True, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000,
+             "nms_thresh": 0.5},
 }
 
 
@@ -147,6 +154,11 @@ class VocDetSettings(CommonSettings):
     precise_bn: int | None = setting(
         None, "with bn=train: re-estimate BatchNorm statistics over this many training batches before testing "
               "(detectron2's PreciseBN; preset: 0 / 200)")
+    rpn_loss_beta: float | None = setting(
+        None, "smooth-L1 beta of the RPN's box loss, 0 = L1 (preset: 1/9 as py-faster-rcnn's sigma 3 / 0 as "
+              "detectron2)")
+    box_loss_beta: float | None = setting(
+        None, "smooth-L1 beta of the box head's loss, 0 = L1 (preset: 1 as Fast R-CNN / 0 as detectron2)")
     train_difficult: bool | None = setting(
         None, "train on difficult objects too (preset: false as py-faster-rcnn / true as detectron2); the test "
               "always ignores them")
@@ -164,12 +176,12 @@ class VocDetSettings(CommonSettings):
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate the backbone's BatchNorm statistics on training images before fine-tuning; auto = on "
                 "for random inits")
-    seed: int = setting(0, "seed of the new layers, sampling, flips and shuffling (one trial)")
+    seed: int = setting(0, "seed of the new layers, sampling, flips and shuffling (one trial)", numbers=False)
 
     def validate(self) -> None:
         """Raise UsageError for impossible values (and for backend=detectron2 without detectron2)."""
         super().validate()
-        for name in ("iterations", "warmup_iters", "precise_bn", "micro_batch"):
+        for name in ("iterations", "warmup_iters", "precise_bn", "micro_batch", "rpn_loss_beta", "box_loss_beta"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UsageError(f"bad value {getattr(self, name)} for {name}: must be >= 0")
         for name in ("test_size", "max_size", "rois_per_image", "proposals_train", "proposals_test"):
@@ -227,7 +239,8 @@ class Recipe:
                             rpn_post_nms_train=v["proposals_train"],
                             rpn_pre_nms_test=max(c["rpn_pre_nms_test"], v["proposals_test"]),
                             rpn_post_nms_test=v["proposals_test"], rois_per_image=v["rois_per_image"],
-                            extra_norm=c["extra_norm"])
+                            extra_norm=c["extra_norm"], nms_thresh=c["nms_thresh"],
+                            rpn_loss_beta=v["rpn_loss_beta"], box_loss_beta=v["box_loss_beta"])
 
     def solver(self, workers: int) -> SolverSpec:
         """The optimisation part."""
@@ -264,6 +277,14 @@ def resolve(settings: VocDetSettings, backbone: Any | None) -> Recipe:
     return Recipe(preset, values, dict(PRESET_CONSTANTS[preset]))
 
 
+def filled(settings: VocDetSettings) -> VocDetSettings:
+    """``settings`` with each None replaced by its preset's value (unchanged for preset auto)."""
+    if settings.preset == "auto":
+        return settings
+    values = {k: copy.deepcopy(v) for k, v in PRESETS[settings.preset].items() if getattr(settings, k) is None}
+    return dataclasses.replace(settings, **values)
+
+
 def _sets_needed(settings: VocDetSettings, preset: str) -> tuple[list[str], str]:
     """Train sets and test set; with preset auto, only what both presets share (VOC2007)."""
     base = PRESETS["deepcluster" if preset == "auto" else preset]
@@ -279,7 +300,10 @@ class VocDetection(Protocol):
     name: ClassVar[str] = "voc-det"
     description: ClassVar[str] = ("Pascal VOC detection by fine-tuning Faster R-CNN (conv5 + fc6/fc7 or R-C4), "
                                   "AP50/AP75/AP (paper Table 2; MoCo/VISSL)")
-    version: ClassVar[str] = "1"
+    #: 2: VOC07 11-point AP on np.arange thresholds; box losses with the presets' smooth-L1 betas
+    #: (moco: L1 as detectron2; deepcluster: Fast R-CNN's beta 1 in the box head); deepcluster
+    #: test NMS 0.3 (Fast R-CNN's cfg.TEST.NMS)
+    version: ClassVar[str] = "2"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocDetSettings
     data_layout: ClassVar[str] = f"""\
@@ -290,6 +314,23 @@ ImageSets/Main/<cls>_test.txt files (a devkit with only some VOC classes is eval
 preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 trainval -> VOC2007 test
 (the VOC2007 test set is a separate download extracted into the same VOCdevkit).
 """
+
+    def preset_defaults(self, settings: Any) -> Any:
+        """The preset's defaults with its values filled in (preset auto: left to the backbone)."""
+        return filled(super().preset_defaults(settings))
+
+    def deviations(self, settings: Any) -> list[Deviation]:
+        """As :meth:`Protocol.deviations`, comparing filled-in values (None is the preset's)."""
+        return super().deviations(filled(settings))
+
+    def sources_for(self, preset: str | None) -> dict[str, str]:
+        """Where each default of ``preset`` comes from (auto: both presets')."""
+        chosen = auto_sources() if preset in (None, "auto") else PRESET_SOURCES[preset]
+        return {f.name: chosen[f.name] for f in fields(self.Settings)}
+
+    def deviations_for(self, preset: str | None) -> list[Deviation]:
+        """The known deviations of ``preset`` (auto: both presets')."""
+        return auto_deviations() if preset in (None, "auto") else list(PRESET_DEVIATIONS[preset])
 
     def check_data(self, root: Path, settings: VocDetSettings) -> None:
         """Image sets, JPEGs and annotation files of every set the run reads (with preset auto,

@@ -31,6 +31,7 @@ mmseg's ``ResNetV1c`` deep stem.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -44,7 +45,9 @@ from dcbench.data import DataError
 from dcbench.data.voc import VOC_CLASSES
 from dcbench.errors import UsageError
 from dcbench.finetune import TrunkGuard, trainable_names
-from dcbench.protocol import CommonSettings, EvalContext, Protocol, ProtocolOutput, register_protocol, setting
+from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
+                              setting)
+from dcbench.provenance import WORKERS_SOURCE
 from dcbench.results import MetricRow
 
 log = logging.getLogger("dcbench")
@@ -90,7 +93,7 @@ class VocSegSettings(CommonSettings):
         None, "ResNets: reach this output stride by dilating res4/res5 (default: the preset's, 8 for mmselfsup, "
               "32 (none) for deepcluster)")
     backend: Literal["mmseg"] = setting("mmseg", "segmentation library (mmsegmentation 1.x)")
-    seed: int = setting(0, "seed of head init, sampling, augmentation and dropout")
+    seed: int = setting(0, "seed of head init, sampling, augmentation and dropout", numbers=False)
 
     def validate(self) -> None:
         """Raise UsageError for impossible values."""
@@ -116,6 +119,59 @@ class VocSegSettings(CommonSettings):
                              + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
 
 
+# ----------------------------------------------------------------------------- provenance
+_MMSS = "open-mmlab/mmselfsup configs/benchmarks/mmsegmentation/voc12aug/fcn_r50-d8_4xb4-20k_voc12aug-512x512.py"
+_SCHED = "mmsegmentation configs/_base_/schedules/schedule_20k.py"
+_DATA = "mmsegmentation configs/_base_/datasets/pascal_voc12_aug.py"
+_MODEL = "mmsegmentation configs/_base_/models/fcn_r50-d8.py"
+_COMMON = {
+    "seed": "dcbench choice: the trial's seed (head init, sampling, augmentation); cannot be a deviation",
+    "batch_size": f"{_MMSS}: 4 GPUs x train_dataloader batch_size 4 = 16 (SyncBN: BatchNorm over the 16)",
+    "workers": WORKERS_SOURCE,
+    "iterations": f"{_SCHED} IterBasedTrainLoop max_iters=20000",
+    "crop_size": f"{_DATA} crop_size=(512, 512); test Resize scale=(2048, 512), keep_ratio",
+    "scale_range": f"{_DATA} RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)",
+    "lr": f"{_SCHED} SGD lr=0.01",
+    "min_lr": f"{_SCHED} PolyLR eta_min=1e-4",
+    "poly_power": f"{_SCHED} PolyLR power=0.9",
+    "momentum": f"{_SCHED} SGD momentum=0.9",
+    "weight_decay": f"{_SCHED} SGD weight_decay=0.0005",
+    "sbd_aug": f"{_DATA}: VOC2012 train + SBD aug (SegmentationClassAug, ImageSets/Segmentation/aug.txt)",
+    "classes": f"{_DATA}: the 20 VOC classes + background",
+    "backend": "open-mmlab/mmsegmentation 1.x: the library of the mmselfsup benchmark",
+}
+SEG_SOURCES = {
+    "mmselfsup": {**_COMMON,
+                  "preset": _MMSS,
+                  "mode": f"all: {_MMSS} fine-tunes the whole network",
+                  "norm_eval": f"{_MODEL} backbone norm_eval=False",
+                  "output_stride": f"{_MODEL} ResNetV1c strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4): stride 8"},
+    "deepcluster": {**_COMMON,
+                    "preset": "DeepCluster paper (Caron et al., ECCV 2018) Table 2, segmentation: FCN (Long et al., "
+                              "CVPR 2015) on the checkpoint's AlexNet",
+                    "mode": "fc6-8: the paper's Table 2 FC6-8 column (ALL: mode=all)",
+                    "norm_eval": "dcbench choice: frozen convs keep their BatchNorm statistics",
+                    "output_stride": "FCN-32s (Long et al. 2015): stride 32, fc6/fc7 as convolutions"},
+}
+SEG_DEVIATIONS = {
+    "mmselfsup": (
+        Deviation("the checkpoint's own backbone layout (e.g. torchvision ResNet-50, 7x7 stem)",
+                  f"{_MODEL} builds mmseg's ResNetV1c (deep 3x3 stem); dcbench evaluates the checkpoint as it is"),),
+    "deepcluster": (
+        Deviation("data, augmentation and schedule of the mmselfsup preset",
+                  "the paper records no training schedule or data for its FCN runs"),),
+}
+
+
+def _filled(settings: VocSegSettings) -> VocSegSettings:
+    """``settings`` with mode / norm_eval None replaced by the preset's."""
+    from dcbench.segmentation.config import PRESET_MODE, PRESET_NORM_EVAL
+
+    return dataclasses.replace(
+        settings, mode=settings.mode or PRESET_MODE[settings.preset],
+        norm_eval=PRESET_NORM_EVAL[settings.preset] if settings.norm_eval is None else settings.norm_eval)
+
+
 # ----------------------------------------------------------------------------- result rows
 def iou_rows(iou: np.ndarray, classes: list[str], tap: str, seed: int) -> tuple[list[MetricRow], dict[str, Any]]:
     """``mIoU`` and ``IoU_<class>`` rows x100 (a class absent from labels and predictions: no
@@ -139,6 +195,23 @@ class VocSeg(Protocol):
     version: ClassVar[str] = "1"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocSegSettings
+
+    def preset_defaults(self, settings: Any) -> Any:
+        """The preset's defaults with its mode and norm_eval filled in (output_stride depends on
+        the backbone: 8 for ResNets under mmselfsup)."""
+        return _filled(super().preset_defaults(settings))
+
+    def deviations(self, settings: Any) -> list[Deviation]:
+        """As :meth:`Protocol.deviations`, comparing filled-in values (None is the preset's)."""
+        return super().deviations(_filled(settings))
+
+    def sources_for(self, preset: str | None) -> dict[str, str]:
+        """Where each default of ``preset`` comes from."""
+        return dict(SEG_SOURCES[preset or "mmselfsup"])
+
+    def deviations_for(self, preset: str | None) -> list[Deviation]:
+        """The known deviations of ``preset`` from its source."""
+        return list(SEG_DEVIATIONS[preset or "mmselfsup"])
     data_layout: ClassVar[str] = """\
 ROOT/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt}
 ROOT may also be ROOT/VOCdevkit or the VOC2012 folder itself. Labels: palette (or greyscale) index PNGs,

@@ -3,7 +3,6 @@ implementation on random cases, and the per-class helpers of the VOC protocols."
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -47,11 +46,16 @@ def test_perfect_and_empty():
     assert voc_ap([], []) == 0.0 and voc_ap([], [], use_07_metric=True) == 0.0
 
 
-def test_eleven_point_uses_exact_tenths():
-    # 10 positives, 3 retrieved first: recall reaches exactly 0.3. np.arange(0, 1.1, 0.1) has
-    # 0.30000000000000004 and would drop that point (3/11); the rule's t = 3/10 keeps it.
+def test_eleven_point_uses_the_np_arange_thresholds():
+    # 10 positives, 3 retrieved first: recall reaches exactly 0.3. py-faster-rcnn / detectron2
+    # threshold at np.arange(0.0, 1.1, 0.1), whose 0.30000000000000004 that recall does not reach:
+    # only t = 0, 0.1, 0.2 count (3/11), not 4/11 as exact tenths would give.
     recall, precision = np.array([0.1, 0.2, 0.3]), np.ones(3)
-    assert voc_ap(recall, precision, use_07_metric=True) == pytest.approx(4 / 11)
+    assert voc_ap(recall, precision, use_07_metric=True) == pytest.approx(3 / 11)
+    # the same at 0.6 and 0.7 (0.6000000000000001, 0.7000000000000001); 0.5 and 1.0 are exact
+    assert voc_ap(np.arange(1, 7) / 10, np.ones(6), use_07_metric=True) == pytest.approx(6 / 11)
+    assert voc_ap(np.arange(1, 8) / 10, np.ones(7), use_07_metric=True) == pytest.approx(7 / 11)
+    assert voc_ap(np.arange(1, 6) / 10, np.ones(5), use_07_metric=True) == pytest.approx(6 / 11)
 
 
 def test_bad_input():
@@ -75,14 +79,12 @@ def reference_all_points(recall: list[float], precision: list[float]) -> float:
 
 
 def reference_eleven_point(recall: list[float], precision: list[float]) -> float:
-    """Exact arithmetic: t = k/10 as a fraction, each recall read as the ratio it stands for
-    (tp / n_positives; the float 0.3 means 3/10, not the binary 0.29999999999999998...)."""
-    total = 0.0
-    for k in range(11):
-        reached = [p for r, p in zip(recall, precision)
-                   if Fraction(r).limit_denominator(10**6) >= Fraction(k, 10)]
-        total += max(reached) if reached else 0.0
-    return total / 11
+    """py-faster-rcnn's ``voc_eval.py`` ``voc_ap(rec, prec, use_07_metric=True)``, written out."""
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        reached = [p for r, p in zip(recall, precision) if r >= t]
+        ap = ap + (max(reached) if reached else 0.0) / 11.0
+    return ap
 
 
 def random_ranking(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

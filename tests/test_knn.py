@@ -163,3 +163,21 @@ def test_blockwise_queries_give_the_same_rows(root, tmp_path, monkeypatch):
     monkeypatch.setattr(knn, "SIM_BLOCK_ELEMENTS", 100)  # 48-image bank: 2 queries per block
     blocks = run(root, tmp_path / "cache", taps=["conv3"], bn_recalibrate="off")
     assert [(r.metric, r.value) for r in whole.metrics] == [(r.metric, r.value) for r in blocks.metrics]
+
+
+def test_images_are_resized_bicubically_as_dino():
+    """DINO eval_knn.py: Resize(256, interpolation=3); the bilinear cache id keeps its v1 form."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from dcbench.data.transforms import center_transform, center_transform_id
+
+    assert get_protocol("knn").default_settings().interpolation == "bicubic"
+    assert center_transform_id(224) == "resize256-center224-imagenet-norm"
+    assert center_transform_id(224, "bicubic") == "resize256-bicubic-center224-imagenet-norm"
+    img = Image.effect_noise((300, 200), 64).convert("RGB")
+    got = center_transform(64, "bicubic")(img)
+    want = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(img, 73, InterpolationMode.BICUBIC), 64)),
+                        [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert torch.equal(got, want) and not torch.equal(got, center_transform(64)(img))

@@ -87,9 +87,10 @@ def test_augmented_deepcluster_learns(root, tmp_path):
 
 
 def test_augmented_vissl_tencrop(root, tmp_path):
-    out = run(root, tmp_path, preset="vissl", epochs=1, taps=["conv1", "conv4"])
+    out = run(root, tmp_path, preset="vissl", epochs=1, taps=["conv1", "conv4"], crops="tencrop")
     extra = out.extra
     assert extra["crops"] == "tencrop" and extra["mode"] == "augmented"
+    assert extra["train_crops"] == "Resize, RandomCrop, flip" and extra["head_init"] == "torch default"
     assert extra["head"] == "AvgPool -> BatchNorm2d -> Linear"
     assert extra["weight_decay"] == 5e-4 and extra["lr_steps"] == []  # no step before the only epoch ends
     assert {r.tap for r in out.metrics} == {"conv1", "conv4"}
@@ -159,8 +160,12 @@ def test_checkpoint_untouched_and_bn_recalibrated_copy(root, tmp_path, monkeypat
 # ----------------------------------------------------------------------------- settings
 def test_defaults_follow_protocols_md():
     s = get_protocol("linear").default_settings()
-    assert (s.preset, s.image_size, s.batch_size, s.lr, s.momentum, s.crops, s.cached, s.seed) == \
-        ("deepcluster", 224, 256, 0.01, 0.9, "tencrop", False, 0)
+    assert (s.preset, s.image_size, s.batch_size, s.lr, s.momentum, s.crops, s.cached, s.seed, s.head_init) == \
+        ("deepcluster", 224, 256, 0.01, 0.9, None, False, 0, "torch")
+    for preset, crops, center_crop in (("deepcluster", "tencrop", True), ("vissl", "center", False)):
+        proto, s = settings("linear", preset=preset)
+        filled = proto.filled(s)
+        assert (filled.crops, filled.train_center_crop) == (crops, center_crop), preset
     bb = build_backbone("alexnet", input_size=64)
     cases = [("linear", "deepcluster", 90, 1e-7, []), ("linear", "vissl", 28, 5e-4, [8, 16, 24]),
              ("imagenet-linear", "vissl", 28, 5e-4, [8, 16, 24]), ("places-linear", "vissl", 14, 5e-4, [4, 8, 12]),
@@ -343,3 +348,46 @@ def test_tencrop_averages_softmax_not_logits():
     hits = probes.hits({"fc": crops}, torch.tensor([1]), n_crops=3)
     assert hits["fc"].tolist() == [1, 1]
     assert probes.hits({"fc": crops.mean(0, keepdim=True)}, torch.tensor([1]))["fc"].tolist() == [0, 1]
+
+
+# ----------------------------------------------------------------------------- issue 13: presets = sources
+def test_vissl_preset_follows_vissl_and_deepcluster_its_code(root, tmp_path):
+    """vissl: one centre crop at test, no CenterCrop(256) in training, torch's default head init;
+    deepcluster: TenCrop test, Resize + CenterCrop + RandomCrop training."""
+    vissl = run(root, tmp_path, preset="vissl", epochs=1, taps=["conv3"]).extra
+    assert (vissl["crops"], vissl["train_crops"], vissl["head_init"]) == \
+        ("center", "Resize, RandomCrop, flip", "torch default")
+    dc = run(root, tmp_path, epochs=1, taps=["conv3"]).extra
+    assert (dc["crops"], dc["train_crops"]) == ("tencrop", "Resize, CenterCrop, RandomCrop, flip")
+
+
+def test_head_init_default_is_torch_and_normal_is_a_choice():
+    from dcbench.pooling import PoolPlan
+    plan = PoolPlan("t", "none", None, None, None, None, 512, (1, 1), (1, 1))
+    torch_default = probe.seeded_head(plan, 10, linear.probe_optim("vissl", 0.01, 5e-4, 0.9, [8]), 0)
+    normal = probe.seeded_head(plan, 10, linear.probe_optim("vissl", 0.01, 5e-4, 0.9, [8], "normal"), 0)
+    # torch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights and bias; normal: N(0, 0.01), bias 0
+    assert torch_default.linear.weight.abs().max() <= 1 / math.sqrt(512) and torch_default.linear.bias.abs().sum() > 0
+    assert normal.linear.bias.abs().sum() == 0 and normal.linear.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_vissl_default_taps_add_the_resnet_avgpool():
+    bb = build_backbone("tv:resnet18", input_size=64)
+    proto, s = settings("linear", preset="vissl", image_size=64)
+    r = proto.resolve(s, bb, 3)
+    assert r.taps == ["conv1", "res2", "res3", "res4", "res5", "avgpool"]
+    assert r.plans["avgpool"].kind == "none" and r.plans["avgpool"].dim == 512
+    assert proto.resolve(settings("linear", image_size=64)[1], bb, 3).taps[-1] == "res5"  # deepcluster: stages only
+    assert proto.resolve(settings("linear", preset="vissl", image_size=64)[1],
+                         build_backbone("alexnet", input_size=64), 3).taps[-1] == "conv5"
+
+
+def test_card_and_user_deviations_follow_the_preset():
+    proto = get_protocol("linear")
+    vissl = proto.card(apply_settings(proto.default_settings(), {"preset": "vissl"})).to_dict()
+    assert vissl["settings"]["crops"] == "center" and vissl["settings"]["epochs"] == 28
+    assert any("CenterCrop 224" in s["source"] for s in vissl["sources"] if s["setting"] == "crops")
+    same = apply_settings(proto.default_settings(), {"preset": "vissl", "crops": "center"})
+    assert [d for d in proto.deviations(same) if d.source == "user"] == []
+    moved = apply_settings(proto.default_settings(), {"crops": "center"})
+    assert [d.what for d in proto.deviations(moved) if d.source == "user"] == ["crops=center"]

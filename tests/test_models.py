@@ -57,12 +57,31 @@ def test_vgg16_every_tap(size):
 @pytest.mark.parametrize("size", [64, 224])
 def test_resnet_stage_taps(arch, size):
     bb = build_backbone(arch, input_size=size, seed=0).eval()
-    assert bb.tap_names == ["conv1", "res2", "res3", "res4", "res5"]
+    assert bb.tap_names == ["conv1", "res2", "res3", "res4", "res5", "avgpool"]
+    assert bb.conv_tap_names == ["conv1", "res2", "res3", "res4", "res5"]
     with torch.no_grad():
         out = bb(torch.randn(1, 3, size, size), taps=bb.tap_names + [CLUSTER_TAP])
     assert out["res5"].shape[-1] == size // 32
     assert tuple(out[CLUSTER_TAP].shape) == (1, 512)
     assert torch.allclose(out[CLUSTER_TAP], out["res5"].mean(dim=(2, 3)))
+    assert torch.equal(out["avgpool"], out[CLUSTER_TAP])
+
+
+@pytest.mark.parametrize("arch", ["timm:resnet50", "tv:resnet50"])
+def test_resnet50_avgpool_tap_is_the_2048d_global_average(arch):
+    """VISSL's res5avg: the global average of res5, what the classifier of the model reads."""
+    bb = build_backbone(arch, input_size=64, seed=0).eval()
+    assert "avgpool" in bb.tap_names and "avgpool" not in bb.conv_tap_names
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = bb(x, taps=["avgpool", "res5"])
+        alone = bb(x, taps=["avgpool"])["avgpool"]
+        reference = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True) if arch.startswith("timm") \
+            else torch.flatten(bb.model.avgpool(out["res5"]), 1)
+    assert tuple(out["avgpool"].shape) == (2, 2048)
+    torch.testing.assert_close(out["avgpool"], out["res5"].mean(dim=(2, 3)))
+    torch.testing.assert_close(alone, out["avgpool"])
+    torch.testing.assert_close(out["avgpool"], reference)
 
 
 def test_timm_and_tv_resnet_agree_with_same_weights():

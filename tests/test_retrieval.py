@@ -178,6 +178,23 @@ def test_geometry_resize_then_crop_box_scaled_alike():
     assert min(tiny.size) == 32 and tiny.size == (32, 64)  # upscaled so every backbone has a map
 
 
+def test_geometry_crop_before_resize_cuts_the_original_image():
+    """revisitop: the box is cut from the original pixels (PIL's rounding), then scaled by the
+    whole image's ratio, so the query keeps the database's scale."""
+    geo = plan_geometry(2048, 1536, 1024, box=(100.4, 200.6, 1100.5, 1001.0), crop_first=True)
+    assert geo.crop_first and geo.crop == (100, 201, 1100, 1001) and geo.size == (500, 400)
+    from PIL import Image
+
+    from dcbench.retrieval import prepare_image
+    img = Image.new("RGB", (400, 300))
+    img.paste((255, 0, 0), (100, 100, 300, 200))  # a red box on black
+    before = prepare_image(img, 200, (100.0, 100.0, 300.0, 200.0), crop_first=True)
+    after = prepare_image(img, 200, (100.0, 100.0, 300.0, 200.0))
+    assert before.size == after.size == (100, 50)
+    # cut first, no black pixel of the surroundings bleeds into the border by resampling
+    assert min(before.getpixel((0, 0))[0], before.getpixel((99, 49))[0]) == 255
+
+
 def test_whitening_decorrelates_and_descriptors_are_unit():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 6)) + 3.0
@@ -280,7 +297,7 @@ def test_cli_roxford5k_prints_map_easy_medium_hard_and_mp(root, tmp_path):
     extra = record["extra"]
     assert extra["whitening"] == {"dataset": "rparis6k", "fallback_used": False, "images": 34}
     assert extra["images_per_s"]["database@1.0"] > 0 and extra["feature_cache"]["database@1.0"] == "extracted"
-    assert record["settings"]["image_size"] == 96 and record["settings"]["query_crop"] is True
+    assert record["settings"]["image_size"] == 96 and record["settings"]["query_crop"] == "before_resize"
     assert record["settings"]["whitening"] == "rparis6k" and record["data"]["fingerprint"]
 
 
@@ -364,7 +381,11 @@ def test_bad_settings_are_usage_errors():
         with pytest.raises(UsageError):
             apply_settings(proto.default_settings(), overrides)
     defaults = proto.default_settings()
-    assert (defaults.image_size, defaults.levels, defaults.scales, defaults.query_crop) == (1024, 3, [1.0], True)
+    assert (defaults.image_size, defaults.levels, defaults.scales, defaults.query_crop) == \
+        (1024, 3, [1.0], "before_resize")
+    assert {p: get_protocol(p).default_settings().query_crop for p in ALL_NAMES} == {
+        "roxford5k": "before_resize", "rparis6k": "before_resize", "oxford5k": "after_resize",
+        "paris6k": "after_resize"}
     assert defaults.whitening == "rparis6k" and defaults.whitening_fallback is False
     assert {p: get_protocol(p).default_settings().whitening for p in ALL_NAMES} == {
         "roxford5k": "rparis6k", "rparis6k": "roxford5k", "oxford5k": "paris6k", "paris6k": "oxford5k"}
@@ -382,3 +403,24 @@ def test_learnable_fixture_far_above_chance(tmp_path):
     assert chance < 25
     assert got["mAP_medium"] > max(2.5 * chance, 50), (got, chance)
     assert got["mAP_easy"] > got["mAP_hard"] and got["mP@1_medium"] >= 50
+
+
+# ----------------------------------------------------------------------------- issue 13
+def test_paris6k_leaves_out_its_corrupted_images(tmp_path):
+    """The 20 known-corrupted Paris images (DeepCluster's eval_retrieval.py blacklist) are not
+    database images and do not count as positives, even when a ground-truth list names them."""
+    from dcbench.data.retrieval import PARIS6K_CORRUPTED
+    assert len(PARIS6K_CORRUPTED) == len(set(PARIS6K_CORRUPTED)) == 20
+    root = tmp_path / "data"
+    make_retrieval_dataset(root, "paris6k", image_size=64, corrupted=3)
+    ds = read_original(root, "paris6k")
+    assert ds.excluded == sorted(PARIS6K_CORRUPTED[:3])
+    assert not set(PARIS6K_CORRUPTED) & set(ds.imlist)
+    clean = make_retrieval_dataset(tmp_path / "clean", "paris6k", image_size=64)
+    reference = read_original(clean.parent, "paris6k")
+    assert ds.imlist == reference.imlist  # same database as without the corrupted files
+    assert all((a["ok"] == b["ok"]).all() for a, b in zip(ds.gnd, reference.gnd))
+    assert not any(PARIS6K_CORRUPTED[0] in path for path in image_set_paths(root, "paris6k"))
+    # another dataset name keeps such files (only paris6k has the list)
+    make_retrieval_dataset(root, "oxford5k", image_size=64)
+    assert read_original(root, "oxford5k").excluded == []

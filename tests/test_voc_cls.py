@@ -324,3 +324,22 @@ def test_defaults_equal_protocols_md():
         ([0.01, 0.1, 1, 2, 5, 10, 15, 20, 50, 100, 1000], 2.0, 2000, 1e-4, 3)
     low = get_protocol("voc07-lowshot").default_settings()
     assert (low.ks, low.samples, low.cost) == ([1, 2, 4, 8, 16, 32, 64, 96], 5, None)
+
+
+def test_svm_images_are_squashed_whole_as_vissl():
+    """VISSL's VOC07 SVM configs: Resize 256 then Resize [224, 224] (no crop); low-shot: Resize [224, 224]."""
+    from PIL import Image
+
+    from dcbench.protocols.voc07_svm import voc_view
+
+    img = Image.new("RGB", (300, 100), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 20, 100))  # a red stripe at the left edge: a centre crop drops it
+    squash, squash_id = voc_view(64, "squash", True)
+    crop, crop_id = voc_view(64, "crop", True)
+    lowshot, lowshot_id = voc_view(64, "squash", False)
+    assert squash(img).shape == crop(img).shape == lowshot(img).shape == (3, 64, 64)
+    assert squash(img)[0, 32, 0] > 2 and crop(img)[0, 32, 0] < 0  # normalised red channel
+    assert len({squash_id, crop_id, lowshot_id}) == 3
+    for name in ("voc07-svm", "voc07-lowshot"):
+        assert get_protocol(name).default_settings().resize == "squash"
+    assert get_protocol("voc07-svm").squash_pre_resize and not get_protocol("voc07-lowshot").squash_pre_resize

@@ -207,7 +207,8 @@ def test_ap_against_hand_computed_detections():
     cat75 = 6 / 11  # the 0.6 detection is a FP: recall stops at .5
     assert ap.class_ap("cat", 0.5) == pytest.approx(cat50)
     assert ap.class_ap("cat", 0.75) == pytest.approx(cat75)
-    assert ap.class_ap("dog", 0.5) == 1.0 and np.isnan(ap.class_ap("bird", 0.5))
+    # 1.0000000000000002: the reference's sum of 11 times 1/11 (py-faster-rcnn's voc_ap)
+    assert ap.class_ap("dog", 0.5) == pytest.approx(1.0, abs=1e-12) and np.isnan(ap.class_ap("bird", 0.5))
     assert ap.ap50 == pytest.approx((cat50 + 1) / 2)
     assert ap.ap75 == pytest.approx((cat75 + 1) / 2)
     # thresholds 0.50..0.65 see the IoU-2/3 match, 0.70..0.95 do not
@@ -234,6 +235,52 @@ def test_presets_equal_protocols_md():
     assert moco.bn == "train" and moco.ap_rule == "11-point" and moco.backend == "torchvision"
     assert resolve(VocDetSettings(iterations=7, bn="frozen"), alexnet).values["precise_bn"] == 0
     assert resolve(VocDetSettings(iterations=7), alexnet).iterations == 7
+    # box losses: detectron2's L1 for moco; py-faster-rcnn's RPN (sigma 3) and Fast R-CNN's head (sigma 1)
+    assert (moco.rpn_loss_beta, moco.box_loss_beta) == (0.0, 0.0)
+    assert (paper.rpn_loss_beta, paper.box_loss_beta) == (pytest.approx(1 / 9), 1.0)
+    assert (moco.detector_spec().nms_thresh, paper.detector_spec().nms_thresh) == (0.5, 0.3)
+
+
+def test_box_losses_take_the_recipe_beta():
+    """With beta 1/9 the losses are torchvision's own, bit for bit; beta 0 is L1; the detector
+    gets the loss modules only where the recipe's beta is not torchvision's."""
+    from torch.nn import functional as F
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from dcbench.detection.losses import SmoothL1RoIHeads, SmoothL1RPN, box_head_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, deltas = torch.randn(12, 4, generator=g), torch.randn(12, 16, generator=g)
+    labels, targets = [torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([3, 0, 0, 2, 1, 0])], \
+        [torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)]
+    for got, want in zip(box_head_loss(logits, deltas, labels, targets, 1 / 9),
+                         fastrcnn_loss(logits, deltas, labels, targets)):
+        assert torch.equal(got, want)
+    _, l1 = box_head_loss(logits, deltas, labels, targets, 0.0)
+    all_labels, all_targets = torch.cat(labels), torch.cat(targets)
+    pos = all_labels > 0
+    picked = deltas.view(12, 4, 4)[pos.nonzero().squeeze(1), all_labels[pos]]
+    assert torch.allclose(l1, F.l1_loss(picked, all_targets[pos], reduction="sum") / 12)
+
+    backbone = resolve_checkpoint("random:alexnet,size=96").backbone
+    plain = build_detector(backbone, 3, DetectorSpec(min_size=(96,), test_size=96))
+    assert type(plain.model.rpn) is RegionProposalNetwork and not isinstance(plain.model.roi_heads, SmoothL1RoIHeads)
+    l1_spec = DetectorSpec(min_size=(96,), test_size=96, rpn_loss_beta=0.0, box_loss_beta=0.0)
+    l1_det = build_detector(backbone, 3, l1_spec)
+    assert isinstance(l1_det.model.rpn, SmoothL1RPN) and isinstance(l1_det.model.roi_heads, SmoothL1RoIHeads)
+    assert l1_det.model.roi_heads.box_head is l1_det.box_head and l1_det.design["box_loss"]["rpn_smooth_l1_beta"] == 0
+    objectness = torch.randn(40, generator=g)
+    rpn_deltas, rpn_labels = torch.randn(40, 4, generator=g), [torch.randint(-1, 2, (40,), generator=g).float()]
+    rpn_targets = [torch.randn(40, 4, generator=g)]
+    same_beta = SmoothL1RPN(plain.model.rpn, 1 / 9)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        want = plain.model.rpn.compute_loss(objectness, rpn_deltas, rpn_labels, rpn_targets)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        got = same_beta.compute_loss(objectness, rpn_deltas, rpn_labels, rpn_targets)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("overrides, message", [

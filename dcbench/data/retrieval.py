@@ -25,6 +25,13 @@ Two on-disk layouts are supported, each under a dataset ROOT holding one folder 
 Every reader checks that each listed image exists and raises :class:`DataError` with one
 line naming the first missing piece and the expected layout. Unreadable (corrupt) files are
 not checked here: they are skipped at extraction time with a count, like everywhere else.
+
+Paris6k's 20 known corrupted images (:data:`PARIS6K_CORRUPTED`) are left out of the original
+``paris6k`` altogether, database and ground-truth lists alike, as the standard protocol does
+(facebookresearch/deepcluster ``eval_retrieval.py`` ``Dataset.blacklisted``, after the list the
+Oxford VGG group publishes as ``parisbuildings/corrupt.txt``): a corrupted image listed as a
+positive would otherwise count as a positive never retrieved. (The revisited ``rparis6k``
+lists no such image.)
 """
 from __future__ import annotations
 
@@ -47,6 +54,18 @@ KNOWN_DATASETS: dict[str, Layout] = {"roxford5k": "revisitop", "rparis6k": "revi
                                      "oxford5k": "original", "paris6k": "original"}
 #: prefix Oxford's query files put before the image name
 _OXFORD_QUERY_PREFIX = "oxc1_"
+#: Paris6k's corrupted images (facebookresearch/deepcluster eval_retrieval.py ``Dataset.blacklisted``;
+#: the same list in VISSL's instance_retrieval_utils/data_util.py and robots.ox.ac.uk
+#: .../parisbuildings/corrupt.txt)
+PARIS6K_CORRUPTED: tuple[str, ...] = (
+    "paris_louvre_000136", "paris_louvre_000146", "paris_moulinrouge_000422", "paris_museedorsay_001059",
+    "paris_notredame_000188", "paris_pantheon_000284", "paris_pantheon_000960", "paris_pantheon_000974",
+    "paris_pompidou_000195", "paris_pompidou_000196", "paris_pompidou_000201", "paris_pompidou_000467",
+    "paris_pompidou_000640", "paris_sacrecoeur_000299", "paris_sacrecoeur_000330", "paris_sacrecoeur_000353",
+    "paris_triomphe_000662", "paris_triomphe_000833", "paris_triomphe_000863", "paris_triomphe_000867",
+)
+#: dataset name -> image names the standard protocol leaves out
+EXCLUDED_IMAGES: dict[str, frozenset[str]] = {"paris6k": frozenset(PARIS6K_CORRUPTED)}
 
 REVISITOP_HINT = "ROOT/{name}/jpg/*.jpg and ROOT/{name}/gnd_{name}.pkl (revisitop layout)"
 ORIGINAL_HINT = "ROOT/{name}/jpg/*.jpg and ROOT/{name}/gt/*_{{good,ok,junk,query}}.txt (original layout)"
@@ -68,6 +87,8 @@ class RetrievalDataset:
     qimlist: list[str]
     gnd: list[dict[str, Any]]
     files: dict[str, str] = field(repr=False, default_factory=dict)  # image name -> path
+    #: known-bad images present on disk but left out (:data:`EXCLUDED_IMAGES`)
+    excluded: list[str] = field(default_factory=list)
 
     @property
     def image_dir(self) -> Path:
@@ -194,11 +215,18 @@ def gt_folder(folder: Path) -> Path:
     return folder / "lab" if not (folder / "gt").is_dir() and (folder / "lab").is_dir() else folder / "gt"
 
 
-def _read_names(path: Path) -> list[str]:
+def _read_names(path: Path, excluded: frozenset[str] = frozenset()) -> list[str]:
     if not path.is_file():
         raise DataError(f"ground-truth file {path} is missing; every *_query.txt needs its "
                         f"_good.txt, _ok.txt and _junk.txt next to it")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [n for n in (line.strip() for line in path.read_text().splitlines()) if n and n not in excluded]
+
+
+def _without_excluded(name: str, files: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """``files`` without the images :data:`EXCLUDED_IMAGES` names for dataset ``name``, and
+    the names left out (those present)."""
+    excluded = EXCLUDED_IMAGES.get(name, frozenset())
+    return {n: p for n, p in files.items() if n not in excluded}, sorted(n for n in files if n in excluded)
 
 
 def parse_query_line(line: str, path: Path) -> tuple[str, tuple[float, float, float, float]]:
@@ -220,8 +248,9 @@ def parse_query_line(line: str, path: Path) -> tuple[str, tuple[float, float, fl
 def read_original(root: str | os.PathLike, name: str) -> RetrievalDataset:
     """Read ``ROOT/<name>/`` in the original Oxford/Paris layout (see the module docstring).
 
-    The database is every image under ``jpg/`` (sorted by name); ``gnd[i]`` holds ``good``,
-    ``ok``, ``junk`` (database indices) and ``bbx`` of the ``i``-th query file.
+    The database is every image under ``jpg/`` (sorted by name) but the dataset's known
+    corrupted ones (:data:`EXCLUDED_IMAGES`, also dropped from the lists); ``gnd[i]`` holds
+    ``good``, ``ok``, ``junk`` (database indices) and ``bbx`` of the ``i``-th query file.
 
     Raises:
         DataError: the folder, ``gt/``, a ground-truth file or a listed image is missing, or a
@@ -236,22 +265,23 @@ def read_original(root: str | os.PathLike, name: str) -> RetrievalDataset:
     if not query_files:
         raise DataError(f"no *_query.txt ground-truth file in {gt}; expected {hint}")
     _require_folder(folder / "jpg", "image folder", hint)
-    files = index_images(folder / "jpg")
+    files, excluded = _without_excluded(name, index_images(folder / "jpg"))
     imlist = sorted(files)
     position = {n: i for i, n in enumerate(imlist)}
+    dropped = EXCLUDED_IMAGES.get(name, frozenset())
     qimlist, gnd = [], []
     for qfile in query_files:
         lines = [line for line in qfile.read_text().splitlines() if line.strip()]
         image, box = parse_query_line(lines[0] if lines else "", qfile)
         stem = qfile.name[: -len("_query.txt")]
-        lists = {kind: _read_names(gt / f"{stem}_{kind}.txt") for kind in ("good", "ok", "junk")}
+        lists = {kind: _read_names(gt / f"{stem}_{kind}.txt", dropped) for kind in ("good", "ok", "junk")}
         for kind, names in lists.items():
             _check_listed(names, files, f"{gt.name}/{stem}_{kind}.txt", folder / "jpg")
         _check_listed([image], files, f"{gt.name}/{qfile.name}", folder / "jpg")
         qimlist.append(image)
         gnd.append({**{k: np.array([position[n] for n in v], dtype=np.int64) for k, v in lists.items()},
                     "bbx": np.asarray(box, dtype=np.float64), "query": stem})
-    return RetrievalDataset(name, "original", folder, imlist, qimlist, gnd, files)
+    return RetrievalDataset(name, "original", folder, imlist, qimlist, gnd, files, excluded)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -290,7 +320,7 @@ def image_set_paths(root: str | os.PathLike, name: str) -> list[str]:
         return read_retrieval_dataset(root, name, layout_of(root, name)).db_paths()
     if not (folder / "jpg").is_dir():
         raise DataError(f"image folder {folder / 'jpg'} is missing; expected ROOT/{name}/jpg/*.jpg")
-    files = index_images(folder / "jpg")
+    files, _ = _without_excluded(name, index_images(folder / "jpg"))
     if not files:
         raise DataError(f"no images in {folder / 'jpg'}; expected ROOT/{name}/jpg/*.jpg")
     return [files[n] for n in sorted(files)]

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dcbench.data.retrieval import PARIS6K_CORRUPTED
+
 #: landmark names (Oxford's and Paris's real ones), cycled
 OXFORD_LANDMARKS = ("all_souls", "ashmolean", "balliol", "bodleian", "christ_church", "cornmarket",
                     "hertford", "keble", "magdalen", "pitt_rivers", "radcliffe_camera")
@@ -264,14 +266,21 @@ def write_revisitop(collection: _Collection, folder: Path) -> Path:
     return folder
 
 
-def write_original(collection: _Collection, folder: Path) -> Path:
+#: what the real Paris6k's corrupted files hold instead of a JPEG
+CORRUPTED_BYTES = b"<html><head><title>302 Found</title></head><body><h1>Found</h1></body></html>\n"
+
+
+def write_original(collection: _Collection, folder: Path, corrupted: tuple[str, ...] = ()) -> Path:
     """``folder/jpg/*.jpg`` + ``folder/gt/<landmark>_<n>_{good,ok,junk,query}.txt``.
 
     As in the real datasets, query photos are database images and listed in their own (and
-    their landmark's other queries') ``good`` files.
+    their landmark's other queries') ``good`` files. ``corrupted``: image names written as
+    the HTML pages Paris6k's corrupted files are, each listed in the first query's ``ok`` file.
     """
     for photo in collection.database + collection.queries:
         _save_jpg(photo, folder / "jpg")
+    for name in corrupted:
+        (folder / "jpg" / f"{name}.jpg").write_bytes(CORRUPTED_BYTES)
     gt = folder / "gt"
     gt.mkdir(parents=True, exist_ok=True)
     seen: dict[int, int] = {}
@@ -283,7 +292,8 @@ def write_original(collection: _Collection, folder: Path) -> Path:
         same = [p for p in collection.database if p.landmark == q.landmark]
         lists = {"good": [p.name for p in same if p.kind == "easy"]
                  + [o.name for o in collection.queries if o.landmark == q.landmark],
-                 "ok": [p.name for p in same if p.kind == "hard"],
+                 "ok": [p.name for p in same if p.kind == "hard"] + (list(corrupted) if q is collection.queries[0]
+                                                                     else []),
                  "junk": [p.name for p in same if p.kind == "junk"]}
         for kind, names in lists.items():
             (gt / f"{stem}_{kind}.txt").write_text("".join(f"{n}\n" for n in names))
@@ -294,7 +304,8 @@ def write_original(collection: _Collection, folder: Path) -> Path:
 
 def make_retrieval_dataset(root: str | os.PathLike, name: str = "roxford5k", layout: str | None = None,
                            n_landmarks: int = 4, queries_per_landmark: int = 2, easy: int = 3, hard: int = 2,
-                           junk: int = 1, distractors: int = 10, image_size: int = 128, seed: int = 0) -> Path:
+                           junk: int = 1, distractors: int = 10, image_size: int = 128, seed: int = 0,
+                           corrupted: int = 0) -> Path:
     """Write one synthetic dataset as ``ROOT/<name>``; returns that folder.
 
     ``layout`` defaults to revisitop for names starting with ``r`` (``roxford5k``,
@@ -302,6 +313,9 @@ def make_retrieval_dataset(root: str | os.PathLike, name: str = "roxford5k", lay
     (different scenes from Oxford's) and ``paris_`` image names. Photos are ``image_size`` px
     on their long side, 4:3 or 3:4. The database holds ``n_landmarks * (easy + hard + junk) +
     distractors`` photos (original layout: plus the queries). Same arguments, same bytes.
+    ``corrupted`` (original layout only): also write the first ``corrupted`` names of Paris6k's
+    corrupted-image list as unreadable files, listed as positives of the first query (what the
+    ``paris6k`` reader must leave out).
     """
     layout = layout or ("revisitop" if name.startswith("r") else "original")
     if layout not in ("revisitop", "original"):
@@ -309,7 +323,9 @@ def make_retrieval_dataset(root: str | os.PathLike, name: str = "roxford5k", lay
     collection = build_collection(_family(name), n_landmarks, queries_per_landmark, easy, hard, junk,
                                   distractors, image_size, seed)
     folder = Path(root) / name
-    return write_revisitop(collection, folder) if layout == "revisitop" else write_original(collection, folder)
+    if layout == "revisitop":
+        return write_revisitop(collection, folder)
+    return write_original(collection, folder, PARIS6K_CORRUPTED[:corrupted])
 
 
 def make_retrieval_root(root: str | os.PathLike, names: tuple[str, ...] = ("roxford5k", "rparis6k"),

@@ -50,20 +50,56 @@ def train_transform(image_size: int = 224, scale: tuple[float, float] = (0.08, 1
     ])
 
 
-def center_transform(image_size: int) -> Any:
-    """Resize(round(s*256/224)), CenterCrop(s), ImageNet normalisation (the cached/test view)."""
-    return eval_transform(image_size)
+#: resampling filters a protocol may ask for (torchvision's names)
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
-def center_transform_id(image_size: int) -> str:
+def _interpolation(name: str) -> T.InterpolationMode:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return INTERPOLATIONS[name]
+
+
+def center_transform(image_size: int, interpolation: str = "bilinear") -> Any:
+    """Resize(round(s*256/224)), CenterCrop(s), ImageNet normalisation (the cached/test view).
+
+    ``interpolation="bicubic"`` is DINO's ``eval_knn.py`` (``Resize(256, interpolation=3)``).
+    """
+    if interpolation == "bilinear":
+        return eval_transform(image_size)
+    return T.Compose([T.Resize(eval_resize(image_size), interpolation=_interpolation(interpolation)),
+                      T.CenterCrop(image_size), T.ToTensor(), normalize()])
+
+
+def center_transform_id(image_size: int, interpolation: str = "bilinear") -> str:
     """Feature-cache id of :func:`center_transform` (shared by every frozen-feature protocol)."""
-    return f"resize{eval_resize(image_size)}-center{image_size}-imagenet-norm"
+    resample = "" if interpolation == "bilinear" else f"-{interpolation}"  # bilinear keeps the ids of v1 caches
+    return f"resize{eval_resize(image_size)}{resample}-center{image_size}-imagenet-norm"
 
 
-def probe_train_transform(image_size: int) -> Any:
-    """Resize(r), CenterCrop(r), RandomCrop(s), flip, with r = round(s*256/224) (256 at 224)."""
+def squash_transform(image_size: int, pre_resize: bool = True) -> Any:
+    """The WHOLE image resized to ``s x s`` (no crop), ImageNet normalisation; with
+    ``pre_resize`` first Resize(round(s*256/224)) (short side). VISSL's VOC07 SVM configs
+    (``Resize 256``, ``Resize [224, 224]``) and its low-shot config (``Resize [224, 224]`` only)."""
+    first = [T.Resize(eval_resize(image_size))] if pre_resize else []
+    return T.Compose([*first, T.Resize((image_size, image_size)), T.ToTensor(), normalize()])
+
+
+def squash_transform_id(image_size: int, pre_resize: bool = True) -> str:
+    """Feature-cache id of :func:`squash_transform`."""
+    first = f"resize{eval_resize(image_size)}-" if pre_resize else ""
+    return f"{first}squash{image_size}x{image_size}-imagenet-norm"
+
+
+def probe_train_transform(image_size: int, center_crop: bool = True) -> Any:
+    """Resize(r), [CenterCrop(r),] RandomCrop(s), flip, with r = round(s*256/224) (256 at 224).
+
+    With the centre crop: DeepCluster's ``eval_linear.py``; without: VISSL's linear configs
+    (``Resize 256``, ``RandomCrop 224``, ``RandomHorizontalFlip``).
+    """
     r = eval_resize(image_size)
-    return T.Compose([T.Resize(r), T.CenterCrop(r), T.RandomCrop(image_size), T.RandomHorizontalFlip(),
+    crop = [T.CenterCrop(r)] if center_crop else []
+    return T.Compose([T.Resize(r), *crop, T.RandomCrop(image_size), T.RandomHorizontalFlip(),
                       T.ToTensor(), normalize()])
 
 

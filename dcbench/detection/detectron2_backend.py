@@ -143,6 +143,8 @@ def build_config(weights: Path, depth: int, n_classes: int, spec: DetectorSpec, 
     cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = spec.nms_thresh
     cfg.TEST.DETECTIONS_PER_IMAGE = spec.detections_per_image
     cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2" if spec.roi_pool == "align" else "ROIPool"
+    cfg.MODEL.RPN.SMOOTH_L1_BETA = spec.rpn_loss_beta  # detectron2's default 0.0 = L1 (the moco preset's)
+    cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = spec.box_loss_beta
     cfg.INPUT.MIN_SIZE_TRAIN = tuple(spec.min_size)
     cfg.INPUT.MIN_SIZE_TEST = spec.test_size
     cfg.INPUT.MAX_SIZE_TRAIN = cfg.INPUT.MAX_SIZE_TEST = spec.max_size

@@ -7,14 +7,15 @@ detector outputs: pixel ``i`` of the devkit covers ``[i - 1, i]``) are mapped ba
 widths. Per class and IoU threshold ``t``:
 
 - detections of the class over the whole test set are ranked by decreasing score (stable
-  sort: ties keep the input order, so the result is deterministic);
+  sort: ties keep the input order, so the result is deterministic; the references'
+  ``np.argsort(-confidence)`` is not stable, the one known difference);
 - a detection whose best-overlapping ground-truth box of the same image has IoU ``> t``
   (strictly, as the devkit) is a true positive if that box is not difficult and not yet
   matched, a false positive if it was already matched, and ignored (neither) if the box is
   difficult; any other detection is a false positive;
 - recall = TP / number of non-difficult boxes, precision = TP / (TP + FP), AP by
-  :func:`dcbench.metrics.ap.voc_ap` (VOC07 11-point by default, as detectron2 does for the
-  VOC2007 test set, for every threshold).
+  :func:`dcbench.metrics.ap.voc_ap` (VOC07 11-point on ``np.arange(0.0, 1.1, 0.1)`` by default,
+  as py-faster-rcnn and detectron2 do for the VOC2007 test set, for every threshold).
 
 AP50 / AP75 are the means over classes at t = 0.5 / 0.75; AP is the mean over classes of the
 mean over t in {0.50, 0.55, ..., 0.95}. A class without non-difficult ground truth has an

@@ -16,7 +16,7 @@ Two designs, chosen by the backbone:
   optionally followed by an extra BatchNorm after res5 (MoCo's ``Res5ROIHeadsExtraNorm``).
 
 Both: an RPN with one 3x3 conv on the trunk's map, anchors of the given sizes and aspect
-ratios; a new box predictor (class scores N(0, 0.01), class-specific box deltas N(0, 0.001),
+ratios, box losses with the recipe's smooth-L1 betas (:mod:`dcbench.detection.losses`); a new box predictor (class scores N(0, 0.01), class-specific box deltas N(0, 0.001),
 biases 0, as Fast R-CNN and detectron2 initialise it) over ``n_classes + 1`` outputs (0 is
 the background). The detector works on a deep COPY of the backbone. Images enter as RGB in
 [0, 1]; torchvision's transform resizes them (short side ``min_size``, long side at most
@@ -41,6 +41,7 @@ from torchvision.ops import roi_align, roi_pool
 
 from dcbench import finetune as ft
 from dcbench.data import IMAGENET_MEAN, IMAGENET_STD
+from dcbench.detection.losses import TORCHVISION_BETA, set_box_loss
 from dcbench.errors import UsageError
 
 #: RoI output side of the C4 head (detectron2's POOLER_RESOLUTION for R50-C4)
@@ -66,6 +67,8 @@ class DetectorSpec:
     rois_per_image: int = 512  # RoIs sampled per image for the box head
     fg_fraction: float = 0.25
     extra_norm: bool = False  # C4 only: BatchNorm after res5 (MoCo)
+    rpn_loss_beta: float = TORCHVISION_BETA  # smooth-L1 beta of the RPN's box loss (0: L1)
+    box_loss_beta: float = TORCHVISION_BETA  # smooth-L1 beta of the box head's loss (0: L1)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_image: int = 100
@@ -273,9 +276,11 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
             box_batch_size_per_image=spec.rois_per_image, box_positive_fraction=spec.fg_fraction)
         # set after construction: torchvision's constructor accepts only its MultiScaleRoIAlign
         model.roi_heads.box_roi_pool = RoIPooler(spec.roi_pool, roi_size, trunk.stride)
+        set_box_loss(model, spec.rpn_loss_beta, spec.box_loss_beta)
     design = {"design": kind, "feature_stride": trunk.stride, "feature_channels": trunk.out_channels,
               "roi_pool": spec.roi_pool, "roi_size": roi_size, "box_head_features": head.out_features,
-              "classes_with_background": n_classes + 1}
+              "classes_with_background": n_classes + 1,
+              "box_loss": {"rpn_smooth_l1_beta": spec.rpn_loss_beta, "box_head_smooth_l1_beta": spec.box_loss_beta}}
     return Detector(model, trunk, head, spec, design)
 
 

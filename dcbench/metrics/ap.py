@@ -3,11 +3,13 @@
 Two rules integrate a precision/recall curve (``recall`` non-decreasing, as produced by
 walking a ranking from the highest score down):
 
-- VOC07 11-point (``use_07_metric=True``): the mean over t in {0, 0.1, ..., 1} of the
-  interpolated precision ``max(precision[recall >= t])`` (0 where no point reaches t).
-  The thresholds are the exact tenths ``k / 10``: ``np.arange(0, 1.1, 0.1)`` (py-faster-rcnn)
-  and MATLAB's ``0:0.1:1`` (the devkit) carry float artefacts that differ from each other
-  (0.30000000000000004, 0.6000000000000001, ...) and drop a recall of exactly 0.3 / 0.6 / 0.7.
+- VOC07 11-point (``use_07_metric=True``): the mean over t in ``np.arange(0.0, 1.1, 0.1)``
+  of the interpolated precision ``max(precision[recall >= t])`` (0 where no point reaches t),
+  summed as ``ap += p / 11``: py-faster-rcnn's ``voc_eval.py`` ``voc_ap`` and detectron2's
+  ``pascal_voc_evaluation.py`` ``voc_ap``, the code behind published VOC07 detection numbers.
+  Those thresholds are not the exact tenths: the float ``np.arange`` makes 0.3, 0.6 and 0.7
+  slightly larger (0.30000000000000004, 0.6000000000000001, 0.7000000000000001), so a recall of
+  exactly 0.3 / 0.6 / 0.7 does not reach that point (up to 1/11 of a class's AP).
 - all-points (VOC2010+, VISSL's SVM benchmark): the area under the monotone precision
   envelope, ``sum over recall steps of (r_i - r_{i-1}) * max(precision[recall >= r_i])``.
 
@@ -57,12 +59,17 @@ def voc_ap(recall: Sequence[float] | np.ndarray, precision: Sequence[float] | np
     return _all_points(rec, prec)
 
 
+#: the 11 recall points of the VOC07 rule, as py-faster-rcnn / detectron2 spell them (see the
+#: module docstring: 0.3, 0.6 and 0.7 are slightly above k / 10)
+ELEVEN_POINTS = np.arange(0.0, 1.1, 0.1)
+
+
 def _eleven_point(rec: np.ndarray, prec: np.ndarray) -> float:
-    total = 0.0
-    for t in np.arange(11) / 10.0:  # exact tenths, see the module docstring
+    ap = 0.0
+    for t in ELEVEN_POINTS:
         reached = rec >= t
-        total += float(prec[reached].max()) if reached.any() else 0.0
-    return total / 11.0
+        ap += (float(prec[reached].max()) if reached.any() else 0.0) / 11.0  # the reference's summation order
+    return ap
 
 
 def _all_points(rec: np.ndarray, prec: np.ndarray) -> float:

@@ -2,7 +2,9 @@
 
 The forward pass is cut short (by an exception raised from the hook) once the deepest
 requested tap is captured, so asking for an early tap does not pay for the whole network.
-The clustering feature is the global average of the last tap.
+The clustering feature is the global average of the last tap. ResNets also have an
+``avgpool`` tap: that same global average of the last stage (N x C, 2048-d on ResNet-50),
+VISSL's ``res5avg`` and the feature torchvision's / timm's classifier reads.
 """
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from torch import nn
 
 from dcbench.models.base import CLUSTER_TAP, LOGITS_TAP, Backbone
 from dcbench.models.sobel import make_sobel
+
+#: the global average of the last stage (ResNets only; ViTs have their own, see dcbench.models.vit)
+AVGPOOL_TAP = "avgpool"
+
 
 class _StopForward(Exception):
     """Raised by a tap hook once every requested tap has been captured."""
@@ -33,12 +39,15 @@ class HookedBackbone(Backbone):
         self.conv_tap_names = list(tap_modules)
         self.feature_dim = feature_dim
         self.family = hooked_family(arch, model, self.tap_names)
+        if self.family == "resnet":  # not a conv tap: a 2-D feature (probes use no spatial pooling)
+            self.tap_names = [*self.tap_names, AVGPOOL_TAP]
 
     def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         if self.sobel is not None:
             x = self.sobel(x)
-        needs_last = bool(wanted & {CLUSTER_TAP, LOGITS_TAP})
-        hooked = [t for t in self.tap_names if t in wanted or (needs_last and t == self.tap_names[-1])]
+        last = self.conv_tap_names[-1]
+        needs_last = bool(wanted & {CLUSTER_TAP, LOGITS_TAP, AVGPOOL_TAP})
+        hooked = [t for t in self.conv_tap_names if t in wanted or (needs_last and t == last)]
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
 
@@ -59,9 +68,10 @@ class HookedBackbone(Backbone):
                 h.remove()
         out = {t: v for t, v in captured.items() if t in wanted}
         if needs_last:
-            pooled = captured[self.tap_names[-1]].mean(dim=(-2, -1))
-            if CLUSTER_TAP in wanted:
-                out[CLUSTER_TAP] = pooled
+            pooled = captured[last].mean(dim=(-2, -1))
+            for tap in (CLUSTER_TAP, AVGPOOL_TAP):
+                if tap in wanted:
+                    out[tap] = pooled
             if LOGITS_TAP in wanted:
                 out[LOGITS_TAP] = self.top_layer(pooled)
         return out

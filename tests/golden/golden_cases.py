@@ -174,7 +174,9 @@ CASES: list[Case] = [
          {**SVM, "costs": [1.0], "cost": 1.0, "ks": [1, 4], "samples": 3, "taps": ["conv2"], "seed": 1}),
     # --- VOC detection (protocols/voc_det.py)
     Case("voc-det-all", "voc-det", "voc2007", "random:alexnet,size=96",
-         {**DET, "mode": "all"}, slow=True, note="torchvision Faster R-CNN, deepcluster preset, ALL layers"),
+         {**DET, "mode": "all", "lr": 0.02}, slow=True,
+         note="torchvision Faster R-CNN, deepcluster preset, ALL layers (lr 0.02: 0.05 diverges with Fast R-CNN's "
+              "box-loss beta 1, voc-det version 2)"),
     Case("voc-det-fc6-8", "voc-det", "voc2007", "random:alexnet,size=96",
          {**DET, "iterations": 20, "lr_steps": [15], "mode": "fc6-8"}, slow=True),
     # --- VOC segmentation (protocols/voc_seg.py, mmseg)
@@ -188,7 +190,7 @@ CASES: list[Case] = [
          {**RET, "scales": [1.0, 0.75], "bn_recalibrate": "off"}),
     Case("oxford5k", "oxford5k", "retrieval", "random:alexnet", dict(RET)),
     Case("paris6k", "paris6k", "retrieval", "random:alexnet",
-         {**RET, "whitening": "none", "query_crop": False, "levels": 2}),
+         {**RET, "whitening": "none", "query_crop": "none", "levels": 2}),
 ]
 
 
