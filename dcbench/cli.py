@@ -238,14 +238,18 @@ def _print_result(result) -> None:
 @_trust_option
 def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: tuple[str, ...], store: str | None,
              as_json: bool, device: str, arch: str | None, trust: bool) -> None:
-    """Evaluate one checkpoint with one protocol and store the result."""
+    """Evaluate one checkpoint with one protocol and store the result. Data-parallel under torchrun:
+    torchrun --nproc-per-node N -m dcbench eval ... (rank 0 prints and stores one record)."""
     from dcbench import evaluate
     from dcbench.settings import parse_assignments
 
     plan = evaluate.plan(protocol_name, parse_assignments(assignments), data_root)
-    with _open_store(store) as db:
+    ctx = evaluate.context_for(plan, device, progress=True)  # under torchrun: joins the process group
+    with evaluate.main_store(store) as db:  # None on ranks > 0: only rank 0 writes and prints
         ckpt = evaluate.load_for(plan, spec, arch=arch, trust=trust)
-        result = evaluate.run_and_store(plan, ckpt, db, evaluate.context_for(plan, device, progress=True))
+        result = evaluate.run_and_store(plan, ckpt, db, ctx)
+    if not ctx.is_main:
+        return
     _print_result(result)
     if as_json:
         click.echo(result.to_json())
@@ -317,6 +321,32 @@ def _parse_data(values: tuple[str, ...], protocols: tuple[str, ...]) -> dict[str
     return {name: own.get(name, shared) for name in protocols}
 
 
+def _launch_options(fn):
+    """--launcher and its options (dcbench.launch): one submitit job per missing result."""
+    options = [
+        click.option("--launcher", type=click.Choice(["local", "slurm"]),
+                     help="Run each missing result as a submitit job: local (processes on this machine) or slurm "
+                          "(default: everything in this process). Only this process writes the store."),
+        click.option("--jobs", type=int, help="At most N jobs at once (default: 1 local, all on slurm)."),
+        click.option("--job-dir", type=click.Path(file_okay=False),
+                     help="Job folders: records and logs (default $DCBENCH_JOBS or ~/.dcbench/jobs; on SLURM a "
+                          "folder every node sees)."),
+        click.option("--slurm-partition", help="SLURM partition."),
+        click.option("--slurm-time", help="Time limit per job: MINUTES, HH:MM:SS or D-HH:MM:SS (default 24 h "
+                                          "on SLURM; also stops local jobs)."),
+        click.option("--slurm-account", help="SLURM account."),
+        click.option("--gpus-per-job", type=int, default=0, show_default=True,
+                     help="GPUs per job; data-parallel protocols run one process per GPU."),
+        click.option("--cpus-per-job", type=int, help="CPUs per job, shared by its processes (SLURM cpus-per-task = "
+                                                      "CPUS / processes; torch threads)."),
+        click.option("--slurm-option", multiple=True, metavar="KEY=VALUE",
+                     help="Any other sbatch option, e.g. --slurm-option qos=high --slurm-option constraint=a100."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command("compare")
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--protocol", "protocol_names", multiple=True, required=True, help="Protocol (repeatable).")
@@ -331,28 +361,44 @@ def _parse_data(values: tuple[str, ...], protocols: tuple[str, ...]) -> dict[str
 @click.option("--device", default="auto", show_default=True)
 @_arch_option
 @_trust_option
+@_launch_options
 def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], data_roots: tuple[str, ...],
                 assignments: tuple[str, ...], seeds: str | None, metrics: tuple[str, ...], taps: tuple[str, ...],
                 reference: str | None, selection: str, store: str | None, device: str, arch: str | None,
-                trust: bool) -> None:
+                trust: bool, launcher: str | None, **launch) -> None:
     """Evaluate CHECKPOINTS with each --protocol (skipping results already stored) and print the table:
     one block per protocol and metric, n, mean +- std over seeds, best / tied marks, and with
-    --reference the paired difference with its 95% CI."""
+    --reference the paired difference with its 95% CI. Data-parallel under torchrun
+    (torchrun --nproc-per-node N -m dcbench compare ...); one job per missing result with --launcher."""
     from dcbench import evaluate
+    from dcbench.launch import fan_out, launch_options
     from dcbench.settings import parse_assignments
 
+    jobs = launch_options(launcher, **launch)
     overrides = evaluate.split_overrides(protocol_names, parse_assignments(assignments))
     roots = _parse_data(data_roots, protocol_names)
-    plans = evaluate.expand_seeds([evaluate.plan(name, overrides[name], roots[name]) for name in protocol_names],
-                                  _parse_seeds(seeds))
-    with _open_store(store) as db:
-        items = evaluate.sweep(plans, checkpoints, db, device=device, arch=arch, trust=trust, progress=True)
+    # with --launcher the jobs check the data where they run (it may be mounted only there)
+    plans = evaluate.expand_seeds([evaluate.plan(name, overrides[name], roots[name], check_data=jobs is None)
+                                   for name in protocol_names], _parse_seeds(seeds))
+    failures: list[str] = []
+    with evaluate.main_store(store) as db:  # None on ranks > 0 of a torchrun job: rank 0 stores and prints
+        if jobs is None:
+            items = evaluate.sweep(plans, checkpoints, db, device=device, arch=arch, trust=trust, progress=True)
+        else:
+            done = fan_out(plans, checkpoints, db, jobs, device=device, arch=arch, trust=trust)
+            items, failures = done.items, done.failures
+        if db is None:
+            return
         shas = list(dict.fromkeys(item.checkpoint.sha256 for item in items))
         if reference in checkpoints and len(shas) == len(checkpoints):
             reference = shas[checkpoints.index(reference)]  # a spec as given -> its weights
-        _echo_table([item.result for item in items], "terminal", db, protocols=list(protocol_names),
-                    checkpoints=shas, metrics=_metrics(metrics), taps=_split_list(taps), reference=reference,
-                    selection=selection)
+        if items:
+            _echo_table([item.result for item in items], "terminal", db, protocols=list(protocol_names),
+                        checkpoints=shas, metrics=_metrics(metrics), taps=_split_list(taps), reference=reference,
+                        selection=selection)
+    if failures:
+        raise DcbenchError(f"{len(failures)} job(s) failed (one line each above, with its log); the other "
+                           f"results are stored: fix the cause and run the same command again")
 
 
 def _echo_table(results: list, fmt: str, db, *, output: str | None = None, reference: str | None = None,

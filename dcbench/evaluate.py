@@ -11,7 +11,14 @@ Every step protocols share happens here, once, in this order:
    kept their weights and BatchNorm buffers (a fine-tune works on a copy; a violation is a
    :class:`~dcbench.protocol.ProtocolError` naming the protocol, and nothing is stored);
 4. :func:`sweep`: plans x checkpoints x seeds, skipping what the store already holds; it
-   serves ``dcbench compare`` and the demo.
+   serves ``dcbench compare`` and the demo (:mod:`dcbench.launch` fans the same cells out to
+   submitit jobs instead).
+
+Under ``torchrun`` (data-parallel evaluation) every rank runs these steps: :func:`context_for`
+joins the process group (:func:`join`; gloo on the CPU, NCCL on GPUs, as the trainer), the
+protocol runs on every rank with its extraction sharded (:class:`~dcbench.protocol.RunContext`),
+and only rank 0 reads and writes the store (:func:`main_store`) and prints. The record says
+``world_size`` and ``launcher`` in ``extra``.
 
 A result reaches the store in one transaction, with the protocol's per-image outcomes, only
 after the protocol finished, so a failed or interrupted evaluation stores nothing. A re-run
@@ -20,12 +27,13 @@ tables use the latest (dcbench.results).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcbench import parallel
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
 from dcbench.env import git_hash, software_versions
 from dcbench.errors import UsageError
 from dcbench.digest import tensor_digests
 from dcbench.protocol import Protocol, RunContext, check_unchanged, get_protocol
-from dcbench.results import Result, ResultStore, utc_now
+from dcbench.results import Result, ResultStore, default_store_path, utc_now
 from dcbench.settings import apply_settings, to_plain
 
 log = logging.getLogger("dcbench")
@@ -67,15 +76,29 @@ class Plan:
         return getattr(self.settings, "seed", None)
 
 
-def plan(protocol_name: str, overrides: dict[str, Any], data_root: str | Path | None) -> Plan:
-    """Validate everything that can be validated without loading a checkpoint."""
+def plan(protocol_name: str, overrides: dict[str, Any], data_root: str | Path | None,
+         check_data: bool = True) -> Plan:
+    """Validate everything that can be validated without loading a checkpoint.
+
+    ``check_data=False`` leaves the data layout to whoever runs the plan (a job of
+    :mod:`dcbench.launch`: the data may be mounted only where the jobs run). Under torchrun a
+    protocol that is not data-parallel (:meth:`~dcbench.protocol.Protocol.data_parallel`) is a
+    UsageError here, before any work.
+    """
+    from dcbench.train.distributed import env_world_size  # noqa: PLC0415
+
     protocol = get_protocol(protocol_name)
     settings = apply_settings(protocol.default_settings(), overrides, owner=protocol_name)
     if data_root is None:
         raise UsageError(f"--data is required for {protocol_name}; it expects: "
                          f"{protocol.data_layout.strip().splitlines()[0]}")
+    if env_world_size() > 1:
+        reason = protocol.data_parallel(settings)
+        if reason:
+            raise UsageError(reason)
     root = Path(data_root).expanduser()
-    protocol.check_data(root, settings)
+    if check_data:
+        protocol.check_data(root, settings)
     return Plan(protocol, settings, root)
 
 
@@ -92,14 +115,49 @@ def load_for(p: Plan, spec: str, arch: str | None = None, trust: bool = False) -
     return resolve_checkpoint(spec, arch=arch, trust=trust, input_size=size)
 
 
-def context_for(p: Plan, device: str = "auto", progress: bool = False) -> RunContext:
-    """The run context of ``p``: device, feature cache (when the ``cache`` setting is on), workers."""
-    from dcbench.train.distributed import pick_device
+_JOINED: Any = None  # the DistInfo of the process group this process joined (torchrun)
 
+
+def join(device: str = "auto") -> Any:
+    """This process's :class:`~dcbench.train.distributed.DistInfo`: under torchrun (``WORLD_SIZE``
+    > 1) the process group is joined once (gloo on the CPU, NCCL on GPUs, chosen from the device
+    as the trainer does) and left at exit, and ranks > 0 log errors only; otherwise rank 0 of 1."""
+    global _JOINED
+    from dcbench.train.distributed import init_distributed, shutdown  # noqa: PLC0415
+
+    if _JOINED is not None:
+        return _JOINED
+    info = init_distributed(device)
+    if info.enabled:
+        _JOINED = info
+        atexit.register(shutdown, info)
+        if not info.is_main:  # only rank 0 prints: the others' lines would repeat its own
+            log.setLevel(logging.ERROR)
+    return info
+
+
+def context_for(p: Plan, device: str = "auto", progress: bool = False) -> RunContext:
+    """The run context of ``p``: device, feature cache (when the ``cache`` setting is on), workers,
+    and its place in a data-parallel run (joining torchrun's process group if need be)."""
+    from dcbench.train.distributed import launcher_name  # noqa: PLC0415
+
+    info = join(device)
     use_cache = getattr(p.settings, "cache", True)
-    return RunContext(device=str(pick_device(device)), cache_dir=feature_cache_dir() if use_cache else None,
-                      workers=int(getattr(p.settings, "workers", 0)), progress=progress, settings=p.settings,
-                      protocol=p.protocol.name)
+    return RunContext(device=str(info.device), cache_dir=feature_cache_dir() if use_cache else None,
+                      workers=int(getattr(p.settings, "workers", 0)), progress=progress and info.is_main,
+                      settings=p.settings, protocol=p.protocol.name, rank=info.rank, world_size=info.world_size,
+                      launcher=launcher_name())
+
+
+@contextmanager
+def main_store(path: str | Path | None = None) -> Iterator[ResultStore | None]:
+    """The results store (``path`` or the default) on rank 0, None on the other ranks of a
+    torchrun job: only one process ever writes the SQLite file."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    with ResultStore(path or default_store_path()) as store:
+        yield store
 
 
 @contextmanager
@@ -132,7 +190,8 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
             check_unchanged(entry, p.protocol.name)
     else:  # a fine-tune trains a copy: the checkpoint itself must still be what was loaded
         check_unchanged(original, p.protocol.name)
-    extra = {**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device}
+    extra = {**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device,
+             **_execution_facts(output, ctx)}
     # a protocol may say per run (e.g. seed-driven BatchNorm re-estimation of a random init)
     extra.setdefault("seed_dependent", p.protocol.seed_dependent)
     # the card's known deviations from the preset's source + every --set away from the preset
@@ -149,9 +208,35 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
                   wall_s=round(time.perf_counter() - t0, 3), extra=extra, outcomes=dict(output.outcomes or {}))
 
 
-def run_and_store(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore, ctx: RunContext) -> Result:
-    """:func:`run`, then store the result and its per-image outcomes in one transaction."""
+def _execution_facts(output: Any, ctx: RunContext) -> dict[str, Any]:
+    """How the run was executed: ``world_size``, ``launcher``, ``extract_s`` (time in the context's
+    extraction) and, under torchrun, how the ranks shared the work and whether they agree (each
+    computed the metrics; rank 0's are stored)."""
+    facts: dict[str, Any] = {"world_size": ctx.world_size, "launcher": ctx.launcher}
+    if ctx.extract_seconds:
+        facts["extract_s"] = round(ctx.extract_seconds, 3)
+    if ctx.world_size == 1:
+        return facts
+    facts["data_parallel"] = ("extraction sharded across ranks, the rest computed on every rank"
+                              if ctx.sharded_extractions else "computed on every rank (no sharded extraction)")
+    if not ctx.sharded_extractions:
+        log.warning("%s extracted nothing through the run context: every rank did all the work (no speed-up)",
+                    ctx.protocol)
+    values = ctx.gather([(m.metric, m.tap, m.selection, m.value) for m in output.metrics])
+    if values is not None:
+        spread = max((abs(a[3] - b[3]) for other in values[1:] for a, b in zip(values[0], other)), default=0.0)
+        facts["ranks_max_abs_diff"] = spread
+        if spread > 0 or any(len(v) != len(values[0]) for v in values):
+            log.warning("ranks computed different metrics (max difference %.3g); rank 0's are stored", spread)
+    return facts
+
+
+def run_and_store(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore | None, ctx: RunContext) -> Result:
+    """:func:`run`, then store the result and its per-image outcomes in one transaction (on
+    rank 0 only: ``store`` is None on the other ranks of a torchrun job)."""
     result = run(p, ckpt, ctx)
+    if store is None:
+        return result
     earlier = store.trials(result.key(), result.seed)
     store.add(result)
     if earlier:
@@ -218,14 +303,13 @@ class SweepItem:
     reused: bool
 
 
-def sweep(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore, *, device: str = "auto",
-          arch: str | None = None, trust: bool = False, progress: bool = False,
-          reuse: bool = True, on_item: Callable[[SweepItem], None] | None = None) -> list[SweepItem]:
-    """Evaluate every checkpoint spec with every plan (seeds expanded beforehand, see
-    :func:`expand_seeds`), checkpoint by checkpoint, skipping results the store already holds
-    for the same checkpoint, protocol and settings when ``reuse``. A checkpoint is loaded once
-    per input size the plans need."""
-    items = []
+def sweep_cells(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore | None, *,
+                arch: str | None = None, trust: bool = False,
+                reuse: bool = True) -> Iterable[tuple[str, Plan, LoadedCheckpoint, Result | None]]:
+    """``(spec, plan, checkpoint, stored result or None)`` for every checkpoint spec and plan, checkpoint
+    by checkpoint; a checkpoint is loaded once per input size the plans need. The store is read
+    on rank 0 (``store`` None elsewhere) and its answer broadcast, so every rank of a torchrun
+    job walks the same cells."""
     for spec in specs:
         loaded: dict[int | None, LoadedCheckpoint] = {}
         for p in plans:
@@ -233,15 +317,28 @@ def sweep(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore, *, de
             if size not in loaded:
                 loaded[size] = load_for(p, spec, arch=arch, trust=trust)
             ckpt = loaded[size]
-            result = stored(p, ckpt, store) if reuse else None
-            if result is None:
-                log.info("running %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
-                result = run_and_store(p, ckpt, store, context_for(p, device, progress=progress))
-                item = SweepItem(p, ckpt, result, reused=False)
-            else:
-                log.info("stored: %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
-                item = SweepItem(p, ckpt, result, reused=True)
-            items.append(item)
-            if on_item is not None:
-                on_item(item)
+            found = stored(p, ckpt, store) if reuse and store is not None else None
+            yield spec, p, ckpt, parallel.broadcast_object(found)
+
+
+def sweep(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore | None, *, device: str = "auto",
+          arch: str | None = None, trust: bool = False, progress: bool = False,
+          reuse: bool = True, on_item: Callable[[SweepItem], None] | None = None) -> list[SweepItem]:
+    """Evaluate every checkpoint spec with every plan (seeds expanded beforehand, see
+    :func:`expand_seeds`) in this process (every rank of a torchrun job), skipping results the
+    store already holds for the same checkpoint, protocol and settings when ``reuse``
+    (:func:`sweep_cells`)."""
+    join(device)  # first: ranks > 0 go quiet before anything logs
+    items = []
+    for _spec, p, ckpt, result in sweep_cells(plans, specs, store, arch=arch, trust=trust, reuse=reuse):
+        if result is None:
+            log.info("running %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
+            result = run_and_store(p, ckpt, store, context_for(p, device, progress=progress))
+            item = SweepItem(p, ckpt, result, reused=False)
+        else:
+            log.info("stored: %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
+            item = SweepItem(p, ckpt, result, reused=True)
+        items.append(item)
+        if on_item is not None:
+            on_item(item)
     return items

@@ -8,7 +8,11 @@ index (``owner``) of each row:
 - rows per region: a pooling callable with ``per_region = True`` returns ``B x R x D``
   (e.g. R-MAC regions, :mod:`dcbench.retrieval`), each region becomes a row;
 - ``shard=(rank, world_size)``: only this rank's contiguous share of the dataset (the
-  trainer under torchrun; the scale-out of evaluation);
+  trainer under torchrun); with ``gather=True`` (data-parallel evaluation, through
+  :meth:`dcbench.protocol.RunContext.extract`) each rank reads its block of the very batches
+  one process would read and every rank gets all rows back in one-process order
+  (:mod:`dcbench.parallel`); the cache then holds the whole-dataset entry, written by rank 0,
+  byte for byte the one a single process writes;
 - ``spill_dir``: per-image outputs larger than ``spill_over_bytes`` go to a disk memmap,
   whose file is unlinked as soon as it is mapped, so it disappears with the array and a
   killed run leaves nothing behind;
@@ -57,6 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dcbench import parallel
 from dcbench.data import DataError, SkipCounter, skip_collate
 from dcbench.digest import tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
@@ -268,6 +273,25 @@ def shard_indices(n: int, shard: Shard | None) -> range:
     return range(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
 
 
+def rank_batches(n: int, batch_size: int, shard: Shard,
+                 batch_sampler: BatchSampler | None = None) -> list[list[int]]:
+    """Rank ``shard[0]``'s share of the batches ONE process reads over ``range(n)``: a contiguous
+    block of them, rank 0 first.
+
+    Each image stays in the batch it has in a one-process run, so its features are the same
+    bits (a forward's output can depend on the batch it is computed in), and rows concatenated
+    in rank order are in one-process order. Blocks are whole batches: with fewer batches than
+    ranks, the last ranks read nothing.
+    """
+    rank, world = shard
+    if batch_sampler is not None:
+        batches = [list(b) for b in batch_sampler(range(n), batch_size)]
+    else:
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    per_rank = math.ceil(len(batches) / world)
+    return batches[rank * per_rank:(rank + 1) * per_rank]
+
+
 def extract_features(backbone: nn.Module, dataset: Any, taps: Sequence[str],
                      pools: Mapping[str, Pool | None] | None = None, transform_id: str = "",
                      ckpt_sha: str = "", cache_dir: str | os.PathLike | None = None,
@@ -309,7 +333,7 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
                  pools: Mapping[str, Pool | None] | None = None, transform_id: str = "", ckpt_sha: str = "",
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 256, workers: int = 0,
                  device: str | torch.device = "cpu", progress: bool = False, mmap: bool = False, *,
-                 shard: Shard | None = None, batch_sampler: BatchSampler | None = None,
+                 shard: Shard | None = None, gather: bool = False, batch_sampler: BatchSampler | None = None,
                  spill_dir: str | os.PathLike | None = None, spill_over_bytes: float = 0.0,
                  amp: bool = False, desc: str | None = None) -> Extraction:
     """Rows of ``taps`` (per image, or per region for ``per_region`` pools), through the cache.
@@ -320,6 +344,10 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
         shard: ``(rank, world_size)``: read only that rank's contiguous share of the dataset
             (:func:`shard_indices`); an empty or wholly unreadable shard gives zero rows instead
             of an error. Sharded cache entries are keyed by their shard.
+        gather: with ``shard`` of a joined process group (:mod:`dcbench.parallel`): data-parallel
+            extraction (see :func:`rank_batches`): every rank gets every row, in one-process
+            order; the cache is looked up and written (rank 0) under the whole-dataset keys, and a
+            tap is read from it only when every rank finds it. ``spill_dir`` is not used.
         batch_sampler: ``(indices, batch_size) -> batches``; default consecutive batches.
         spill_dir, spill_over_bytes: a per-image tap whose rows would exceed
             ``spill_over_bytes`` is written to a disk memmap in ``spill_dir`` (unlinked at once:
@@ -335,15 +363,13 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     if cache is not None and not ckpt_sha:
         raise ValueError("extract_features: caching needs ckpt_sha (the sha256 of the weights)")
-    keys = {}
-    if cache is not None:
-        fingerprint = dataset.fingerprint()
-        keys = {t: feature_key(ckpt_sha, t, transform_id, fingerprint, pool_id(pools.get(t)), shard) for t in taps}
-    found: dict[str, TapRows] = {}
-    for tap in taps:
-        hit = cache.load(keys[tap], mmap=mmap) if cache is not None else None
-        if hit is not None:
-            found[tap] = TapRows(*hit)
+    how = _Batching(shard, batch_sampler, amp, desc)
+    if gather and shard is not None and shard[1] > 1:
+        keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, None)  # the whole-dataset entries
+        return _extract_gathered(backbone, dataset, taps, pools, keys, cache, batch_size, workers, device, progress,
+                                 mmap, how)
+    keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, shard)
+    found = _cached(cache, keys, taps, mmap)
     missing = [t for t in taps if t not in found]
     indices = shard_indices(len(dataset), shard)
     if found:
@@ -362,6 +388,56 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
     return Extraction({t: found[t] for t in taps}, len(indices), [t for t in taps if t not in missing], seconds)
 
 
+def _keys(cache: FeatureCache | None, dataset: Any, ckpt_sha: str, transform_id: str,
+          pools: Mapping[str, Pool | None], taps: list[str], shard: Shard | None) -> dict[str, dict[str, Any]]:
+    """The cache key of every tap ({} without a cache)."""
+    if cache is None:
+        return {}
+    fingerprint = dataset.fingerprint()
+    return {t: feature_key(ckpt_sha, t, transform_id, fingerprint, pool_id(pools.get(t)), shard) for t in taps}
+
+
+def _cached(cache: FeatureCache | None, keys: Mapping[str, Mapping[str, Any]], taps: list[str],
+            mmap: bool) -> dict[str, TapRows]:
+    """The taps the cache holds."""
+    found = {}
+    for tap in taps:
+        hit = cache.load(keys[tap], mmap=mmap) if cache is not None else None
+        if hit is not None:
+            found[tap] = TapRows(*hit)
+    return found
+
+
+def _extract_gathered(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],
+                      keys: Mapping[str, Mapping[str, Any]], cache: FeatureCache | None, batch_size: int,
+                      workers: int, device: str | torch.device, progress: bool, mmap: bool,
+                      how: "_Batching") -> Extraction:
+    """Data-parallel :func:`extract_rows` (``gather=True``): see its docstring."""
+    local = _cached(cache, keys, taps, mmap)
+    everywhere = parallel.all_reduce_sum([int(t in local) for t in taps]) == how.shard[1]
+    found = {t: local[t] for t, hit in zip(taps, everywhere) if hit}  # every rank takes the same path
+    missing = [t for t in taps if t not in found]
+    if found:
+        log.info("feature cache: %d of %d taps read from %s", len(found), len(taps), cache.root)
+    seconds = None
+    if missing:
+        started = time.perf_counter()
+        batches = rank_batches(len(dataset), batch_size, how.shard, how.batch_sampler)
+        mine = [i for batch in batches for i in batch]
+        part = _forward_rows(backbone, dataset, missing, pools, mine, batch_size, workers, device, progress,
+                             how._replace(batch_sampler=lambda _indices, _size: batches), _Spill(None, 0.0, how.shard))
+        for tap in missing:
+            found[tap] = TapRows(*parallel.all_gather_rows(part[tap].rows, part[tap].owner))
+            if cache is not None and how.shard[0] == 0:
+                cache.save(keys[tap], found[tap].rows, found[tap].owner)
+        if not len(found[missing[0]].owner):
+            raise DataError(f"no readable image in {getattr(dataset, 'root', 'the dataset')}; "
+                            f"check the files (every image failed to decode)")
+        parallel.barrier()  # the entries exist before any rank reads them in a later extraction
+        seconds = time.perf_counter() - started
+    return Extraction({t: found[t] for t in taps}, len(dataset), [t for t in taps if t not in missing], seconds)
+
+
 class _Batching(NamedTuple):
     """How :func:`_forward_rows` walks the data (options of :func:`extract_rows`)."""
 
@@ -371,7 +447,7 @@ class _Batching(NamedTuple):
     desc: str | None
 
 
-def _loader(dataset: Any, indices: range, batch_size: int, workers: int, device: str | torch.device,
+def _loader(dataset: Any, indices: Sequence[int], batch_size: int, workers: int, device: str | torch.device,
             how: _Batching) -> DataLoader:
     """The DataLoader of one extraction pass, in dataset order unless a batch sampler says otherwise."""
     if how.batch_sampler is not None:
@@ -384,7 +460,7 @@ def _loader(dataset: Any, indices: range, batch_size: int, workers: int, device:
 
 
 def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],
-                  indices: range, batch_size: int, workers: int, device: str | torch.device, progress: bool,
+                  indices: Sequence[int], batch_size: int, workers: int, device: str | torch.device, progress: bool,
                   how: _Batching, spill: "_Spill") -> dict[str, TapRows]:
     """One pass over ``indices`` of ``dataset``: one forward per batch for all ``taps``."""
     counter = SkipCounter(dataset)
@@ -552,6 +628,20 @@ def recalibrate_bn(backbone: nn.Module, dataset: Any, batch_size: int = 256, wor
     return clone, {"ran": True, "images": images_seen, "batches": batches, "max_batches": max_batches}
 
 
+def _recalibrated_on_rank0(backbone: nn.Module, dataset: Any, batch_size: int, workers: int,
+                           device: str | torch.device, seed: int, progress: bool,
+                           shard: Shard | None) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`recalibrate_bn`, computed by rank 0 and broadcast when ``shard`` has several ranks."""
+    if shard is None or shard[1] == 1:
+        return recalibrate_bn(backbone, dataset, batch_size, workers, device, seed, progress=progress)
+    if shard[0] == 0:
+        clone, info = recalibrate_bn(backbone, dataset, batch_size, workers, device, seed, progress=progress)
+    else:
+        clone, info = copy.deepcopy(backbone).to(device).eval(), None
+    parallel.broadcast_module_(clone)
+    return clone, parallel.broadcast_object(info)
+
+
 def assert_unchanged(module: nn.Module, before: Mapping[str, str], what: str = "backbone") -> None:
     """Raise RuntimeError naming the tensors of ``module`` that differ from ``before``.
 
@@ -577,7 +667,8 @@ def wants_bn_recalibration(setting: str, ckpt_format: str) -> bool:
 @contextmanager
 def prepared_backbone(ckpt: Any, bn_recalibrate: str, dataset: Any, batch_size: int = 256,
                       workers: int = 0, device: str | torch.device = "cpu", seed: int = 0,
-                      progress: bool = False) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
+                      progress: bool = False,
+                      shard: Shard | None = None) -> Iterator[tuple[nn.Module, str, dict[str, Any]]]:
     """The backbone a frozen-feature protocol should use, on ``device``: ``(backbone, sha, info)``.
 
     With BN re-estimation (``bn_recalibrate`` 'on', or 'auto' for a random init, i.e.
@@ -585,11 +676,15 @@ def prepared_backbone(ckpt: Any, bn_recalibrate: str, dataset: Any, batch_size: 
     ``sha`` the sha256 of the copy's weights, so cached features of the copy never mix with the
     original's. Otherwise it is ``ckpt.backbone`` itself, moved to ``device`` and moved back on
     exit, with ``ckpt.sha256``. ``info`` records what happened (``ran`` True/False).
+
+    ``shard=(rank, world_size)`` of a joined process group: rank 0 alone re-estimates (the
+    one-process computation, bit for bit) and every rank receives its copy, so all ranks hold
+    the same weights and the same sha256.
     """
     setting = bn_recalibrate
     if wants_bn_recalibration(setting, ckpt.format) and has_batchnorm(ckpt.backbone):
-        backbone, info = recalibrate_bn(ckpt.backbone, dataset, batch_size, workers, device, seed,
-                                        progress=progress)
+        backbone, info = _recalibrated_on_rank0(ckpt.backbone, dataset, batch_size, workers, device, seed, progress,
+                                                shard)
         info["setting"] = setting
         yield backbone, weights_sha256(backbone.backbone_state_dict()), info
         return

@@ -24,7 +24,15 @@ docstring is the contract, the registry only checks names):
   to reproduce them. Frozen-feature protocols take their backbone from
   :meth:`RunContext.frozen_backbone` and their features from :meth:`RunContext.extract`, which
   apply the ``bn_recalibrate`` / ``cache`` / ``batch_size`` / ``workers`` settings, the device
-  and the feature cache the same way for everyone.
+  and the feature cache the same way for everyone;
+- data parallelism (``torchrun --nproc-per-node N -m dcbench eval ...``): ``run`` is called on
+  every rank. :meth:`RunContext.extract` shards the forward passes across the ranks and hands
+  every rank all the rows, in dataset order, so what a protocol computes from them afterwards
+  (kNN, SVMs, heads trained on cached features) is the same on every rank and the runner
+  stores rank 0's result. A protocol whose heavy work does not go through the context
+  (augmented probes, fine-tunes) says so in :meth:`Protocol.data_parallel`, and the runner
+  refuses to start it under torchrun; one that computes parts per rank reduces them exactly
+  with :meth:`RunContext.all_reduce_sum` (counts, never averages of averages).
 
 Protocols are found through the ``dcbench.protocols`` entry-point group only: an entry names
 a module (importing it registers its classes) or a callable (called once; it imports modules
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -156,9 +165,54 @@ class RunContext:
     frozen: list[tuple[str, Any, dict[str, str]]] = field(default_factory=list)
     #: what :meth:`frozen_backbone` did about BatchNorm statistics (recorded in the result)
     bn_info: dict[str, Any] | None = None
+    #: this process's place in a data-parallel run (torchrun): rank 0 of 1 otherwise
+    rank: int = 0
+    world_size: int = 1
+    #: who started the process (recorded in the result): process, torchrun, submitit-local, ...
+    launcher: str = "process"
+    #: extractions sharded across ranks so far (the runner records whether the run was data-parallel)
+    sharded_extractions: int = 0
+    #: seconds spent in :meth:`extract` / :meth:`extract_rows` (forward passes, gathers, cache reads)
+    extract_seconds: float = 0.0
 
     def _setting(self, name: str, default: Any) -> Any:
         return getattr(self.settings, name, default)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes the store."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` in a data-parallel run, None in one process."""
+        return (self.rank, self.world_size) if self.world_size > 1 else None
+
+    # -- collectives (identities in one process; see dcbench.parallel) ----------------------
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        from dcbench import parallel  # noqa: PLC0415 (heavy: torch)
+
+        parallel.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank (e.g. a decision only rank 0 can take)."""
+        from dcbench import parallel  # noqa: PLC0415
+
+        return parallel.broadcast_object(obj)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's picklable ``obj`` on rank 0 (in rank order), None on the others."""
+        from dcbench import parallel  # noqa: PLC0415
+
+        return parallel.gather_objects(obj)
+
+    def all_reduce_sum(self, values: Sequence[float]) -> Any:
+        """Exact sums over ranks of per-rank ``values`` (int64 for counts, float64 otherwise), as
+        a numpy array: reduce counts (hits, totals), then divide, never average averages."""
+        from dcbench import parallel  # noqa: PLC0415
+
+        return parallel.all_reduce_sum(values)
 
     @contextmanager
     def frozen_backbone(self, ckpt: Any, calibration_data: Any) -> Iterator[tuple[Any, str]]:
@@ -167,7 +221,8 @@ class RunContext:
         With BatchNorm re-estimation (setting ``bn_recalibrate``: 'on', or 'auto' for a
         random init) it is a re-estimated copy fitted on ``calibration_data`` (the protocol's
         training images) and the sha256 is the copy's; otherwise the checkpoint's own backbone.
-        The runner asserts after the run that it did not change.
+        The runner asserts after the run that it did not change. In a data-parallel run rank 0
+        re-estimates and every rank gets the same copy.
         """
         from dcbench.digest import tensor_digests  # noqa: PLC0415 (heavy: torch)
         from dcbench.features import prepared_backbone  # noqa: PLC0415
@@ -176,7 +231,7 @@ class RunContext:
         with torch.random.fork_rng(devices=[]), prepared_backbone(
                 ckpt, self._setting("bn_recalibrate", "auto"), calibration_data,
                 self._setting("batch_size", 256), self.workers, self.device, self._setting("seed", 0),
-                self.progress) as (backbone, sha, info):
+                self.progress, shard=self.shard) as (backbone, sha, info):
             self.bn_info = info
             self.frozen.append(("backbone used for features", backbone, tensor_digests(backbone)))
             yield backbone, sha
@@ -185,13 +240,41 @@ class RunContext:
     def extract(self, backbone: Any, sha: str, dataset: Any, taps: Sequence[str],
                 pools: Mapping[str, Any] | None, transform_id: str, mmap: bool = True) -> Any:
         """:func:`dcbench.features.extract_features` with this run's cache, batch size, workers,
-        device and progress settings (the cache is used only when the ``cache`` setting is on)."""
+        device and progress settings (the cache is used only when the ``cache`` setting is on).
+
+        In a data-parallel run each rank reads its block of the batches and every rank gets
+        all the rows, in dataset order; the cache entry is written once, by rank 0, and is the
+        one a single process writes.
+        """
         from dcbench.features import extract_features  # noqa: PLC0415
 
-        cache_dir = self.cache_dir if self._setting("cache", True) else None
-        return extract_features(backbone, dataset, taps, pools, transform_id, sha, cache_dir,
-                                self._setting("batch_size", 256), self.workers, self.device,
-                                self.progress, mmap=mmap)
+        with self._timed():
+            return extract_features(backbone, dataset, taps, pools, transform_id, sha, **self._extract_options(mmap))
+
+    def extract_rows(self, backbone: Any, sha: str, dataset: Any, taps: Sequence[str],
+                     pools: Mapping[str, Any] | None, transform_id: str, mmap: bool = True, **options: Any) -> Any:
+        """:func:`dcbench.features.extract_rows` (rows per image or per region, ``batch_sampler``
+        ...) with the same settings and the same data parallelism as :meth:`extract`."""
+        from dcbench.features import extract_rows  # noqa: PLC0415
+
+        with self._timed():
+            return extract_rows(backbone, dataset, taps, pools, transform_id, sha, **self._extract_options(mmap),
+                                **options)
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.extract_seconds += time.perf_counter() - started
+
+    def _extract_options(self, mmap: bool) -> dict[str, Any]:
+        if self.shard is not None:
+            self.sharded_extractions += 1
+        return {"cache_dir": self.cache_dir if self._setting("cache", True) else None,
+                "batch_size": self._setting("batch_size", 256), "workers": self.workers, "device": self.device,
+                "progress": self.progress, "mmap": mmap, "shard": self.shard, "gather": self.shard is not None}
 
 
 #: the pre-1.0 name of :class:`RunContext`
@@ -300,6 +383,23 @@ class Protocol:
     def run(self, ckpt: Any, settings: Any, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Evaluate ``ckpt`` (a :class:`dcbench.checkpoint.LoadedCheckpoint`) on ``root``."""
         raise NotImplementedError
+
+    def data_parallel(self, settings: Any) -> str | None:
+        """None when ``run`` may run on every rank of a torchrun job (see the module docstring),
+        else the one-line reason it cannot, which the runner shows before any work.
+
+        Default: frozen-feature protocols can (their forward passes go through
+        :meth:`RunContext.extract`); fine-tunes and probes trained on augmented crops
+        (``cached=false``) cannot, until they train with DistributedDataParallel and a
+        DistributedSampler: they override this then.
+        """
+        one_process = "launch it as one process (no torchrun), or fan it out with compare --launcher"
+        if self.finetune:
+            return f"{self.name} fine-tunes the backbone, which is not data-parallel yet: {one_process}"
+        if getattr(settings, "cached", None) is False:
+            return (f"{self.name} with cached=false trains on augmented crops, which is not data-parallel yet: "
+                    f"add --set cached=true (heads on extracted features), or {one_process}")
+        return None
 
 
 def _show(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""torch.distributed plumbing for ``torchrun --nproc-per-node N -m dcbench train``.
+"""torch.distributed plumbing for ``torchrun --nproc-per-node N -m dcbench train`` (and
+``... eval`` / ``... compare``: the runner joins the group with :func:`init_distributed` too).
 
 Single-process runs use the same calls; each collapses to the identity when the world has
 one process, so the training loop has a single code path.
@@ -48,9 +49,24 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def env_world_size() -> int:
+    """The number of processes the launcher (torchrun, submitit's torch environment) announces."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launcher_name() -> str:
+    """Who started this process: ``torchrun``, ``submitit-local``, ``submitit-slurm`` or
+    ``process`` (a plain command)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return "torchrun"
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    return f"submitit-{executor}" if executor else "process"
+
+
 def init_distributed(device_setting: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment, if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes in the environment, if any (gloo on the CPU,
+    NCCL on GPUs)."""
+    world_size = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_setting, local_rank)
     if world_size == 1:

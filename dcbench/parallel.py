@@ -1,0 +1,142 @@
+"""Collectives of data-parallel evaluation on torch.distributed (gloo on CPU, NCCL on GPU).
+
+The process group is the one ``torchrun`` (or submitit's torch environment) describes, joined
+by the runner (:func:`dcbench.evaluate.join`) with the trainer's backend rule
+(:func:`dcbench.train.distributed.init_distributed`). Every function here is the identity
+when no group of more than one process exists, so callers keep one code path.
+
+Everything that travels is exact: rows are copied bit for bit (float32 in, float32 out),
+counts are summed as int64, other sums as float64, so a metric reduced over ranks equals the
+one-process metric (counts, never averages of averages).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+#: one all_gather moves at most about this many bytes per rank (bounded GPU / gloo buffers)
+GATHER_CHUNK_BYTES = 64 * 2**20
+
+
+def world_size() -> int:
+    """Processes in the joined group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the joined group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live for the group's backend: this process's GPU for NCCL, else the CPU."""
+    if world_size() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's picklable ``obj`` on rank 0 (a list in rank order), None elsewhere."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_reduce_sum(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Exact elementwise sums over ranks: int64 for integer input (counts), float64 otherwise."""
+    arr = np.asarray(values)
+    exact = np.int64 if arr.dtype.kind in "biu" else np.float64
+    if world_size() == 1:
+        return arr.astype(exact)
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=exact)).to(comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+def broadcast_module_(module: nn.Module, src: int = 0) -> None:
+    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place."""
+    if world_size() == 1:
+        return
+    device = comm_device()
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            box = tensor.detach().to(device).contiguous()
+            dist.broadcast(box, src=src)
+            tensor.copy_(box.to(tensor.device))
+
+
+def all_gather_rows(rows: np.ndarray, owner: np.ndarray,
+                    chunk_bytes: int = GATHER_CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's ``rows`` (float32 ``R_r x D``) and ``owner`` (int64 ``R_r``), concatenated in
+    rank order, on every rank. A rank may hold no row (its ``D`` is then taken from the others).
+
+    Rows travel in chunks of about ``chunk_bytes`` per rank, padded to the longest rank's
+    length, so neither gloo nor NCCL ever needs a buffer of the whole dataset at once.
+    """
+    world = world_size()
+    if world == 1:
+        return rows, owner
+    device = comm_device()
+    counts, widths = _gather_shapes(rows, device)
+    width = max(widths)
+    if any(c and w != width for c, w in zip(counts, widths)):
+        raise RuntimeError(f"ranks extracted rows of different widths {widths}")
+    total, longest = int(sum(counts)), int(max(counts))
+    out_rows = np.empty((total, width), dtype=np.float32)
+    out_owner = np.empty(total, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    _gather_into(out_owner[:, None], owner.astype(np.int64)[:, None], counts, offsets, longest, device, chunk_bytes)
+    _gather_into(out_rows, rows.reshape(len(rows), -1) if rows.size else np.zeros((0, width), np.float32),
+                 counts, offsets, longest, device, chunk_bytes)
+    return out_rows, out_owner
+
+
+def _gather_shapes(rows: np.ndarray, device: torch.device) -> tuple[list[int], list[int]]:
+    """``(rows per rank, width per rank)``."""
+    mine = torch.tensor([rows.shape[0], rows.shape[1] if rows.ndim == 2 and rows.shape[0] else 0],
+                        dtype=torch.int64, device=device)
+    shapes = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(shapes, mine)
+    return [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
+
+
+def _gather_into(out: np.ndarray, mine: np.ndarray, counts: list[int], offsets: np.ndarray, longest: int,
+                 device: torch.device, chunk_bytes: int) -> None:
+    """All-gather ``mine`` (``R_r x W``) into ``out`` at each rank's offset, chunk by chunk."""
+    width = out.shape[1]
+    step = max(1, chunk_bytes // max(1, width * out.itemsize))
+    dtype = torch.from_numpy(out[:0]).dtype
+    for start in range(0, longest, step):
+        stop = min(start + step, longest)
+        send = torch.zeros((stop - start, width), dtype=dtype, device=device)
+        part = mine[start:stop]
+        if len(part):
+            send[:len(part)] = torch.from_numpy(np.ascontiguousarray(part)).to(device)
+        boxes = [torch.empty_like(send) for _ in counts]
+        dist.all_gather(boxes, send)
+        for r, box in enumerate(boxes):
+            n = max(0, min(counts[r], stop) - start)
+            if n:
+                out[offsets[r] + start:offsets[r] + start + n] = box[:n].cpu().numpy()
