@@ -193,7 +193,7 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     extra = {**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device,
              **_execution_facts(output, ctx)}
     # a protocol may say per run (e.g. seed-driven BatchNorm re-estimation of a random init)
-    extra.setdefault("seed_dependent", p.protocol.seed_dependent)
+    extra.setdefault("seed_dependent", p.protocol.seed_dependent or bool((ctx.bn_info or {}).get("ran")))
     # the card's known deviations from the preset's source + every --set away from the preset
     extra["deviations"] = [d.to_dict() for d in p.protocol.deviations(p.settings)]
     if ctx.bn_info is not None and "bn_recalibrate" not in extra:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dcbench.metrics.classification import topk_hits
+from dcbench.metrics.classification import hits_of, topk_correct
 
 #: bound on query x bank similarities held at once (float32: 64 MiB)
 SIM_BLOCK_ELEMENTS = 1 << 24
@@ -58,10 +58,12 @@ def unit_rows(array: np.ndarray, device: str | torch.device) -> torch.Tensor:
     return F.normalize(torch.from_numpy(np.array(array, dtype=np.float32)).to(device), dim=1)
 
 
-def knn_hits(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
-             ks: Sequence[int], temperature: float, n_classes: int,
-             device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
-    """``{k: [top-1 hits, top-5 hits]}`` of the weighted vote of ``bank`` for every query.
+def knn_correct(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+                ks: Sequence[int], temperature: float, n_classes: int,
+                device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
+    """``{k: n_queries x 2 bool}``: per query, whether the weighted vote of ``bank`` ranks its
+    label first (top-1) and among the first five (top-5); the per-image outcomes of the paired
+    bootstrap, in query order.
 
     Features are raw rows (normalised here); the queries are read in blocks, so a memory-mapped
     query set is never loaded whole. ``k`` above the bank size votes with the whole bank.
@@ -70,10 +72,18 @@ def knn_hits(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, que
     bank_labels_t = torch.from_numpy(bank_labels).to(device)
     query_labels_t = torch.from_numpy(query_labels).to(device)
     block = max(1, SIM_BLOCK_ELEMENTS // len(bank_t))  # queries per block: bounded memory
-    hits = {k: np.zeros(2, dtype=np.int64) for k in ks}
+    parts: dict[int, list[np.ndarray]] = {k: [] for k in ks}
     for start in range(0, len(query_labels), block):
         block_queries = unit_rows(queries[start:start + block], device)
         scores = knn_scores(bank_t, bank_labels_t, block_queries, ks, temperature, n_classes)
-        for k in hits:
-            hits[k] += topk_hits(scores[min(k, len(bank_t))], query_labels_t[start:start + block])
-    return hits
+        for k in parts:
+            parts[k].append(topk_correct(scores[min(k, len(bank_t))], query_labels_t[start:start + block]))
+    return {k: np.concatenate(v) if v else np.zeros((0, 2), dtype=bool) for k, v in parts.items()}
+
+
+def knn_hits(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+             ks: Sequence[int], temperature: float, n_classes: int,
+             device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
+    """``{k: [top-1 hits, top-5 hits]}`` of the weighted vote (counts of :func:`knn_correct`)."""
+    correct = knn_correct(bank, bank_labels, queries, query_labels, ks, temperature, n_classes, device)
+    return {k: hits_of(c) for k, c in correct.items()}

@@ -8,6 +8,10 @@ tap name), so a tap's numbers do not depend on which other taps share the run.
 
 What a protocol chooses (the preset: head shape, init, weight decay, lr schedule, epochs,
 transforms) comes in as :class:`ProbeOptim`; this module knows no preset by name.
+
+Per-image outcomes: a :class:`ProbeOutcomes` handed to a training pass keeps, per tap, the
+top-1/top-5 correctness of every scored val image (dataset order) at the final epoch and at
+the best epoch (the selections of :func:`final_and_best_rows`), for the paired bootstrap.
 """
 from __future__ import annotations
 
@@ -24,9 +28,9 @@ from torch.nn import functional as F
 
 from dcbench.data import SkipCounter
 from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, show_progress
-from dcbench.metrics.classification import topk_hits
+from dcbench.metrics.classification import hits_of, topk_correct
 from dcbench.pooling import PoolPlan
-from dcbench.results import MetricRow
+from dcbench.results import MetricRow, outcome_key
 
 log = logging.getLogger("dcbench")
 
@@ -109,16 +113,22 @@ class ProbeSet:
         return loss.item()
 
     @torch.no_grad()
-    def hits(self, pooled: Mapping[str, torch.Tensor], targets: torch.Tensor,
-             n_crops: int = 1) -> dict[str, np.ndarray]:
-        """Top-1 and top-5 hits per tap; with crops, softmax averaged over the ``n_crops`` rows
-        of each image (rows are image-major), as the ten-crop test of the DeepCluster paper."""
+    def correct(self, pooled: Mapping[str, torch.Tensor], targets: torch.Tensor,
+                n_crops: int = 1) -> dict[str, np.ndarray]:
+        """Per tap, per image: [top-1 correct, top-5 correct] (n x 2 bool); with crops, softmax
+        averaged over the ``n_crops`` rows of each image (rows are image-major), as the ten-crop
+        test of the DeepCluster paper."""
         self.heads.eval()
         out = {}
         for tap, head in zip(self.taps, self.heads):
             probs = F.softmax(head(pooled[tap]), dim=1).view(len(targets), n_crops, -1).mean(1)
-            out[tap] = topk_hits(probs, targets)
+            out[tap] = topk_correct(probs, targets)
         return out
+
+    def hits(self, pooled: Mapping[str, torch.Tensor], targets: torch.Tensor,
+             n_crops: int = 1) -> dict[str, np.ndarray]:
+        """Top-1 and top-5 hits per tap (counts of :meth:`correct`)."""
+        return {tap: hits_of(c) for tap, c in self.correct(pooled, targets, n_crops).items()}
 
 
 # ----------------------------------------------------------------------------- training passes
@@ -140,27 +150,69 @@ class ProbeLoop:
 
 
 class _Totals:
-    """Hits summed over batches, then accuracies in percent."""
+    """Per-image correctness over the batches of one evaluation, then accuracies in percent."""
 
     def __init__(self) -> None:
         self.hits: dict[str, np.ndarray] = {}
+        self.parts: dict[str, list[np.ndarray]] = {}
         self.n = 0
 
-    def add(self, hits: Mapping[str, np.ndarray], n: int) -> None:
-        for tap, value in hits.items():
-            self.hits[tap] = self.hits.get(tap, 0) + value
+    def add(self, correct: Mapping[str, np.ndarray], n: int) -> None:
+        for tap, value in correct.items():
+            self.hits[tap] = self.hits.get(tap, 0) + hits_of(value)
+            self.parts.setdefault(tap, []).append(value)
         self.n += n
 
     def accuracy(self) -> dict[str, tuple[float, float]]:
         n = max(self.n, 1)
         return {t: (100.0 * float(v[0]) / n, 100.0 * float(v[1]) / n) for t, v in self.hits.items()}
 
+    def correct(self) -> dict[str, np.ndarray]:
+        """tap -> n x 2 bool (top-1, top-5) over the images added, in the order added."""
+        return {t: np.concatenate(v) for t, v in self.parts.items()}
+
+
+class ProbeOutcomes:
+    """Per-image val outcomes of the final epoch and of each tap's best epoch (highest top-1,
+    the first epoch reaching it: the epoch :func:`final_and_best_rows` reports)."""
+
+    def __init__(self) -> None:
+        self.final: dict[str, np.ndarray] = {}
+        self.best: dict[str, np.ndarray] = {}
+        self._best_top1: dict[str, float] = {}
+
+    def update(self, acc: Mapping[str, tuple[float, float]], correct: Mapping[str, np.ndarray]) -> None:
+        """Record one epoch's evaluation (accuracies and per-image correctness per tap)."""
+        self.final = dict(correct)
+        for tap, (top1, _top5) in acc.items():
+            if tap not in self._best_top1 or top1 > self._best_top1[tap]:
+                self._best_top1[tap], self.best[tap] = top1, correct[tap]
+
+    def named(self) -> dict[str, np.ndarray]:
+        """0/1 arrays named like the metric rows of :func:`final_and_best_rows`
+        (``top1/conv3/final``, ``top5/conv3/best``, ...)."""
+        out = {}
+        for selection, per_tap in (("final", self.final), ("best", self.best)):
+            for tap, correct in per_tap.items():
+                out[outcome_key("top1", tap, selection)] = correct[:, 0].astype(np.uint8)
+                out[outcome_key("top5", tap, selection)] = correct[:, 1].astype(np.uint8)
+        return out
+
+
+def _record(totals: _Totals, outcomes: ProbeOutcomes | None) -> dict[str, tuple[float, float]]:
+    """The epoch's accuracies; the per-image outcomes go to ``outcomes`` when kept."""
+    acc = totals.accuracy()
+    if outcomes is not None:
+        outcomes.update(acc, totals.correct())
+    return acc
+
 
 def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds: Any, n_crops: int,
-                    loop: ProbeLoop) -> tuple[History, dict[str, int]]:
+                    loop: ProbeLoop, outcomes: ProbeOutcomes | None = None) -> tuple[History, dict[str, int]]:
     """Train on the (augmented) images of ``train_ds``, one shared frozen forward per batch,
-    and evaluate on ``val_ds`` after every epoch. ``val_ds`` yields ``n_crops`` crops per image
-    (a crops x 3 x s x s tensor) when ``n_crops > 1``; its batches hold batch_size/n_crops images.
+    and evaluate on ``val_ds`` after every epoch (per-image outcomes into ``outcomes``).
+    ``val_ds`` yields ``n_crops`` crops per image (a crops x 3 x s x s tensor) when
+    ``n_crops > 1``; its batches hold batch_size/n_crops images.
 
     Returns the history and the number of unreadable images per split (skipped, counted).
     """
@@ -187,15 +239,17 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
             if first:
                 counter.report()
             counter.reset()
-            acc, skipped["val"] = _evaluate_images(backbone, probes, val_loader, val_ds, n_crops, loop, first)
+            totals, skipped["val"] = _evaluate_images(backbone, probes, val_loader, val_ds, n_crops, loop, first)
+            acc = _record(totals, outcomes)
             history.append(acc)
         _log_epoch(epoch, loop.epochs, acc)
     return history, skipped
 
 
 def _evaluate_images(backbone: nn.Module, probes: ProbeSet, loader: Iterable, val_ds: Any, n_crops: int,
-                     loop: ProbeLoop, report: bool) -> tuple[dict[str, tuple[float, float]], int]:
-    """Val top-1/top-5 per tap, one shared frozen forward per batch (all crops of an image)."""
+                     loop: ProbeLoop, report: bool) -> tuple[_Totals, int]:
+    """Val correctness per tap and image, one shared frozen forward per batch (all crops of an
+    image), and the number of unreadable val images."""
     totals, counter = _Totals(), SkipCounter(val_ds)
     for images, targets, idx, n_skipped in _bar(loader, "val", loop.progress):
         counter.update(idx, n_skipped)
@@ -205,16 +259,17 @@ def _evaluate_images(backbone: nn.Module, probes: ProbeSet, loader: Iterable, va
         if n_crops > 1:  # B x crops x 3 x s x s -> (B*crops) x 3 x s x s, image-major
             images = images.flatten(0, 1)
         pooled = forward_pooled(backbone, images, loop.taps, loop.pools)
-        totals.add(probes.hits(pooled, targets.to(loop.device), n_crops), len(idx))
+        totals.add(probes.correct(pooled, targets.to(loop.device), n_crops), len(idx))
     if report:
         counter.report()
-    return totals.accuracy(), counter.count
+    return totals, counter.count
 
 
 def train_on_features(probes: ProbeSet, train: ExtractedFeatures, val: ExtractedFeatures,
-                      loop: ProbeLoop) -> History:
+                      loop: ProbeLoop, outcomes: ProbeOutcomes | None = None) -> History:
     """Train on extracted (pooled) features, shuffled each epoch by ``loop.seed``; evaluate on
-    ``val`` after every epoch. Rows may be memory-mapped: each batch is read in sorted order."""
+    ``val`` after every epoch (per-image outcomes into ``outcomes``). Rows may be memory-mapped:
+    each batch is read in sorted order."""
     y_train = torch.from_numpy(train.labels)
     rng = np.random.default_rng(loop.seed)
     history: History = []
@@ -229,19 +284,19 @@ def train_on_features(probes: ProbeSet, train: ExtractedFeatures, val: Extracted
             probes.set_lr(epoch, iteration)
             probes.step(batch, y_train[rows].to(loop.device))
             iteration += 1
-        history.append(_evaluate_features(probes, val, loop))
+        history.append(_record(_evaluate_features(probes, val, loop), outcomes))
         _log_epoch(epoch, loop.epochs, history[-1])
     return history
 
 
-def _evaluate_features(probes: ProbeSet, val: ExtractedFeatures, loop: ProbeLoop) -> dict[str, tuple[float, float]]:
+def _evaluate_features(probes: ProbeSet, val: ExtractedFeatures, loop: ProbeLoop) -> _Totals:
     totals = _Totals()
     chunk = max(loop.batch_size, 1024)
     for start in range(0, len(val.labels), chunk):
         batch = {t: _tensor(val.features[t][start:start + chunk], loop.device) for t in loop.taps}
         labels = torch.from_numpy(val.labels[start:start + chunk])
-        totals.add(probes.hits(batch, labels.to(loop.device)), len(labels))
-    return totals.accuracy()
+        totals.add(probes.correct(batch, labels.to(loop.device)), len(labels))
+    return totals
 
 
 def _tensor(rows: np.ndarray, device: str | torch.device) -> torch.Tensor:

@@ -95,7 +95,9 @@ class CommonSettings:
 class FrozenFeatureSettings(CommonSettings):
     """Common fields of protocols that read features of a frozen backbone."""
 
-    taps: list[str] | None = setting(None, "taps to evaluate, all from one forward pass (default: every conv tap)")
+    # which taps share a run does not change any tap's numbers: not a deviation
+    taps: list[str] | None = setting(None, "taps to evaluate, all from one forward pass (default: every conv tap)",
+                                     numbers=False)
     image_size: int = setting(224, "input side in px")
     cache: bool = setting(True, "read/write the extracted features in the feature cache", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(

@@ -6,19 +6,24 @@ from and the known deviations from those sources. Here it is combined with the u
 ``--set`` assignments: the settings shown are the preset's defaults with the user's values on
 top, and the deviations are the card's plus one per numbers-moving setting the user changed
 (:meth:`dcbench.protocol.Protocol.deviations`, what an evaluation stores in its result).
+
+Settings are listed with the protocol's own first and the fields every protocol shares
+(:data:`COMMON_SETTINGS`: seed, batch_size, workers, taps, image_size, ...) after them.
 """
 from __future__ import annotations
 
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
 from typing import Any
 
-from dcbench.protocol import Protocol
-from dcbench.settings import apply_settings, to_plain
+from dcbench.protocol import CommonSettings, FrozenFeatureSettings, Protocol
+from dcbench.settings import apply_settings, describe_fields, ordered_fields, to_plain
 
-__all__ = ["FROZEN_FEATURE_SOURCES", "GENERATED_MARKER", "WORKERS_SOURCE", "card_dict", "card_lines",
-           "preset_choices", "protocols_markdown"]
+__all__ = ["COMMON_SETTINGS", "FROZEN_FEATURE_SOURCES", "GENERATED_MARKER", "WORKERS_SOURCE", "card_dict",
+           "card_lines", "preset_choices", "protocols_markdown", "setting_names"]
+
+#: the settings bases whose fields are listed after a protocol's own
+COMMON_SETTINGS = (CommonSettings, FrozenFeatureSettings)
 
 #: sources of the settings every protocol shares with the same meaning (see dcbench.protocol)
 WORKERS_SOURCE = "dcbench choice: data-loading processes; cannot move the numbers"
@@ -37,8 +42,16 @@ def card_dict(protocol: Protocol, overrides: Mapping[str, Any] | None = None) ->
     settings = apply_settings(protocol.default_settings(), overrides, owner=protocol.name)
     out = protocol.card(settings).to_dict()
     out["settings"].update({k: to_plain(getattr(settings, k)) for k in overrides})
+    order = {name: i for i, name in enumerate(setting_names(protocol))}
+    out["settings"] = {k: out["settings"][k] for k in sorted(out["settings"], key=lambda k: order.get(k, len(order)))}
+    out["sources"] = sorted(out["sources"], key=lambda s: order.get(s["setting"], len(order)))
     out["deviations"] = [d.to_dict() for d in protocol.deviations(settings)]
     return out
+
+
+def setting_names(protocol: Protocol) -> list[str]:
+    """The protocol's settings as cards list them: its own first, the common ones after."""
+    return [f.name for f in ordered_fields(protocol.Settings, COMMON_SETTINGS)]
 
 
 def _show(value: Any) -> str:
@@ -52,7 +65,7 @@ def _show(value: Any) -> str:
 def card_lines(protocol: Protocol, card: Mapping[str, Any]) -> list[str]:
     """The settings table (name, value, help) with each setting's source under it, then the
     deviations, as text lines for the terminal."""
-    helps = {f.name: f.metadata.get("help", "") for f in fields(protocol.Settings)}
+    helps = {name: help_text for name, _type, _default, help_text in describe_fields(protocol.Settings)}
     sources = {s["setting"]: s["source"] for s in card["sources"]}
     preset = f" (preset {card['preset']})" if card.get("preset") else ""
     lines = [f"settings (--set KEY=VALUE){preset}:"]

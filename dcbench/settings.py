@@ -134,11 +134,22 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
-    """``(name, type, default, help)`` for each field of a settings dataclass."""
+def ordered_fields(cls: type, last: Iterable[type] = ()) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` in declaration order, except that the fields of the classes
+    in ``last`` that ``cls`` derives from come after the others (each group keeps its order, a
+    redeclared field counts as the base's): a protocol's own settings first, the shared ones
+    (seed, batch_size, workers, taps, ...) after."""
+    common = {f.name for base in last if issubclass(cls, base) for f in dataclasses.fields(base)}
+    own = [f for f in dataclasses.fields(cls) if f.name not in common]
+    return own + [f for f in dataclasses.fields(cls) if f.name in common]
+
+
+def describe_fields(cls: type, last: Iterable[type] = ()) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, help)`` for each field of a settings dataclass, in the order of
+    :func:`ordered_fields` (declaration order unless ``last`` names base classes)."""
     rows = []
     hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    for f in ordered_fields(cls, last):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")

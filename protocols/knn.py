@@ -6,7 +6,10 @@ k in {10, 20, 100, 200}, votes weighted ``exp(sim / T)``; images ``Resize(256, i
 Memory bank: the pooled features of ROOT/train; queries: those of ROOT/val; top-1 and top-5 per
 tap and k. Features go through the feature cache, so re-running with other ``ks`` or
 ``temperature`` costs no forward pass, and kNN shares extractions with the other
-frozen-feature protocols. The result does not depend on the seed (no seed trials needed).
+frozen-feature protocols. The result does not depend on the seed (no seed trials needed),
+except for a random init whose BatchNorm statistics were re-estimated (shuffled, seeded
+batches): such a result says ``seed_dependent`` in its record. Per-image top-1/top-5
+correctness per tap and k is kept for the paired bootstrap over val images.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from torch import nn
 
 from dcbench.data import image_folder
@@ -22,12 +26,13 @@ from dcbench.data.layouts import check_train_val, train_val_fingerprint
 from dcbench.data.transforms import center_transform, center_transform_id
 from dcbench.errors import UsageError
 from dcbench.features import ExtractedFeatures
-from dcbench.knn import GlobalAvgPool, knn_hits
+from dcbench.knn import GlobalAvgPool, knn_correct
+from dcbench.metrics import hits_of
 from dcbench.pooling import probe_pooling, resolve_taps
 from dcbench.protocol import (FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, register_protocol,
                               setting)
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
-from dcbench.results import MetricRow
+from dcbench.results import MetricRow, outcome_key
 
 
 @dataclass
@@ -81,6 +86,10 @@ class Knn(Protocol):
     #: 2: images resized bicubically (DINO's eval_knn.py), was bilinear
     version: ClassVar[str] = "2"
     Settings: ClassVar[type] = KnnSettings
+    #: the vote is deterministic; only BatchNorm re-estimation of random inits uses the seed (run())
+    seed_dependent: ClassVar[bool] = False
+    #: DINO reports k = 20 (the first pattern that matches a metric of the result wins)
+    headline_metrics: ClassVar[tuple[str, ...]] = ("top1_k20", r"top1_k\d+")
     sources: ClassVar[dict[str, str]] = KNN_SOURCES
     data_layout: ClassVar[str] = """\
 ROOT/train/CLASS/*.jpg (memory bank) and ROOT/val/CLASS/*.jpg (queries), same class folders
@@ -103,7 +112,7 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
         with ctx.frozen_backbone(ckpt, train_ds) as (backbone, sha):
             train = ctx.extract(backbone, sha, train_ds, taps, pools, transform_id)
             val = ctx.extract(backbone, sha, val_ds, taps, pools, transform_id)
-        rows = self._vote(train, val, taps, settings, len(train_ds.classes), ctx.device)
+        rows, outcomes = self._vote(train, val, taps, settings, len(train_ds.classes), ctx.device)
         extra = {"pooling": pooling, "ks": [min(k, len(train.labels)) for k in settings.ks],
                  "temperature": settings.temperature, "similarity": "cosine on L2-normalised features",
                  "vote": "sum of exp(sim / T) per class over the k nearest", "crops": "center",
@@ -111,8 +120,11 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
                  "bank_size": len(train.labels), "queries": len(val.labels), "classes": len(train_ds.classes),
                  "skipped_images": {"train": len(train_ds) - len(train.labels),
                                     "val": len(val_ds) - len(val.labels)},
-                 "knn_wall_s": round(time.perf_counter() - started, 3)}
-        return ProtocolOutput(rows, train_val_fingerprint(train_ds.fingerprint(), val_ds.fingerprint()), extra)
+                 "knn_wall_s": round(time.perf_counter() - started, 3),
+                 # the seeded re-estimation of a random init's BatchNorm makes this run seed-dependent
+                 "seed_dependent": bool((ctx.bn_info or {}).get("ran"))}
+        return ProtocolOutput(rows, train_val_fingerprint(train_ds.fingerprint(), val_ds.fingerprint()), extra,
+                              outcomes)
 
     @staticmethod
     def _pools(backbone: nn.Module, taps: list[str],
@@ -125,14 +137,16 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
 
     @staticmethod
     def _vote(train: ExtractedFeatures, val: ExtractedFeatures, taps: list[str], settings: KnnSettings,
-              n_classes: int, device: str) -> list[MetricRow]:
-        """top-1/top-5 rows per tap and k (each k once, in the order given)."""
-        rows = []
+              n_classes: int, device: str) -> tuple[list[MetricRow], dict[str, np.ndarray]]:
+        """top-1/top-5 rows per tap and k (each k once, in the order given) and their per-image
+        outcomes (0/1 per val image in dataset order, named by :func:`outcome_key`)."""
+        rows, outcomes = [], {}
         for tap in taps:
-            hits = knn_hits(train.features[tap], train.labels, val.features[tap], val.labels, settings.ks,
-                            settings.temperature, n_classes, device)
+            correct = knn_correct(train.features[tap], train.labels, val.features[tap], val.labels, settings.ks,
+                                  settings.temperature, n_classes, device)
             for k in dict.fromkeys(settings.ks):
-                top1, top5 = 100.0 * hits[k] / max(len(val.labels), 1)
-                rows.append(MetricRow(f"top1_k{k}", float(top1), tap, "val", None, settings.seed))
-                rows.append(MetricRow(f"top5_k{k}", float(top5), tap, "val", None, settings.seed))
-        return rows
+                top1, top5 = 100.0 * hits_of(correct[k]) / max(len(val.labels), 1)
+                for metric, value, column in ((f"top1_k{k}", top1, 0), (f"top5_k{k}", top5, 1)):
+                    rows.append(MetricRow(metric, float(value), tap, "val", None, settings.seed))
+                    outcomes[outcome_key(metric, tap)] = correct[k][:, column].astype(np.uint8)
+        return rows, outcomes

@@ -25,7 +25,8 @@ Three protocols, one recipe: ``linear`` (any labelled ImageFolder with train/ an
 - Provenance of every default, per preset, and the known deviations: protocols/_sources_linear.py,
   ``dcbench protocols linear [--json] [--set preset=vissl]`` and docs/protocols.md.
 - Metrics: top-1 and top-5 per tap on val at the last epoch (``selection="final"``) and at the
-  best epoch by val top-1 (``selection="best"``, what the paper reports).
+  best epoch by val top-1 (``selection="best"``, what the paper reports); per-image top-1/top-5
+  correctness of both epochs is kept for the paired bootstrap over val images.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ from dcbench.data.transforms import (center_transform, center_transform_id, prob
 from dcbench.errors import UsageError
 from dcbench.models.hooked import AVGPOOL_TAP
 from dcbench.pooling import PoolPlan, probe_pooling, resolve_taps
-from dcbench.probe import (History, ProbeLoop, ProbeOptim, ProbeSet, final_and_best_rows, train_on_features,
-                           train_on_images)
+from dcbench.probe import (History, ProbeLoop, ProbeOptim, ProbeOutcomes, ProbeSet, final_and_best_rows,
+                           train_on_features, train_on_images)
 from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext,
                               register_protocol, setting)
 from dcbench.protocols._sources_linear import PRESET_DEVIATIONS, PRESET_SOURCES, places_epochs_source
@@ -108,7 +109,7 @@ class LinearSettings(FrozenFeatureSettings):
         "vissl: VISSL AvgPool table + BatchNorm + Linear, lr x0.1 steps, wd 5e-4, 28 epochs (Places205: 14)")
     taps: list[str] | None = setting(
         None, "taps to probe, all in one run sharing each forward pass (default: every conv tap; vissl on "
-              "ResNets: + avgpool)")
+              "ResNets: + avgpool)", numbers=False)
     image_size: int = setting(224, "crop side in px; images are resized to round(s*256/224) first")
     batch_size: int = setting(256, "training batch size (TenCrop val batches hold batch_size/10 images)")
     epochs: int | None = setting(
@@ -180,6 +181,8 @@ class LinearProbe(Protocol):
     #: number of classes the dataset must have (None: any)
     expected_classes: ClassVar[int | None] = None
     dataset_name: ClassVar[str] = ""
+    #: top-1 per tap (DeepCluster Table 1, VISSL)
+    headline_metrics: ClassVar[tuple[str, ...]] = ("top1",)
     #: default epochs per preset
     preset_epochs: ClassVar[dict[str, int]] = {"deepcluster": 90, "vissl": 28}
 
@@ -243,18 +246,22 @@ class LinearProbe(Protocol):
             loop = ProbeLoop({t: run.plans[t].module() for t in run.taps}, run.epochs, settings.batch_size,
                              settings.seed, ctx.device, settings.workers, ctx.progress)
             optim = probe_optim(run.preset, settings.lr, run.weight_decay, settings.momentum, run.steps, run.head_init)
-            probes = ProbeSet(run.plans, run.n_classes, optim, ctx.device, settings.seed)
+            probes, outcomes = ProbeSet(run.plans, run.n_classes, optim, ctx.device, settings.seed), ProbeOutcomes()
             if settings.cached:
-                history, skipped = self._train_cached(ctx, backbone, sha, probes, loop, train_ds, val_ds, settings)
+                history, skipped = self._train_cached(ctx, backbone, sha, probes, loop, train_ds, val_ds, settings,
+                                                      outcomes)
             else:
-                history, skipped = self._train_augmented(backbone, probes, loop, train_ds, val_ds, run, settings)
+                history, skipped = self._train_augmented(backbone, probes, loop, train_ds, val_ds, run, settings,
+                                                         outcomes)
         rows, best_epochs = final_and_best_rows(history, run.taps, settings.seed)
         extra = self._extra(run, settings, best_epochs, history, skipped, train_ds, val_ds, started)
-        return ProtocolOutput(rows, train_val_fingerprint(train_ds.fingerprint(), val_ds.fingerprint()), extra)
+        return ProtocolOutput(rows, train_val_fingerprint(train_ds.fingerprint(), val_ds.fingerprint()), extra,
+                              outcomes.named())
 
     @staticmethod
     def _train_cached(ctx: RunContext, backbone: nn.Module, sha: str, probes: ProbeSet, loop: ProbeLoop,
-                      train_ds: Any, val_ds: Any, settings: LinearSettings) -> tuple[History, dict[str, int]]:
+                      train_ds: Any, val_ds: Any, settings: LinearSettings,
+                      outcomes: ProbeOutcomes) -> tuple[History, dict[str, int]]:
         """Pooled centre-crop features of both splits (feature cache), heads trained on them."""
         feats = {}
         for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -263,17 +270,18 @@ class LinearProbe(Protocol):
                                        center_transform_id(settings.image_size))
         skipped = {"train": len(train_ds) - len(feats["train"].indices),
                    "val": len(val_ds) - len(feats["val"].indices)}
-        return train_on_features(probes, feats["train"], feats["val"], loop), skipped
+        return train_on_features(probes, feats["train"], feats["val"], loop, outcomes), skipped
 
     @staticmethod
     def _train_augmented(backbone: nn.Module, probes: ProbeSet, loop: ProbeLoop, train_ds: Any, val_ds: Any,
-                         run: _Run, settings: LinearSettings) -> tuple[History, dict[str, int]]:
+                         run: _Run, settings: LinearSettings,
+                         outcomes: ProbeOutcomes) -> tuple[History, dict[str, int]]:
         """Augmented crops through the frozen backbone every epoch; TenCrop or centre-crop val."""
         size = settings.image_size
         tencrop = run.crops == "tencrop"
         train_ds.transform = probe_train_transform(size, run.train_center_crop)
         val_ds.transform = ten_crop_transform(size) if tencrop else center_transform(size)
-        return train_on_images(backbone, probes, train_ds, val_ds, TEN_CROPS if tencrop else 1, loop)
+        return train_on_images(backbone, probes, train_ds, val_ds, TEN_CROPS if tencrop else 1, loop, outcomes)
 
     @staticmethod
     def _extra(run: _Run, settings: LinearSettings, best_epochs: dict[str, int], history: History,

@@ -63,7 +63,7 @@ class RetrievalSettings(FrozenFeatureSettings):
 
     taps: list[str] | None = setting(
         None, "conv taps to describe with R-MAC, one forward pass (default: conv5_3 for vgg16, conv5 for "
-              "alexnet, res5 for ResNets, else the last conv tap)")
+              "alexnet, res5 for ResNets, else the last conv tap)", numbers=False)
     # DeepCluster eval_retrieval.py: --imsize 1024 (largest side)
     image_size: int = setting(
         1024, "largest image side in px after resizing (queries are cropped after it). For a random init "
@@ -207,6 +207,10 @@ class _RetrievalProtocol(Protocol):
     #: 2: roxford5k / rparis6k cut queries from the original image (revisitop); paris6k leaves out
     #: its 20 corrupted images (database and ground truth), the whitening set of oxford5k too
     version: ClassVar[str] = "2"
+    #: ranking is deterministic; only BatchNorm re-estimation of random inits uses the seed (run())
+    seed_dependent: ClassVar[bool] = False
+    #: revisitop papers report Medium and Hard; the original protocol has one mAP
+    headline_metrics: ClassVar[tuple[str, ...]] = (r"mAP_(medium|hard)", "mAP")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """The layout text of the dataset, whitened on its preset's ``whitening`` set."""
@@ -271,8 +275,10 @@ class _RetrievalProtocol(Protocol):
                                                                                 settings.whitening_dim)
             ranks, per_tap[tap] = rank_tap(extracted, tap, settings.scales, whitening)
             rows += _rows(retrieval_scores(ranks, ds.gnd, self.revisited, KAPPAS), tap, settings.seed)
-        return ProtocolOutput(rows, sets_fingerprint(ds, sets), self._extra(ds, settings, extracted, white_paths,
-                                                                            ctx.bn_info, per_tap))
+        extra = self._extra(ds, settings, extracted, white_paths, ctx.bn_info, per_tap)
+        # the seeded re-estimation of a random init's BatchNorm makes this run seed-dependent
+        extra["seed_dependent"] = bool((ctx.bn_info or {}).get("ran"))
+        return ProtocolOutput(rows, sets_fingerprint(ds, sets), extra)
 
     def _extra(self, ds: RetrievalDataset, settings: RetrievalSettings, extracted: Extracted,
                white_paths: list[str] | None, bn_info: dict | None, per_tap: dict) -> dict[str, Any]:

@@ -144,6 +144,7 @@ class VocFinetune(Protocol):
     finetune: ClassVar[bool] = True
     data_layout: ClassVar[str] = VOC07_LAYOUT
     Settings: ClassVar[type] = VocFinetuneSettings
+    headline_metrics: ClassVar[tuple[str, ...]] = ("mAP",)
     sources: ClassVar[dict[str, str]] = VOC_CLS_SOURCES
     known_deviations: ClassVar[tuple[Deviation, ...]] = VOC_CLS_DEVIATIONS
 

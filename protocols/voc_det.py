@@ -306,6 +306,7 @@ class VocDetection(Protocol):
     version: ClassVar[str] = "2"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocDetSettings
+    headline_metrics: ClassVar[tuple[str, ...]] = ("AP50",)
     data_layout: ClassVar[str] = f"""\
 {layout("2007")}, and VOC2012 the same way for the moco preset
 ROOT may also be ROOT/VOCdevkit. Boxes from Annotations/<id>.xml (difficult objects ignored by

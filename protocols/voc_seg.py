@@ -195,6 +195,7 @@ class VocSeg(Protocol):
     version: ClassVar[str] = "1"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocSegSettings
+    headline_metrics: ClassVar[tuple[str, ...]] = ("mIoU",)
 
     def preset_defaults(self, settings: Any) -> Any:
         """The preset's defaults with its mode and norm_eval filled in (output_stride depends on

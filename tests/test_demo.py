@@ -22,7 +22,9 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     assert len(notes) == 10  # linear and kNN, conv1..conv5
     for note in notes:  # the claims are the paired test's: significant, not significant, or no test
         assert note.endswith(": significant") or note.endswith(": not significant") or "not testable" in note
-    assert any("paired-t over n=2" in note for note in notes)
+    # linear and kNN store per-image outcomes: a paired bootstrap over images (with the 2 seeds for linear)
+    assert all("paired-bootstrap over n=" in note for note in notes)
+    assert any("paired-bootstrap over n=2" in note for note in notes)
     assert "spread" not in result.stdout
     records = [json.loads(line) for line in (out / "deepcluster-digits" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[0]["n_images"] == 1347

@@ -20,6 +20,7 @@ from dcbench.errors import UsageError
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, get_protocol
 from dcbench.knn import knn_scores
+from dcbench.results import outcome_key
 from dcbench.metrics import topk_accuracy
 
 FAST = {"image_size": 64, "batch_size": 32, "workers": 0}
@@ -107,7 +108,11 @@ def test_knn_rows_and_cache_reuse(root, tmp_path):
     assert first.extra["pooling"]["conv1"] == {"kind": "global-avg"}
     for row in first.metrics:
         row.validate()
+        outcome = first.outcomes[outcome_key(row.metric, row.tap)]  # per val image, dataset order
+        assert outcome.shape == (48,) and 100.0 * outcome.mean() == pytest.approx(row.value, abs=1e-9)
+    assert len(first.outcomes) == len(first.metrics)
     json.dumps(first.extra)
+    assert first.extra["seed_dependent"] is False  # no BatchNorm re-estimation: the seed plays no part
 
     calls = []
     original = ckpt.backbone.forward
@@ -181,3 +186,10 @@ def test_images_are_resized_bicubically_as_dino():
     want = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(img, 73, InterpolationMode.BICUBIC), 64)),
                         [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert torch.equal(got, want) and not torch.equal(got, center_transform(64)(img))
+
+
+def test_seed_dependent_only_with_bn_reestimation(root, tmp_path):
+    """kNN is deterministic; the seeded BatchNorm re-estimation of a random init is not."""
+    assert get_protocol("knn").seed_dependent is False
+    out = run(root, tmp_path / "cache", ks=[10], taps=["conv2"])  # random init, bn_recalibrate auto: on
+    assert out.extra["bn_recalibrate"]["ran"] is True and out.extra["seed_dependent"] is True

@@ -405,3 +405,95 @@ def test_where_values_match_as_typed_or_parsed():
     assert [r.metrics[0].value for r in filter_results(rs, {"taps": "[conv1,conv2]"})] == [1.0]
     assert [r.metrics[0].value for r in filter_results(rs, {"lr": "0.1"})] == [2.0]
     assert [r.metrics[0].value for r in filter_results(rs, {"data": "0012"})] == [1.0]  # not YAML's octal 10
+
+
+# -- deviations (issue 13) ----------------------------------------------------------------------
+def _dev(what: str, source: str = "user", why: str = "set by the user") -> dict:
+    return {"what": what, "why": why, "source": source}
+
+
+@pytest.fixture
+def deviating() -> list[Result]:
+    """a: crops=center (user) on conv3; b: the preset; c: epochs=1 (user); a card deviation on every linear run,
+    and a kNN run with its own card deviation."""
+    card = _dev("heads N(0, 0.01)", "card", "DeepCluster's choice")
+    return [res("a", SHA_A, {("conv3", "top1"): 40.0}, settings={"preset": "deepcluster", "crops": "center"},
+                extra={"deviations": [card, _dev("crops=center")]}),
+            res("b", SHA_B, {("conv3", "top1"): 41.0}, settings={"preset": "deepcluster", "crops": "center"},
+                extra={"deviations": [card, _dev("crops=center")]}),
+            res("c", SHA_C, {("conv3", "top1"): 42.0}, settings={"preset": "deepcluster", "crops": "tencrop"},
+                extra={"deviations": [card]}),
+            res("a", SHA_A, {("conv3", "top1_k20"): 30.0}, protocol="knn", selection=None,
+                extra={"deviations": [_dev("bicubic resize", "card", "DINO"), _dev("ks=[20]")]})]
+
+
+def test_user_deviations_are_marked_and_card_deviations_listed_once_per_protocol(deviating):
+    t = build_table(deviating)
+    an = analyze(t)
+    lin = [c for c in t.columns if c.startswith("linear")]
+    assert {(r, c): m for (r, c), m in an.deviations.marks.items()} == {
+        ("a", lin[0]): "‡1", ("b", lin[0]): "‡1", ("a", "knn/conv3/top1_k20"): "‡2"}
+    assert an.deviations.user == [("‡1", (("crops=center", "set by the user"),)),
+                                  ("‡2", (("ks=[20]", "set by the user"),))]
+    assert an.deviations.known == {"linear (preset deepcluster)": (("heads N(0, 0.01)", "DeepCluster's choice"),),
+                                   "knn": (("bicubic resize", "DINO"),)}
+    md = render(t, "md")
+    assert "| a | 40.0 ≈ ‡1 |" in md and "| c | 42.0 |" in md  # c ran the preset's crops: its own column, no mark
+    assert md.count("heads N(0, 0.01)") == 1 and "known deviations of linear (preset deepcluster)" in md
+    assert "- ‡1 settings changed from the defaults: crops=center (set by the user)" in md
+    latex = render(t, "latex")
+    assert r"\textsuperscript{\ddag{}2}" in latex and latex.count("heads N(0, 0.01)") == 1
+    footnotes = latex.split(r"\bottomrule")[1]
+    assert r"\textsuperscript{\ddag{}1} settings changed" in footnotes and "known deviations of knn" in footnotes
+    page = render(t, "html")
+    p = parse_html(page)
+    assert p.errors == [] and p.stack == []
+    assert page.count('<sup class="dev">‡1</sup>') == 3  # two cells and the note
+    assert "known deviations of knn from its sources: bicubic resize (DINO)" in "".join(p.text)
+    terminal = render_terminal(t)
+    blocks = terminal.split("\n\n")
+    assert blocks[-2].startswith("‡1 settings changed") and blocks[-1].startswith("mean ± sample std")
+
+
+def test_deviations_in_csv_and_json(deviating):
+    t = build_table(deviating)
+    items = {(i["checkpoint"], i["protocol"]): i for i in json.loads(render(t, "json"))}
+    a = items[("a", "linear")]
+    assert a["deviation_mark"] == "‡1" and a["deviations"] == [_dev("crops=center")]
+    assert a["known_deviations"] == [_dev("heads N(0, 0.01)", "card", "DeepCluster's choice")]
+    assert items[("c", "linear")]["deviation_mark"] is None and items[("c", "linear")]["deviations"] == []
+    rows = {(r["checkpoint"], r["protocol"]): r for r in csv.DictReader(io.StringIO(render(t, "csv")))}
+    assert rows[("a", "knn")]["deviation_mark"] == "‡2"
+    assert json.loads(rows[("a", "knn")]["deviations"]) == [_dev("ks=[20]")]
+    assert json.loads(rows[("c", "linear")]["known_deviations"])[0]["what"] == "heads N(0, 0.01)"
+
+
+def test_no_deviations_no_notes(results):
+    t = build_table(results)
+    for fmt in ("md", "latex", "html"):
+        assert "‡" not in render(t, fmt) and "ddag" not in render(t, fmt)
+
+
+def test_a_protocol_declares_its_headline_metrics():
+    rs = [res("m", SHA_A, {("conv3", "top1"): 1.0, ("conv3", "top5"): 2.0}, protocol="linear"),
+          res("m", SHA_A, {("conv5", "mAP_medium"): 3.0, ("conv5", "mAP_hard"): 4.0, ("conv5", "mAP_easy"): 5.0},
+              protocol="roxford5k"),
+          res("m", SHA_A, {(None, "score"): 6.0, (None, "other"): 7.0}, protocol="not-installed")]
+    t = build_table(rs, metrics=["headline"])
+    # roxford5k declares Medium and Hard (its ClassVar); an unknown protocol: the table, else its first metric
+    assert [t.column(c).metric for c in t.columns] == ["top1", "mAP_medium", "mAP_hard", "score"]
+    t = build_table(rs, metrics=["headline"], headlines=lambda p: ("top5",) if p == "linear" else None)
+    assert [t.column(c).metric for c in t.columns] == ["top5", "mAP_medium", "score"]
+
+
+def test_seed_dependence_is_per_cell():
+    """kNN of a trained checkpoint: seed-independent; of a random init with BN re-estimation: seeded trials."""
+    rs = [res("trained", SHA_A, {("conv3", "top1_k20"): 50.0}, seed=s, protocol="knn", selection=None,
+              extra={"seed_dependent": False}) for s in (0, 1)]
+    rs += [res("random", SHA_B, {("conv3", "top1_k20"): v}, seed=s, protocol="knn", selection=None,
+               extra={"seed_dependent": True}) for s, v in ((0, 10.0), (1, 12.0))]
+    t = build_table(rs)
+    trained, random = t.cells[("trained", "knn/conv3/top1_k20")], t.cells[("random", "knn/conv3/top1_k20")]
+    assert (trained.n, trained.seed_dependent, trained.duplicates) == (1, False, 1)
+    assert (random.n, random.seed_dependent, random.mean) == (2, True, 11.0)
+    assert t.column("knn/conv3/top1_k20").seed_dependent

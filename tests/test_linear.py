@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from dcbench.features import tensor_digests
 from dcbench.models import build_backbone
 from dcbench.settings import apply_settings
 from dcbench.protocol import EvalContext, ProtocolError, get_protocol
+from dcbench.results import outcome_key
 
 FAST = {"image_size": 64, "batch_size": 16, "workers": 0}
 N_CLASSES = 4
@@ -52,6 +54,15 @@ def by_key(out):
     return {(r.metric, r.tap, r.selection): r for r in out.metrics}
 
 
+def check_outcomes(out, scored: int) -> None:
+    """One 0/1 array per metric row (final and best epoch), over the scored val images, whose mean is the row."""
+    assert set(out.outcomes) == {outcome_key(r.metric, r.tap, r.selection) for r in out.metrics}
+    for row in out.metrics:
+        outcome = out.outcomes[outcome_key(row.metric, row.tap, row.selection)]
+        assert outcome.shape == (scored,) and set(np.unique(outcome)) <= {0, 1}
+        assert 100.0 * outcome.mean() == pytest.approx(row.value, abs=1e-9)
+
+
 # ----------------------------------------------------------------------------- learning, both modes
 def test_cached_deepcluster_learns(root, tmp_path):
     out = run(root, tmp_path, cached=True, epochs=6)
@@ -73,6 +84,7 @@ def test_cached_deepcluster_learns(root, tmp_path):
     assert extra["bn_recalibrate"]["ran"] is True
     assert extra["skipped_images"] == {"train": 1, "val": 1}
     assert "best" in extra["selection"] and len(out.data["fingerprint"]) == 16
+    check_outcomes(out, scored=4 * 12)  # the corrupt val image (a 49th file) is not scored
     for row in out.metrics:
         row.validate()  # what the runner stores
     json.dumps(extra)  # the result record is JSON
@@ -96,6 +108,7 @@ def test_augmented_vissl_tencrop(root, tmp_path):
     assert {r.tap for r in out.metrics} == {"conv1", "conv4"}
     for r in out.metrics:
         assert 0 <= r.value <= 100
+    check_outcomes(out, scored=4 * 12)  # ten crops, one outcome per image
 
 
 def test_cached_vissl_learns_and_reuses_cache(root, tmp_path):

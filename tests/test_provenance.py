@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from dcbench.cli import main
-from dcbench.protocol import affects_numbers, get_protocol, list_protocols
-from dcbench.provenance import GENERATED_MARKER, card_dict, preset_choices, protocols_markdown
-from dcbench.settings import apply_settings
+from dcbench.protocol import CommonSettings, FrozenFeatureSettings, affects_numbers, get_protocol, list_protocols
+from dcbench.provenance import GENERATED_MARKER, card_dict, preset_choices, protocols_markdown, setting_names
+from dcbench.settings import apply_settings, describe_fields
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = ["imagenet-linear", "knn", "linear", "oxford5k", "paris6k", "places-linear", "roxford5k", "rparis6k",
@@ -43,7 +43,7 @@ def test_every_setting_has_a_source(name, preset):
     card = card_dict(protocol, {} if preset is None else {"preset": preset})
     names = [f.name for f in dataclasses.fields(protocol.Settings)]
     sources = {s["setting"]: s["source"] for s in card["sources"]}
-    assert list(card["settings"]) == names
+    assert sorted(card["settings"]) == sorted(names) and list(card["settings"]) == setting_names(protocol)
     missing = [n for n in names if not sources.get(n, "").strip()]
     assert not missing, f"{name} ({preset}): no source for {missing}"
     assert set(sources) <= set(names), f"{name}: sources of unknown settings {sorted(set(sources) - set(names))}"
@@ -100,6 +100,30 @@ def test_protocols_json_shows_the_preset_defaults_and_their_sources(args, key, v
     assert set(card) >= {"name", "version", "settings", "sources", "deviations"}
     assert card["settings"][key] == value
     assert any(s["setting"] == key and s["source"] for s in card["sources"])
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_own_settings_come_before_the_common_ones(name):
+    """`dcbench protocols NAME` lists the protocol's own settings first, then seed, batch_size, workers, ..."""
+    protocol = get_protocol(name)
+    common = {f.name for base in (CommonSettings, FrozenFeatureSettings) if issubclass(protocol.Settings, base)
+              for f in dataclasses.fields(base)}
+    names = list(card_dict(protocol)["settings"])
+    flags = [n in common for n in names]
+    assert flags == sorted(flags), names  # every own setting before every common one
+    own = [f.name for f in dataclasses.fields(protocol.Settings) if f.name not in common]
+    assert names[:len(own)] == own  # each group keeps its declaration order
+    text = _invoke("protocols", name).output
+    settings_block = text[text.index("settings (--set"):]
+    positions = [settings_block.index(f"\n  {n} ") for n in names]
+    assert positions == sorted(positions)
+
+
+def test_describe_fields_can_put_base_fields_last():
+    assert [row[0] for row in describe_fields(FrozenFeatureSettings)][:3] == ["seed", "batch_size", "workers"]
+    rows = describe_fields(FrozenFeatureSettings, last=(CommonSettings,))
+    assert [row[0] for row in rows] == ["taps", "image_size", "cache", "bn_recalibrate", "seed", "batch_size",
+                                        "workers"]
 
 
 def test_protocols_text_shows_sources_and_deviations():

@@ -299,6 +299,7 @@ def test_cli_roxford5k_prints_map_easy_medium_hard_and_mp(root, tmp_path):
     assert extra["images_per_s"]["database@1.0"] > 0 and extra["feature_cache"]["database@1.0"] == "extracted"
     assert record["settings"]["image_size"] == 96 and record["settings"]["query_crop"] == "before_resize"
     assert record["settings"]["whitening"] == "rparis6k" and record["data"]["fingerprint"]
+    assert extra["bn_recalibrate"]["ran"] is True and extra["seed_dependent"] is True  # a random init's BN
 
 
 def test_cli_oxford5k_original_layout_prints_map(root, tmp_path):
@@ -345,6 +346,7 @@ def test_feature_cache_reuse_and_sharing_with_the_other_protocol(root, tmp_path,
     cache = tmp_path / "cache"
     first = _run("roxford5k", root, cache, bn_recalibrate="off")
     assert set(first.extra["feature_cache"].values()) == {"extracted"}
+    assert first.extra["seed_dependent"] is False  # retrieval is deterministic without BN re-estimation
     # the second run reads every region set from the cache: no forward pass at all
     import dcbench.features as features
 

@@ -236,6 +236,10 @@ def test_svm_per_tap_map_and_trained_beats_random(root, trained, tmp_path):
     gains = [values(mine, t)["mAP"] - values(rand, t)["mAP"] for t in taps]
     assert np.mean(gains) > 5 and min(gains) > 0, gains
     assert mine.extra["pooling"]["conv3"]["kind"] == "adaptive" and mine.extra["svm"]["cv_folds"] == 3
+    # SVMs do not depend on the seed; the seeded BatchNorm re-estimation of the random init does
+    assert get_protocol("voc07-svm").seed_dependent is False
+    assert (mine.extra["seed_dependent"], rand.extra["seed_dependent"]) == (False, True)
+    assert rand.extra["bn_recalibrate"]["ran"] is True
 
     # the features come from the cache: another C grid needs no extraction pass (only the
     # one-blank-image dry run that sizes the pooling)
@@ -282,6 +286,8 @@ def test_lowshot_rows_and_reuse(root, tmp_path):
         assert rows[f"mAP_k{k}_std"] >= 0
     assert first.extra["per_tap"]["conv3"]["fits_computed"] == 2 * 2 * 4 * 3  # k x samples x classes x C
     assert first.extra["min_positives_drawn"] == {"1": 1, "2": 2}
+    # the low-shot training sets are drawn from the seed: the protocol's own True holds for every run
+    assert get_protocol("voc07-lowshot").seed_dependent is True and "seed_dependent" not in first.extra
     again = run("voc07-lowshot", root, tmp_path / "cache", ckpt)
     assert again.extra["per_tap"]["conv3"]["fits_computed"] == 0 and values(again) == values(first)
 
