@@ -118,14 +118,19 @@ def checkpoint_convert(src: str, dst: str, target: str, arch: str | None, trust:
 _TRAIN_FLAGS = {"data": "data", "arch": "arch", "sobel": "sobel", "k": "k", "epochs": "epochs",
                 "batch_size": "batch_size", "image_size": "image_size", "out": "out",
                 "checkpoint_every": "checkpoint_every", "clustering": "clustering", "workers": "workers",
-                "strict": "strict", "device": "device"}
+                "strict": "strict", "device": "device", "method": "method", "preset": "preset"}
 
 
 @main.command()
 @click.option("--data", help="Training images: an ImageFolder, a folder of images, or a text file list.")
+@click.option("--method", type=click.Choice(["deepcluster", "deepcluster-v2"]),
+              help="deepcluster (default: v1, ECCV 2018) or deepcluster-v2 (SwAV paper, appendix).")
+@click.option("--preset", type=click.Choice(["paper", "small-data"]),
+              help="paper (default: the published recipe) or small-data (batch, lr, epochs, clusters from the "
+                   "number of images; README, Training).")
 @click.option("--arch", help="alexnet (default) | vgg16 | timm:NAME | tv:NAME.")
 @click.option("--sobel/--no-sobel", default=None, help="Fixed Sobel front end (default: on, as in the paper).")
-@click.option("--k", type=int, help="Number of clusters (default 10000).")
+@click.option("--k", type=int, help="Number of clusters, v1 (default 10000; v2: --set prototypes=[K,K,K]).")
 @click.option("--epochs", type=int, help="Epochs (default 500).")
 @click.option("--batch-size", type=int, help="Batch size per process (default 256).")
 @click.option("--image-size", type=int, help="Crop side in pixels (default 224; 64 for small data).")
@@ -142,23 +147,28 @@ _TRAIN_FLAGS = {"data": "data", "arch": "arch", "sobel": "sobel", "k": "k", "epo
 @click.option("--list-settings", is_flag=True, help="Print every setting with its default and exit.")
 def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], list_settings: bool,
           **flags) -> None:
-    """Train DeepCluster (defaults = the paper's recipe). Also under torchrun:
-    torchrun --nproc-per-node N -m dcbench train ..."""
-    from dcbench.settings import apply_settings, describe_fields, load_yaml_settings, parse_assignments
-    from dcbench.train import TrainConfig, train as run_training
+    """Train DeepCluster (defaults = the paper's recipe) or DeepCluster-v2 (--method deepcluster-v2:
+    the SwAV repository's recipe). Also under torchrun: torchrun --nproc-per-node N -m dcbench train ..."""
+    from dcbench.settings import describe_fields, load_yaml_settings, parse_assignments
+    from dcbench.train import config_class, train as run_training
+    from dcbench.train.presets import __doc__ as preset_rules, resolve_config
 
-    if list_settings:
-        for name, type_name, default, help_text in describe_fields(TrainConfig):
-            click.echo(f"{name:<18} {str(default):<18} {help_text}")
-        return
     overrides: dict = load_yaml_settings(config_file) if config_file else {}
     overrides.update({_TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None})
     overrides.update(parse_assignments(assignments))
+    if list_settings:  # the method's settings, resolved with the preset when --data says N
+        cfg = resolve_config(overrides)
+        for name, type_name, _, help_text in describe_fields(type(cfg)):
+            click.echo(f"{name:<24} {str(getattr(cfg, name)):<18} {help_text}")
+        if cfg.preset == "small-data" and not cfg.data:
+            click.echo("\n(pass --data to see the small-data values for your images)\n" + preset_rules)
+        return
     if resume:  # the run's own settings first; what the command line says on top (checked on resume)
-        saved = Path(str(overrides.get("out") or TrainConfig().out)).expanduser() / "config.yaml"
+        default_out = config_class(overrides.get("method") or "deepcluster")().out
+        saved = Path(str(overrides.get("out") or default_out)).expanduser() / "config.yaml"
         if saved.exists():
             overrides = {**load_yaml_settings(saved), **overrides}
-    cfg = apply_settings(TrainConfig(), overrides)
+    cfg = resolve_config(overrides)
     if not cfg.data:
         raise click.UsageError("--data is required (an ImageFolder, a folder of images, or a file list)")
     out = run_training(cfg, resume=resume)

@@ -171,3 +171,36 @@ def test_bad_input_one_line_exit_1(images, tmp_path, case):
 def test_unknown_setting_is_usage_error(images, tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", str(images), "--set", "learning_rate=1"])
     assert result.exit_code == 2 and "unknown setting 'learning_rate'" in result.output
+
+
+def test_small_data_preset_v1_follows_the_stated_rules():
+    from dcbench.train.presets import small_data_settings
+
+    s = small_data_settings("deepcluster", 6000)
+    assert (s["batch_size"], s["reassign"], s["pca_dim"], s["k"], s["epochs"], s["image_size"]) == \
+        (32, 1.0, 64, 47, 20, 64)
+    assert s["lr"] == s["top_lr"] == pytest.approx(0.05 * 32 / 256)
+    tiny = small_data_settings("deepcluster", 1350)  # batch 16: 84 steps per pass, so 2 passes per clustering
+    assert (tiny["batch_size"], tiny["reassign"], tiny["pca_dim"], tiny["k"]) == (16, 2.0, 32, 11)
+    paper_size = small_data_settings("deepcluster", 1_281_167)
+    assert (paper_size["batch_size"], paper_size["pca_dim"], paper_size["k"]) == (256, 256, 10000)
+
+
+def test_paper_settings_on_small_data_warn_naming_the_preset(images, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(images), "--epochs", "1", "--out", str(run), *SMALL,
+                                       "--set", "pca_dim=16"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("--preset small-data" in w for w in warnings), result.output
+    assert "3 SGD steps per clustering" in warnings[0] and "pca_dim=16" in warnings[1]
+
+
+def test_preset_small_data_resolves_from_the_data_and_flags_win(images):
+    result = CliRunner().invoke(main, ["train", "--data", str(images), "--preset", "small-data", "--k", "4",
+                                       "--list-settings"])
+    assert result.exit_code == 0, result.output
+    values = {line.split()[0]: line.split()[1] for line in result.output.splitlines() if line.strip()}
+    # 49 images: batch 16 (the floor), ceil(100 * 16 / 49) = 33 passes per clustering, PCA to 4 (sqrt) -> 8 (floor)
+    assert (values["preset"], values["k"], values["image_size"], values["batch_size"], values["pca_dim"],
+            values["reassign"]) == ("small-data", "4", "64", "16", "8", "33.0")

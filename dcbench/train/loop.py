@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dcbench.checkpoint import checkpoint_record, atomic_save, read_checkpoint_file, save_checkpoint
+from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
 from dcbench.data import ImageDataset, eval_transform, open_training_data, skip_collate, train_transform
 from dcbench.errors import DcbenchError
@@ -34,8 +34,9 @@ from dcbench.features import extract_rows
 from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
-from dcbench.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main,
-                                       init_distributed, shutdown)
+from dcbench.train.common import (EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
+                                  open_run, progress, read_train_state, run_epochs, warn_recipe, wrap_ddp)
+from dcbench.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
 from dcbench.train.rundir import RunDir, capture_rng, restore_rng
 
 log = logging.getLogger("dcbench")
@@ -43,23 +44,6 @@ log = logging.getLogger("dcbench")
 #: the clustering PCA divides each component by sqrt(eigenvalue + PCA_EPS) (dcbench's trainer
 #: always has; faiss's PCAMatrix(eigen_power=-0.5) in the original code adds no epsilon)
 PCA_EPS = 1e-5
-
-
-@dataclass
-class EpochState:
-    """Progress inside the current epoch: exactly what a mid-epoch checkpoint must carry."""
-
-    epoch: int = 0  # 0-based epoch in progress (== epochs completed)
-    iteration: int = 0  # batches done in this epoch
-    assignments: np.ndarray | None = None  # this epoch's cluster id per image (-1: unreadable)
-    previous: np.ndarray | None = None  # last epoch's, for NMI(t, t-1)
-    stats: dict[str, Any] = field(default_factory=dict)  # clustering stats and phase times
-    loss_sum: float = 0.0
-    loss_count: int = 0
-
-    def next_epoch(self) -> None:
-        self.previous, self.assignments = self.assignments, None
-        self.epoch, self.iteration, self.stats, self.loss_sum, self.loss_count = self.epoch + 1, 0, {}, 0.0, 0
 
 
 @dataclass
@@ -80,14 +64,7 @@ class Trainer:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) DeepCluster training as ``cfg`` says; returns the run folder."""
-    dist = init_distributed(cfg.device)
-    try:
-        trainer = setup(cfg, dist, resume)
-        for _ in range(trainer.state.epoch, cfg.epochs):
-            train_one_epoch(trainer)
-        return trainer.run.path
-    finally:
-        shutdown(dist)
+    return run_epochs(cfg, resume, setup, train_one_epoch)
 
 
 def train_one_epoch(t: Trainer) -> None:
@@ -103,14 +80,7 @@ def train_one_epoch(t: Trainer) -> None:
     train_pass(t, pseudo_labelled_loader(t))
     s.stats["time_train_s"] = s.stats.get("time_train_s", 0.0) + time.perf_counter() - start
     record = epoch_record(t)
-    if t.dist.is_main:
-        t.run.log_epoch(record)
-        t.run.save_assignments(s.epoch, s.assignments)
-        log.info(format_record(record))
-    s.next_epoch()
-    save_training_checkpoint(t)
-    if t.cfg.snapshot_every and s.epoch % t.cfg.snapshot_every == 0 and t.dist.is_main:
-        save_checkpoint(t.run.snapshots / f"epoch_{s.epoch:04d}.pth", t.model, s.epoch, to_plain(t.cfg))
+    finish_epoch(t, record, format_record(record), t.model, save_training_checkpoint)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -123,15 +93,10 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
     crops.transform = train_transform(cfg.image_size, tuple(cfg.crop_scale))
     model = build_backbone(cfg.arch, sobel=cfg.sobel, input_size=cfg.image_size, seed=cfg.seed)
     check_sizes(cfg, len(images), model.feature_dim)
-    run = RunDir(cfg.out)
-    run.check(to_plain(cfg), resume)  # every rank: they all stop together on a refused resume
-    if dist.is_main:
-        run.prepare(to_plain(cfg), resume)
-    barrier(dist)
+    run = open_run(cfg, dist, resume)
+    warn_recipe(cfg, len(images), dist)
     model.to(dist.device)
-    for name, p in model.named_parameters():  # a foreign model's own classifier is not trained
-        if name.startswith(model.head_prefixes):
-            p.requires_grad = False
+    freeze_foreign_heads(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     trainer = Trainer(cfg, dist, run, model, optimizer, images, crops)
@@ -246,9 +211,7 @@ def pseudo_labelled_loader(t: Trainer) -> DataLoader:
     n_valid = int((s.assignments >= 0).sum())
     sampler = UniformClusterSampler(s.assignments, num_samples=max(1, int(cfg.reassign * n_valid)),
                                     seed=cfg.seed + s.epoch, rank=t.dist.rank, world_size=t.dist.world_size)
-    order = list(sampler)
-    base = (cfg.seed * 1_000_003 + s.epoch) * 10_000_019 + t.dist.rank * len(order)
-    items = [(int(i), (base + pos) % 2**63) for pos, i in enumerate(order)][s.iteration * cfg.batch_size:]
+    items = augmentation_seeds(cfg.seed, s.epoch, t.dist.rank, list(sampler))[s.iteration * cfg.batch_size:]
     return DataLoader(_PseudoLabelled(t.crops, s.assignments), batch_size=cfg.batch_size, sampler=items,
                       num_workers=cfg.workers, collate_fn=skip_collate, generator=torch.Generator(),
                       pin_memory=t.dist.device.type == "cuda")
@@ -266,15 +229,15 @@ def new_top_layer(t: Trainer) -> None:
 # ----------------------------------------------------------------------------- phase 5: train
 def train_pass(t: Trainer, loader: DataLoader) -> None:
     """One pass over the pseudo-labelled sample; checkpoints every ``checkpoint_every`` batches."""
-    model = _wrap_ddp(t)
+    model = wrap_ddp(t.model, t.dist)
     model.train()
     criterion = nn.CrossEntropyLoss()
     s = t.state
-    for images, targets, _, _ in _progress(t, loader, f"epoch {s.epoch} train"):
+    for images, targets, _, _ in progress(loader, f"epoch {s.epoch} train", t.dist):
         if len(targets) == 0:
             continue
         images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
-        with _autocast(t):
+        with autocast(t.dist.device, t.cfg.amp):
             loss = criterion(model(images, taps=[LOGITS_TAP])[LOGITS_TAP].float(), targets)
         t.optimizer.zero_grad(set_to_none=True)
         t.top_optimizer.zero_grad(set_to_none=True)
@@ -286,29 +249,6 @@ def train_pass(t: Trainer, loader: DataLoader) -> None:
         s.loss_count += len(targets)
         if t.cfg.checkpoint_every and s.iteration % t.cfg.checkpoint_every == 0:
             save_training_checkpoint(t)
-
-
-def _wrap_ddp(t: Trainer) -> nn.Module:
-    if not t.dist.enabled:
-        return t.model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [t.dist.device.index] if t.dist.device.type == "cuda" else None
-    return DistributedDataParallel(t.model, device_ids=ids)
-
-
-def _autocast(t: Trainer):
-    enabled = t.cfg.amp and t.dist.device.type == "cuda"
-    return torch.autocast(device_type=t.dist.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _progress(t: Trainer, iterable, desc: str):
-    """tqdm with rate and ETA on the main rank's terminal; silent otherwise."""
-    if not t.dist.is_main:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- phase 6: log
@@ -371,14 +311,7 @@ def save_training_checkpoint(t: Trainer) -> None:
 
 def restore_training(t: Trainer) -> None:
     """Load ``RUN_DIR/checkpoint.pth`` into the trainer: model, optimisers, epoch state, RNG."""
-    record = read_checkpoint_file(t.run.checkpoint)
-    ts = record.get("train_state")
-    if record.get("format") != "dcbench" or ts is None:
-        raise DcbenchError(f"{t.run.checkpoint} is not a resumable training checkpoint")
-    if record["arch"] != t.cfg.arch or bool(record["sobel"]) != t.cfg.sobel:
-        raise DcbenchError(f"{t.run.checkpoint} was trained with arch {record['arch']} (sobel {record['sobel']}); "
-                           f"resume with the same --arch and --sobel/--no-sobel")
-    t.model.load_state_dict(record["state_dict"], strict=False)
+    ts = read_train_state(t, t.model)
     t.optimizer.load_state_dict(ts["optimizer"])
     s = t.state
     s.epoch, s.iteration = int(ts["epoch"]), int(ts["iteration"])
