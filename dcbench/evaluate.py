@@ -31,16 +31,12 @@ import atexit
 import dataclasses
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from dcbench import parallel
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
@@ -49,6 +45,7 @@ from dcbench.errors import UsageError
 from dcbench.digest import tensor_digests
 from dcbench.protocol import Protocol, RunContext, check_unchanged, get_protocol
 from dcbench.results import Result, ResultStore, default_store_path, utc_now
+from dcbench.seeding import seeded
 from dcbench.settings import apply_settings, to_plain
 
 log = logging.getLogger("dcbench")
@@ -158,24 +155,6 @@ def main_store(path: str | Path | None = None) -> Iterator[ResultStore | None]:
         return
     with ResultStore(path or default_store_path()) as store:
         yield store
-
-
-@contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Seed torch, numpy and ``random`` for the duration; the caller's RNG states come back after."""
-    if seed is None:
-        yield
-        return
-    np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
 
 
 def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:

@@ -21,7 +21,8 @@ from typing import Any
 from dcbench.segmentation.config import (SegRecipe, eval_pipeline, model_config, resolve_recipe, schedule_config,
                                          train_pipeline)
 from dcbench.segmentation.data import SegData, SegDataset, label_map_for, load_seg_data
-from dcbench.segmentation.engine import (build_pipeline, build_segmentor, eval_loader, evaluate, prepare_mmseg, seeded,
+from dcbench.seeding import seeded
+from dcbench.segmentation.engine import (build_pipeline, build_segmentor, eval_loader, evaluate, prepare_mmseg,
                                          train, train_loader)
 
 #: the packages of the ``seg`` extra, as pip names them

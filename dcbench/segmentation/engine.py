@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import random
 import warnings
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -73,22 +72,6 @@ def quiet_mmengine(level: int = logging.WARNING) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(previous)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch, numpy and random (mmseg's transforms draw from numpy/random) and restore
-    the previous states afterwards, so a run leaves the caller's random streams untouched."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
 
 
 def build_segmentor(net: nn.Module, config: dict[str, Any]) -> nn.Module:
