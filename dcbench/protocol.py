@@ -320,6 +320,8 @@ class Protocol:
     data_layout: ClassVar[str] = ""
     finetune: ClassVar[bool] = False
     seed_dependent: ClassVar[bool] = True
+    #: metric-name patterns tables show by default (empty: dcbench.table's fallback table)
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
     Settings: ClassVar[type] = CommonSettings
     #: setting -> where its default comes from (repository + file + key, or paper + table);
     #: per preset: override :meth:`sources_for`

@@ -134,3 +134,11 @@ def read_train_state(t: Any, model: Backbone) -> dict[str, Any]:
                            f"resume with the same --arch and --sobel/--no-sobel")
     model.load_state_dict(record["state_dict"], strict=False)
     return ts
+
+
+def seeded_view(images: Any, index: int, seed: int) -> Any:
+    """Image ``index`` of ``images`` with its augmentation drawn from torch's RNG seeded by
+    ``seed`` (the caller's RNG untouched), so a crop depends only on (seed, epoch, position)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return images[index]

@@ -39,7 +39,7 @@ from dcbench.data import ImageDataset, open_training_data
 from dcbench.errors import DcbenchError
 from dcbench.models import CLUSTER_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
-from dcbench.train.common import (EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
+from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
                                   open_run, progress, read_train_state, run_epochs, warn_recipe, wrap_ddp)
 from dcbench.train.config import DCv2Config
 from dcbench.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
@@ -198,10 +198,7 @@ class _SeededViews(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.images[index]
+        return seeded_view(self.images, *item)
 
 
 # ----------------------------------------------------------------------------- phase 1: bank

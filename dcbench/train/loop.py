@@ -34,7 +34,7 @@ from dcbench.features import extract_rows
 from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
-from dcbench.train.common import (EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
+from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
                                   open_run, progress, read_train_state, run_epochs, warn_recipe, wrap_ddp)
 from dcbench.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
 from dcbench.train.rundir import RunDir, capture_rng, restore_rng
@@ -197,9 +197,7 @@ class _PseudoLabelled(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            sample = self.images[index]
+        sample = seeded_view(self.images, index, seed)
         if sample is None:
             return None
         return sample[0], int(self.assignments[index]), index
