@@ -110,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.time()
     parts: dict[str, float] = {}
     if args.worker == "dcbench":
-        feats = preprocess_features(data, dim=args.dim, sample_size=args.sample_size)
+        feats = preprocess_features(data, dim=args.dim, sample_size=args.sample_size or None)
         parts["pca"] = time.time() - t0
         res = run_kmeans(feats, args.k, n_iter=args.niter, seed=args.seed, use_gpu=False)
         parts["kmeans"] = time.time() - t0 - parts["pca"]
@@ -211,7 +211,8 @@ def main() -> None:
     parser.add_argument("--niter", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="faiss.omp_set_num_threads and BLAS threads")
-    parser.add_argument("--sample-size", type=int, default=100_000, help="dcbench PCA fitting rows")
+    parser.add_argument("--sample-size", type=int, default=0,
+                        help="dcbench PCA fitting rows (0: every row, the trainer's default and the original's)")
     parser.add_argument("--variants", default="dcbench,original,bare")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant; the fastest is reported")
     parser.add_argument("--tmpdir", default=None, help="where the temporary memmap goes")

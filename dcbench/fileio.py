@@ -1,7 +1,9 @@
 """Atomic file writes: a temp file in the target's folder, then ``os.replace``.
 
 Readers never see a half-written checkpoint, result export or cache entry, whatever
-interrupts the writer (an exception, Ctrl-C, ``kill -9``).
+interrupts the writer (an exception, Ctrl-C, ``kill -9``). The final file gets the mode an
+ordinary ``open(path, "w")`` would give (0666 less the umask: 0644 under the usual 022), not
+``mkstemp``'s private 0600, so colleagues on a shared server can read results and checkpoints.
 """
 from __future__ import annotations
 
@@ -10,6 +12,19 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (no thread in dcbench
+    # creates files concurrently with this read, and the window is two system calls).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the current umask."""
+    return 0o666 & ~_current_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], fsync: bool = False) -> Path:
@@ -23,6 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], fsync: boo
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

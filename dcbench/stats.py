@@ -18,9 +18,15 @@ A *cell* is the trials (seeds) of one comparability key (see :mod:`dcbench.resul
   4. otherwise no test (``method="none"``): e.g. one trial each of a seed-independent
      protocol without stored outcomes.
 
-Percent metrics are assumed (DESIGN.md): an outcome array's mean times :data:`PERCENT` is
-the metric. Tests are two-sided at level ``alpha`` (default 0.05); no correction for
-multiple comparisons is applied.
+Per-image outcomes come in two forms. A 1-D array (0/1 per image for accuracies, one AP per
+query for retrieval mAP) whose mean times :data:`PERCENT` is the metric. Or an
+:class:`ImageOutcomes` for metrics that are not means over images (VOC mAP: per-image scores
+and labels; mIoU: per-image confusion matrices): its ``statistic`` recomputes the metric from
+the image weights of a bootstrap draw (AP re-ranked, confusion re-summed on every resample).
+
+Tests are two-sided at level ``alpha`` (default 0.05). :func:`holm` adjusts the p-values of a
+family of comparisons (Holm 1979, step-down Bonferroni); the tables apply it to the
+comparisons against a reference (see :func:`dcbench.table.analyze`).
 """
 from __future__ import annotations
 
@@ -32,8 +38,13 @@ from typing import Any
 import numpy as np
 from scipy import stats as _sps
 
-__all__ = ["ALPHA", "CONFIDENCE", "RESAMPLES", "Comparison", "Summary", "Trials", "bootstrap_interval",
-           "compare_trials", "paired_bootstrap", "paired_t", "summarize", "welch_t"]
+from dcbench.metrics.ap import RULES as AP_RULES
+from dcbench.metrics.ap import weighted_map
+from dcbench.metrics.segmentation import weighted_mean_iou
+
+__all__ = ["ALPHA", "CONFIDENCE", "RESAMPLES", "Comparison", "ImageOutcomes", "Summary", "Trials",
+           "bootstrap_interval", "compare_trials", "holm", "map_outcomes", "miou_outcomes", "paired_bootstrap",
+           "paired_t", "summarize", "welch_t"]
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -67,10 +78,15 @@ class Comparison:
     p_value: float | None
     n: int
     method: str  # "paired-bootstrap" | "paired-t" | "welch-t" | "none"
+    #: ``p_value`` adjusted for the family of comparisons it was made in (:func:`holm`); None
+    #: when it was made alone. :meth:`significant` uses it when set.
+    p_adjusted: float | None = None
 
     def significant(self, alpha: float = ALPHA) -> bool:
-        """Whether the difference is significant at level ``alpha`` (False when untestable)."""
-        return self.p_value is not None and not math.isnan(self.p_value) and self.p_value < alpha
+        """Whether the difference is significant at level ``alpha`` (False when untestable),
+        judged on the adjusted p-value when there is one."""
+        p = self.p_adjusted if self.p_adjusted is not None else self.p_value
+        return p is not None and not math.isnan(p) and p < alpha
 
     @property
     def tested(self) -> bool:
@@ -78,14 +94,68 @@ class Comparison:
         return self.method != "none"
 
 
+@dataclass(frozen=True)
+class ImageOutcomes:
+    """Per-image data of one trial for a metric that is not a mean over images.
+
+    ``data`` has one row per evaluation image (in dataset order, the same on both sides of a
+    comparison); ``statistic`` names the function in :data:`STATISTICS` that computes the
+    metric (a fraction; x :data:`PERCENT` is the stored value) from image weights, one row of
+    weights per bootstrap resample. Build them with :func:`map_outcomes` / :func:`miou_outcomes`.
+    """
+
+    statistic: str
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown outcome statistic {self.statistic!r}; known: {sorted(STATISTICS)}")
+        if np.asarray(self.data).ndim != 2:
+            raise ValueError(f"ImageOutcomes data must be images x columns, got shape {np.shape(self.data)}")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def value(self, weights: np.ndarray) -> np.ndarray:
+        """The metric (a fraction) under each row of ``weights`` (resamples x images)."""
+        return STATISTICS[self.statistic](np.asarray(self.data), weights)
+
+
+def _map_statistic(rule: str) -> Any:
+    def statistic(data: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        classes = data.shape[1] // 2
+        return weighted_map(data[:, :classes], data[:, classes:], weights, rule)
+    return statistic
+
+
+#: statistic name -> f(data, weights) -> metric per resample (a fraction)
+STATISTICS: dict[str, Any] = {f"map-{rule}": _map_statistic(rule) for rule in AP_RULES}
+STATISTICS["miou"] = weighted_mean_iou
+
+
+def map_outcomes(scores: np.ndarray, labels: np.ndarray, rule: str) -> ImageOutcomes:
+    """Outcomes of a VOC classification mAP: images x classes ``scores`` and 1/-1/0 ``labels``;
+    ``rule`` as :func:`dcbench.metrics.ap.weighted_class_ap` ("voc07", "all-points", "finetune")."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores and labels must both be images x classes, got {scores.shape} and {labels.shape}")
+    return ImageOutcomes(f"map-{rule}", np.concatenate([scores, labels], axis=1))
+
+
+def miou_outcomes(confusions: np.ndarray) -> ImageOutcomes:
+    """Outcomes of an mIoU: one C x C confusion matrix (counts of pixels) per evaluation image."""
+    confusions = np.asarray(confusions)
+    return ImageOutcomes("miou", confusions.reshape(len(confusions), -1).astype(np.int64))
+
+
 @dataclass
 class Trials:
     """The trials of one cell: ``values[seed]`` (one per seed, re-runs already resolved), the
-    per-image outcomes of some of them (``outcomes[seed]``, 1-D), and whether the protocol's
-    result depends on the seed at all."""
+    per-image outcomes of some of them (``outcomes[seed]``: a 1-D array or
+    :class:`ImageOutcomes`), and whether the protocol's result depends on the seed at all."""
 
     values: dict[Any, float]
-    outcomes: dict[Any, np.ndarray] = field(default_factory=dict)
+    outcomes: dict[Any, np.ndarray | ImageOutcomes] = field(default_factory=dict)
     seed_dependent: bool = True
 
     @property
@@ -136,6 +206,42 @@ def _resampled_means(diff: np.ndarray, resamples: int, rng: np.random.Generator,
     return out
 
 
+def _resampled_statistics(a: Sequence[ImageOutcomes], b: Sequence[ImageOutcomes], resamples: int,
+                          rng: np.random.Generator, resample_trials: bool) -> np.ndarray:
+    """Bootstrap distribution of the mean over trials of ``a[k].value - b[k].value`` (``b``
+    empty: of ``a[k].value``): the same image draw (a multinomial weight vector) for every trial
+    and both sides of one resample; trials resampled when ``resample_trials``, as
+    :func:`_resampled_means`."""
+    n, t = len(a[0]), len(a)
+    out = np.empty(resamples)
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    uniform = np.full(n, 1.0 / n)
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        weights = rng.multinomial(n, uniform, size=m)  # m x n
+        per_trial = np.stack([a[k].value(weights) - (b[k].value(weights) if b else 0.0) for k in range(t)],
+                             axis=1)  # m x t
+        if resample_trials and t > 1:
+            pick = rng.integers(0, t, size=(m, t))
+            per_trial = np.take_along_axis(per_trial, pick, axis=1)
+        out[start:start + m] = per_trial.mean(axis=1)
+    # a resample without any positive of a class / pixel of a class may leave no defined value
+    return out[~np.isnan(out)]
+
+
+def _image_outcomes(outcomes: Sequence[Any]) -> list[ImageOutcomes] | None:
+    """The outcomes as ImageOutcomes of one statistic and one image count, or None when they are
+    1-D arrays; ValueError when mixed or of different images."""
+    structured = [isinstance(o, ImageOutcomes) for o in outcomes]
+    if not any(structured):
+        return None
+    if not all(structured) or len({o.statistic for o in outcomes}) != 1:
+        raise ValueError("outcomes mix statistics: not the same metric")
+    if len({len(o) for o in outcomes}) != 1 or len({o.data.shape[1] for o in outcomes}) != 1:
+        raise ValueError("outcome arrays differ in shape: not the same evaluation images")
+    return list(outcomes)
+
+
 def _percentile_interval(dist: np.ndarray, confidence: float) -> tuple[float, float]:
     lo, hi = np.quantile(dist, [0.5 - confidence / 2.0, 0.5 + confidence / 2.0])
     return float(lo), float(hi)
@@ -151,9 +257,17 @@ def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
 def bootstrap_interval(outcomes: Sequence[np.ndarray], confidence: float = CONFIDENCE,
                        resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        resample_trials: bool = True, scale: float = PERCENT) -> tuple[float, float]:
-    """Percentile interval of ``scale * mean`` of per-image outcomes (one array per trial),
-    resampling the images (and the trials, when several and ``resample_trials``)."""
-    dist = _resampled_means(_stack(outcomes), resamples, np.random.default_rng(seed), resample_trials)
+    """Percentile interval of the metric (``scale *`` the mean of 1-D per-image outcomes, or of
+    the :class:`ImageOutcomes` statistic) over trials, resampling the images (and the trials,
+    when several and ``resample_trials``)."""
+    rng = np.random.default_rng(seed)
+    structured = _image_outcomes(outcomes)
+    if structured is not None:
+        dist = _resampled_statistics(structured, [], resamples, rng, resample_trials)
+    else:
+        dist = _resampled_means(_stack(outcomes), resamples, rng, resample_trials)
+    if not dist.size:
+        raise ValueError("bootstrap_interval: no resample has a defined metric")
     return _percentile_interval(scale * dist, confidence)
 
 
@@ -202,13 +316,24 @@ def paired_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], confidenc
     with the +1 correction (never exactly 0)."""
     if len(a) != len(b) or not len(a):
         raise ValueError("paired_bootstrap: a and b need the same, non-zero number of trials")
-    both = _stack(list(a) + list(b))  # one length check for both sides: the same images
-    diff = both[:len(a)] - both[len(a):]
-    dist = scale * _resampled_means(diff, resamples, np.random.default_rng(seed), resample_trials)
+    rng = np.random.default_rng(seed)
+    structured = _image_outcomes(list(a) + list(b))  # one check for both sides: the same images
+    if structured is not None:
+        sa, sb = structured[:len(a)], structured[len(a):]
+        full = np.ones((1, len(sa[0])))
+        point = float(np.mean([x.value(full)[0] - y.value(full)[0] for x, y in zip(sa, sb)]))
+        dist = scale * _resampled_statistics(sa, sb, resamples, rng, resample_trials)
+    else:
+        both = _stack(list(a) + list(b))
+        diff = both[:len(a)] - both[len(a):]
+        point = float(diff.mean())
+        dist = scale * _resampled_means(diff, resamples, rng, resample_trials)
+    if not dist.size:
+        raise ValueError("paired_bootstrap: no resample has a defined metric")
     low, high = _percentile_interval(dist, confidence)
     below, above = int((dist <= 0).sum()), int((dist >= 0).sum())
-    p = min(1.0, 2.0 * min(below + 1, above + 1) / (resamples + 1))
-    return Comparison(float(scale * diff.mean()), low, high, p, len(a), "paired-bootstrap")
+    p = min(1.0, 2.0 * min(below + 1, above + 1) / (dist.size + 1))
+    return Comparison(scale * point, low, high, p, len(a), "paired-bootstrap")
 
 
 def _paired_keys(a: Trials, b: Trials) -> list[tuple[Any, Any]]:
@@ -251,6 +376,20 @@ def compare_trials(a: Trials, b: Trials, confidence: float = CONFIDENCE, resampl
     return Comparison(diff, None, None, None, len(pairs), "none")
 
 
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm 1979): the k-th smallest of m p-values times
+    (m - k + 1), made monotone, capped at 1. Rejecting where the adjusted p < alpha controls the
+    family-wise error rate at alpha for any dependence between the tests. None / NaN entries
+    (untested comparisons) are not part of the family and stay as they are."""
+    tested = [(p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
+    out: list[float | None] = list(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(tested)):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        out[i] = running
+    return out
+
+
 def cell_summary(trials: Trials, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
                  seed: int = BOOTSTRAP_SEED) -> Summary:
     """:func:`summarize` over the trials; a single trial with per-image outcomes gets the
@@ -258,7 +397,10 @@ def cell_summary(trials: Trials, confidence: float = CONFIDENCE, resamples: int 
     summary = summarize(list(trials.values.values()), confidence)
     if summary.n == 1 and trials.outcomes:
         (arr,) = list(trials.outcomes.values())[-1:]
-        low, high = bootstrap_interval([arr], confidence, resamples, seed)
+        try:
+            low, high = bootstrap_interval([arr], confidence, resamples, seed)
+        except ValueError:  # no resample defines the metric (e.g. a single positive): no interval
+            return summary
         return Summary(1, summary.mean, None, low, high, "bootstrap")
     return summary
 

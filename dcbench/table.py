@@ -28,7 +28,7 @@ import fnmatch
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,8 @@ from dcbench.errors import DcbenchError, UsageError
 from dcbench.protocol import get_protocol
 from dcbench.settings import parse_assignments
 from dcbench.results import Result, key_of, outcome_key, setup_identity, setup_key
-from dcbench.stats import ALPHA, RESAMPLES, Comparison, Summary, Trials, cell_summary, compare_trials, summarize
+from dcbench.stats import (ALPHA, RESAMPLES, Comparison, Summary, Trials, cell_summary, compare_trials, holm,
+                           summarize)
 
 __all__ = ["ALL", "Analysis", "BEST", "Cell", "Column", "DEVIATION_MARK", "Deviations", "DeviationNotes", "HEADLINE",
            "HEADLINE_METRICS", "TIED", "Table", "analyze", "build_table", "deviation_notes", "filter_results",
@@ -510,6 +511,10 @@ class Analysis:
     diffs: dict[tuple[str, str], Comparison] = field(default_factory=dict)
     alpha: float = ALPHA
     deviations: DeviationNotes = field(default_factory=DeviationNotes)
+    #: how the p-values of ``diffs`` were adjusted for testing them together ("holm") and how
+    #: many tested comparisons that family holds
+    adjustment: str = "holm"
+    family_size: int = 0
 
     def significant(self, row: str, col: str) -> bool:
         """Whether the difference of (row, col) to the reference is significant."""
@@ -525,6 +530,10 @@ def analyze(table: Table, reference: str | None = None, alpha: float = ALPHA,
     A column's top cell is marked ``best`` only when it is significantly better than the
     runner-up; otherwise every cell not significantly different from the top (or not
     testable against it) is marked ``tied``. A column with one cell gets no mark.
+
+    The differences to the reference are one family of tests: their p-values are adjusted with
+    :func:`dcbench.stats.holm` (a table of 20 columns would otherwise show about one
+    "significant" difference by chance at alpha = 0.05 even between identical checkpoints).
     """
     ref = reference if reference is not None else table.reference
     ref = None if ref is None else find_row(table, ref)
@@ -545,7 +554,18 @@ def analyze(table: Table, reference: str | None = None, alpha: float = ALPHA,
             for row in table.rows:
                 if row != ref and (row, col) in table.cells:
                     out.diffs[(row, col)] = compare_trials(trials(row, col), trials(ref, col), resamples=resamples)
+    _adjust(out)
     return out
+
+
+def _adjust(out: Analysis) -> None:
+    """Holm-adjust the p-values of the reference comparisons (see :func:`analyze`)."""
+    keys = list(out.diffs)
+    adjusted = holm([out.diffs[k].p_value for k in keys])
+    out.family_size = sum(out.diffs[k].tested and out.diffs[k].p_value is not None for k in keys)
+    for key, p in zip(keys, adjusted):
+        if out.diffs[key].p_value is not None:
+            out.diffs[key] = replace(out.diffs[key], p_adjusted=p)
 
 
 def _trials(table: Table, row: str, col: str, loaded: dict[int, dict[str, np.ndarray]]) -> Trials:

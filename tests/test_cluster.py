@@ -364,3 +364,39 @@ def test_gram_path_for_few_points_equals_covariance_path(monkeypatch):
     monkeypatch.setattr(pca_module, "_GRAM_MAX_BYTES", 0)
     cov = PCAWhitening(8).fit(x).transform(x)
     assert np.abs(gram - cov).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- faiss parity
+def _low_variance_wide_spectrum(n: int = 3000, d: int = 256, seed: int = 0) -> np.ndarray:
+    """Features x 0.01 with eigenvalues over three decades: where an epsilon or a sample shows."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    x = (rng.standard_normal((n, d)) * np.logspace(0, -3, d)) @ basis.T + 0.5
+    return (x * 0.01).astype(np.float32)
+
+
+def test_trainer_whitening_equals_faiss_pcamatrix_with_default_settings():
+    """DeepCluster's clustering.py: faiss.PCAMatrix(d, dim, eigen_power=-0.5) on every row, then L2."""
+    faiss = pytest.importorskip("faiss")
+    x = _low_variance_wide_spectrum()
+    mat = faiss.PCAMatrix(x.shape[1], 32, -0.5)
+    mat.train(x)
+    ref = mat.apply(x)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    ours = preprocess_features(x, dim=32)
+    sims, ref_sims = ours[:600] @ ours[:600].T, ref[:600] @ ref[:600].T
+    assert np.abs(sims - ref_sims).max() < 1e-3
+    # what the trainer used to do (eps 1e-5, a quarter of the rows) is measurably not the same
+    old = preprocess_features(x, dim=32, sample_size=750, eps=1e-5)
+    assert np.abs(old[:600] @ old[:600].T - ref_sims).max() > 0.05
+
+
+def test_zero_eigenvalue_component_is_dropped_not_infinite():
+    """No epsilon (as faiss), but a direction the data does not span gives 0, not inf/NaN."""
+    x = np.zeros((50, 6), dtype=np.float32)
+    x[:, :3] = np.random.default_rng(0).standard_normal((50, 3))  # three constant columns
+    pca = PCAWhitening(dim=6).fit(x)
+    assert np.count_nonzero(pca.eigenvalues_ == 0) == 3
+    raw = pca.transform(x, l2_normalize=False)
+    assert np.isfinite(raw).all() and np.all(raw[:, 3:] == 0)
+    np.testing.assert_allclose(np.cov(raw[:, :3].T, bias=True), np.eye(3), atol=1e-4)

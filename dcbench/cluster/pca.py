@@ -9,7 +9,8 @@ of both are pinned by tests), chosen with two parameters of :class:`PCAWhitening
   accumulated in float64 over ``chunk_rows`` chunks of each block, full eigendecomposition.
 
 ``eps_rule`` says how small eigenvalues are kept from blowing the whitening up:
-``"additive"`` divides by ``sqrt(eigenvalue + eps)`` (the trainer), ``"relative_floor"``
+``"additive"`` divides by ``sqrt(eigenvalue + eps)`` (the trainer, with ``eps=0`` as faiss's
+``PCAMatrix(eigen_power=-0.5)``: components of exactly zero eigenvalue are dropped), ``"relative_floor"``
 raises every eigenvalue to at least ``eps * largest`` before dividing by its square root
 (DeepCluster's retrieval code).
 
@@ -220,11 +221,13 @@ class PCAWhitening:
     trainer: chunked float32 BLAS/LAPACK, top eigenpairs only; not ``faiss.PCAMatrix``, see
     the module docstring for why) or "float64" (retrieval: float64 Gram, every eigenpair).
 
-    Callers pass their rule explicitly: the trainer ``eps=1e-5, eps_rule="additive"``,
-    retrieval ``eps=1e-5, eps_rule="relative_floor", precision="float64"``.
+    Callers pass their rule explicitly: the trainer ``eps=0, eps_rule="additive"`` (faiss's
+    ``PCAMatrix(d, dim, eigen_power=-0.5)``, whose ``epsilon`` defaults to 0; DeepCluster's
+    ``clustering.py`` never sets it), retrieval ``eps=1e-5, eps_rule="relative_floor",
+    precision="float64"``.
     """
 
-    def __init__(self, dim: int = 256, eps: float = 1e-5, eps_rule: EpsRule = "additive",
+    def __init__(self, dim: int = 256, eps: float = 0.0, eps_rule: EpsRule = "additive",
                  precision: Precision = "float32") -> None:
         if eps_rule not in ("additive", "relative_floor"):
             raise ValueError(f"eps_rule must be 'additive' or 'relative_floor', got {eps_rule!r}")
@@ -241,12 +244,13 @@ class PCAWhitening:
         self.bias_: np.ndarray | None = None         # (dim,) float32 = mean @ projection
         self.kept_energy_: float | None = None       # share of the variance kept (float64 recipe only)
 
-    def fit(self, x, sample_size: int | None = 100_000, seed: int = 0,
+    def fit(self, x, sample_size: int | None = None, seed: int = 0,
             chunk_rows: int = 8192) -> "PCAWhitening":
         """Fit on ``x`` (N x D array or memmap, or for "float64" a list of such blocks, whose
         rows are used together without a concatenated copy).
 
-        "float32": on a random sample of ``sample_size`` rows if N is larger; peak extra memory
+        "float32": on every row (as faiss), or on a random sample of ``sample_size`` rows if
+        N is larger (faster, but the whitened geometry moves: see tests/test_cluster.py); peak extra memory
         one D x D float32 covariance plus one chunk buffer (<= 32 MiB). "float64": every row
         (``sample_size`` is ignored), read ``chunk_rows`` rows at a time. Raises ValueError if
         ``dim > min(N, D)`` (or exceeds the number of sampled rows).
@@ -284,8 +288,12 @@ class PCAWhitening:
         if self.eps_rule == "relative_floor":  # idempotent where the float64 recipe floored already
             values = np.maximum(values, values.max() * self.eps)
         root = np.sqrt(values if self.eps_rule == "relative_floor" else values + self.eps)
-        # float64 divides (retrieval's numbers), float32 multiplies by the inverse (the trainer's)
-        whitened = vectors / root if self.precision == "float64" else vectors * (1.0 / root)
+        # float64 divides (retrieval's numbers), float32 multiplies by the inverse (the trainer's).
+        # With eps=0 (faiss PCAMatrix's own rule: no epsilon) an eigenvalue of exactly zero (a
+        # direction the fitted rows do not span) would give inf; its component is dropped instead.
+        with np.errstate(divide="ignore"):
+            inverse = np.where(root > 0, 1.0 / root, 0.0)
+        whitened = vectors / np.where(root > 0, root, np.inf) if self.precision == "float64" else vectors * inverse
         self.mean_, self.eigenvalues_ = mean, values
         self.components_ = vectors.astype(np.float32)
         self.projection_ = whitened.astype(np.float32)
@@ -351,12 +359,13 @@ def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def preprocess_features(x, dim: int = 256, sample_size: int | None = 100_000, seed: int = 0,
-                        chunk_rows: int = 8192) -> np.ndarray:
-    """PCA-whiten to ``dim`` then L2-normalise rows (DeepCluster's preprocessing).
+def preprocess_features(x, dim: int = 256, sample_size: int | None = None, seed: int = 0,
+                        chunk_rows: int = 8192, eps: float = 0.0) -> np.ndarray:
+    """PCA-whiten to ``dim`` then L2-normalise rows (DeepCluster's ``clustering.preprocess_features``:
+    faiss ``PCAMatrix(d, dim, eigen_power=-0.5)`` fitted on every row, no epsilon, then L2).
 
     Output N x dim float32; peak extra memory ~ N*dim*4 + D*D*4 bytes (+ one <= 32 MiB chunk).
     """
-    pca = PCAWhitening(dim=dim, eps=1e-5, eps_rule="additive").fit(x, sample_size=sample_size, seed=seed,
+    pca = PCAWhitening(dim=dim, eps=eps, eps_rule="additive").fit(x, sample_size=sample_size, seed=seed,
                                                                     chunk_rows=chunk_rows)
     return pca.transform(x, chunk_rows=chunk_rows, l2_normalize=True)

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["voc_ap", "precision_recall", "voc_class_ap", "finetune_class_ap", "mean_ap"]
+__all__ = ["voc_ap", "precision_recall", "voc_class_ap", "finetune_class_ap", "mean_ap", "weighted_class_ap",
+           "weighted_map"]
 
 #: the paper's fine-tune evaluation subtracts this times the label from each score, so that a
 #: positive tied with a negative ranks below it (a pessimistic, deterministic tie rule)
@@ -149,3 +150,66 @@ def mean_ap(aps: Sequence[float] | np.ndarray) -> float:
     values = np.asarray(aps, dtype=np.float64)
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+# ----------------------------------------------------------------------------- bootstrap
+# A bootstrap resample of the evaluation images is a vector of integer weights (how often
+# each image was drawn). The functions below compute the metric of many resamples at once
+# (``weights``: resamples x images) without building the resampled lists: the ranking of the
+# images does not change under resampling, only how much each contributes to the cumulative
+# true / false positive counts. Equal to the metric of the explicitly repeated list (tested):
+# a drawn image's copies tie with each other and carry one label, so for the VOC rules they
+# add points that the precision envelope ignores, and for the fine-tune rule (scikit-learn)
+# they fall into one threshold group anyway.
+
+RULES = ("voc07", "all-points", "finetune")
+
+
+def weighted_class_ap(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, rule: str) -> np.ndarray:
+    """AP of one class under each row of image ``weights`` (resamples x images), in [0, 1].
+
+    ``labels`` use the VOC convention (1 / -1 / 0 difficult, left out); ``rule`` is "voc07"
+    (:func:`voc_class_ap` with ``use_07_metric=True``), "all-points" (:func:`voc_class_ap`) or
+    "finetune" (:func:`finetune_class_ap`). NaN for a resample without a positive.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    s, lab = _as_1d("scores", scores), _check_labels(labels, len(scores))
+    keep = lab != 0
+    s, pos = s[keep], lab[keep] == 1
+    w = np.asarray(weights, dtype=np.float64)[:, keep]
+    if not pos.any():
+        return np.full(w.shape[0], np.nan)
+    if rule == "finetune":
+        s = s - TIE_EPS * pos
+    order = np.argsort(-s, kind="stable")
+    s, pos, w = s[order], pos[order], w[:, order]
+    tp = np.cumsum(w * pos, axis=1)
+    fp = np.cumsum(w * ~pos, axis=1)
+    if rule == "finetune":  # scikit-learn: one point per distinct score (the end of each tie group)
+        ends = np.flatnonzero(np.append(s[1:] != s[:-1], True))
+        tp, fp = tp[:, ends], fp[:, ends]
+    n_pos = tp[:, -1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = tp / n_pos
+        precision = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1.0), 0.0)
+    if rule == "voc07":
+        ap = np.zeros(w.shape[0])
+        for t in ELEVEN_POINTS:  # the reference's summation order, as _eleven_point
+            ap += np.where(recall >= t, precision, 0.0).max(axis=1, initial=0.0) / 11.0
+    else:
+        if rule == "all-points":  # the monotone envelope
+            precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+        steps = np.diff(np.concatenate([np.zeros((w.shape[0], 1)), recall], axis=1), axis=1)
+        ap = np.nansum(steps * precision, axis=1)
+    return np.where(n_pos[:, 0] > 0, ap, np.nan)
+
+
+def weighted_map(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, rule: str) -> np.ndarray:
+    """Mean AP over classes (NaN classes left out, as :func:`mean_ap`) under each row of
+    ``weights``; ``scores`` and ``labels`` are images x classes."""
+    per_class = np.stack([weighted_class_ap(scores[:, c], labels[:, c], weights, rule)
+                          for c in range(scores.shape[1])], axis=1)
+    counted = (~np.isnan(per_class)).sum(axis=1)
+    total = np.nansum(per_class, axis=1)
+    return np.where(counted > 0, total / np.maximum(counted, 1), np.nan)

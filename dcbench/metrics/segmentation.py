@@ -9,6 +9,7 @@ absent from the target has IoU 0 and counts. Values are fractions in [0, 1].
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,3 +102,21 @@ def mean_iou(pred: ArrayLike, target: ArrayLike, num_classes: int,
 
 
 __all__ = ["confusion_matrix", "iou_from_confusion", "mean_iou", "mean_of", "pixel_accuracy"]
+
+
+def weighted_mean_iou(confusions: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean IoU (as :func:`mean_of` of :func:`iou_from_confusion`, in [0, 1]) of the summed
+    per-image confusion matrices under each row of image ``weights`` (resamples x images):
+    one bootstrap resample of the evaluation images per row. ``confusions``: images x C x C
+    (or images x C*C)."""
+    per_image = np.asarray(confusions, dtype=np.float64).reshape(len(confusions), -1)
+    c = math.isqrt(per_image.shape[1])
+    if c * c != per_image.shape[1]:
+        raise ValueError(f"per-image confusion matrices must be square, got {per_image.shape[1]} entries")
+    summed = (np.asarray(weights, dtype=np.float64) @ per_image).reshape(-1, c, c)
+    tp = np.diagonal(summed, axis1=1, axis2=2)
+    union = summed.sum(axis=1) + summed.sum(axis=2) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1.0), np.nan)
+    counted = (~np.isnan(iou)).sum(axis=1)
+    return np.where(counted > 0, np.nansum(iou, axis=1) / np.maximum(counted, 1), np.nan)

@@ -1,0 +1,49 @@
+"""Files dcbench writes honour the user's umask (issue: mode 0600 hid results from colleagues)."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dcbench.checkpoint import save_checkpoint
+from dcbench.fileio import atomic_write_text, default_file_mode
+from dcbench.models import build_backbone
+
+
+@pytest.fixture
+def umask():
+    """Set a umask for one test and restore the caller's afterwards."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(saved)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_gives_the_mode_open_would(tmp_path, umask, mask, expected):
+    umask(mask)
+    out = atomic_write_text(tmp_path / "leaderboard.md", "| a |\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert _mode(out) == expected == _mode(plain)
+    assert default_file_mode() == expected
+    assert out.read_text() == "| a |\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_checkpoint_readable_by_others_under_022(tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "run" / "model.pth"
+    save_checkpoint(path, build_backbone("alexnet", sobel=False, input_size=64))
+    assert _mode(path) & stat.S_IROTH
+    assert _mode(path) == 0o644
