@@ -232,8 +232,9 @@ def row_key(row: dict[str, Any]) -> tuple:
     return (row["metric"], row["tap"], row["split"], row["selection"], row["seed"])
 
 
-def run_case(case: Case, fixture_paths: dict[str, Path], cache_dir: Path) -> dict[str, Any]:
-    """Run ``case`` through the CLI's code path on CPU; the feature cache lives in ``cache_dir``.
+def run_case(case: Case, fixture_paths: dict[str, Path], cache_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Run ``case`` through the CLI's code path on ``device`` (CPU for the golden numbers; the GPU
+    check, benchmarks/gpu_check.py, runs them on CUDA); the feature cache lives in ``cache_dir``.
 
     Returns {"metrics": rows, "data_fingerprint": ..., "protocol_version": ..., "wall_s": ...}.
     """
@@ -248,7 +249,7 @@ def run_case(case: Case, fixture_paths: dict[str, Path], cache_dir: Path) -> dic
     try:
         p = evaluate.plan(case.protocol, dict(case.overrides), fixture_paths[case.fixture])
         ckpt = evaluate.load_for(p, resolve_spec(case, fixture_paths))
-        result = evaluate.run(p, ckpt, evaluate.context_for(p, "cpu"))
+        result = evaluate.run(p, ckpt, evaluate.context_for(p, device))
     finally:
         if previous is None:
             os.environ.pop("DCBENCH_CACHE", None)
