@@ -1,11 +1,37 @@
-"""Provenance recorded with every checkpoint and result: library versions and git hash."""
+"""The process environment dcbench reads: provenance recorded with every checkpoint and result
+(library versions, git hash) and the one cache root every module keeps its files under."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+#: environment variable naming the cache root (:func:`cache_root`)
+CACHE_ENV = "DCBENCH_CACHE"
+
+
+def cache_root() -> Path:
+    """dcbench's cache root: ``$DCBENCH_CACHE``, else ``~/.cache/dcbench``.
+
+    Every cache lives in its own folder below it: :func:`features_cache_dir` (extracted
+    features) and :func:`pretrained_cache_dir` (published checkpoints and their lock file).
+    Read on every call, so a changed environment takes effect at once.
+    """
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dcbench").expanduser()
+
+
+def features_cache_dir() -> Path:
+    """``<cache root>/features``: the feature cache (a cache only; safe to delete)."""
+    return cache_root() / "features"
+
+
+def pretrained_cache_dir() -> Path:
+    """``<cache root>/pretrained``: downloaded checkpoints and ``lock.json``."""
+    return cache_root() / "pretrained"
+
 
 _PACKAGES = ("dcbench", "torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "numpy", "scikit-learn",
              "mmsegmentation", "mmengine", "mmcv-lite", "mmcv", "detectron2")

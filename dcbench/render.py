@@ -13,7 +13,9 @@ import csv
 import html
 import io
 import json
+import re
 import textwrap
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +24,8 @@ import numpy as np
 from dcbench.stats import Comparison
 from dcbench.table import BEST, DEVIATION_MARK, TIED, Analysis, Cell, Column, Deviations, Table, analyze, known_label
 
-__all__ = ["FORMATS", "HTML_SCRIPT", "HTML_STYLE", "deviation_lines", "html_table", "legend", "render",
-           "render_terminal"]
+__all__ = ["FORMATS", "HTML_SCRIPT", "HTML_STYLE", "csv_text", "deviation_lines", "html_table", "legend", "one_line",
+           "plot_text", "render", "render_terminal"]
 
 FORMATS = ("md", "csv", "latex", "html", "json")
 _DECIMALS = 1  # percentages are reported to one decimal, as in the papers
@@ -36,6 +38,21 @@ _TIED_MARK = "≈"
 # ----------------------------------------------------------------------------------------
 # text pieces shared by the renderers
 # ----------------------------------------------------------------------------------------
+def one_line(text: str) -> str:
+    """``text`` with every control character (newline, CR, tab, ESC ...) and line/paragraph
+    separator replaced by a space: a checkpoint or setting name can never break a table row,
+    start a new Markdown/LaTeX line or send terminal escape sequences."""
+    return "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in str(text))
+
+
+def plot_text(text: str) -> str:
+    """``text`` as matplotlib shows it literally (legends, titles, tick labels): ``$`` escaped (a
+    pair of them is parsed as mathtext, and a name like ``ck$pt_{$1`` makes drawing raise), on
+    one line, and a leading ``_`` kept visible (matplotlib leaves such labels out of legends)."""
+    text = one_line(text).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def _num(x: float) -> str:
     return f"{x:.{_DECIMALS}f}"
 
@@ -170,7 +187,7 @@ def render_terminal(table: Table, reference: str | None = None, analysis: Analys
         return "no results"
     analysis = analysis or analyze(table, reference)
     parts = []
-    for heading, lines in _blocks(analysis, lambda s: s + " *"):
+    for heading, lines in _blocks(analysis, lambda s: s + " *", one_line):
         widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
         def fmt(line: list[str]) -> str:
@@ -178,17 +195,20 @@ def render_terminal(table: Table, reference: str | None = None, analysis: Analys
 
         parts.append("\n".join([heading, fmt(lines[0]), "  ".join("-" * w for w in widths)]
                                + [fmt(line) for line in lines[1:]]))
-    notes = [textwrap.fill(line, 110, subsequent_indent="  ") for line in _plain_notes(analysis)]
+    notes = [textwrap.fill(one_line(line), 110, subsequent_indent="  ") for line in _plain_notes(analysis)]
     if notes:
         parts.append("\n".join(notes))
     return "\n\n".join(parts + [textwrap.fill(legend(analysis, best="*"), 110)])
 
 
-_MD_SPECIAL = "\\`*_[]<>|~"
+#: backslash-escaped in Markdown: emphasis, code, links, html, table cells (|), strikethrough
+#: (~) and GitHub's math ($...$)
+_MD_SPECIAL = "\\`*_[]<>|~$"
 
 
 def _md_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text)
+    """Markdown-safe, on one line: a name can neither split a table row nor format text."""
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in one_line(text))
 
 
 def _render_md(analysis: Analysis) -> str:
@@ -272,25 +292,43 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value)
+        return repr(value)  # numbers stay numbers, negative differences included
     if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return value
+        return csv_text(json.dumps(value, sort_keys=True, separators=(",", ":")))
+    return csv_text(value) if isinstance(value, str) else value
+
+
+#: first characters a spreadsheet reads as a formula (OWASP "CSV Injection": = + - @, and tab
+#: and carriage return, which some spreadsheets strip before looking)
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading
+    ``'`` (OWASP's advice), so ``=HYPERLINK(...)`` is never evaluated. A cell that is just a
+    number (``-0.3``) is left alone: a spreadsheet reads it as that number, never as a formula."""
+    if text.startswith(_CSV_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def _render_json(analysis: Analysis) -> str:
     return json.dumps(_records(analysis), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+# [ and ] are braced: a row starting with "[" after the previous row's \\ would be read as
+# \\[<length>]
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "[": "{[}", "]": "{]}", "%": r"\%", "$": r"\$",
+                  "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
                   "±": r"$\pm$", "≈": r"$\approx$", "†": r"\dag{}", "‡": r"\ddag{}", "Δ": r"$\Delta$",
                   "·": r"$\cdot$", "—": "---"}
 
 
 def _latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+    """LaTeX-safe, on one line: every special character as its text command."""
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in one_line(text))
 
 
 def _render_latex(analysis: Analysis) -> str:
@@ -376,7 +414,7 @@ HTML_SCRIPT = """
 def html_table(analysis: Analysis) -> str:
     """The leaderboard as an html fragment: a scrolling container with the grouped table, its
     deviation notes and legend (the page of :func:`render` and the report embed it)."""
-    table, esc = analysis.table, html.escape
+    table, esc = analysis.table, _html_escape
     groups = _groups(table)
     top = ['<th class="sort" rowspan="2" data-col="0">checkpoint</th>'] + [
         f'<th class="group" colspan="{len(cols)}">{esc(heading)}</th>' for heading, cols in groups]
@@ -388,13 +426,18 @@ def html_table(analysis: Analysis) -> str:
             f'</table>\n</div>\n{_html_notes(analysis)}<p class="legend">{esc(legend(analysis))}</p>\n')
 
 
+def _html_escape(text: str) -> str:
+    """HTML entities for ``& < > " '``, on one line (no control characters)."""
+    return html.escape(one_line(text))
+
+
 def _html_mark(mark: str) -> str:
-    return f'<sup class="dev">{html.escape(mark)}</sup>'
+    return f'<sup class="dev">{_html_escape(mark)}</sup>'
 
 
 def _html_notes(analysis: Analysis) -> str:
     """The deviation notes as a list under the table ("" without any)."""
-    items = [f"<li>{_html_mark(lead) + ' ' if lead else ''}{html.escape(text)}</li>"
+    items = [f"<li>{_html_mark(lead) + ' ' if lead else ''}{_html_escape(text)}</li>"
              for lead, text in deviation_lines(analysis)]
     return f'<ul class="dcb-notes">{"".join(items)}</ul>\n' if items else ""
 
@@ -408,7 +451,7 @@ def _render_html(analysis: Analysis) -> str:
 
 
 def _html_row(analysis: Analysis, row: str) -> str:
-    esc, table = html.escape, analysis.table
+    esc, table = _html_escape, analysis.table
     cls = ' class="ref"' if row == analysis.reference else ""
     parts = [f'<td data-value="{esc(row)}"{cls}>{esc(row)}</td>']
     for col in table.columns:

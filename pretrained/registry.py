@@ -2,9 +2,17 @@
 
 ``manifest.toml`` (beside this file) names each known checkpoint with its URL, arch, source
 format, input convention, reference numbers and, where published, its sha256. Files live in
-``$DCBENCH_CACHE/pretrained/NAME.<ext>`` (default ``~/.cache/dcbench``); ``lock.json`` there
+``<cache root>/pretrained/NAME.<ext>`` (:func:`dcbench.env.cache_root`: ``$DCBENCH_CACHE`` or
+``~/.cache/dcbench``); ``lock.json`` there
 records the sha256 of every file the cache holds, so a checkpoint without a published checksum
 is still verified on every load against what was downloaded (or added) the first time.
+
+Trust: loading weights (``torch.load(weights_only=True)``) cannot run code, so a file vouched for
+only by TLS and the lock file is fine for that. Full unpickling (``--trust-checkpoint``) runs code
+from the file, so it is allowed only for a file whose full sha256 is pinned: in the manifest
+(``sha256``, with ``sha256_source`` saying where the value comes from) or by the user
+(``dcbench pretrained pin NAME SHA256``, or ``--sha256`` on ``download`` / ``add``), recorded
+under ``pins`` in the lock file (:func:`pinned_sha256`).
 
 Only the standard library and :mod:`dcbench.errors` are imported at module level:
 ``dcbench.checkpoint`` imports this package, so loading goes through a deferred import.
@@ -14,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import tomllib
 from collections.abc import Iterator
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dcbench.checkpoint import load_checkpoint
+from dcbench.env import pretrained_cache_dir
 from dcbench.errors import CheckpointError, UsageError
 from dcbench.fileio import atomic_write, atomic_write_text
 
@@ -64,6 +72,7 @@ class Entry:
     sha256_prefix: str | None = None
     input: dict[str, Any] = field(default_factory=dict)
     references: tuple[Reference, ...] = ()
+    sha256_source: str | None = None  # how the manifest's sha256 was obtained
 
     @property
     def extension(self) -> str:
@@ -76,7 +85,7 @@ class Entry:
         return {"name": self.name, "description": self.description, "url": self.url,
                 "url_source": self.url_source, "arch": self.arch, "input_size": self.input_size,
                 "source_format": self.source_format, "converter": self.converter, "sha256": self.sha256,
-                "sha256_prefix": self.sha256_prefix, "input": self.input,
+                "sha256_prefix": self.sha256_prefix, "sha256_source": self.sha256_source, "input": self.input,
                 "references": [vars(r) for r in self.references]}
 
 
@@ -97,13 +106,16 @@ def _entry(name: str, table: dict[str, Any]) -> Entry:
     missing = [k for k in _REQUIRED if k not in table]
     if missing:
         raise UsageError(f"manifest entry {name} lacks {', '.join(missing)}; fix {MANIFEST_PATH}")
+    if table.get("sha256") and not table.get("sha256_source"):
+        raise UsageError(f"manifest entry {name} pins a sha256 without sha256_source (where the value comes "
+                         f"from); fix {MANIFEST_PATH}")
     refs = tuple(Reference(r["protocol"], r["metric"], {str(k): float(v) for k, v in r["values"].items()},
                            r["source"]) for r in table.get("reference", []))
     return Entry(name, table["description"], table["url"], table["url_source"], table["arch"],
                  int(table["input_size"]), table["source_format"], table["converter"],
                  _hex(table.get("sha256"), name, "sha256", 64),
                  _hex(table.get("sha256_prefix"), name, "sha256_prefix", None),
-                 dict(table.get("input", {})), refs)
+                 dict(table.get("input", {})), refs, table.get("sha256_source"))
 
 
 def load_manifest(path: Path | None = None) -> dict[str, Entry]:
@@ -130,14 +142,9 @@ def get_entry(name: str) -> Entry:
 
 
 # ----------------------------------------------------------------------------- cache and lock file
-def cache_root() -> Path:
-    """``$DCBENCH_CACHE`` or ``~/.cache/dcbench``."""
-    return Path(os.environ.get("DCBENCH_CACHE") or Path.home() / ".cache" / "dcbench").expanduser()
-
-
 def pretrained_dir() -> Path:
-    """Where the published files are cached."""
-    return cache_root() / "pretrained"
+    """Where the published files are cached: ``<cache root>/pretrained`` (:mod:`dcbench.env`)."""
+    return pretrained_cache_dir()
 
 
 def cached_path(entry: Entry) -> Path:
@@ -176,21 +183,40 @@ def _lock_guard() -> Iterator[None]:
             fcntl.flock(guard, fcntl.LOCK_UN)
 
 
-def read_lock() -> dict[str, dict[str, Any]]:
-    """``{name: {"file", "sha256", "size", "url", "source", "recorded"}}``; empty without a lock file."""
+def _read_lock_file() -> dict[str, Any]:
+    """The whole lock file: ``{"version", "files": {...}, "pins": {...}}`` (empty parts without one)."""
     path = pretrained_dir() / LOCK_NAME
     if not path.exists():
-        return {}
+        return {"files": {}, "pins": {}}
     try:
-        files = json.loads(path.read_text()).get("files", {})
+        data = json.loads(path.read_text())
+        parts = {key: data.get(key, {}) for key in ("files", "pins")}
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"the cache lock file {path} is unreadable ({exc}); delete it and "
                               f"re-download or re-add the checkpoints") from exc
-    return files if isinstance(files, dict) else {}
+    return {key: value if isinstance(value, dict) else {} for key, value in parts.items()}
+
+
+def read_lock() -> dict[str, dict[str, Any]]:
+    """``{name: {"file", "sha256", "size", "url", "source", "recorded"}}``; empty without a lock file."""
+    return _read_lock_file()["files"]
+
+
+def read_pins() -> dict[str, dict[str, Any]]:
+    """The user's pins: ``{name: {"sha256", "source", "recorded"}}`` (:func:`pin`)."""
+    return _read_lock_file()["pins"]
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_lock(files: dict[str, Any] | None = None, pins: dict[str, Any] | None = None) -> None:
+    """Rewrite the lock file with ``files`` and/or ``pins`` replaced (call under :func:`_lock_guard`)."""
+    data = _read_lock_file()
+    data = {"version": 1, "files": data["files"] if files is None else files,
+            "pins": data["pins"] if pins is None else pins}
+    _write_json_atomic(pretrained_dir() / LOCK_NAME, data)
 
 
 def record(entry: Entry, sha256: str, source: str, unverified: str | None = None) -> None:
@@ -204,7 +230,7 @@ def record(entry: Entry, sha256: str, source: str, unverified: str | None = None
                              "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if unverified:
             files[entry.name]["unverified"] = unverified
-        _write_json_atomic(pretrained_dir() / LOCK_NAME, {"version": 1, "files": files})
+        _write_lock(files=files)
 
 
 def unverified_reason(entry: Entry) -> str | None:
@@ -217,14 +243,59 @@ def forget(entry: Entry) -> None:
     with _lock_guard():
         files = read_lock()
         if files.pop(entry.name, None) is not None:
-            _write_json_atomic(pretrained_dir() / LOCK_NAME, {"version": 1, "files": files})
+            _write_lock(files=files)
+
+
+# ----------------------------------------------------------------------------- pins
+def parse_sha256(value: str) -> str:
+    """A full sha256 in lower-case hex; UsageError otherwise."""
+    text = value.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise UsageError(f"'{value}' is not a sha256: expected 64 hex digits (e.g. from `sha256sum FILE`)")
+    return text
+
+
+def pinned_sha256(entry: Entry) -> tuple[str, str] | None:
+    """``(sha256, where it comes from)`` of the full hash ``entry``'s file must have: the
+    manifest's (published or independently confirmed, see its ``sha256_source``), else the
+    user's pin; None when nothing but the lock file's first download vouches for the file."""
+    if entry.sha256:
+        return entry.sha256, f"the manifest ({entry.sha256_source})"
+    pin_record = read_pins().get(entry.name)
+    if pin_record and pin_record.get("sha256"):
+        return pin_record["sha256"], f"your pin in {pretrained_dir() / LOCK_NAME} ({pin_record.get('source')})"
+    return None
+
+
+def pin(entry: Entry, sha256: str, source: str) -> None:
+    """Pin the full sha256 of ``entry``'s file (a manifest entry without one): every later
+    download, add and load must match it, and ``--trust-checkpoint`` is allowed for it.
+    Refused when the manifest pins a different value or the cached file differs."""
+    sha256 = parse_sha256(sha256)
+    if entry.sha256 and entry.sha256 != sha256:
+        raise CheckpointError(f"{entry.name}: the manifest already pins sha256 {entry.sha256[:16]}..., not "
+                              f"{sha256[:16]}...; the file you checked is not the published one")
+    cached = read_lock().get(entry.name, {}).get("sha256")
+    if cached and cached != sha256 and is_cached(entry):
+        raise CheckpointError(f"{entry.name}: the cached file has sha256 {cached[:16]}..., not the pinned "
+                              f"{sha256[:16]}...; run `dcbench pretrained download {entry.name} --force "
+                              f"--sha256 {sha256}`")
+    with _lock_guard():
+        pins = read_pins()
+        pins[entry.name] = {"sha256": sha256, "source": source,
+                            "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        _write_lock(pins=pins)
 
 
 # ----------------------------------------------------------------------------- verification
 def checksum_problem(entry: Entry, sha256: str) -> str | None:
-    """Why ``sha256`` is not the published file of ``entry`` (manifest sha256 or prefix), else None."""
+    """Why ``sha256`` is not the published file of ``entry`` (manifest sha256, the user's pin,
+    or the manifest's prefix), else None."""
     if entry.sha256 and sha256 != entry.sha256:
         return f"sha256 {sha256[:16]}... differs from the published {entry.sha256[:16]}..."
+    pinned = pinned_sha256(entry)
+    if pinned and sha256 != pinned[0]:
+        return f"sha256 {sha256[:16]}... differs from {pinned[0][:16]}... pinned by {pinned[1]}"
     if entry.sha256_prefix and not sha256.startswith(entry.sha256_prefix):
         return (f"sha256 {sha256[:16]}... does not start with {entry.sha256_prefix}, the prefix in the "
                 f"published file name")
@@ -250,11 +321,60 @@ def verify_cached(entry: Entry) -> str:
         raise CheckpointError(f"cached pretrained:{entry.name} ({path}) is corrupted or was replaced: {problem}; "
                               f"run `dcbench pretrained download {entry.name} --force`")
     if not locked:
-        if not (entry.sha256 or entry.sha256_prefix):
+        if not (entry.sha256 or entry.sha256_prefix or pinned_sha256(entry)):
             raise CheckpointError(f"{path} was not placed by dcbench, so nothing vouches for it; register it "
                                   f"with `dcbench pretrained add {entry.name} FILE`")
         record(entry, sha, "found")  # matches the published checksum: safe to adopt
     return sha
+
+
+# ----------------------------------------------------------------------------- trust
+def _trust_refusal(entry: Entry, sha256: str) -> str:
+    return (f"pretrained:{entry.name} needs full unpickling (--trust-checkpoint), which runs code from the file, "
+            f"and nothing pins its sha256 {sha256[:16]}... (no published value), so only TLS vouches for it; "
+            f"check the file (e.g. against a copy from another machine), then pin its sha256 with "
+            f"`dcbench pretrained pin {entry.name} SHA256`")
+
+
+def _is_pinned_file(entry: Entry, sha256: str) -> bool:
+    """Whether a full sha256 is pinned for ``entry`` and ``sha256`` is it."""
+    pinned = pinned_sha256(entry)
+    return pinned is not None and pinned[0] == sha256
+
+
+def check_trust_allowed(entry: Entry, path: Path, sha256: str) -> None:
+    """CheckpointError when the file of ``entry`` (at ``path``, sha256 ``sha256``) needs full
+    unpickling but it is not the file a full sha256 pins (:func:`pinned_sha256`; a file
+    stored with ``add --force`` is not, whatever the manifest pins).
+
+    Whether it needs full unpickling is found once per file by a ``weights_only`` read (which
+    cannot run code) and kept in the lock file, so later loads cost nothing."""
+    if _is_pinned_file(entry, sha256):
+        return
+    record_ = read_lock().get(entry.name, {})
+    needs = record_.get("needs_unpickling") if record_.get("sha256") == sha256 else None
+    if needs is None:
+        needs = _needs_unpickling(path)
+        if needs is None:
+            return  # not readable at all: the load itself reports it
+        with _lock_guard():
+            files = read_lock()
+            if files.get(entry.name, {}).get("sha256") == sha256:
+                files[entry.name]["needs_unpickling"] = needs
+                _write_lock(files=files)
+    if needs:
+        raise CheckpointError(_trust_refusal(entry, sha256))
+
+
+def _needs_unpickling(path: Path) -> bool | None:
+    """Whether ``path`` loads only with full unpickling (None: it does not load either way)."""
+    from dcbench.checkpoint import read_checkpoint_file
+
+    try:
+        read_checkpoint_file(path, trust=False)
+    except CheckpointError as exc:
+        return True if "--trust-checkpoint" in str(exc) else None
+    return False
 
 
 # ----------------------------------------------------------------------------- add
@@ -284,11 +404,13 @@ def check_file(entry: Entry, path: Path, sha256: str, trust: bool = False) -> tu
     return problems, loaded.report.summary()
 
 
-def add_file(name: str, file: str | Path, trust: bool = False,
-             force: bool = False) -> tuple[Entry, Path, str, str, str | None]:
+def add_file(name: str, file: str | Path, trust: bool = False, force: bool = False,
+             sha256: str | None = None) -> tuple[Entry, Path, str, str, str | None]:
     """Register a local copy of a published checkpoint: check it against the manifest entry
     (:func:`check_file`), copy it into the cache atomically, record its sha256.
 
+    ``sha256``: the full hash the user verified the file against; it must match, and is then
+    pinned (:func:`pin`). ``trust`` (full unpickling of the file) needs a pinned sha256.
     A mismatch is a CheckpointError naming what differs, unless ``force``: then the file is
     stored with the differences recorded as ``unverified`` in the lock file (results of it say
     so). Returns ``(entry, cached path, sha256, key report, unverified reason or None)``."""
@@ -297,6 +419,18 @@ def add_file(name: str, file: str | Path, trust: bool = False,
     if not src.is_file():
         raise CheckpointError(f"{src} does not exist or is not a file; pass the downloaded checkpoint file")
     sha = file_sha256(src)
+    expected = parse_sha256(sha256) if sha256 else None
+    if expected and sha != expected:
+        raise CheckpointError(f"{src} has sha256 {sha}, not the {expected} you passed with --sha256; "
+                              f"it is not the file you checked")
+    if trust and not expected and not _is_pinned_file(entry, sha):
+        raise CheckpointError(f"--trust-checkpoint runs code from {src}, and it is not the file a sha256 pinned "
+                              f"for {entry.name} names; check the file and pass --sha256 SHA256 (`sha256sum {src}`) "
+                              f"with it")
+    mismatch = checksum_problem(entry, sha) if trust else None
+    if mismatch:  # never unpickle a file the manifest or a pin says is not the published one
+        raise CheckpointError(f"{src} is not the published {entry.name} ({mismatch}); refusing to unpickle it "
+                              f"fully (--trust-checkpoint runs code from it)")
     problems, report = check_file(entry, src, sha, trust=trust)
     if problems and not force:
         raise CheckpointError(f"{src} is not the published {entry.name}: {'; '.join(problems)} "
@@ -304,6 +438,8 @@ def add_file(name: str, file: str | Path, trust: bool = False,
     reason = "; ".join(problems) or None
     _copy_into_cache(src, cached_path(entry))
     record(entry, sha, "add", unverified=reason)
+    if expected and not entry.sha256 and not reason:
+        pin(entry, expected, "add --sha256")
     return entry, cached_path(entry), sha, report or "not loadable as the manifest's arch", reason
 
 

@@ -13,6 +13,7 @@ import re
 import socket
 import threading
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,18 @@ def _swav_bytes(path: Path) -> dict[str, torch.Tensor]:
     return trunk
 
 
+def _trust_bytes(path: Path) -> dict[str, torch.Tensor]:
+    """DeepCluster layout plus an argparse.Namespace (as training scripts save their args): it
+    loads only with full unpickling (--trust-checkpoint)."""
+    import argparse
+
+    torch.manual_seed(4)
+    sd = build_backbone("alexnet", sobel=True, input_size=64).state_dict()
+    state = {k.replace("features.", "features.module.", 1): v for k, v in sd.items()}
+    torch.save({"epoch": 1, "arch": "alexnet", "state_dict": state, "args": argparse.Namespace(lr=0.05)}, path)
+    return sd
+
+
 def _torchvision_bytes(path: Path) -> dict[str, torch.Tensor]:
     """torchvision release layout: the model's bare state dict."""
     torch.manual_seed(3)
@@ -93,7 +106,8 @@ def files(tmp_path_factory):
     out = {}
     for name, make, filename in [("dc", _deepcluster_bytes, "checkpoint.pth.tar"),
                                  ("swav", _swav_bytes, "deepclusterv2_pretrain.pth.tar"),
-                                 ("tv", _torchvision_bytes, "squeezenet1_1.pth")]:
+                                 ("tv", _torchvision_bytes, "squeezenet1_1.pth"),
+                                 ("trust", _trust_bytes, "trust.pth.tar")]:
         path = root / filename
         weights = make(path)
         out[name] = (path, path.read_bytes(), weights)
@@ -101,18 +115,33 @@ def files(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- local HTTP server
+def etag(data: bytes) -> str:
+    return f'"{sha(data)[:16]}"'
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` with Range support; ``server.cut[path] = n`` makes the next full
-    (non-Range) response for ``path`` stop after n bytes and drop the connection."""
+    """Serves ``server.files`` with Range and If-Range support (a strong ETag per content;
+    an If-Range naming another version gets the whole file, RFC 9110); ``server.cut[path] = n``
+    makes the next full (non-Range) response for ``path`` stop after n bytes and drop the
+    connection; ``server.redirects[path] = url`` answers 302 to ``url``."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append((self.path, rng))
+        srv.if_ranges.append(self.headers.get("If-Range"))
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = srv.files.get(self.path)
         if data is None:
             self.send_error(404)
             return
+        if rng and not srv.ignore_if_range and self.headers.get("If-Range") not in (None, etag(data)):
+            rng = None  # the client's partial is another version: send the whole file
         start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if rng else 0
         if start >= len(data) > 0:
             self.send_response(416)
@@ -122,6 +151,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if rng else 200)
         if rng:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if srv.send_etag:
+            self.send_header("ETag", etag(data))
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         cut = None if rng else srv.cut.pop(self.path, None)
@@ -154,7 +185,8 @@ class _Server(http.server.ThreadingHTTPServer):
 def server():
     """An HTTP server on 127.0.0.1 in a thread; stops at teardown or after 120 s on its own."""
     srv = _Server(("127.0.0.1", 0), _Handler)
-    srv.files, srv.cut, srv.requests = {}, {}, []
+    srv.files, srv.cut, srv.requests, srv.if_ranges, srv.redirects = {}, {}, [], [], {}
+    srv.send_etag, srv.ignore_if_range = True, False
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     watchdog = threading.Timer(120, srv.shutdown)
@@ -180,11 +212,13 @@ def manifest(tmp_path, monkeypatch, server, files):
     bad = b"PK" + b"\0" * 1000  # starts like a torch zip, but is not the published file
     html = b"<html><body>Service Unavailable</body></html>"
     server.files.update({"/dc/checkpoint.pth.tar": files["dc"][1], "/swav/dcv2.pth.tar": files["swav"][1],
+                         "/trust/checkpoint.pth.tar": files["trust"][1],
                          "/tv/squeezenet1_1-aaaa.pth": files["tv"][1], "/bad/file.pth": bad,
                          "/html/file.pth": html})
     entries = {
         "tiny-dc": dict(url="/dc/checkpoint.pth.tar", arch="alexnet", input_size=64, fmt="deepcluster"),
         "tiny-swav": dict(url="/swav/dcv2.pth.tar", arch="tv:resnet18", input_size=224, fmt="swav"),
+        "tiny-trust": dict(url="/trust/checkpoint.pth.tar", arch="alexnet", input_size=64, fmt="deepcluster"),
         "tiny-tv": dict(url="/tv/squeezenet1_1-aaaa.pth", arch="tv:squeezenet1_1", input_size=224,
                         fmt="state_dict", sha256=sha(files["tv"][1])),
         "tiny-bad": dict(url="/bad/file.pth", arch="tv:squeezenet1_1", input_size=224, fmt="state_dict",
@@ -200,7 +234,7 @@ def manifest(tmp_path, monkeypatch, server, files):
                   'url_source = "test"', f'arch = "{e["arch"]}"', f'input_size = {e["input_size"]}',
                   f'source_format = "{e["fmt"]}"', f'converter = "{e["fmt"]}"']
         if "sha256" in e:
-            lines.append(f'sha256 = "{e["sha256"]}"')
+            lines += [f'sha256 = "{e["sha256"]}"', 'sha256_source = "computed by the test from its own bytes"']
         lines += [f"[checkpoints.{name}.input]", "mean = [0.485, 0.456, 0.406]",
                   "std = [0.229, 0.224, 0.225]", f'sobel = {"true" if e["arch"] == "alexnet" else "false"}']
     path = tmp_path / "manifest.toml"
@@ -208,6 +242,7 @@ def manifest(tmp_path, monkeypatch, server, files):
     monkeypatch.setattr(registry, "MANIFEST_PATH", path)
     monkeypatch.setattr(download, "RETRY_WAIT_S", 0.0)
     monkeypatch.setattr(download, "TIMEOUT_S", 10.0)
+    monkeypatch.setattr(download, "INSECURE_HOSTS", frozenset({"127.0.0.1"}))  # the local test server
     return entries
 
 
@@ -235,7 +270,11 @@ def test_manifest_lists_the_published_checkpoints():
     # torchvision: the manifest's URL is torchvision's own, and the prefix is the one in its name
     tv = entries["supervised-alexnet-tv"]
     assert tv.url == torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
-    assert tv.sha256_prefix == re.search(r"-([a-f0-9]+)\.", tv.url).group(1) and tv.sha256 is None
+    assert tv.sha256_prefix == re.search(r"-([a-f0-9]+)\.", tv.url).group(1)
+    # every full sha256 says where it comes from, and agrees with the published prefix
+    for e in entries.values():
+        assert (e.sha256 is None) or (e.sha256_source and e.sha256.startswith(e.sha256_prefix or ""))
+    assert tv.sha256 and entries["supervised-resnet50-tv"].sha256
     table1 = entries["deepcluster-alexnet"].references[0]
     assert table1.values == {"conv1": 12.9, "conv2": 29.2, "conv3": 38.2, "conv4": 39.8, "conv5": 36.1}
     assert "Table 1" in table1.source
@@ -295,6 +334,7 @@ def test_interrupted_transfer_is_resumed(manifest, server, files):
     result = cli("pretrained", "download", "tiny-swav")
     assert result.exit_code == 0, result.output
     assert server.requests == [("/swav/dcv2.pth.tar", None), ("/swav/dcv2.pth.tar", f"bytes={len(data) // 3}-")]
+    assert server.if_ranges == [None, etag(data)]  # the resume names the version it continues
     path = cache_dir() / "tiny-swav.pth.tar"
     assert path.read_bytes() == data and not (cache_dir() / "tiny-swav.part").exists()
     assert lock()["tiny-swav"]["sha256"] == sha(data) and lock()["tiny-swav"]["source"] == "download"
@@ -463,3 +503,169 @@ def test_forced_add_is_recorded_unverified_and_tables_say_so(manifest, files, tm
     items = json.loads(cli("leaderboard", "--store", str(store), "--format", "json").stdout)
     assert {i["checkpoint"] for i in items} == {"pretrained:tiny-dc [unverified]"}
     assert all(i["unverified"] for i in items)
+
+
+# ----------------------------------------------------------------------------- trust needs a pinned sha256
+def test_trust_checkpoint_on_an_unpinned_entry_is_refused_until_pinned(manifest, server, files):
+    data = files["trust"][1]
+    with pytest.raises(CheckpointError, match="needs full unpickling.*dcbench pretrained pin tiny-trust SHA256"):
+        resolve_checkpoint("pretrained:tiny-trust", trust=True)
+    assert lock()["tiny-trust"]["needs_unpickling"] is True  # probed once (weights_only), then remembered
+    result = cli("checkpoint", "inspect", "pretrained:tiny-trust", "--trust-checkpoint")
+    assert result.exit_code == 1 and len(error_lines(result)) == 1 and "pretrained pin" in result.output
+    wrong = cli("pretrained", "pin", "tiny-trust", "0" * 64)  # not the cached file
+    assert wrong.exit_code == 1 and "--force --sha256" in wrong.output and "tiny-trust" not in registry.read_pins()
+    bad = cli("pretrained", "pin", "tiny-trust", "xyz")
+    assert bad.exit_code == 2 and "64 hex digits" in bad.output
+    pinned = cli("pretrained", "pin", "tiny-trust", sha(data).upper())
+    assert pinned.exit_code == 0, pinned.output
+    assert registry.read_pins()["tiny-trust"]["sha256"] == sha(data)
+    loaded = resolve_checkpoint("pretrained:tiny-trust", trust=True)
+    torch.testing.assert_close(loaded.backbone.backbone_state_dict()["features.0.weight"],
+                               files["trust"][2]["features.0.weight"])
+    with pytest.raises(CheckpointError, match="pass --trust-checkpoint"):  # trust is still the caller's choice
+        resolve_checkpoint("pretrained:tiny-trust")
+    assert json.loads(cli("pretrained", "list", "--json").output)["tiny-trust"]["pinned_sha256"] == sha(data)
+    assert len(server.requests) == 1
+
+
+def test_weights_only_entries_need_no_pin(manifest, server, files):
+    loaded = resolve_checkpoint("pretrained:tiny-dc", trust=True)  # trust is harmless: nothing to unpickle
+    assert loaded.format == "deepcluster" and lock()["tiny-dc"]["needs_unpickling"] is False
+
+
+def test_add_with_trust_needs_the_sha256_it_was_checked_against(manifest, files):
+    path, data = files["trust"][0], files["trust"][1]
+    refused = cli("pretrained", "add", "tiny-trust", str(path), "--trust-checkpoint")
+    assert refused.exit_code == 1 and "--sha256 SHA256" in refused.output and not list(cache_dir().glob("tiny-*"))
+    wrong = cli("pretrained", "add", "tiny-trust", str(path), "--trust-checkpoint", "--sha256", "1" * 64)
+    assert wrong.exit_code == 1 and "not the file you checked" in wrong.output and "tiny-trust" not in lock()
+    added = cli("pretrained", "add", "tiny-trust", str(path), "--trust-checkpoint", "--sha256", sha(data))
+    assert added.exit_code == 0, added.output
+    assert registry.read_pins()["tiny-trust"]["source"] == "add --sha256"
+    assert resolve_checkpoint("pretrained:tiny-trust", trust=True).format == "deepcluster"
+
+
+def test_download_sha256_option_pins_and_refuses_another_file(manifest, server, files):
+    data = files["swav"][1]
+    wrong = cli("pretrained", "download", "tiny-swav", "--sha256", "2" * 64)
+    assert wrong.exit_code == 1 and "corrupted" in wrong.output and "pinned by your pin" in wrong.output
+    assert not (cache_dir() / "tiny-swav.pth.tar").exists()
+    right = cli("pretrained", "download", "tiny-swav", "--sha256", sha(data))
+    assert right.exit_code == 0, right.output
+    assert registry.read_pins()["tiny-swav"]["sha256"] == sha(data) and lock()["tiny-swav"]["sha256"] == sha(data)
+    two = cli("pretrained", "download", "tiny-swav", "tiny-dc", "--sha256", sha(data))
+    assert two.exit_code == 2 and "one NAME" in two.output
+
+
+def test_manifest_refuses_another_pin(manifest):
+    result = cli("pretrained", "pin", "tiny-tv", "3" * 64)
+    assert result.exit_code == 1 and "the manifest already pins" in result.output
+
+
+# ----------------------------------------------------------------------------- https only
+def test_plain_http_is_refused_without_a_request(manifest, server, monkeypatch):
+    monkeypatch.setattr(download, "INSECURE_HOSTS", frozenset())
+    result = cli("pretrained", "download", "tiny-swav")
+    assert result.exit_code == 1
+    (line,) = error_lines(result)
+    assert "only over https" in line and "pretrained add tiny-swav FILE" in line
+    assert server.requests == []
+
+
+def test_redirect_to_http_is_refused(manifest, server):
+    server.redirects["/swav/dcv2.pth.tar"] = "http://example.invalid/dcv2.pth.tar"  # a downgrade
+    result = cli("pretrained", "download", "tiny-swav")
+    assert result.exit_code == 1
+    (line,) = error_lines(result)
+    assert "redirects to http://example.invalid/dcv2.pth.tar" in line and "not https" in line
+    assert len(server.requests) == 1 and not list(cache_dir().glob("tiny-swav*"))
+
+
+def test_redirect_handler_follows_https_only():
+    handler = download._HttpsOnlyRedirects()
+    req = urllib.request.Request("https://example.org/a.pth", headers={"Range": "bytes=5-", "If-Range": '"e"'})
+    followed = handler.redirect_request(req, None, 302, "Found", {}, "https://cdn.example.org/a.pth")
+    assert followed.full_url == "https://cdn.example.org/a.pth"
+    assert followed.get_header("Range") == "bytes=5-" and followed.get_header("If-range") == '"e"'
+    for target in ("http://cdn.example.org/a.pth", "ftp://example.org/a.pth", "file:///etc/passwd"):
+        with pytest.raises(CheckpointError, match="not https"):
+            handler.redirect_request(req, None, 301, "Moved", {}, target)
+
+
+# ----------------------------------------------------------------------------- If-Range on resume
+def _other_version(files, tmp_path) -> bytes:
+    """A second, valid release of the swav file (same layout, other weights)."""
+    other = tmp_path / "other.pth.tar"
+    torch.save({k: v + 1 for k, v in torch.load(files["swav"][0], weights_only=True).items()}, other)
+    return other.read_bytes()
+
+
+def test_a_file_changed_on_the_server_is_never_spliced(manifest, server, files, monkeypatch, tmp_path):
+    old, new = files["swav"][1], _other_version(files, tmp_path)
+    cut = len(old) // 3
+    server.cut["/swav/dcv2.pth.tar"] = cut
+    monkeypatch.setattr(download, "ATTEMPTS", 1)
+    assert cli("pretrained", "download", "tiny-swav").exit_code == 1
+    server.files["/swav/dcv2.pth.tar"] = new  # the published file changes before the resume
+    result = cli("pretrained", "download", "tiny-swav")
+    assert server.requests[-1] == ("/swav/dcv2.pth.tar", f"bytes={cut}-") and server.if_ranges[-1] == etag(old)
+    # If-Range did not match: the server sent the whole new file, which replaced the partial one
+    assert result.exit_code == 0, result.output
+    assert (cache_dir() / "tiny-swav.pth.tar").read_bytes() == new and lock()["tiny-swav"]["sha256"] == sha(new)
+
+
+def test_a_server_ignoring_if_range_is_caught_by_the_etag(manifest, server, files, monkeypatch, tmp_path):
+    old, new = files["swav"][1], _other_version(files, tmp_path)
+    server.cut["/swav/dcv2.pth.tar"] = len(old) // 3
+    monkeypatch.setattr(download, "ATTEMPTS", 1)
+    assert cli("pretrained", "download", "tiny-swav").exit_code == 1
+    server.files["/swav/dcv2.pth.tar"] = new
+    server.ignore_if_range = True  # answers the Range with the new file's bytes (206, new ETag)
+    monkeypatch.setattr(download, "ATTEMPTS", 2)
+    result = cli("pretrained", "download", "tiny-swav")
+    assert result.exit_code == 0, result.output
+    assert [r[1] for r in server.requests[1:]] == [f"bytes={len(old) // 3}-", None]  # refused, then a full GET
+    assert (cache_dir() / "tiny-swav.pth.tar").read_bytes() == new
+
+
+def test_a_stale_validator_gets_the_whole_file(manifest, server, files, monkeypatch):
+    data = files["tv"][1]
+    server.cut["/tv/squeezenet1_1-aaaa.pth"] = len(data) // 2
+    monkeypatch.setattr(download, "ATTEMPTS", 1)
+    assert cli("pretrained", "download", "tiny-tv").exit_code == 1
+    validators = json.loads((cache_dir() / "tiny-tv.part.json").read_text())
+    assert validators["etag"] == etag(data)
+    (cache_dir() / "tiny-tv.part.json").write_text(json.dumps({**validators, "etag": '"older"'}))
+    monkeypatch.setattr(download, "ATTEMPTS", 2)
+    # the handler sees If-Range "older" != its ETag and sends the whole file (200): starts over
+    result = cli("pretrained", "download", "tiny-tv")
+    assert result.exit_code == 0, result.output
+    assert (cache_dir() / "tiny-tv.pth").read_bytes() == data and not (cache_dir() / "tiny-tv.part.json").exists()
+
+
+def test_resume_without_a_validator_starts_over(manifest, server, files, monkeypatch):
+    data = files["tv"][1]
+    server.send_etag = False  # no ETag, no Last-Modified: the partial's version is unknown
+    server.cut["/tv/squeezenet1_1-aaaa.pth"] = len(data) // 2
+    monkeypatch.setattr(download, "ATTEMPTS", 1)
+    assert cli("pretrained", "download", "tiny-tv").exit_code == 1
+    result = cli("pretrained", "download", "tiny-tv")
+    assert result.exit_code == 0, result.output
+    assert server.requests[-1] == ("/tv/squeezenet1_1-aaaa.pth", None)  # a full GET, no Range
+    assert (cache_dir() / "tiny-tv.pth").read_bytes() == data
+
+
+def test_if_range_prefers_a_strong_etag():
+    assert download._if_range({"etag": '"abc"', "last_modified": "Tue, 01 Jul 2025 00:00:00 GMT"}) == '"abc"'
+    assert download._if_range({"etag": 'W/"abc"', "last_modified": "Tue, 01 Jul 2025 00:00:00 GMT"}) == \
+        "Tue, 01 Jul 2025 00:00:00 GMT"
+    assert download._if_range({"etag": 'W/"abc"'}) is None and download._if_range({}) is None
+
+
+def test_trust_is_never_used_on_a_file_other_than_the_pinned_one(manifest, files, tmp_path):
+    # tiny-tv pins the squeezenet file: another file is refused before anything unpickles it
+    result = cli("pretrained", "add", "tiny-tv", str(files["trust"][0]), "--trust-checkpoint", "--force",
+                 "--sha256", sha(files["trust"][1]))
+    assert result.exit_code == 1 and "refusing to unpickle it fully" in result.output
+    assert not list(cache_dir().glob("tiny-tv*"))

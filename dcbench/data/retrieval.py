@@ -22,6 +22,11 @@ Two on-disk layouts are supported, each under a dataset ROOT holding one folder 
   (Paris's tarball keeps images in one subfolder per landmark: ``jpg/`` is searched
   recursively, and names are file stems.)
 
+The revisitop ground truth is a pickle, and a pickle can name any Python callable, so
+``gnd_*.pkl`` is read by :class:`GroundTruthUnpickler`, which builds only builtin containers,
+numbers, strings and numpy arrays (the objects revisitop's files hold) and refuses every other
+global: a crafted dataset file cannot run code.
+
 Every reader checks that each listed image exists and raises :class:`DataError` with one
 line naming the first missing piece and the expected layout. Unreadable (corrupt) files are
 not checked here: they are skipped at extraction time with a count, like everywhere else.
@@ -35,12 +40,15 @@ lists no such image.)
 """
 from __future__ import annotations
 
+import _codecs
 import hashlib
+import importlib
 import os
 import pickle
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -152,6 +160,76 @@ def _check_listed(names: list[str], files: dict[str, str], source: str, image_di
                         f"restore the dataset's jpg/ folder")
 
 
+# ----------------------------------------------------------------------------- restricted unpickling
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names a global outside :func:`safe_pickle_globals` (it could run code)."""
+
+
+def _numpy_attr(submodule: str, name: str) -> Any:
+    """``numpy._core.<submodule>.<name>`` (numpy >= 2), else ``numpy.core.<submodule>.<name>``
+    (numpy 1.x); importing the 1.x path on numpy 2 would warn, so the new one comes first."""
+    for package in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {submodule}.{name}")
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as pickles use it: protocols 0-2 write ``bytes`` (numpy's array
+    data among them) as ``_codecs.encode(text, "latin1")``. Other codecs are refused: codec
+    lookup imports modules by name."""
+    if str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise UnsafePickleError(f"_codecs.encode with codec {encoding!r}")
+    return _codecs.encode(text, "latin1", errors)
+
+
+@lru_cache(maxsize=1)
+def safe_pickle_globals() -> dict[tuple[str, str], Any]:
+    """``{(module, name): object}`` a ground-truth pickle may name: builtin containers and
+    numbers, and what numpy's ``__reduce__`` writes for arrays, dtypes and scalars, under both
+    the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module names, so files pickled by
+    either (or by Python 2, whose ``__builtin__`` is listed too) load with either."""
+    reconstruct, scalar = _numpy_attr("multiarray", "_reconstruct"), _numpy_attr("multiarray", "scalar")
+    frombuffer = _numpy_attr("numeric", "_frombuffer")  # protocol 5 arrays (numpy's __reduce_ex__)
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                       ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        out[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        out[(f"{package}.multiarray", "scalar")] = scalar
+        out[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    for module in ("builtins", "__builtin__"):
+        # the builtins protocols 0-4 reach through a global (lists, dicts, str, int ... have opcodes)
+        for kind in (set, frozenset, complex, bytes, bytearray):
+            out[(module, kind.__name__)] = kind
+    return out
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """An unpickler that builds only builtin containers, numbers, strings and numpy arrays;
+    any other global (``os.system``, a class, ``eval`` ...) raises :class:`UnsafePickleError`
+    before it is called. Python 2 strings are decoded as latin-1, as numpy's docs advise for
+    its arrays (``numpy.load(..., encoding="latin1")``)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file, encoding="latin1")
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = safe_pickle_globals().get((module, name))
+        if found is None:
+            raise UnsafePickleError(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("a persistent id")
+
+
+def load_ground_truth_pickle(file: BinaryIO) -> Any:
+    """Unpickle ``file`` with :class:`GroundTruthUnpickler` (never runs code from the file)."""
+    return GroundTruthUnpickler(file).load()
+
+
 # ----------------------------------------------------------------------------- revisitop layout
 def _load_pickle(path: Path, hint: str) -> dict[str, Any]:
     if not path.is_file():
@@ -159,8 +237,11 @@ def _load_pickle(path: Path, hint: str) -> dict[str, Any]:
                         f"(revisitop's download script writes it)")
     try:
         with open(path, "rb") as f:
-            # the revisitop files are plain pickles of lists/dicts/arrays
-            data = pickle.load(f)
+            data = load_ground_truth_pickle(f)
+    except UnsafePickleError as exc:
+        raise DataError(f"ground-truth file {path} refers to the Python object {exc}, which a revisitop file "
+                        f"never holds (only lists, dicts, strings, numbers and numpy arrays), so it was not "
+                        f"loaded: it could run code; download the file again from revisitop") from None
     except Exception as exc:  # noqa: BLE001 - pickle raises many types on bad files
         raise DataError(f"ground-truth file {path} cannot be read ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split()) or 'no details'}); download it again") from None

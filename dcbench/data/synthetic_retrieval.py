@@ -256,13 +256,15 @@ def write_revisitop(collection: _Collection, folder: Path) -> Path:
     for photo in collection.database + collection.queries:
         _save_jpg(photo, folder / "jpg")
     imlist = [p.name for p in collection.database]
-    gnd = [{"easy": _indices(collection.database, q.landmark, "easy"),
-            "hard": _indices(collection.database, q.landmark, "hard"),
-            "junk": _indices(collection.database, q.landmark, "junk"),
+    gnd = [{**{kind: np.array(_indices(collection.database, q.landmark, kind), dtype=np.int64)
+                for kind in ("easy", "hard", "junk")},
             "bbx": list(q.box)} for q in collection.queries]
     data = {"imlist": imlist, "qimlist": [q.name for q in collection.queries], "gnd": gnd}
+    # numpy arrays and protocol 2 (the pickle form Python 2 and 3 share): every test reading a
+    # synthetic dataset goes through the restricted unpickler's numpy and bytes paths
+    # (dcbench.data.retrieval.GroundTruthUnpickler), not only through plain lists
     with open(folder / f"gnd_{folder.name}.pkl", "wb") as f:
-        pickle.dump(data, f)
+        pickle.dump(data, f, protocol=2)
     return folder
 
 

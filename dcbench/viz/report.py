@@ -24,6 +24,7 @@ from dcbench.checkpoint import resolve_checkpoint
 from dcbench.fileio import atomic_write_text
 from dcbench.errors import DcbenchError
 from dcbench.leaderboard import HEADLINE, HTML_SCRIPT, HTML_STYLE, Analysis, Table, analyze, build_table, html_table
+from dcbench.render import plot_text
 from dcbench.results import Result, ResultStore, default_store_path
 from dcbench.viz import figure_png_bytes, new_figure, png_bytes
 from dcbench.viz.filters import filter_grid
@@ -31,7 +32,7 @@ from dcbench.viz.training import load_run, overview_figure
 
 log = logging.getLogger("dcbench")
 
-__all__ = ["ReportInputs", "build_report", "layer_curves", "load_results", "write_report"]
+__all__ = ["ReportInputs", "build_report", "layer_curves", "load_results", "plot_text", "write_report"]
 
 
 @dataclass
@@ -125,11 +126,12 @@ def curve_png(group: str, curves: dict[str, dict[str, float | tuple]], metric: s
         y = np.array([p[0] for p in points])
         err = np.array([[p[0] - p[1], p[2] - p[0]] for p in points]).T
         dodge = 0.06 * (i - (len(curves) - 1) / 2)  # overlapping error bars stay apart
-        ax.errorbar(x + dodge, y, yerr=np.nan_to_num(err), marker="o", capsize=3, label=label, color=f"C{i % 10}")
-    ax.set_xticks(x, taps)
+        ax.errorbar(x + dodge, y, yerr=np.nan_to_num(err), marker="o", capsize=3, label=plot_text(label),
+                    color=f"C{i % 10}")
+    ax.set_xticks(x, [plot_text(t) for t in taps])
     ax.set_xlabel("layer")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{group}: {metric} by layer (95% CI)", fontsize=10)
+    ax.set_ylabel(plot_text(metric))
+    ax.set_title(plot_text(f"{group}: {metric} by layer (95% CI)"), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure_png_bytes(fig)

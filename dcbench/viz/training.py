@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from dcbench.errors import DcbenchError
+from dcbench.render import plot_text
 from dcbench.viz import new_figure, save_figure
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def nmi_figure(run: RunData) -> Figure:
     left, right = fig.subplots(1, 2)
     plot_nmi_labels(left, run)
     plot_nmi_prev(right, run)
-    fig.suptitle(f"{run.name}: clustering quality and stability")
+    fig.suptitle(f"{plot_text(run.name)}: clustering quality and stability")
     return fig
 
 
@@ -240,7 +241,7 @@ def overview_figure(run: RunData) -> Figure:
     last = run.records[-1]
     axes[-1].text(0.0, 0.9, _summary(last, len(run.records)), va="top", family="monospace", fontsize=9,
                   transform=axes[-1].transAxes)
-    fig.suptitle(f"training run: {run.name}")
+    fig.suptitle(f"training run: {plot_text(run.name)}")
     return fig
 
 
