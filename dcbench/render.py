@@ -84,7 +84,8 @@ def legend(analysis: Analysis, best: str = "bold", tied: str = _TIED_MARK, sig: 
             f"from the top, or not testable)")
     if analysis.reference is not None:
         text += (f"; Δ = difference to {analysis.reference} [{pct} CI], {sig} = significant "
-                 f"(paired bootstrap over images, else paired t over seeds)")
+                 f"(paired bootstrap over images, else paired t over seeds; p Holm-adjusted over the "
+                 f"{analysis.family_size} tested differences)")
     if analysis.deviations.user:
         text += f"; {DEVIATION_MARK}N = run with settings changed from the defaults (listed above)"
     return text
@@ -262,17 +263,19 @@ def _diff_fields(analysis: Analysis, row: str, col: str) -> dict[str, Any]:
     cmp = analysis.diffs.get((row, col))
     if cmp is None:
         return {"reference": analysis.reference, "diff": 0.0 if row == analysis.reference else None,
-                "diff_ci_low": None, "diff_ci_high": None, "p_value": None, "significant": None, "test": None}
+                "diff_ci_low": None, "diff_ci_high": None, "p_value": None, "p_adjusted": None, "significant": None,
+                "test": None}
     p = None if cmp.p_value is None or np.isnan(cmp.p_value) else cmp.p_value
+    adjusted = None if cmp.p_adjusted is None or np.isnan(cmp.p_adjusted) else cmp.p_adjusted
     return {"reference": analysis.reference, "diff": cmp.diff, "diff_ci_low": cmp.ci_low,
-            "diff_ci_high": cmp.ci_high, "p_value": p, "significant": cmp.significant(analysis.alpha) if cmp.tested
-            else None, "test": cmp.method}
+            "diff_ci_high": cmp.ci_high, "p_value": p, "p_adjusted": adjusted,
+            "significant": cmp.significant(analysis.alpha) if cmp.tested else None, "test": cmp.method}
 
 
 _CSV_FIELDS = ["checkpoint", "column", "protocol", "setup", "tap", "metric", "split", "n", "mean", "std", "ci_low",
                "ci_high", "ci_method", "mark", "seed_dependent", "duplicates", "unverified", "key",
                "protocol_version", "data_fingerprint", "settings", "deviation_mark", "deviations", "known_deviations"]
-_CSV_DIFF = ["reference", "diff", "diff_ci_low", "diff_ci_high", "p_value", "significant", "test"]
+_CSV_DIFF = ["reference", "diff", "diff_ci_low", "diff_ci_high", "p_value", "p_adjusted", "significant", "test"]
 
 
 def _render_csv(analysis: Analysis) -> str:

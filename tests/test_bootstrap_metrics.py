@@ -139,3 +139,11 @@ def test_table_differences_to_the_reference_are_holm_adjusted():
     assert [three.diffs[("a", c)].p_adjusted for c in ("c1", "c2", "c3")] == pytest.approx(holm(raw))
     assert three.diffs[("a", "c1")].p_adjusted == pytest.approx(3 * raw[0])
     assert not three.significant("a", "c1")  # 0.022 * 3 = 0.067: not a finding once 3 were tested
+    import json
+
+    from dcbench.render import render
+    items = {(i["checkpoint"], i["column"]): i for i in json.loads(render(three.table, "json", reference="b"))}
+    c1 = items[("a", "c1")]
+    assert c1["p_value"] == pytest.approx(raw[0]) and c1["p_adjusted"] == pytest.approx(3 * raw[0])
+    assert c1["significant"] is False
+    assert "Holm-adjusted over the 3 tested differences" in render(three.table, "md", reference="b")
