@@ -28,7 +28,7 @@ class _Group(click.Group):
         except DcbenchError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_user_message(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
@@ -40,6 +40,18 @@ class _Group(click.Group):
             click.echo(f"error: internal error {type(exc).__name__}: {message} "
                        f"(rerun with --debug for the traceback and please report it)", err=True)
             ctx.exit(1)
+
+
+def _user_message(exc: BaseException) -> str:
+    """The one line of a user error. A DataLoader worker re-raises an error as the same type with
+    "Caught X in DataLoader worker process N. Original Traceback ..." (torch/_utils.py
+    ExceptionWrapper.reraise): the original message is the traceback's last line."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name, sep, message = last.partition(": ")
+        text = message if sep and name.split(".")[-1] == type(exc).__name__ else last
+    return " ".join(text.split())
 
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
@@ -220,10 +232,39 @@ _store_option = click.option("--store", type=click.Path(dir_okay=False),
                              help="Results database (default $DCBENCH_STORE or ~/.dcbench/results.db).")
 
 
-def _open_store(path: str | None):
-    from dcbench.results import ResultStore, default_store_path
+def _store_path(path: str | None) -> Path:
+    from dcbench.results import default_store_path
 
-    return ResultStore(path or default_store_path())
+    return Path(path).expanduser() if path else default_store_path()
+
+
+def _said_store(path: str | Path, what: str = "results store:") -> None:
+    """The one line every command that reads or writes the store gives: which file (INFO, stderr)."""
+    log.info("%s %s", what, Path(path).expanduser())
+
+
+def _check_protocols(names: tuple[str, ...] | list[str], store_path: Path | None = None) -> None:
+    """UsageError (exit 2) naming the choices unless every name is a registered protocol or one
+    the store holds results of (a plugin uninstalled since)."""
+    from dcbench.errors import UsageError
+    from dcbench.protocol import list_protocols
+
+    known = set(list_protocols())
+    unknown = [n for n in names if n and n not in known]
+    if unknown and store_path is not None and store_path.is_file():
+        from dcbench.results import ResultStore
+
+        with ResultStore(store_path, readonly=True) as db:
+            known |= {r.protocol for r in db.results()}
+        unknown = [n for n in unknown if n not in known]
+    if unknown:
+        raise UsageError(f"unknown protocol '{unknown[0]}'; choose from: {', '.join(sorted(known))} "
+                         f"(see `dcbench protocols`)")
+
+
+_strict_option = click.option("--strict", is_flag=True,
+                              help="Stop at the first unreadable image (default: skip it, count it, warn once). Features "
+                                   "read back from the feature cache read no image: add --set cache=false to check all.")
 
 
 def _print_result(result) -> None:
@@ -244,22 +285,24 @@ def _print_result(result) -> None:
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result record as one JSON line (last line).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@_strict_option
 @_arch_option
 @_trust_option
 def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: tuple[str, ...], store: str | None,
-             as_json: bool, device: str, arch: str | None, trust: bool) -> None:
+             as_json: bool, device: str, strict: bool, arch: str | None, trust: bool) -> None:
     """Evaluate one checkpoint with one protocol and store the result. Data-parallel under torchrun:
     torchrun --nproc-per-node N -m dcbench eval ... (rank 0 prints and stores one record)."""
     from dcbench import evaluate
     from dcbench.settings import parse_assignments
 
-    plan = evaluate.plan(protocol_name, parse_assignments(assignments), data_root)
-    ctx = evaluate.context_for(plan, device, progress=True)  # under torchrun: joins the process group
+    plan = evaluate.plan(protocol_name, parse_assignments(assignments), data_root)  # data checked here, first
+    ctx = evaluate.context_for(plan, device, progress=True, strict=strict)  # under torchrun: joins the process group
     with evaluate.main_store(store) as db:  # None on ranks > 0: only rank 0 writes and prints
         ckpt = evaluate.load_for(plan, spec, arch=arch, trust=trust)
         result = evaluate.run_and_store(plan, ckpt, db, ctx)
     if not ctx.is_main:
         return
+    _said_store(_store_path(store), f"stored as result {result.id} in")
     _print_result(result)
     if as_json:
         click.echo(result.to_json())
@@ -369,13 +412,14 @@ def _launch_options(fn):
 @_table_options
 @_store_option
 @click.option("--device", default="auto", show_default=True)
+@_strict_option
 @_arch_option
 @_trust_option
 @_launch_options
 def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], data_roots: tuple[str, ...],
                 assignments: tuple[str, ...], seeds: str | None, metrics: tuple[str, ...], taps: tuple[str, ...],
-                reference: str | None, selection: str, store: str | None, device: str, arch: str | None,
-                trust: bool, launcher: str | None, **launch) -> None:
+                reference: str | None, selection: str, store: str | None, device: str, strict: bool,
+                arch: str | None, trust: bool, launcher: str | None, **launch) -> None:
     """Evaluate CHECKPOINTS with each --protocol (skipping results already stored) and print the table:
     one block per protocol and metric, n, mean +- std over seeds, best / tied marks, and with
     --reference the paired difference with its 95% CI. Data-parallel under torchrun
@@ -393,12 +437,14 @@ def compare_cmd(checkpoints: tuple[str, ...], protocol_names: tuple[str, ...], d
     failures: list[str] = []
     with evaluate.main_store(store) as db:  # None on ranks > 0 of a torchrun job: rank 0 stores and prints
         if jobs is None:
-            items = evaluate.sweep(plans, checkpoints, db, device=device, arch=arch, trust=trust, progress=True)
+            items = evaluate.sweep(plans, checkpoints, db, device=device, arch=arch, trust=trust, progress=True,
+                                   strict=strict)
         else:
-            done = fan_out(plans, checkpoints, db, jobs, device=device, arch=arch, trust=trust)
+            done = fan_out(plans, checkpoints, db, jobs, device=device, arch=arch, trust=trust, strict=strict)
             items, failures = done.items, done.failures
         if db is None:
             return
+        _said_store(db.path)
         shas = list(dict.fromkeys(item.checkpoint.sha256 for item in items))
         if reference in checkpoints and len(shas) == len(checkpoints):
             reference = shas[checkpoints.index(reference)]  # a spec as given -> its weights
@@ -456,7 +502,9 @@ def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], checkpoi
     if any(not sep or not key for key, sep, _ in pairs):
         raise UsageError(f"bad --where '{next(w for w in where if '=' not in w or w.startswith('='))}': "
                          f"use KEY=VALUE, e.g. --where epochs=2")
-    with _open_store(store) as db:
+    where = _store_path(store)
+    _check_protocols(protocol_names, where)
+    with _existing_store(store) as db:
         results = [r for r in db.results() if not protocol_names or r.protocol in protocol_names]
         results = filter_results(results, {key.strip(): value for key, _, value in pairs})
         if not results:
@@ -466,6 +514,7 @@ def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], checkpoi
         _echo_table(results, fmt, db, output=output, protocols=list(protocol_names) or None,
                     checkpoints=list(checkpoint_names) or None, metrics=_metrics(metrics), taps=_split_list(taps),
                     reference=reference, selection=selection, latest=latest)
+    _said_store(where, f"read {len(results)} result(s) from")
 
 
 # ----------------------------------------------------------------------------- results
@@ -475,12 +524,11 @@ def results_group() -> None:
 
 
 def _existing_store(path: str | None):
-    from dcbench.results import ResultStore, StoreError, default_store_path
+    """The store opened read-only: a missing one is one line (no results yet, the file looked at),
+    and nothing is created (neither the file nor its folders)."""
+    from dcbench.results import ResultStore
 
-    where = Path(path) if path else default_store_path()
-    if not where.is_file():
-        raise StoreError(f"no results store at {where}; run `dcbench eval` first or pass --store PATH")
-    return ResultStore(where)
+    return ResultStore(_store_path(path), readonly=True)
 
 
 _filter_options = [click.option("--checkpoint", help="Only this checkpoint (name or sha256 prefix of 8+)."),
@@ -499,9 +547,11 @@ def _with_filters(fn):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def results_list(store: str | None, checkpoint: str | None, protocol_name: str | None, as_json: bool) -> None:
     """One line per stored result: id, time, protocol, checkpoint, seed, comparability key, data."""
+    _check_protocols([protocol_name] if protocol_name else [], _store_path(store))
     with _existing_store(store) as db:
         for line in _list_lines(db, db.results(protocol_name, checkpoint), as_json):
             click.echo(line)
+    _said_store(_store_path(store))
 
 
 def _list_lines(db, results: list, as_json: bool) -> list[str]:
@@ -538,6 +588,7 @@ def results_show(result_id: int, store: str | None) -> None:
         record = {"id": result.id, "key": result.key(), "setup_key": result.setup_key(),
                   "outcomes": sorted(db.outcomes(result_id)), **result.to_dict()}
     click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+    _said_store(_store_path(store))
 
 
 @results_group.command("rm")
@@ -546,7 +597,10 @@ def results_show(result_id: int, store: str | None) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
 def results_rm(result_ids: tuple[int, ...], store: str | None, yes: bool) -> None:
     """Delete results (their metric rows and outcomes too)."""
-    with _existing_store(store) as db:
+    from dcbench.results import ResultStore
+
+    ResultStore(_store_path(store), readonly=True).close()  # a missing store: one line, nothing created
+    with ResultStore(_store_path(store)) as db:
         doomed = [db.get(i) for i in result_ids]  # an unknown id stops here, before anything is deleted
         for line in _list_lines(db, doomed, False):
             click.echo(line)
@@ -554,6 +608,7 @@ def results_rm(result_ids: tuple[int, ...], store: str | None, yes: bool) -> Non
             click.confirm(f"delete {len(doomed)} result(s)?", abort=True)
         removed = db.remove(result_ids)
     click.echo(f"removed {removed} result(s)")
+    _said_store(_store_path(store))
 
 
 @results_group.command("export")
@@ -568,8 +623,10 @@ def results_export(store: str | None, checkpoint: str | None, protocol_name: str
     from dcbench.fileio import atomic_write_text
     from dcbench.results import export_results
 
+    _check_protocols([protocol_name] if protocol_name else [], _store_path(store))
     with _existing_store(store) as db:
         text = export_results(db.results(protocol_name, checkpoint), fmt)
+    _said_store(_store_path(store))
     if output:
         atomic_write_text(output, text)
         click.echo(f"wrote {output}")
@@ -587,6 +644,35 @@ def demo_cmd(out: str, epochs: int | None) -> None:
     from dcbench.demo import print_summary, run_demo
 
     print_summary(run_demo(out, epochs=epochs), click.echo)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@main.command("fixtures")
+@click.argument("kind", type=click.Choice(["imagefolder", "voc", "retrieval"]))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--classes", type=int, help="Classes (voc: the first N VOC classes; retrieval: landmarks per dataset) "
+                                          "[default: 4].")
+@click.option("--per-class", type=int, help="Images per class and split (retrieval: database photos per landmark) "
+                                            "[default: imagefolder 10, voc 6, retrieval 6].")
+@click.option("--size", type=int, help="Image side in px [default: imagefolder 64, voc 96, retrieval 128].")
+@click.option("--layout", type=click.Choice(["revisitop", "original", "both"]), default="both", show_default=True,
+              help="retrieval: roxford5k + rparis6k (revisitop), oxford5k + paris6k (original), or all four.")
+@click.option("--year", type=click.Choice(["2007", "2012"]), default="2007", show_default=True,
+              help="voc: VOC2007 (classification, SVMs, detection) or VOC2012 (segmentation).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Content seed (same arguments, same bytes).")
+def fixtures_cmd(kind: str, out: str, classes: int | None, per_class: int | None, size: int | None, layout: str,
+                 year: str, seed: int) -> None:
+    """Write a tiny synthetic dataset in the real layout to OUT (a new or empty folder), to try the
+    protocols without downloads: imagefolder (ROOT/train|val/CLASS/*.jpg: linear, knn), voc
+    (VOCdevkit/VOC2007: voc07-svm, voc07-cls, voc07-lowshot, voc-det; --year 2012: voc-seg),
+    retrieval (revisitop roxford5k/rparis6k and original oxford5k/paris6k)."""
+    from dcbench.fixtures import write_fixture
+
+    fixture = write_fixture(kind, out, classes=classes, per_class=per_class, size=size, layout=layout, year=year,
+                            seed=seed)
+    click.echo(f"wrote {fixture.root}: {fixture.summary}")
+    for command in fixture.try_commands:
+        click.echo(f"  try: {command}")
 
 
 COMMANDS_GROUP = "dcbench.commands"

@@ -40,8 +40,10 @@ from typing import Any
 
 from dcbench import parallel
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
+from dcbench.env import features_cache_dir as env_features_cache_dir
 from dcbench.env import git_hash, software_versions
 from dcbench.errors import UsageError
+from dcbench.progress import Overall
 from dcbench.digest import tensor_digests
 from dcbench.protocol import Protocol, RunContext, check_unchanged, get_protocol
 from dcbench.results import Result, ResultStore, default_store_path, utc_now
@@ -52,8 +54,9 @@ log = logging.getLogger("dcbench")
 
 
 def feature_cache_dir() -> Path:
-    """``$DCBENCH_CACHE`` or ``~/.cache/dcbench/features``."""
-    return Path(os.environ.get("DCBENCH_CACHE") or Path.home() / ".cache" / "dcbench" / "features")
+    """``<cache root>/features``: ``$DCBENCH_CACHE/features`` or ``~/.cache/dcbench/features``
+    (:func:`dcbench.env.cache_root`, shared with the pretrained downloads)."""
+    return env_features_cache_dir()
 
 
 @dataclass
@@ -133,15 +136,17 @@ def join(device: str = "auto") -> Any:
     return info
 
 
-def context_for(p: Plan, device: str = "auto", progress: bool = False) -> RunContext:
-    """The run context of ``p``: device, feature cache (when the ``cache`` setting is on), workers,
-    and its place in a data-parallel run (joining torchrun's process group if need be)."""
+def context_for(p: Plan, device: str = "auto", progress: bool = False, strict: bool = False,
+                cache_dir: Path | None = None) -> RunContext:
+    """The run context of ``p``: device, feature cache (when the ``cache`` setting is on; ``cache_dir``
+    or :func:`feature_cache_dir`), workers, ``--strict``, and its place in a data-parallel run
+    (joining torchrun's process group if need be)."""
     from dcbench.train.distributed import launcher_name  # noqa: PLC0415
 
     info = join(device)
     use_cache = getattr(p.settings, "cache", True)
-    return RunContext(device=str(info.device), cache_dir=feature_cache_dir() if use_cache else None,
-                      workers=int(getattr(p.settings, "workers", 0)), progress=progress and info.is_main,
+    return RunContext(device=str(info.device), cache_dir=(cache_dir or feature_cache_dir()) if use_cache else None,
+                      workers=int(getattr(p.settings, "workers", 0)), progress=progress and info.is_main, strict=strict,
                       settings=p.settings, protocol=p.protocol.name, rank=info.rank, world_size=info.world_size,
                       launcher=launcher_name())
 
@@ -301,22 +306,27 @@ def sweep_cells(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore 
 
 
 def sweep(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore | None, *, device: str = "auto",
-          arch: str | None = None, trust: bool = False, progress: bool = False,
-          reuse: bool = True, on_item: Callable[[SweepItem], None] | None = None) -> list[SweepItem]:
+          arch: str | None = None, trust: bool = False, progress: bool = False, strict: bool = False,
+          reuse: bool = True, on_item: Callable[[SweepItem], None] | None = None, cache_dir: Path | None = None,
+          desc: str = "compare") -> list[SweepItem]:
     """Evaluate every checkpoint spec with every plan (seeds expanded beforehand, see
     :func:`expand_seeds`) in this process (every rank of a torchrun job), skipping results the
     store already holds for the same checkpoint, protocol and settings when ``reuse``
-    (:func:`sweep_cells`)."""
-    join(device)  # first: ranks > 0 go quiet before anything logs
+    (:func:`sweep_cells`). With ``progress``, one line per evaluation: n of N done and the ETA
+    (:class:`dcbench.progress.Overall`, named ``desc``)."""
+    info = join(device)  # first: ranks > 0 go quiet before anything logs
     items = []
+    overall = Overall(len(plans) * len(specs), desc, "evaluations", enabled=progress and info.is_main)
     for _spec, p, ckpt, result in sweep_cells(plans, specs, store, arch=arch, trust=trust, reuse=reuse):
         if result is None:
             log.info("running %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
-            result = run_and_store(p, ckpt, store, context_for(p, device, progress=progress))
+            ctx = context_for(p, device, progress=progress, strict=strict, cache_dir=cache_dir)
+            result = run_and_store(p, ckpt, store, ctx)
             item = SweepItem(p, ckpt, result, reused=False)
         else:
             log.info("stored: %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
             item = SweepItem(p, ckpt, result, reused=True)
+        overall.step(free=item.reused)
         items.append(item)
         if on_item is not None:
             on_item(item)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dcbench.digest import tensor_digests
-from dcbench.features import show_progress
+from dcbench.progress import Progress
 
 #: the fine-tune modes of the DeepCluster paper (Table 2)
 MODES = ("fc6-8", "all")
@@ -212,13 +212,10 @@ class TrunkGuard:
 
 
 # ----------------------------------------------------------------------------- progress
-def progress_bar(total: int, desc: str, unit: str, progress: bool) -> Any:
-    """A tqdm bar when progress is shown (a terminal), else None."""
-    if not show_progress(progress):
-        return None
-    from tqdm import tqdm  # noqa: PLC0415 (only when a bar is shown)
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+def progress_bar(total: int, desc: str, unit: str, progress: bool) -> Progress | None:
+    """A :class:`~dcbench.progress.Progress` (a bar on a terminal, log lines otherwise) when
+    ``progress``, else None."""
+    return Progress(total, desc, unit) if progress else None
 
 
 def close_bar(bar: Any) -> None:

@@ -79,6 +79,7 @@ class Cell:
     arch: str | None = None
     trust: bool = False
     threads: int | None = None  # torch threads of each task (--cpus-per-job / tasks)
+    strict: bool = False  # --strict: stop at the first unreadable image (not part of key(): cannot move numbers)
 
     def key(self) -> str:
         """Hash of what the cell computes (weights, protocol version, settings, data root)."""
@@ -97,10 +98,10 @@ class Cell:
 
 
 def cell_of(p: evaluate.Plan, spec: str, ckpt: Any, device: str, arch: str | None, trust: bool,
-            threads: int | None) -> Cell:
+            threads: int | None, strict: bool = False) -> Cell:
     """The :class:`Cell` of plan ``p`` on loaded checkpoint ``ckpt`` (given as ``spec``)."""
     return Cell(spec, ckpt.name, ckpt.sha256, p.protocol.name, p.protocol.version, p.plain_settings,
-                str(p.root.resolve()), device, arch, trust, threads)
+                str(p.root.resolve()), device, arch, trust, threads, strict)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -120,7 +121,7 @@ def run_cell(cell: Cell, folder: str) -> str | None:
         if p.plain_settings != cell.settings or p.protocol.version != cell.version:
             raise DcbenchError(f"{cell.protocol} changed since the job was submitted (version or settings); "
                                f"submit it again")
-        ctx = evaluate.context_for(p, cell.device)
+        ctx = evaluate.context_for(p, cell.device, strict=cell.strict)
         ckpt = evaluate.load_for(p, cell.spec, arch=cell.arch, trust=cell.trust)
         if ckpt.sha256 != cell.checkpoint_sha256:
             raise DcbenchError(f"checkpoint {cell.spec} changed since the job was submitted (sha256 "
@@ -429,7 +430,7 @@ class _Pending:
 
 def fan_out(plans: Sequence[evaluate.Plan], specs: Sequence[str], store: ResultStore, opts: LaunchOptions, *,
             device: str = "auto", arch: str | None = None, trust: bool = False,
-            stream: Any = None) -> FanOut:
+            stream: Any = None, strict: bool = False) -> FanOut:
     """Run every cell of ``plans`` x ``specs`` the store lacks as a submitit job (see the module
     docstring) and store each record once, in this process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -447,7 +448,7 @@ def fan_out(plans: Sequence[evaluate.Plan], specs: Sequence[str], store: ResultS
             found[i] = evaluate.SweepItem(p, ckpt, stored, reused=True)
             continue
         data_parallel = p.protocol.data_parallel(p.settings) is None
-        cell = cell_of(p, spec, ckpt, device, arch, trust, opts.threads(opts.tasks(data_parallel)))
+        cell = cell_of(p, spec, ckpt, device, arch, trust, opts.threads(opts.tasks(data_parallel)), strict)
         folder = cell.folder(opts.job_dir)
         if _collect(i, cell, folder, cells, store, found, board, "left by an earlier call"):
             out.collected += 1

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dcbench.data import SkipCounter
-from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, show_progress
+from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader
+from dcbench.progress import track
 from dcbench.metrics.classification import hits_of, topk_correct
 from dcbench.pooling import PoolPlan
 from dcbench.results import MetricRow, outcome_key
@@ -305,10 +306,8 @@ def _tensor(rows: np.ndarray, device: str | torch.device) -> torch.Tensor:
 
 
 def _bar(loader: Iterable, desc: str, progress: bool) -> Iterable:
-    if not show_progress(progress):
-        return loader
-    from tqdm import tqdm
-    return tqdm(loader, desc=desc, unit="batch", leave=False)
+    """``loader`` with a bar on a terminal, periodic log lines otherwise (:mod:`dcbench.progress`)."""
+    return track(loader, f"probe {desc}", "batch", enabled=progress)
 
 
 def _log_epoch(epoch: int, epochs: int, acc: Mapping[str, tuple[float, float]]) -> None:

@@ -161,6 +161,9 @@ class RunContext:
     cache_dir: Path | None = None  # feature cache folder; None when caching is off
     workers: int = 0
     progress: bool = False
+    #: ``--strict``: stop at the first unreadable image instead of skipping it (cannot move a
+    #: result: a strict run that ends read every image a skipping run reads)
+    strict: bool = False
     settings: Any = None  # the protocol's resolved settings (read by the helpers below)
     protocol: str = ""  # the protocol's name, for error messages
     #: (name, digests) of every backbone handed out by :meth:`frozen_backbone`
@@ -179,6 +182,15 @@ class RunContext:
 
     def _setting(self, name: str, default: Any) -> Any:
         return getattr(self.settings, name, default)
+
+    def data(self, dataset: Any) -> Any:
+        """``dataset`` made to stop at its first unreadable image under ``--strict`` (datasets
+        with a ``strict`` attribute: images, detection and segmentation items); returned as is
+        otherwise. :meth:`extract`, :meth:`extract_rows` and :meth:`frozen_backbone` apply it to
+        what they are given; a protocol calls it on datasets it iterates itself."""
+        if self.strict and hasattr(dataset, "strict"):
+            dataset.strict = True
+        return dataset
 
     @property
     def is_main(self) -> bool:
@@ -231,7 +243,7 @@ class RunContext:
         import torch
 
         with torch.random.fork_rng(devices=[]), prepared_backbone(
-                ckpt, self._setting("bn_recalibrate", "auto"), calibration_data,
+                ckpt, self._setting("bn_recalibrate", "auto"), self.data(calibration_data),
                 self._setting("batch_size", 256), self.workers, self.device, self._setting("seed", 0),
                 self.progress, shard=self.shard) as (backbone, sha, info):
             self.bn_info = info
@@ -251,7 +263,8 @@ class RunContext:
         from dcbench.features import extract_features  # noqa: PLC0415
 
         with self._timed():
-            return extract_features(backbone, dataset, taps, pools, transform_id, sha, **self._extract_options(mmap))
+            return extract_features(backbone, self.data(dataset), taps, pools, transform_id, sha,
+                                    **self._extract_options(mmap))
 
     def extract_rows(self, backbone: Any, sha: str, dataset: Any, taps: Sequence[str],
                      pools: Mapping[str, Any] | None, transform_id: str, mmap: bool = True, **options: Any) -> Any:
@@ -260,7 +273,8 @@ class RunContext:
         from dcbench.features import extract_rows  # noqa: PLC0415
 
         with self._timed():
-            return extract_rows(backbone, dataset, taps, pools, transform_id, sha, **self._extract_options(mmap),
+            return extract_rows(backbone, self.data(dataset), taps, pools, transform_id, sha,
+                                **self._extract_options(mmap),
                                 **options)
 
     @contextmanager
@@ -404,6 +418,23 @@ class Protocol:
             return (f"{self.name} with cached=false trains on augmented crops, which is not data-parallel yet: "
                     f"add --set cached=true (heads on extracted features), or {one_process}")
         return None
+
+
+def require_images(root: Path, splits: Sequence[str], protocol: str, layout: str) -> None:
+    """DataError unless each ``ROOT/SPLIT`` holds at least one image file (in any class folder),
+    found by a listing that stops at the first image: empty class folders fail here, in
+    ``check_data``, before a checkpoint is loaded, not later when the dataset is opened."""
+    import os  # noqa: PLC0415
+
+    from dcbench.data import DataError  # noqa: PLC0415
+    from dcbench.data.datasets import is_image_file  # noqa: PLC0415
+
+    for split in splits:
+        folder = Path(root) / split
+        found = any(is_image_file(name) for _d, _s, files in os.walk(folder, followlinks=True) for name in files)
+        if not found:
+            raise DataError(f"no image in {folder} (no image file in any class folder); add the images, "
+                            f"expected layout for {protocol}: {layout}")
 
 
 def _show(value: Any) -> str:

@@ -382,11 +382,21 @@ class ResultStore:
 
     SCHEMA_VERSION = 2
 
-    def __init__(self, path: str | Path) -> None:
-        """Open (creating parent directories and the schema if needed) the store at ``path``."""
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        """Open (creating parent directories and the schema if needed) the store at ``path``.
+
+        ``readonly`` (the commands that only read: leaderboard, report, results list/show/export)
+        never creates a file or folder: a missing store is a :class:`StoreError` saying there
+        are no results yet and where it looked; an existing one is opened as it is (a store of
+        an older schema is still migrated once, in place).
+        """
         self.path = Path(path).expanduser()
+        self.readonly = readonly
         self._conn: sqlite3.Connection | None = None
         try:
+            if readonly:
+                self._open_existing()
+                return
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: transactions are explicit BEGIN/COMMIT in _transaction().
@@ -401,6 +411,28 @@ class ResultStore:
             self.close()
             raise StoreError(f"cannot open results store {self.path}: {_one_line(exc)}; "
                              f"pass --store PATH") from exc
+
+    def _open_existing(self) -> None:
+        """Connect to an existing store without creating anything (see ``readonly``)."""
+        if not self.path.is_file():
+            raise StoreError(f"no results yet: there is no results store at {self.path}; run `dcbench eval` or "
+                             f"`dcbench compare` first, or pass --store PATH (or set DCBENCH_STORE)")
+        uri = self.path.resolve().as_uri()
+        try:  # read-write (never creating: mode=rw) so that the last reader removes SQLite's -wal/-shm files
+            self._conn = sqlite3.connect(f"{uri}?mode=rw", uri=True, timeout=30.0, isolation_level=None)
+            self._conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.Error:  # a store others own, in a folder this user cannot write
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path} is not a dcbench results store ({_one_line(exc)}); "
+                             f"check --store PATH") from exc
+        if row is None or int(row[0]) != self.SCHEMA_VERSION:
+            self._init_schema()  # newer: refused with the fix; older: migrated in place, once
 
     # -- schema -------------------------------------------------------------------------
     def _init_schema(self) -> None:

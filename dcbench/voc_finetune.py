@@ -35,6 +35,7 @@ from dcbench.data.transforms import ten_crop_transform
 from dcbench.data.voc import VOCSplit
 from dcbench.errors import UsageError
 from dcbench.features import make_loader
+from dcbench.progress import track
 
 
 class FineTuneNet(nn.Module):
@@ -128,9 +129,12 @@ def finetune_transform(image_size: int, scale: Sequence[float]) -> Callable:
                       T.RandomHorizontalFlip(), T.ToTensor(), normalize()])
 
 
-def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str, progress: bool) -> dict[str, Any]:
-    """The SGD loop; returns a small log (losses every 10% of the run, skipped images)."""
+def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str, progress: bool,
+                   strict: bool = False) -> dict[str, Any]:
+    """The SGD loop; returns a small log (losses every 10% of the run, skipped images). ``strict``:
+    stop at the first unreadable image (``--strict``)."""
     ds = train.dataset(finetune_transform(settings.image_size, settings.crop_scale))
+    ds.strict = strict
     loader = make_loader(ds, settings.batch_size, settings.workers, device, shuffle=True, seed=settings.seed,
                          persistent=True)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -170,19 +174,22 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
 
 
 @torch.no_grad()
-def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: str) -> tuple[np.ndarray, np.ndarray]:
+def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: str, progress: bool = False,
+                     strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Summed logits per test image (N x C) and the mask of images that could be read."""
     tencrop = settings.test_crops == "tencrop"
     transform = (ten_crop_transform(settings.image_size) if tencrop
                  else finetune_transform(settings.image_size, settings.crop_scale))
     ds = test.dataset(transform)
+    ds.strict = strict
     batch = max(1, settings.batch_size // 10) if tencrop else settings.batch_size
     loader = make_loader(ds, batch, settings.workers, device)
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()
-    for _ in range(1 if tencrop else 10):  # the paper: 10 passes of random crops
-        for images, _t, idx, _n in loader:
+    passes = 1 if tencrop else 10  # the paper: 10 passes of random crops
+    for p in range(passes):
+        for images, _t, idx, _n in track(loader, f"test pass {p + 1}/{passes}", "batch", enabled=progress):
             if len(idx) == 0:
                 continue
             images = images.to(device, non_blocking=True)
@@ -206,7 +213,7 @@ class FinetuneOutcome:
 
 
 def finetune_and_score(net: FineTuneNet, train: VOCSplit, test: VOCSplit, settings: Any, device: str,
-                       progress: bool) -> FinetuneOutcome:
+                       progress: bool, strict: bool = False) -> FinetuneOutcome:
     """Freeze per ``settings.mode``, train, check the trunk (RuntimeError when the freezing
     failed), then score the test split; the torch RNG is seeded from ``settings.seed`` and
     restored afterwards."""
@@ -215,7 +222,7 @@ def finetune_and_score(net: FineTuneNet, train: VOCSplit, test: VOCSplit, settin
         allowed = set_trainable(net, settings.mode, settings.train_bn_affine)
         net.to(device)
         guard = ft.TrunkGuard(net.trunk, allowed, settings.mode)
-        log_ = train_finetune(net, train, settings, device, progress)
+        log_ = train_finetune(net, train, settings, device, progress, strict)
         check = guard.check(settings.iterations)
-        scores, seen = score_test_split(net, test, settings, device)
+        scores, seen = score_test_split(net, test, settings, device, progress, strict)
     return FinetuneOutcome(log_, check, scores, seen)

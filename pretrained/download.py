@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -251,11 +250,10 @@ def _http_error(entry: Entry, part: BinaryIO, offset: int, exc: urllib.error.HTT
 
 def _copy(entry: Entry, response: http.client.HTTPResponse, part: BinaryIO, offset: int,
           total: int | None) -> None:
-    from tqdm import tqdm
+    from dcbench.progress import Progress
 
     received = offset
-    with tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name,
-              disable=not sys.stderr.isatty(), leave=False) as bar:
+    with Progress(total, entry.name, "B", initial=offset, unit_scale=True) as bar:
         while True:
             try:
                 chunk = response.read(CHUNK)

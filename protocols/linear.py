@@ -50,7 +50,7 @@ from dcbench.models.hooked import AVGPOOL_TAP
 from dcbench.pooling import PoolPlan, probe_pooling, resolve_taps
 from dcbench.probe import (History, ProbeLoop, ProbeOptim, ProbeOutcomes, ProbeSet, final_and_best_rows,
                            train_on_features, train_on_images)
-from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext,
+from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, require_images,
                               register_protocol, setting)
 from dcbench.protocols._sources_linear import PRESET_DEVIATIONS, PRESET_SOURCES, places_epochs_source
 
@@ -190,6 +190,7 @@ class LinearProbe(Protocol):
         """Fast layout check (folder listings): DataError naming the problem and the layout."""
         layout = self.data_layout.strip().splitlines()[0]
         check_train_val(Path(root), self.name, layout, self.expected_classes, self.dataset_name)
+        require_images(Path(root), ("train", "val"), self.name, layout)
 
     def filled(self, settings: LinearSettings) -> LinearSettings:
         """``settings`` with every "the preset's" (None) value replaced by the preset's."""
@@ -238,7 +239,7 @@ class LinearProbe(Protocol):
     def run(self, ckpt: Any, settings: LinearSettings, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Train one linear head per tap on the frozen backbone; see the module docstring."""
         started = time.perf_counter()
-        train_ds, val_ds = image_folder(root / "train"), image_folder(root / "val")
+        train_ds, val_ds = ctx.data(image_folder(root / "train")), ctx.data(image_folder(root / "val"))
         run = self.resolve(settings, ckpt.backbone, len(train_ds.classes))  # settings errors before any work
         calibration = copy.copy(train_ds)  # same file list (no second scan), its own transform
         calibration.transform = center_transform(settings.image_size)

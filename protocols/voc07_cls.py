@@ -156,7 +156,7 @@ class VocFinetune(Protocol):
         """Fine-tune a copy of the backbone, then score the test split; see the module docstring."""
         started = time.perf_counter()
         data = load_voc_data(Path(root), settings.train_split, settings.classes)
-        recal_ds = data.train.dataset(center_transform(settings.image_size))
+        recal_ds = ctx.data(data.train.dataset(center_transform(settings.image_size)))
         # BN re-estimation (random inits) in batches of max(batch_size, 32) images, as in version 1
         with torch.random.fork_rng(devices=[]), prepared_backbone(
                 ckpt, settings.bn_recalibrate, recal_ds, max(settings.batch_size, 32), settings.workers,
@@ -164,7 +164,7 @@ class VocFinetune(Protocol):
             torch.manual_seed(settings.seed)
             net = build_finetune_net(backbone, len(data.classes), settings.image_size, settings.head_dim,
                                      settings.seed)
-        out = finetune_and_score(net, data.train, data.test, settings, ctx.device, ctx.progress)
+        out = finetune_and_score(net, data.train, data.test, settings, ctx.device, ctx.progress, strict=ctx.strict)
         labels = data.test.labels[out.seen]
         aps = [finetune_class_ap(out.scores[out.seen, c], labels[:, c]) for c in range(len(data.classes))]
         rows, per_class = ap_rows(aps, data.classes, settings.mode, data.test.split, settings.seed)

@@ -351,11 +351,12 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
             detectron2_depth(ckpt)
         data = load_det_data(Path(root), recipe.train_sets, recipe.test_set, settings.classes)
         data.read_annotations()
-        train_ds = DetectionDataset(data.training_records(recipe.train_difficult), flip=True)
+        train_ds = DetectionDataset(data.training_records(recipe.train_difficult), flip=True, strict=ctx.strict)
         if len(train_ds) == 0:
             raise DataError(f"no training image holds an object of {', '.join(data.classes)} in "
                             f"{', '.join(recipe.train_sets)}; check Annotations/ and the classes setting")
-        test_ds = DetectionDataset(records_from_annotations(data.test, data.test_annotations, data.classes, True))
+        test_ds = DetectionDataset(records_from_annotations(data.test, data.test_annotations, data.classes, True),
+                                   strict=ctx.strict)
         if recipe.backend == "detectron2":
             detections, facts = self._run_detectron2(ckpt, train_ds, test_ds, data, recipe, ctx)
         else:

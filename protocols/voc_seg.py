@@ -262,7 +262,7 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
         from dcbench import segmentation as seg
 
         pipeline = seg.build_pipeline(seg.train_pipeline(settings.crop_size, tuple(settings.scale_range)))
-        dataset = seg.SegDataset(data.train, pipeline, len(data.classes), data.label_map)
+        dataset = seg.SegDataset(data.train, pipeline, len(data.classes), data.label_map, strict=ctx.strict)
         loader = seg.train_loader(dataset, settings.batch_size, settings.workers, settings.seed)
         schedule = seg.schedule_config(settings.iterations, settings.lr, settings.momentum, settings.weight_decay,
                                        settings.poly_power, settings.min_lr)
@@ -275,7 +275,7 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
         from dcbench import segmentation as seg
 
         pipeline = seg.build_pipeline(seg.eval_pipeline(settings.crop_size))
-        dataset = seg.SegDataset(data.val, pipeline, len(data.classes), data.label_map)
+        dataset = seg.SegDataset(data.val, pipeline, len(data.classes), data.label_map, strict=ctx.strict)
         cm, n_eval, failed = seg.evaluate(model, seg.eval_loader(dataset, settings.workers), len(data.classes),
                                           ctx.progress)
         if n_eval == 0:

@@ -33,3 +33,7 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     md = (out / "leaderboard.md").read_text()
     assert md.count("\n") >= 3 and "random:alexnet" in md
     HTMLParser().feed((out / "leaderboard.html").read_text())
+    # its feature cache stays in its folder (not $DCBENCH_CACHE) and it says how long it took
+    assert any((out / "cache").rglob("*")) and not (tmp_path / "cache").exists()
+    assert "demo wall time: " in result.stdout
+    assert "demo evaluations: 1/" in result.stderr  # n of N evaluations done, with the ETA

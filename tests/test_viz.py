@@ -264,13 +264,13 @@ def test_topk_is_exact_and_deterministic_on_ties() -> None:
     assert len(few.best(0)) == 3
 
 
-def test_top_images_errors(ckpt: str, tmp_path: Path) -> None:
+def test_top_images_errors(ckpt: str, data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     out = tmp_path / "o"
     assert_one_line_error(invoke("viz", "top-images", ckpt, "--data", tmp_path / "empty", "--workers", 0,
                                  "--out", out), 1, "no images")
     assert_one_line_error(invoke("viz", "top-images", ckpt, "--data", tmp_path / "nope", "--out", out), 1, "nope")
-    assert_one_line_error(invoke("viz", "top-images", ckpt, "--data", tmp_path, "--layer", "conv1",
+    assert_one_line_error(invoke("viz", "top-images", ckpt, "--data", data_dir, "--layer", "conv1",
                                  "--filters", "96", "--out", out), 2, "96")
 
 

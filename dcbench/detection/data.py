@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from dcbench.data.datasets import load_rgb
+from dcbench.data.datasets import DataError, load_rgb
 from dcbench.data.voc import VOCAnnotation, VOCSplit
 
 log = logging.getLogger("dcbench")
@@ -62,11 +62,12 @@ class DetectionDataset(Dataset):
     """``dataset[i] = (image, target, i)``: ``image`` a float tensor 3 x H x W in [0, 1] (the
     detector normalises and resizes), ``target`` ``{"boxes", "labels"}``; with ``flip`` the
     pair is mirrored with probability 0.5. An unreadable image gives None (counted by
-    :func:`collate_detection`)."""
+    :func:`collate_detection`), or a DataError naming it when ``strict`` (``--strict``)."""
 
-    def __init__(self, records: Sequence[DetectionRecord], flip: bool = False) -> None:
+    def __init__(self, records: Sequence[DetectionRecord], flip: bool = False, strict: bool = False) -> None:
         self.records = list(records)
         self.flip = flip
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.records)
@@ -76,6 +77,10 @@ class DetectionDataset(Dataset):
         try:
             img = load_rgb(rec.path)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            if self.strict:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise DataError(f"cannot read image {rec.path} ({reason}); replace or delete the file, or run "
+                                f"without --strict to skip unreadable images") from exc
             log.debug("unreadable image %s: %s", rec.path, exc)
             return None
         image = TF.to_tensor(img)

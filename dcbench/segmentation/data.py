@@ -173,13 +173,15 @@ class SegDataset(Dataset):
     """Items through an mmseg pipeline (a callable on mmseg's ``results`` dict).
 
     An image or mask that cannot be read or transformed yields None (counted by
-    :func:`collate`), so one bad file never stops a run mid-way.
+    :func:`collate`), so one bad file never stops a run mid-way; with ``strict``
+    (``--strict``) it raises a DataError naming the file instead.
     """
 
     def __init__(self, items: Sequence[SegItem], pipeline: Callable[[dict], dict], num_classes: int,
-                 label_map: dict[int, int] | None = None) -> None:
+                 label_map: dict[int, int] | None = None, strict: bool = False) -> None:
         self.items, self.pipeline, self.label_map = list(items), pipeline, label_map
         self.num_classes = num_classes
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.items)
@@ -197,6 +199,9 @@ class SegDataset(Dataset):
             return index, out, ""
         except Exception as exc:  # noqa: BLE001 - cv2/PIL/mmcv raise many types on a corrupt file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if self.strict:
+                raise DataError(f"cannot read {self.items[index].image} or its mask ({first}); replace or delete "
+                                f"the file, or run without --strict to skip unreadable images") from exc
             return index, None, f"{self.items[index].image.name}: {first}"
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dcbench.data import DataError
-from dcbench.features import show_progress
+from dcbench.progress import Progress
 from dcbench.metrics.segmentation import confusion_matrix
 
 log = logging.getLogger("dcbench")
@@ -123,11 +123,9 @@ def eval_loader(dataset: Any, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate)
 
 
-def _bar(total: int, desc: str, progress: bool) -> Any:
-    if not show_progress(progress):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="it", leave=False)
+def _bar(total: int, desc: str, progress: bool) -> Progress | None:
+    """A bar on a terminal, periodic log lines otherwise (:mod:`dcbench.progress`); None when off."""
+    return Progress(total, desc, "it") if progress else None
 
 
 def _model_batch(data: dict[str, Any]) -> dict[str, Any]:

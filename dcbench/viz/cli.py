@@ -121,28 +121,31 @@ def maximize_command(ckpt: str, layer: str | None, filters: str | None, count: i
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Data loader worker processes.")
 @_device_option
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image (default: skip it and warn).")
 @_arch_option
 @_trust_option
 def top_images_command(ckpt: str, data: str, layer: str | None, filters: str | None, count: int | None, k: int,
-                       out: str, image_size: int | None, batch_size: int, workers: int, device: str,
+                       out: str, image_size: int | None, batch_size: int, workers: int, device: str, strict: bool,
                        arch: str | None, trust: bool) -> None:
     """The K images of --data that excite each filter most.
 
     One pass over the images, keeping only K per filter; writes OUT/LAYER-filterNNNN.png
     (best first), OUT/index.html and OUT/top_images.json.
     """
+    from dcbench.data import unlabelled_images
     from dcbench.errors import UsageError
     from dcbench.viz import channel_count, choose_filters, resolve_layer
     from dcbench.viz.top_images import find_top_images, save_top_images
 
     if k < 1 or batch_size < 1 or workers < 0:
         raise UsageError("--k and --batch-size must be at least 1 and --workers at least 0")
+    images = unlabelled_images(data)  # the data is checked before the checkpoint is loaded
     loaded, where = _load(ckpt, arch, trust, device)
     tap = resolve_layer(loaded.backbone, layer)
     size = image_size or loaded.backbone.input_size
     chosen = choose_filters(filters, count, channel_count(loaded.backbone, tap, size), tap)
-    result = find_top_images(loaded.backbone, data, tap, chosen, k=k, image_size=size, batch_size=batch_size,
-                             workers=workers, device=where)
+    result = find_top_images(loaded.backbone, images, tap, chosen, k=k, image_size=size, batch_size=batch_size,
+                             workers=workers, device=where, strict=strict)
     paths = save_top_images(result, out)
     click.echo(f"ranked {result.n_images} images; wrote {len(chosen)} grids and {paths[-2]}")
 
@@ -190,6 +193,12 @@ def report_command(store: str | None, runs: tuple[str, ...], checkpoints: tuple[
         return [v.strip() for text in values for v in text.split(",") if v.strip()]
 
     results, store_path = load_results(store)
+    if store_path:
+        log.info("results store: %s", store_path)
+    else:
+        from dcbench.results import default_store_path
+
+        log.info("results store: %s does not exist yet (no results in the report)", default_store_path())
     inputs = ReportInputs(results=results, runs=list(runs), checkpoints=list(checkpoints),
                           metrics=listed(metrics) or [HEADLINE], taps=listed(taps) or None, reference=reference,
                           selection=selection, title=title, store=store_path)

@@ -65,7 +65,7 @@ def load_results(store: str | os.PathLike | None) -> tuple[list[Result], str | N
         if not path.is_file():
             raise DcbenchError(f"results store {path} does not exist; check --store "
                                f"(or drop it to use {default_store_path()})")
-    with ResultStore(path) as db:
+    with ResultStore(path, readonly=True) as db:
         return db.results(), str(path)
 
 
@@ -222,7 +222,7 @@ def build_report(inputs: ReportInputs) -> str:
     sections = []
     if inputs.results:
         if inputs.store and Path(inputs.store).is_file():
-            with ResultStore(inputs.store) as db:
+            with ResultStore(inputs.store, readonly=True) as db:
                 table, analysis = _tables(inputs, db.outcomes)
         else:
             table, analysis = _tables(inputs, None)

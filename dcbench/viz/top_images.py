@@ -16,7 +16,6 @@ import html
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from dcbench.fileio import atomic_write_text
 from dcbench.data import ImageDataset, SkipCounter, eval_transform, skip_collate, unlabelled_images
 from dcbench.errors import UsageError
 from dcbench.models import Backbone
+from dcbench.progress import track
 from dcbench.viz import denormalize, image_grid, save_png
 
 log = logging.getLogger("dcbench")
@@ -86,20 +86,22 @@ def _filter_scores(out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 
 def _progress(loader: DataLoader, desc: str):
-    from tqdm import tqdm
-
-    # bars only on a terminal: logs and CI stay clean
-    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty())
+    # a bar on a terminal, a log line every 30 s or 5% otherwise (dcbench.progress)
+    return track(loader, desc, "batch")
 
 
-def find_top_images(backbone: Backbone, data: str | os.PathLike, layer: str, filters: list[int],
+def find_top_images(backbone: Backbone, data: str | os.PathLike | ImageDataset, layer: str, filters: list[int],
                     k: int = 9, image_size: int | None = None, batch_size: int = 64, workers: int = 0,
-                    device: str | torch.device = "cpu") -> TopImages:
-    """Score every readable image of ``data`` and keep the ``k`` best per filter (one pass).
+                    device: str | torch.device = "cpu", strict: bool = False) -> TopImages:
+    """Score every readable image of ``data`` (a folder, a file list, or the dataset already
+    opened from one, as the CLI does before loading the checkpoint) and keep the ``k`` best per
+    filter (one pass). ``strict``: stop at the first unreadable image.
 
     The backbone must already be on ``device``; it runs in eval mode.
     """
-    dataset = unlabelled_images(data, transform=eval_transform(image_size or backbone.input_size))
+    dataset = data if isinstance(data, ImageDataset) else unlabelled_images(data)
+    dataset.transform = eval_transform(image_size or backbone.input_size)
+    dataset.strict = strict
     tracker = TopK(len(filters), k)
     counter = SkipCounter(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
