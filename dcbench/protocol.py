@@ -319,8 +319,9 @@ class ProtocolOutput:
     #: per-evaluation-image outcomes for paired statistics, keyed like the metric rows they
     #: explain (:func:`dcbench.results.outcome_key`: ``"top1/conv3/final"``, ``"top1_k20/conv3"``
     #: -> 1-D array over val images in dataset order, 0/1 for accuracy so that 100 * mean is the
-    #: metric); optional, stored with the result (dcbench.results) for the paired bootstrap
-    #: over images of dcbench.stats
+    #: metric; or a dcbench.stats.ImageOutcomes for mAP / mIoU: per-image scores and labels, or
+    #: per-image confusion matrices); optional, stored with the result (dcbench.results) for the
+    #: paired bootstrap over images of dcbench.stats
     outcomes: dict[str, Any] = field(default_factory=dict)
 
 

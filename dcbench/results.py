@@ -20,9 +20,11 @@ deleted); tables use the latest and count the earlier ones as duplicates, and
 ``dcbench results rm`` removes either.
 
 Outcomes. Per-evaluation-image outcomes (``ProtocolOutput.outcomes``: name -> 1-D array, 0/1
-for accuracy-type metrics, named by :func:`outcome_key`) are stored as one compressed ``.npz``
-blob per result in the ``outcomes`` table, written in the same transaction as the result, for
-the paired bootstrap of :mod:`dcbench.stats`.
+for accuracy-type metrics, or a :class:`dcbench.stats.ImageOutcomes` for mAP / mIoU; named by
+:func:`outcome_key`) are stored as one compressed ``.npz`` blob per result in the ``outcomes``
+table, written in the same transaction as the result, for the paired bootstrap of
+:mod:`dcbench.stats`. The statistic of each ImageOutcomes entry is kept in the blob's reserved
+``__statistics__`` entry (JSON bytes).
 """
 from __future__ import annotations
 
@@ -352,29 +354,47 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
 _MIGRATIONS = {1: _migrate_1_to_2}
 
 
+_STATISTICS_ENTRY = "__statistics__"
+
+
 def encode_outcomes(outcomes: Mapping[str, Any]) -> tuple[list[str], bytes]:
-    """Validate per-image outcomes (name -> finite 1-D numeric array) and pack them as a
+    """Validate per-image outcomes (name -> finite 1-D numeric array, or an
+    :class:`~dcbench.stats.ImageOutcomes` with finite images x columns data) and pack them as a
     compressed ``.npz``; ValueError naming the bad entry otherwise."""
-    arrays = {}
+    from dcbench.stats import ImageOutcomes  # noqa: PLC0415 - stats is only needed with outcomes
+
+    arrays, statistics = {}, {}
     for name, value in outcomes.items():
-        arr = np.asarray(value)
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"outcomes: names must be non-empty strings, got {name!r}")
-        if arr.ndim != 1 or arr.dtype.kind not in "biuf":
-            raise ValueError(f"outcomes {name!r}: expected a 1-D numeric array, got shape {arr.shape} "
-                             f"dtype {arr.dtype}")
+        if not isinstance(name, str) or not name or name == _STATISTICS_ENTRY:
+            raise ValueError(f"outcomes: names must be non-empty strings (not {_STATISTICS_ENTRY!r}), got {name!r}")
+        structured = isinstance(value, ImageOutcomes)
+        arr = np.asarray(value.data if structured else value)
+        if arr.ndim != (2 if structured else 1) or arr.dtype.kind not in "biuf":
+            raise ValueError(f"outcomes {name!r}: expected a {'2' if structured else '1'}-D numeric array, got "
+                             f"shape {arr.shape} dtype {arr.dtype}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ValueError(f"outcomes {name!r}: values must be finite")
         arrays[name] = arr
+        if structured:
+            statistics[name] = value.statistic
+    names = sorted(arrays)
+    if statistics:
+        arrays[_STATISTICS_ENTRY] = np.frombuffer(json.dumps(statistics).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    return sorted(arrays), buf.getvalue()
+    return names, buf.getvalue()
 
 
-def decode_outcomes(blob: bytes) -> dict[str, np.ndarray]:
-    """The arrays of an :func:`encode_outcomes` blob."""
+def decode_outcomes(blob: bytes) -> dict[str, Any]:
+    """The outcomes of an :func:`encode_outcomes` blob (1-D arrays and ImageOutcomes)."""
     with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
+        arrays = {name: npz[name] for name in npz.files}
+    statistics = json.loads(arrays.pop(_STATISTICS_ENTRY).tobytes()) if _STATISTICS_ENTRY in arrays else {}
+    if not statistics:
+        return arrays
+    from dcbench.stats import ImageOutcomes  # noqa: PLC0415
+
+    return {name: ImageOutcomes(statistics[name], arr) if name in statistics else arr for name, arr in arrays.items()}
 
 
 class ResultStore:

@@ -46,6 +46,8 @@ from dcbench.metrics.ap import finetune_class_ap
 from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
                               setting)
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
+from dcbench.results import outcome_key
+from dcbench.stats import map_outcomes
 from dcbench.voc_classification import VOC07_LAYOUT, ap_rows, check_classes, load_voc_data
 from dcbench.voc_finetune import build_finetune_net, finetune_and_score
 
@@ -177,4 +179,6 @@ class VocFinetune(Protocol):
                  "skipped_test_images": int((~out.seen).sum()),
                  "metric_tap": "the tap of the rows is the mode (fc6-8 / all)",
                  "finetune_wall_s": round(time.perf_counter() - started, 3)}
-        return ProtocolOutput(rows, data.fingerprint(), extra)
+        # per-image scores and labels: the paired bootstrap re-ranks them per resample (dcbench.stats)
+        outcomes = {outcome_key("mAP", settings.mode): map_outcomes(out.scores[out.seen], labels, "finetune")}
+        return ProtocolOutput(rows, data.fingerprint(), extra, outcomes=outcomes if rows else {})

@@ -48,7 +48,8 @@ from dcbench.finetune import TrunkGuard, trainable_names
 from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
                               setting)
 from dcbench.provenance import WORKERS_SOURCE
-from dcbench.results import MetricRow
+from dcbench.results import MetricRow, outcome_key
+from dcbench.stats import miou_outcomes
 
 log = logging.getLogger("dcbench")
 
@@ -254,8 +255,9 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
             guard = TrunkGuard(net, trainable_names(net), recipe.mode)
             fit = self._train(model, data, settings, ctx)
             check = guard.check(settings.iterations, detail="count")
-            cm, n_eval, failed = self._evaluate(model, data, settings, ctx)
-        return self._output(cm, n_eval, failed, data, recipe, config, fit, check, ops_source, settings, started)
+            per_image, n_eval, failed = self._evaluate(model, data, settings, ctx)
+        return self._output(per_image, n_eval, failed, data, recipe, config, fit, check, ops_source, settings,
+                            started)
 
     @staticmethod
     def _train(model: Any, data: Any, settings: VocSegSettings, ctx: EvalContext) -> dict[str, Any]:
@@ -276,18 +278,19 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
 
         pipeline = seg.build_pipeline(seg.eval_pipeline(settings.crop_size))
         dataset = seg.SegDataset(data.val, pipeline, len(data.classes), data.label_map, strict=ctx.strict)
-        cm, n_eval, failed = seg.evaluate(model, seg.eval_loader(dataset, settings.workers), len(data.classes),
-                                          ctx.progress)
+        per_image, n_eval, failed = seg.evaluate(model, seg.eval_loader(dataset, settings.workers),
+                                                 len(data.classes), ctx.progress)
         if n_eval == 0:
             raise DataError(f"no readable val image in {data.voc_dir} (first error: {failed[0] if failed else 'none'})")
-        return cm, n_eval, failed
+        return per_image, n_eval, failed
 
     @staticmethod
-    def _output(cm: np.ndarray, n_eval: int, failed: list, data: Any, recipe: Any, config: dict, fit: dict,
+    def _output(per_image: np.ndarray, n_eval: int, failed: list, data: Any, recipe: Any, config: dict, fit: dict,
                 check: dict, ops_source: str, settings: VocSegSettings, started: float) -> ProtocolOutput:
         from dcbench import segmentation as seg
         from dcbench.metrics.segmentation import iou_from_confusion, pixel_accuracy
 
+        cm = per_image.sum(axis=0)
         iou = iou_from_confusion(cm)
         rows, per_class = iou_rows(iou, data.classes, recipe.mode, settings.seed)
         rows.append(MetricRow("aAcc", 100.0 * pixel_accuracy(cm), recipe.mode, "val", "final", settings.seed))
@@ -300,4 +303,6 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
                            "the classes present in labels or predictions",
                  "segmentation_versions": seg.versions(), "mmcv_ops": ops_source,
                  "voc_seg_wall_s": round(time.perf_counter() - started, 3)}
-        return ProtocolOutput(rows, data.fingerprint(), extra)
+        # per-image confusion matrices: the paired bootstrap re-sums them per resample (dcbench.stats)
+        outcomes = {outcome_key("mIoU", recipe.mode, "final"): miou_outcomes(per_image)} if rows else {}
+        return ProtocolOutput(rows, data.fingerprint(), extra, outcomes=outcomes)

@@ -102,6 +102,13 @@ def test_cli_finetune_prints_map_and_per_class_ap(root, tmp_path):
     assert record["settings"]["lr"] == 0.003 and record["settings"]["crop_scale"] == [0.1, 0.5]
     with sqlite3.connect(store) as db:
         assert db.execute("select count(*) from results").fetchone()[0] == 1
+    # the per-image scores stored for the bootstrap give back the mAP of the record
+    from dcbench.results import ResultStore
+    with ResultStore(store, readonly=True) as db:
+        (stored,) = db.results()
+        outcome = db.outcomes(stored.id)["mAP/fc6-8"]
+    assert outcome.statistic == "map-finetune" and len(outcome) == record["extra"]["images"]["test"]
+    assert 100 * outcome.value(np.ones((1, len(outcome))))[0] == pytest.approx(rows["mAP"]["value"], abs=1e-9)
 
 
 @pytest.mark.parametrize("mode,bn_affine,expect", [("fc6-8", False, {}), ("all", True, {"conv", "bn_affine"})])

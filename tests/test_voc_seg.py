@@ -103,6 +103,11 @@ def test_fc68_trains_fc6_fc7_and_leaves_the_convs_unchanged(root):
     assert out.extra["recipe"]["taps"] == ["fc7"] and out.extra["mode"] == "fc6-8"
     assert {r.metric for r in out.metrics} >= {"mIoU", "IoU_background"}
     assert tensor_digests(ckpt.backbone) == before  # the checkpoint itself is never touched
+    # per-image confusion matrices for the bootstrap: their summed mIoU is the row's value
+    miou = next(r.value for r in out.metrics if r.metric == "mIoU")
+    outcome = out.outcomes["mIoU/fc6-8/final"]
+    assert outcome.statistic == "miou" and len(outcome) == out.extra["evaluated_images"]
+    assert 100 * outcome.value(np.ones((1, len(outcome))))[0] == pytest.approx(miou, abs=1e-9)
 
 
 def _segmentor(arch_spec: str, preset: str, mode: str | None, crop: int = 64):

@@ -176,9 +176,10 @@ def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progre
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
              progress: bool = False) -> tuple[np.ndarray, int, list[str]]:
     """Whole-image predictions at the original size (``test_step``) against the label maps:
-    the confusion matrix over all evaluated pixels, the images evaluated, the failures."""
+    one confusion matrix per evaluated image (images x C x C, in dataset order; their sum is the
+    protocol's matrix, the rows feed the bootstrap over images), the images evaluated, the failures."""
     model.eval()
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    per_image: list[np.ndarray] = []
     count, failed = 0, []
     bar = _bar(len(loader), "voc-seg eval", progress)
     for data in loader:
@@ -187,7 +188,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
             for sample in model.test_step(_model_batch(data)):
                 pred = sample.pred_sem_seg.data.squeeze(0).cpu().numpy()
                 gt = sample.gt_sem_seg.data.squeeze(0).cpu().numpy()
-                cm += confusion_matrix(pred, gt, num_classes)
+                per_image.append(confusion_matrix(pred, gt, num_classes))
                 count += 1
         if bar is not None:
             bar.update(1)
@@ -195,4 +196,5 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
         bar.close()
     if failed:
         log.warning("voc-seg: %d unreadable test images skipped (first: %s)", len(failed), failed[0])
-    return cm, count, failed
+    stacked = np.stack(per_image) if per_image else np.zeros((0, num_classes, num_classes), dtype=np.int64)
+    return stacked, count, failed
