@@ -12,6 +12,7 @@ needs full unpickling is refused unless the caller trusts it.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import pickle
 import warnings
@@ -39,8 +40,46 @@ _BUFFER_SUFFIXES = ("num_batches_tracked",)
 
 # ----------------------------------------------------------------------------- saving
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
+    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``.
+
+    Tensors are saved on the CPU (a plain ``torch.load`` on a machine without the GPU they
+    came from works; ``Optimizer.load_state_dict`` and ``load_state_dict`` move them back to
+    their parameters' device). A full disk leaves the previous file untouched and raises one
+    CheckpointError line.
+    """
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: torch.save(to_cpu(obj), f), fsync=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"cannot write {path}: no space left on its disk (quota or full); nothing was "
+                                  f"replaced, the previous {path.name} (if any) is intact; free some space and run "
+                                  f"again (dcbench train --resume continues a run)") from None
+        raise
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        if "write" not in str(exc).lower():
+            raise
+        raise CheckpointError(f"cannot write {path} ({_first_line(exc)}; is its disk full?); nothing was "
+                              f"replaced, the previous {path.name} (if any) is intact") from None
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU; CPU tensors are
+    kept as they are (no copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = {k: to_cpu(v) for k, v in obj.items()}
+        if type(obj) is not dict:  # an OrderedDict state dict: same type, same _metadata (BN versions)
+            out = type(obj)(out)
+            if hasattr(obj, "_metadata"):
+                out._metadata = obj._metadata
+        return out
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
 
 
 def checkpoint_record(backbone: Backbone, epoch: int | None = None, config: dict | None = None,

@@ -33,11 +33,28 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def comm_device() -> torch.device:
-    """Where tensors must live for the group's backend: this process's GPU for NCCL, else the CPU."""
-    if world_size() > 1 and dist.get_backend() == "nccl":
+def group_device() -> torch.device:
+    """Where every tensor handed to a collective must live: this process's GPU when the joined
+    group's backend is NCCL (it takes CUDA tensors only: torch ``distributed_c10d`` docs, "Backends"),
+    the CPU otherwise (gloo, or no group). Under NCCL the current CUDA device is this rank's
+    (``init_distributed`` calls ``torch.cuda.set_device(cuda:LOCAL_RANK)`` before joining).
+
+    The one place that says where collective tensors go; tests replace it by a fake device to
+    check that no collective is handed a tensor elsewhere (tests/test_train_distributed.py).
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def comm_device() -> torch.device:
+    """:func:`group_device` (kept under its older name)."""
+    return group_device()
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A collective's result brought back to the CPU (the one way results leave the group's device)."""
+    return tensor.detach().cpu()
 
 
 def barrier() -> None:
@@ -51,7 +68,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=comm_device())
+    dist.broadcast_object_list(box, src=src, device=group_device())
     return box[0]
 
 
@@ -70,21 +87,21 @@ def all_reduce_sum(values: Sequence[float] | np.ndarray) -> np.ndarray:
     exact = np.int64 if arr.dtype.kind in "biu" else np.float64
     if world_size() == 1:
         return arr.astype(exact)
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=exact)).to(comm_device())
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=exact)).to(group_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu().numpy()
+    return to_host(t).numpy()
 
 
 def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place."""
     if world_size() == 1:
         return
-    device = comm_device()
+    device = group_device()
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             box = tensor.detach().to(device).contiguous()
             dist.broadcast(box, src=src)
-            tensor.copy_(box.to(tensor.device))
+            tensor.copy_(to_host(box).to(tensor.device))
 
 
 def all_gather_rows(rows: np.ndarray, owner: np.ndarray,
@@ -98,7 +115,7 @@ def all_gather_rows(rows: np.ndarray, owner: np.ndarray,
     world = world_size()
     if world == 1:
         return rows, owner
-    device = comm_device()
+    device = group_device()
     counts, widths = _gather_shapes(rows, device)
     width = max(widths)
     if any(c and w != width for c, w in zip(counts, widths)):
@@ -119,6 +136,7 @@ def _gather_shapes(rows: np.ndarray, device: torch.device) -> tuple[list[int], l
                         dtype=torch.int64, device=device)
     shapes = [torch.zeros_like(mine) for _ in range(world_size())]
     dist.all_gather(shapes, mine)
+    shapes = [to_host(s) for s in shapes]
     return [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
 
 
@@ -139,4 +157,4 @@ def _gather_into(out: np.ndarray, mine: np.ndarray, counts: list[int], offsets: 
         for r, box in enumerate(boxes):
             n = max(0, min(counts[r], stop) - start)
             if n:
-                out[offsets[r] + start:offsets[r] + start + n] = box[:n].cpu().numpy()
+                out[offsets[r] + start:offsets[r] + start + n] = to_host(box[:n]).numpy()

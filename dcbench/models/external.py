@@ -52,6 +52,7 @@ def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int 
     head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     heads = tuple(head) if isinstance(head, (list, tuple)) else ((head,) if head else ())
     if is_vit_model(model):
+        check_vit_input(name, model, input_size)
         backbone: HookedBackbone = ViTBackbone(f"timm:{name}", model, sobel, input_size, heads)
     else:
         info = getattr(model, "feature_info", None)
@@ -61,6 +62,25 @@ def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int 
         backbone = HookedBackbone(f"timm:{name}", model, taps, info[-1]["num_chs"], sobel, input_size, heads)
     backbone.input_config = timm_input_config(model)
     return backbone
+
+
+def check_vit_input(name: str, model: nn.Module, input_size: int) -> None:
+    """One clear error for an input size a timm transformer cannot take (instead of timm's
+    assertion, or a shape mismatch, at the first forward): the patch grid must divide it, and
+    models with relative-position tables sized at build time (``vit_relpos_*``) take their own size only."""
+    from timm.layers import PatchEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, PatchEmbed):  # hybrids: a CNN stem, any size
+        return
+    patch = int(embed.patch_size[0])
+    if input_size % patch:
+        raise ArchError(f"timm:{name} cuts images into {patch} px patches: pass an image size that is a multiple "
+                        f"of {patch} (e.g. --image-size {max(patch, input_size // patch * patch)})")
+    fixed = int(embed.img_size[0]) if embed.img_size is not None else input_size
+    if getattr(embed, "strict_img_size", False) and fixed != input_size:
+        raise ArchError(f"timm:{name} takes {fixed} px images only (its position tables are sized for them); "
+                        f"pass --image-size {fixed}, or use a timm:vit_* model without relpos")
 
 
 def check_timm_name(name: str) -> None:

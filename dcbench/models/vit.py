@@ -24,7 +24,10 @@ from dcbench.models.hooked import HookedBackbone
 CLS_TAP = "cls"
 AVGPOOL_TAP = "avgpool"
 #: timm modules whose models are VisionTransformer (sub)classes taking ``dynamic_img_size``
-VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+#: (the hybrids, e.g. ``vit_tiny_r_s16_p8_224``, are VisionTransformers with a CNN stem: built
+#: without it they fail below 224 px with a position-embedding shape mismatch)
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.vision_transformer_hybrid",
+               "timm.models.eva")
 
 
 def is_timm_vit(name: str) -> bool:
@@ -34,11 +37,22 @@ def is_timm_vit(name: str) -> bool:
     return model_entrypoint(name).__module__ in VIT_MODULES
 
 
+def _token_model_classes() -> tuple[type, ...]:
+    """timm transformer classes outside VisionTransformer that many ``vit_*`` names build
+    (Eva: the ``vit_*_rope_*`` models; VisionTransformerRelPos: ``vit_relpos_*``). They token-map
+    like a ViT; :class:`ViTBackbone` reads them through timm's ``forward_intermediates``."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return Eva, VisionTransformerRelPos
+
+
 def is_vit_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a timm VisionTransformer (the layout :class:`ViTBackbone` reads)."""
+    """Whether ``model`` is a timm VisionTransformer or another timm token model read the same way
+    (the layouts :class:`ViTBackbone` reads)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return isinstance(model, VisionTransformer)
+    return isinstance(model, (VisionTransformer, *_token_model_classes()))
 
 
 class ViTBackbone(HookedBackbone):
@@ -65,6 +79,8 @@ class ViTBackbone(HookedBackbone):
         m = self.model
         if self.sobel is not None:
             x = self.sobel(x)
+        if isinstance(m, _token_model_classes()):
+            return self._forward_intermediates(x, wanted)
         x = m.patch_embed(x)
         # dynamic_img_size models emit N x h x w x D; fixed-size ones N x L x D on their own grid
         grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(m.patch_embed.grid_size)
@@ -78,6 +94,21 @@ class ViTBackbone(HookedBackbone):
                 out[f"block{i + 1}"] = self._token_map(x, grid)
         if heads:
             out.update(self._head_taps(m.norm(x), wanted))
+        return out
+
+    def _forward_intermediates(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        """The same taps through timm's ``forward_intermediates`` (block outputs as N x D x h x w
+        maps, then the final norm), for the models whose blocks take extra inputs (rotary or
+        relative position embeddings) that the plain block loop does not pass."""
+        heads = wanted & {CLS_TAP, AVGPOOL_TAP, CLUSTER_TAP, LOGITS_TAP}
+        blocks = sorted(int(t[len("block"):]) - 1 for t in wanted if t.startswith("block"))
+        indices = blocks or [len(self.model.blocks) - 1]
+        result = self.model.forward_intermediates(x, indices=indices, norm=False, output_fmt="NCHW",
+                                                  stop_early=not heads, intermediates_only=not heads)
+        normed, maps = result if heads else (None, result)
+        out = {f"block{i + 1}": fmap for i, fmap in zip(indices, maps) if f"block{i + 1}" in wanted}
+        if heads:
+            out.update(self._head_taps(normed, wanted))
         return out
 
     def _token_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcbench.errors import DcbenchError
-from dcbench.checkpoint import read_checkpoint_file, save_checkpoint
-from dcbench.models import Backbone
+from dcbench.errors import CheckpointError, DcbenchError
+from dcbench.checkpoint import read_checkpoint_file
+from dcbench.models import CLUSTER_TAP, Backbone
 from dcbench.settings import to_plain
-from dcbench.train.distributed import DistInfo, barrier, init_distributed, shutdown
+from dcbench.train.distributed import DistInfo, barrier, gather_to_main, init_distributed, shutdown
 from dcbench.train.presets import recipe_warnings
-from dcbench.train.rundir import RunDir
+from dcbench.train.rundir import RunDir, capture_rng, restore_rng
 
 log = logging.getLogger("dcbench")
 
@@ -41,11 +41,17 @@ class EpochState:
 
 
 def run_epochs(cfg: Any, resume: bool, setup: Callable[[Any, DistInfo, bool], Any],
-               one_epoch: Callable[[Any], None]) -> Path:
-    """Join the torchrun job (if any), ``setup`` the trainer, run its remaining epochs; the run folder."""
-    dist = init_distributed(cfg.device)
+               one_epoch: Callable[[Any], None], save_state: Callable[..., None]) -> Path:
+    """Join the torchrun job (if any), ``setup`` the trainer, run its remaining epochs; the run folder.
+
+    A new run checkpoints its initial state first, so that a run stopped in its first epoch
+    (a non-finite loss, a kill) still leaves a loadable, resumable checkpoint.pth.
+    """
+    dist = init_distributed(cfg.device, cfg.dist_timeout_min)
     try:
         trainer = setup(cfg, dist, resume)
+        if not resume:
+            save_state(trainer)
         for _ in range(trainer.state.epoch, cfg.epochs):
             one_epoch(trainer)
         return trainer.run.path
@@ -54,9 +60,11 @@ def run_epochs(cfg: Any, resume: bool, setup: Callable[[Any, DistInfo, bool], An
 
 
 def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
-                 save_state: Callable[[Any], None]) -> None:
+                 save_state: Callable[..., None]) -> None:
     """Log the epoch (metrics.jsonl, assignments, one log ``line``), move to the next epoch,
-    checkpoint it (``save_state``) and keep a weights snapshot every ``snapshot_every`` epochs."""
+    checkpoint it (``save_state``) and keep a resumable snapshot in ``checkpoints/`` every
+    ``snapshot_every`` epochs (``--resume`` falls back to the newest when checkpoint.pth is damaged)."""
+    del backbone  # the snapshot is a whole training checkpoint (``save_state``), weights included
     s = t.state
     if t.dist.is_main:
         t.run.log_epoch(record)
@@ -64,8 +72,68 @@ def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
         log.info(line)
     s.next_epoch()
     save_state(t)
-    if t.cfg.snapshot_every and s.epoch % t.cfg.snapshot_every == 0 and t.dist.is_main:
-        save_checkpoint(t.run.snapshots / f"epoch_{s.epoch:04d}.pth", backbone, s.epoch, to_plain(t.cfg))
+    if t.cfg.snapshot_every and s.epoch % t.cfg.snapshot_every == 0:
+        save_state(t, t.run.snapshot_path(s.epoch))
+
+
+def check_finite_loss(t: Any, loss: float, finite_everywhere: bool) -> None:
+    """Stop the run (every rank: ``finite_everywhere`` is agreed across ranks) when the loss is not
+    finite: no step is taken and nothing is saved, so the last checkpoint stays the last good state."""
+    if not finite_everywhere:
+        stop_diverged(t, f"the training loss became non-finite ({loss})")
+
+
+def check_finite_features(t: Any, finite_everywhere: bool) -> None:
+    """Stop the run when the network's clustering features are not finite (weights blown up by
+    the last epoch's steps: the loss can stay finite while the features overflow)."""
+    if not finite_everywhere:
+        stop_diverged(t, "the network's features became non-finite before clustering")
+
+
+def stop_diverged(t: Any, what: str) -> None:
+    """Raise the one-line error of a diverged run: where, the checkpoint kept, the setting to change."""
+    s = t.state
+    where = t.run.last_checkpoint_note()
+    raise DcbenchError(f"{what} at epoch {s.epoch}, iteration {s.iteration}; stopped, nothing overwritten, last "
+                       f"good checkpoint: {where}; start a new run (another --out) with a lower learning rate "
+                       f"(--set lr=..., now {t.cfg.lr:g})")
+
+
+def rank_states(t: Any) -> list[dict[str, Any]] | None:
+    """Every rank's own RNG state and loss sums, in rank order, on rank 0 (None elsewhere): each
+    process has its own augmentation-free RNG stream (seeded seed + rank) and its own share of
+    the epoch's loss, and a resumed process must get its own back."""
+    s = t.state
+    return gather_to_main(t.dist, {"rng": capture_rng(), "loss_sum": s.loss_sum, "loss_count": s.loss_count})
+
+
+def restore_rank_state(t: Any, ts: dict[str, Any]) -> None:
+    """Give this process its own RNG state and loss sums from the training state ``ts``.
+
+    Saved by the same number of processes: rank r takes entry r (bit-identical resumption on
+    the CPU). By another number: rank r takes entry ``r % saved`` and rank 0 carries the whole
+    loss sum (the epoch's mean loss stays right); the samples each process sees then differ
+    from an uninterrupted run, which a warning says. Files from before per-rank states hold
+    rank 0's only, which every process then takes (as those versions did).
+    """
+    s = t.state
+    world, rank = t.dist.world_size, t.dist.rank
+    ranks = ts.get("ranks")
+    if not ranks:  # a file from before per-rank states
+        mine = {"rng": ts["rng"], "loss_sum": ts["loss_sum"], "loss_count": ts["loss_count"]}
+    elif len(ranks) == world:
+        mine = ranks[rank]
+    else:
+        mine = dict(ranks[rank % len(ranks)])
+        mine["loss_sum"] = sum(float(r["loss_sum"]) for r in ranks) if rank == 0 else 0.0
+        mine["loss_count"] = sum(int(r["loss_count"]) for r in ranks) if rank == 0 else 0
+        if t.dist.is_main:
+            log.warning("warning: %s was saved by %d process(es) and resumes with %d: process r takes the RNG "
+                        "state of saved process r mod %d, rank 0 the epoch's loss so far, and the data is sharded "
+                        "anew, so the run differs from an uninterrupted one", t.run.checkpoint, len(ranks), world,
+                        len(ranks))
+    s.loss_sum, s.loss_count = float(mine["loss_sum"]), int(mine["loss_count"])
+    restore_rng(mine["rng"])
 
 
 def open_run(cfg: Any, dist: DistInfo, resume: bool) -> RunDir:
@@ -90,6 +158,41 @@ def freeze_foreign_heads(model: Backbone) -> None:
     for name, p in model.named_parameters():
         if name.startswith(model.head_prefixes):
             p.requires_grad = False
+
+
+def freeze_unreached(model: Backbone, image_size: int) -> list[str]:
+    """Freeze the parameters the clustering feature's forward never reaches; their names.
+
+    Taps stop a timm/torchvision model at its last stage, so layers after it (convnext's
+    ``head.norm``, efficientnet's ``conv_head``/``bn2``, a hybrid's unused stages) never get a
+    gradient. DistributedDataParallel expects a gradient for every parameter that requires
+    one and fails at the second step ("Expected to have finished reduction in the prior
+    iteration"); freezing them costs nothing, where ``find_unused_parameters=True`` would
+    walk the autograd graph every step. One probe forward/backward in eval mode (no BN
+    statistics move, no RNG is drawn) finds them. SGD and LARC skip parameters without a
+    gradient anyway, so single-process numbers do not change.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return []
+    was_training = model.training
+    model.eval()
+    device = trainable[0][1].device
+    try:
+        probe = torch.zeros(2, 3, image_size, image_size, device=device)
+        model(probe, taps=[CLUSTER_TAP])[CLUSTER_TAP].float().sum().backward()
+        frozen = [n for n, p in trainable if p.grad is None]
+    finally:
+        for _, p in trainable:
+            p.grad = None
+        model.train(was_training)
+    for name, p in trainable:
+        if name in frozen:
+            p.requires_grad = False
+    if frozen:
+        log.info("%d parameter tensor(s) after the last tap get no gradient and stay frozen: %s", len(frozen),
+                 ", ".join(frozen[:6]) + (", ..." if len(frozen) > 6 else ""))
+    return frozen
 
 
 def wrap_ddp(module: nn.Module, dist: DistInfo) -> nn.Module:
@@ -124,16 +227,46 @@ def augmentation_seeds(seed: int, epoch: int, rank: int, indices: list[int]) -> 
 
 
 def read_train_state(t: Any, model: Backbone) -> dict[str, Any]:
-    """Load ``RUN_DIR/checkpoint.pth`` weights into ``model``; return its ``train_state``."""
-    record = read_checkpoint_file(t.run.checkpoint)
-    ts = record.get("train_state")
-    if record.get("format") != "dcbench" or ts is None:
-        raise DcbenchError(f"{t.run.checkpoint} is not a resumable training checkpoint")
+    """Load ``RUN_DIR/checkpoint.pth`` weights into ``model``; return its ``train_state``.
+
+    A damaged checkpoint.pth (truncated, overwritten) makes the newest readable snapshot in
+    ``checkpoints/`` the starting point, with a warning; with none, one error line says so.
+    """
+    path = t.run.checkpoint
+    try:
+        record = _resumable(path)
+    except CheckpointError as exc:
+        path, record = _newest_snapshot(t.run)
+        if record is None:
+            raise CheckpointError(f"cannot resume: {exc} and {t.run.snapshots} holds no readable training "
+                                  f"snapshot; start a new run with another --out") from None
+        if t.dist.is_main:
+            log.warning("warning: %s; resuming from the newest readable snapshot %s (epoch %s), the epochs "
+                        "after it are trained again", exc, path, record.get("epoch"))
+    ts = record["train_state"]
     if record["arch"] != t.cfg.arch or bool(record["sobel"]) != model.has_sobel:
-        raise DcbenchError(f"{t.run.checkpoint} was trained with arch {record['arch']} (sobel {record['sobel']}); "
+        raise DcbenchError(f"{path} was trained with arch {record['arch']} (sobel {record['sobel']}); "
                            f"resume with the same --arch and --sobel/--no-sobel")
     model.load_state_dict(record["state_dict"], strict=False)
     return ts
+
+
+def _resumable(path: Path) -> dict[str, Any]:
+    """The record of a readable dcbench training checkpoint at ``path`` (CheckpointError otherwise)."""
+    record = read_checkpoint_file(path)
+    if not isinstance(record, dict) or record.get("format") != "dcbench" or record.get("train_state") is None:
+        raise CheckpointError(f"{path} is not a resumable training checkpoint")
+    return record
+
+
+def _newest_snapshot(run: RunDir) -> tuple[Path, dict[str, Any] | None]:
+    """``(path, record)`` of the newest readable training snapshot in ``checkpoints/`` (record None: none)."""
+    for path in sorted(run.snapshots.glob("epoch_*.pth"), reverse=True):
+        try:
+            return path, _resumable(path)
+        except CheckpointError as exc:
+            log.warning("warning: skipping snapshot %s (%s)", path, exc)
+    return run.snapshots, None
 
 
 def seeded_view(images: Any, index: int, seed: int) -> Any:

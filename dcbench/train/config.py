@@ -36,7 +36,7 @@ def _doc(text: str) -> dict:
 #: (DeepCluster-v2's learning-rate schedule depends on ``epochs``: extending a v2 run
 #: stretches the rest of its cosine.)
 RESUME_MAY_CHANGE = frozenset({"epochs", "out", "device", "workers", "feature_memmap_gb", "checkpoint_every",
-                               "snapshot_every", "strict"})
+                               "snapshot_every", "strict", "dist_timeout_min"})
 
 
 @dataclass
@@ -56,11 +56,16 @@ class _RunSettings:
     strict: bool = field(default=False, metadata=_doc("stop at the first unreadable image instead of skipping it"))
     device: str = field(default="auto", metadata=_doc("auto | cpu | cuda | cuda:N"))
     amp: bool = field(default=False, metadata=_doc("mixed precision on CUDA (bfloat16 autocast)"))
+    dist_timeout_min: float = field(default=120.0, metadata=_doc(
+        "torchrun: minutes a process waits in a collective before the job fails (the others wait while "
+        "rank 0 alone clusters; torch's default is 10)"))
 
     def _check_common(self) -> None:
         """Checks of the fields every method's class declares (epochs, batch, crops)."""
         if self.preset not in PRESETS:
             raise UsageError(f"bad preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if not self.dist_timeout_min > 0:
+            raise UsageError(f"dist_timeout_min must be positive, got {self.dist_timeout_min}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size}
         for name, value in positive.items():
             if value < 1:

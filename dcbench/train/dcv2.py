@@ -22,6 +22,7 @@ checkpoint carries the bank, the epoch's assignments, the head, the optimiser an
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,16 @@ from dcbench.data import ImageDataset, open_training_data
 from dcbench.errors import DcbenchError
 from dcbench.models import CLUSTER_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
-from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
-                                  open_run, progress, read_train_state, run_epochs, warn_recipe, wrap_ddp)
+from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, check_finite_features,
+                                  check_finite_loss,
+                                  finish_epoch, freeze_foreign_heads, freeze_unreached, open_run, progress,
+                                  rank_states, read_train_state, restore_rank_state, run_epochs, warn_recipe, wrap_ddp)
 from dcbench.train.config import DCv2Config
-from dcbench.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
+from dcbench.train.distributed import (DistInfo, all_agree, all_reduce_sum, barrier, broadcast_from_main,
+                                       gather_to_main, main_rank_threads)
 from dcbench.train.multicrop import collate_views, multicrop_transform
 from dcbench.train.optim import make_optimizer, warmup_cosine
-from dcbench.train.rundir import RunDir, capture_rng, restore_rng
+from dcbench.train.rundir import RunDir
 
 log = logging.getLogger("dcbench")
 
@@ -97,14 +101,14 @@ class V2Trainer:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: DCv2Config, resume: bool = False) -> Path:
     """Run (or resume) DeepCluster-v2 training as ``cfg`` says; returns the run folder."""
-    return run_epochs(cfg, resume, setup, train_one_epoch)
+    return run_epochs(cfg, resume, setup, train_one_epoch, save_training_checkpoint)
 
 
 def train_one_epoch(t: V2Trainer) -> None:
     """Cluster the bank of the previous epoch (the first: an initial pass), then one training pass."""
     s = t.state
     if s.assignments is None:  # a resumed mid-epoch state already has them
-        if s.epoch == 0:
+        if s.epoch == 0 or not bool(s.filled.any()):  # a resume from a snapshot (no bank) refills it too
             s.stats["time_extract_s"] = fill_bank(t)
         start = time.perf_counter()
         s.assignments, s.stats["heads"] = cluster_bank(t)
@@ -138,6 +142,7 @@ def setup(cfg: DCv2Config, dist: DistInfo, resume: bool) -> V2Trainer:
     if dist.enabled and dist.device.type == "cuda" and cfg.sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net.to(dist.device)
+    freeze_unreached(backbone, cfg.image_size)
     optimizer = make_optimizer(cfg.optimizer, [p for p in net.parameters() if p.requires_grad], cfg.lr,
                                cfg.momentum, cfg.weight_decay, cfg.larc_trust, cfg.larc_clip, cfg.larc_exclude_1d)
     bank = torch.zeros(cfg.large_crops, len(images), cfg.feat_dim, device=dist.device)
@@ -247,22 +252,10 @@ def _gathered_bank(t: V2Trainer) -> tuple[np.ndarray, torch.Tensor] | None:
 
 def cluster_bank(t: V2Trainer) -> tuple[np.ndarray, list[dict]]:
     """Spherical k-means per head on rank 0, broadcast; every rank sets its prototypes to the centroids."""
-    cfg, payload = t.cfg, None
+    check_finite_features(t, all_agree(t.dist, bool(torch.isfinite(t.state.bank).all())))
     gathered = _gathered_bank(t)
-    if gathered is not None:
-        indices, bank = gathered
-        assignments = np.full((len(cfg.prototypes), len(t.images)), -1, dtype=np.int64)
-        centroids, heads = [], []
-        for h, k in enumerate(cfg.prototypes):
-            result = spherical_kmeans(bank[h % cfg.large_crops].to(t.dist.device), k, cfg.kmeans_iters,
-                                      seed=cfg.seed * 1000 + t.state.epoch * 10 + h)
-            assignments[h, indices] = result.assignments
-            centroids.append(result.centroids.cpu())
-            nonempty = result.sizes[result.sizes > 0]
-            heads.append({"n_clusters": k, "kmeans_objective": result.objective,
-                          "empty_clusters": result.empty_clusters, "cluster_size_min": int(nonempty.min()),
-                          "cluster_size_max": int(nonempty.max())})
-        payload = (assignments, centroids, heads)
+    with main_rank_threads(t.dist):  # under torchrun rank 0 clusters alone: give it the node's cores
+        payload = _cluster_heads(t, gathered) if gathered is not None else None
     assignments, centroids, heads = broadcast_from_main(t.dist, payload)
     with torch.no_grad():
         for layer, c in zip(t.net.prototypes, centroids):
@@ -270,9 +263,28 @@ def cluster_bank(t: V2Trainer) -> tuple[np.ndarray, list[dict]]:
     return assignments, heads
 
 
+def _cluster_heads(t: V2Trainer, gathered: tuple[np.ndarray, torch.Tensor]) -> tuple:
+    """Rank 0: spherical k-means of every head on the gathered bank; (assignments, centroids, stats)."""
+    cfg = t.cfg
+    indices, bank = gathered
+    assignments = np.full((len(cfg.prototypes), len(t.images)), -1, dtype=np.int64)
+    centroids, heads = [], []
+    for h, k in enumerate(cfg.prototypes):
+        result = spherical_kmeans(bank[h % cfg.large_crops].to(t.dist.device), k, cfg.kmeans_iters,
+                                  seed=cfg.seed * 1000 + t.state.epoch * 10 + h)
+        assignments[h, indices] = result.assignments
+        centroids.append(result.centroids.cpu())
+        nonempty = result.sizes[result.sizes > 0]
+        heads.append({"n_clusters": k, "kmeans_objective": result.objective,
+                      "empty_clusters": result.empty_clusters, "cluster_size_min": int(nonempty.min()),
+                      "cluster_size_max": int(nonempty.max())})
+    return assignments, centroids, heads
+
+
 # ----------------------------------------------------------------------------- phase 3: train
 def train_pass(t: V2Trainer) -> None:
-    """One pass over this epoch's items; checkpoints every ``checkpoint_every`` batches."""
+    """One pass over this epoch's items; checkpoints every ``checkpoint_every`` batches. Under
+    torchrun the ranks agree on every step: a batch unreadable on one rank is skipped by all."""
     cfg, s = t.cfg, t.state
     model = wrap_ddp(t.net, t.dist)
     model.train()
@@ -286,7 +298,7 @@ def train_pass(t: V2Trainer) -> None:
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         s.stats["lr"] = lr
-        if len(indices):
+        if all_agree(t.dist, len(indices) > 0):
             _step(t, model, views, indices, targets_all[:, indices], iteration)
         s.iteration += 1
         if cfg.checkpoint_every and s.iteration % cfg.checkpoint_every == 0:
@@ -307,6 +319,8 @@ def _step(t: V2Trainer, model: nn.Module, views: list[torch.Tensor], indices: to
         loss = loss + F.cross_entropy(head_scores.float() / cfg.temperature, target, ignore_index=-1,
                                       reduction="sum") / n_valid
     loss = loss / len(scores)
+    value = float(loss.item())
+    check_finite_loss(t, value, all_agree(t.dist, math.isfinite(value)))
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if iteration < cfg.freeze_prototypes_iters:
@@ -314,7 +328,7 @@ def _step(t: V2Trainer, model: nn.Module, views: list[torch.Tensor], indices: to
             p.grad = None
     t.optimizer.step()
     _write_bank(t, z, indices)
-    s.loss_sum += float(loss.item()) * len(indices)
+    s.loss_sum += value * len(indices)
     s.loss_count += len(indices)
 
 
@@ -370,25 +384,35 @@ def format_record(r: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- phase 5: checkpoint
-def save_training_checkpoint(t: V2Trainer) -> None:
+def save_training_checkpoint(t: V2Trainer, path: Path | None = None) -> None:
     """``RUN_DIR/checkpoint.pth``: backbone weights + everything needed to resume (rank 0 writes;
-    every process hands in the bank rows it filled)."""
-    gathered = _gathered_bank(t)
+    every process hands in the bank rows it filled, its RNG state and loss sums).
+
+    A snapshot (``path`` in ``checkpoints/``, taken between epochs) leaves the memory bank out
+    (large_crops x N x feat_dim floats, 1.3 GB on ImageNet): a run resumed from it refills the
+    bank as epoch 0 does, so it is not bit-identical to the uninterrupted run.
+    """
+    snapshot = path is not None
+    gathered = None if snapshot else _gathered_bank(t)
+    ranks = rank_states(t)
     if t.dist.is_main:
         s = t.state
-        indices, rows = gathered
-        bank = torch.zeros(t.cfg.large_crops, len(t.images), t.cfg.feat_dim)
-        bank[:, torch.from_numpy(indices)] = rows
+        indices, rows = gathered if gathered is not None else (np.zeros(0, dtype=np.int64), None)
+        bank = torch.zeros(t.cfg.large_crops, len(t.images) if rows is not None else 0, t.cfg.feat_dim)
+        if rows is not None:
+            bank[:, torch.from_numpy(indices)] = rows
         train_state = {
             "method": "deepcluster-v2", "epoch": s.epoch, "iteration": s.iteration,
             "assignments": None if s.assignments is None else torch.from_numpy(s.assignments),
             "previous": None if s.previous is None else torch.from_numpy(s.previous),
             "bank": bank, "bank_rows": torch.from_numpy(indices),
             "stats": dict(s.stats), "loss_sum": s.loss_sum, "loss_count": s.loss_count,
-            "optimizer": t.optimizer.state_dict(), "head": t.net.head_state_dict(), "rng": capture_rng(),
+            "optimizer": t.optimizer.state_dict(), "head": t.net.head_state_dict(),
+            "rng": ranks[0]["rng"], "ranks": ranks,
         }
-        atomic_save(checkpoint_record(t.net.backbone, s.epoch, to_plain(t.cfg), train_state), t.run.checkpoint)
-        t.run.write_progress(s.epoch, s.iteration)
+        atomic_save(checkpoint_record(t.net.backbone, s.epoch, to_plain(t.cfg), train_state), path or t.run.checkpoint)
+        if not snapshot:
+            t.run.write_progress(s.epoch, s.iteration)
     barrier(t.dist)
 
 
@@ -403,11 +427,12 @@ def restore_training(t: V2Trainer) -> None:
     s.epoch, s.iteration = int(ts["epoch"]), int(ts["iteration"])
     s.assignments = None if ts["assignments"] is None else ts["assignments"].numpy().copy()
     s.previous = None if ts["previous"] is None else ts["previous"].numpy().copy()
-    s.bank.copy_(ts["bank"].to(s.bank.device))
     s.filled.zero_()
-    s.filled[ts["bank_rows"].to(s.filled.device)] = True
-    s.stats, s.loss_sum, s.loss_count = dict(ts["stats"]), float(ts["loss_sum"]), int(ts["loss_count"])
-    restore_rng(ts["rng"])
+    if ts["bank"].numel():  # a snapshot carries no bank: train_one_epoch refills it
+        s.bank.copy_(ts["bank"].to(s.bank.device))
+        s.filled[ts["bank_rows"].to(s.filled.device)] = True
+    s.stats = dict(ts["stats"])
+    restore_rank_state(t, ts)
     if t.dist.is_main:
         t.run.truncate_metrics(s.epoch)
     log.info("resumed %s at epoch %d, iteration %d", t.run.checkpoint, s.epoch, s.iteration)

@@ -28,16 +28,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
+from dcbench.cluster.kmeans import faiss_has_gpu
 from dcbench.data import ImageDataset, eval_transform, open_training_data, skip_collate, train_transform
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
 from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
-from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, finish_epoch, freeze_foreign_heads,
-                                  open_run, progress, read_train_state, run_epochs, warn_recipe, wrap_ddp)
-from dcbench.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_from_main, gather_to_main
-from dcbench.train.rundir import RunDir, capture_rng, restore_rng
+from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, check_finite_features,
+                                  check_finite_loss,
+                                  finish_epoch, freeze_foreign_heads, freeze_unreached, open_run, progress,
+                                  rank_states, read_train_state, restore_rank_state, run_epochs, warn_recipe, wrap_ddp)
+from dcbench.train.distributed import (DistInfo, all_agree, all_reduce_sum, barrier, broadcast_from_main,
+                                       gather_to_main, main_rank_threads)
+from dcbench.train.rundir import RunDir
 
 log = logging.getLogger("dcbench")
 
@@ -64,7 +68,7 @@ class Trainer:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) DeepCluster training as ``cfg`` says; returns the run folder."""
-    return run_epochs(cfg, resume, setup, train_one_epoch)
+    return run_epochs(cfg, resume, setup, train_one_epoch, save_training_checkpoint)
 
 
 def train_one_epoch(t: Trainer) -> None:
@@ -97,6 +101,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
     warn_recipe(cfg, len(images), dist)
     model.to(dist.device)
     freeze_foreign_heads(model)
+    freeze_unreached(model, cfg.image_size)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     trainer = Trainer(cfg, dist, run, model, optimizer, images, crops)
@@ -130,7 +135,13 @@ def extract_features(t: Trainer) -> tuple[np.ndarray, np.ndarray, float]:
     rows = out.taps[CLUSTER_TAP]
     t.state.stats["n_skipped"] = int(all_reduce_sum(t.dist, out.n_items - len(rows.owner)))
     features = rows.rows if len(rows.owner) else np.empty((0, t.model.feature_dim), dtype=np.float32)
+    check_finite_features(t, all_agree(t.dist, _all_finite(features)))
     return features, rows.owner, time.perf_counter() - start
+
+
+def _all_finite(features: np.ndarray, chunk: int = 65536) -> bool:
+    """No NaN or inf in ``features`` (chunked: it may be a disk memmap larger than memory)."""
+    return all(np.isfinite(features[i:i + chunk]).all() for i in range(0, len(features), chunk))
 
 
 # ----------------------------------------------------------------------------- phase 2: cluster
@@ -138,14 +149,16 @@ def cluster_features(t: Trainer, features: np.ndarray, indices: np.ndarray) -> t
     """PCA-whiten + L2 (fitted on a sample), cluster on rank 0, broadcast the assignments."""
     start = time.perf_counter()
     cfg, dist = t.cfg, t.dist
-    pca = _fit_pca(t, features)
-    reduced = pca.transform(features, l2_normalize=True)
-    parts = gather_to_main(dist, (indices, reduced))
-    payload = None
-    if dist.is_main:
-        all_indices = np.concatenate([p[0] for p in parts])
-        points = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
-        payload = _cluster_points(cfg, points, all_indices, len(t.images), seed=cfg.seed + t.state.epoch)
+    with main_rank_threads(dist):  # under torchrun rank 0 works alone here: give it the node's cores
+        pca = _fit_pca(t, features)
+        reduced = pca.transform(features, l2_normalize=True)
+        parts = gather_to_main(dist, (indices, reduced))
+        payload = None
+        if dist.is_main:
+            all_indices = np.concatenate([p[0] for p in parts])
+            points = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
+            payload = _cluster_points(cfg, points, all_indices, len(t.images), seed=cfg.seed + t.state.epoch,
+                                      gpu=dist.device.type == "cuda")
     assignments, stats = broadcast_from_main(dist, payload)
     return assignments, stats, time.perf_counter() - start
 
@@ -164,12 +177,14 @@ def _fit_pca(t: Trainer, features: np.ndarray) -> PCAWhitening:
 
 
 def _cluster_points(cfg: TrainConfig, points: np.ndarray, indices: np.ndarray, n_images: int,
-                    seed: int) -> tuple[np.ndarray, dict]:
+                    seed: int, gpu: bool = False) -> tuple[np.ndarray, dict]:
+    """Cluster ``points`` as ``cfg`` says; faiss's GPU index only when training runs on a GPU
+    (``gpu``), so ``--device cpu`` never touches a GPU even with faiss-gpu installed."""
     if cfg.clustering == "pic":
         result = run_pic(points, n_neighbors=cfg.pic_neighbors, sigma=cfg.pic_sigma, alpha=cfg.pic_alpha,
                          n_iter=cfg.pic_iters, seed=seed)
     else:
-        result = run_kmeans(points, cfg.k, n_iter=cfg.kmeans_iters, seed=seed)
+        result = run_kmeans(points, cfg.k, n_iter=cfg.kmeans_iters, seed=seed, use_gpu=gpu and faiss_has_gpu())
     assignments = np.full(n_images, -1, dtype=np.int64)
     assignments[indices] = result.assignments
     sizes = np.bincount(result.assignments, minlength=result.n_clusters)
@@ -226,25 +241,32 @@ def new_top_layer(t: Trainer) -> None:
 
 # ----------------------------------------------------------------------------- phase 5: train
 def train_pass(t: Trainer, loader: DataLoader) -> None:
-    """One pass over the pseudo-labelled sample; checkpoints every ``checkpoint_every`` batches."""
+    """One pass over the pseudo-labelled sample; checkpoints every ``checkpoint_every`` batches.
+
+    ``iteration`` counts batches, stepped or not, so a resumed epoch restarts at the right one.
+    Under torchrun the ranks agree before each step: a batch unreadable on one rank is skipped
+    by all (a rank alone skipping DDP's gradient all-reduce hangs the others), and a
+    non-finite loss on any rank stops all of them before the step.
+    """
     model = wrap_ddp(t.model, t.dist)
     model.train()
     criterion = nn.CrossEntropyLoss()
     s = t.state
     for images, targets, _, _ in progress(loader, f"epoch {s.epoch} train", t.dist):
-        if len(targets) == 0:
-            continue
-        images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
-        with autocast(t.dist.device, t.cfg.amp):
-            loss = criterion(model(images, taps=[LOGITS_TAP])[LOGITS_TAP].float(), targets)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.top_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
-        t.top_optimizer.step()
+        if all_agree(t.dist, len(targets) > 0):
+            images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
+            with autocast(t.dist.device, t.cfg.amp):
+                loss = criterion(model(images, taps=[LOGITS_TAP])[LOGITS_TAP].float(), targets)
+            value = float(loss.item())
+            check_finite_loss(t, value, all_agree(t.dist, math.isfinite(value)))
+            t.optimizer.zero_grad(set_to_none=True)
+            t.top_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t.optimizer.step()
+            t.top_optimizer.step()
+            s.loss_sum += value * len(targets)
+            s.loss_count += len(targets)
         s.iteration += 1
-        s.loss_sum += float(loss.item()) * len(targets)
-        s.loss_count += len(targets)
         if t.cfg.checkpoint_every and s.iteration % t.cfg.checkpoint_every == 0:
             save_training_checkpoint(t)
 
@@ -287,8 +309,10 @@ def format_record(r: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- phase 7: checkpoint
-def save_training_checkpoint(t: Trainer) -> None:
-    """``RUN_DIR/checkpoint.pth``: weights + everything needed to resume (rank 0 writes)."""
+def save_training_checkpoint(t: Trainer, path: Path | None = None) -> None:
+    """``RUN_DIR/checkpoint.pth`` (or the snapshot ``path``): weights + everything needed to
+    resume. Every rank hands in its own RNG state and loss sums; rank 0 writes."""
+    ranks = rank_states(t)
     if t.dist.is_main:
         s = t.state
         top = t.model.top_layer
@@ -300,10 +324,11 @@ def save_training_checkpoint(t: Trainer) -> None:
             "optimizer": t.optimizer.state_dict(),
             "top_layer": None if s.assignments is None or top is None else top.state_dict(),
             "top_optimizer": None if s.assignments is None or t.top_optimizer is None else t.top_optimizer.state_dict(),
-            "rng": capture_rng(),
+            "rng": ranks[0]["rng"], "ranks": ranks,
         }
-        atomic_save(checkpoint_record(t.model, s.epoch, to_plain(t.cfg), train_state), t.run.checkpoint)
-        t.run.write_progress(s.epoch, s.iteration)
+        atomic_save(checkpoint_record(t.model, s.epoch, to_plain(t.cfg), train_state), path or t.run.checkpoint)
+        if path is None:
+            t.run.write_progress(s.epoch, s.iteration)
     barrier(t.dist)
 
 
@@ -315,12 +340,12 @@ def restore_training(t: Trainer) -> None:
     s.epoch, s.iteration = int(ts["epoch"]), int(ts["iteration"])
     s.assignments = None if ts["assignments"] is None else ts["assignments"].numpy().copy()
     s.previous = None if ts["previous"] is None else ts["previous"].numpy().copy()
-    s.stats, s.loss_sum, s.loss_count = dict(ts["stats"]), float(ts["loss_sum"]), int(ts["loss_count"])
+    s.stats = dict(ts["stats"])
     if s.assignments is not None:
         new_top_layer(t)
         t.model.top_layer.load_state_dict(ts["top_layer"])
         t.top_optimizer.load_state_dict(ts["top_optimizer"])
-    restore_rng(ts["rng"])
+    restore_rank_state(t, ts)
     if t.dist.is_main:
         t.run.truncate_metrics(s.epoch)
     log.info("resumed %s at epoch %d, iteration %d", t.run.checkpoint, s.epoch, s.iteration)

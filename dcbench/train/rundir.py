@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from dcbench.errors import DcbenchError, UsageError
+from dcbench.fileio import atomic_write_text
 from dcbench.train.config import resume_conflicts
 
 log = logging.getLogger("dcbench")
@@ -77,12 +78,36 @@ class RunDir:
         self._tensorboard(record)
 
     def truncate_metrics(self, epochs_done: int) -> None:
-        """Drop lines of epochs a resumed run will redo (written after the last checkpoint)."""
+        """Drop lines of epochs a resumed run will redo (written after the last checkpoint), and
+        lines that are not a JSON record with an epoch, such as a last line torn by a process
+        killed while writing it (dropped with a warning). The file is rewritten atomically."""
         if not self.metrics.exists():
             return
-        lines = [line for line in self.metrics.read_text().splitlines()
-                 if line.strip() and json.loads(line)["epoch"] < epochs_done]
-        self.metrics.write_text("".join(line + "\n" for line in lines))
+        kept, torn = [], []
+        for number, line in enumerate(self.metrics.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            epoch = _record_epoch(line)
+            if epoch is None:
+                torn.append(number)
+            elif epoch < epochs_done:
+                kept.append(line)
+        if torn:
+            log.warning("warning: dropped %d unreadable line(s) of %s (line %s; a process killed while "
+                        "writing leaves a torn last line)", len(torn), self.metrics, ", ".join(map(str, torn)))
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+
+    def snapshot_path(self, epoch: int) -> Path:
+        """``checkpoints/epoch_NNNN.pth``: the resumable snapshot kept after ``epoch`` epochs."""
+        return self.snapshots / f"epoch_{epoch:04d}.pth"
+
+    def last_checkpoint_note(self) -> str:
+        """Where ``checkpoint.pth`` stands, for messages (from ``checkpoint.json``)."""
+        try:
+            saved = json.loads((self.path / "checkpoint.json").read_text())
+            return f"{self.checkpoint} (epoch {saved['epoch']}, iteration {saved['iteration']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{self.checkpoint}" if self.checkpoint.exists() else "none yet"
 
     def write_progress(self, epoch: int, iteration: int) -> None:
         """``checkpoint.json``: where checkpoint.pth stands, readable without loading it."""
@@ -125,13 +150,32 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng` captured. CUDA generators are restored for the GPUs this
+    machine has (``torch.cuda.set_rng_state_all`` indexes devices by position and fails on a
+    machine with fewer); a warning says when some saved GPU states have no GPU here."""
     torch.set_rng_state(state["torch"])
     random.setstate(_plain_to_py_state(state["python"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    if saved and torch.cuda.is_available():
+        present = torch.cuda.device_count()
+        for index, cuda_state in enumerate(saved[:present]):
+            torch.cuda.set_rng_state(cuda_state, index)
+        if len(saved) > present:
+            log.warning("warning: the checkpoint holds the CUDA RNG states of %d GPUs and this machine has %d: "
+                        "restored the first %d; GPU randomness may differ from the interrupted run",
+                        len(saved), present, present)
+
+
+def _record_epoch(line: str) -> int | None:
+    """The ``epoch`` of one metrics.jsonl line, None when the line is not such a record."""
+    try:
+        record = json.loads(line)
+        return int(record["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _py_state_to_plain(state: tuple) -> list:
