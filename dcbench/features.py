@@ -24,14 +24,19 @@ labels. Unreadable images are skipped (their rows and labels are dropped; the ke
 indices are returned).
 
 The feature cache: rows are keyed by ``(checkpoint sha256, tap, transform id, dataset
-fingerprint, pooling id)`` (+ the shard when sharded) and stored as
+fingerprint, pooling id, numerics)`` (+ the shard when sharded), where numerics
+(:func:`numerics_id`) are the device type, the TF32 / float32-matmul precision settings and
+bfloat16 autocast, which all change the numbers. Entries are stored as
 
     <cache_dir>/<sha256[:16]>/<key-hash>.npy        float32, rows x D (pooled, flattened)
     <cache_dir>/<sha256[:16]>/<key-hash>.idx.npy    int64, the dataset index of every row
-    <cache_dir>/<sha256[:16]>/<key-hash>.json       the key, shape and dtype (written last)
+    <cache_dir>/<sha256[:16]>/<key-hash>.json       the key, shape and sha256 of both files (written last)
 
 Each file is written to a temp file and renamed into place, and the JSON sidecar is written
-last, so a reader never sees a half-written entry: no sidecar, no entry.
+last, so a reader never sees a half-written entry: no sidecar, no entry. A reader checks both
+files against the sidecar's sha256 (hashed while writing, so a write costs no extra pass): a
+truncated or corrupted file is reported in one warning line, recomputed and rewritten, never
+used. A memory-mapped read hashes the file in chunks once per process (:data:`_VERIFIED`).
 
 This module is protocol-agnostic: the pooling modules, the transform and its id come from
 the caller (e.g. the linear-probe tables live in :mod:`dcbench.pooling`).
@@ -41,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import math
@@ -48,6 +54,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -63,13 +70,14 @@ from tqdm import tqdm
 
 from dcbench import parallel
 from dcbench.data import DataError, SkipCounter, skip_collate
-from dcbench.digest import tensor_digests, weights_sha256
+from dcbench.digest import HashingWriter, file_sha256, read_verified, tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
 
 log = logging.getLogger("dcbench")
 
-#: bump when extraction changes in a way that changes the stored numbers
-CACHE_VERSION = 1
+#: bump when extraction changes in a way that changes the stored numbers (2: numerics in the
+#: key, sha256 of both files in the sidecar; version-1 entries are never matched)
+CACHE_VERSION = 2
 #: BatchNorm re-estimation stops after this many batches ("a few hundred")
 BN_RECALIBRATE_MAX_BATCHES = 200
 
@@ -112,13 +120,53 @@ def pool_id(pool: Pool | None) -> str:
     return name
 
 
+def numerics_id(device: str | torch.device, amp: bool = False) -> dict[str, Any]:
+    """What besides the weights and the data changes extracted numbers: the device type, the
+    TF32 switches of cuBLAS and cuDNN, the float32 matmul precision (it also lets oneDNN use
+    bfloat16 on the CPU), the newer ``fp32_precision`` switches where torch has them, and
+    bfloat16 autocast (``amp``, effective on CUDA only). Part of every cache key."""
+    kind = torch.device(device).type
+    out: dict[str, Any] = {"device": kind,
+                           "cuda_matmul_allow_tf32": _flag(lambda: torch.backends.cuda.matmul.allow_tf32),
+                           "cudnn_allow_tf32": _flag(lambda: torch.backends.cudnn.allow_tf32),
+                           "float32_matmul_precision": _flag(torch.get_float32_matmul_precision)}
+    cudnn = torch.backends.cudnn
+    for name, owner in (("fp32_precision", torch.backends), ("cuda_matmul_fp32_precision", torch.backends.cuda.matmul),
+                        ("cudnn_conv_fp32_precision", getattr(cudnn, "conv", None)),
+                        ("cudnn_rnn_fp32_precision", getattr(cudnn, "rnn", None))):
+        value = _flag(lambda owner=owner: owner.fp32_precision) if owner is not None else None
+        if isinstance(value, str):
+            out[name] = value
+    out["autocast"] = "bfloat16" if amp and kind == "cuda" else "off"
+    return out
+
+
+def _flag(read: Callable[[], Any]) -> Any:
+    """A precision switch's value; "mixed" where torch refuses to answer (torch 2.14 raises
+    RuntimeError from ``cudnn.allow_tf32`` and ``get_float32_matmul_precision()`` once the legacy
+    and the ``fp32_precision`` APIs were both used), None if absent."""
+    with warnings.catch_warnings():  # newer torch deprecates allow_tf32 in favour of fp32_precision
+        warnings.simplefilter("ignore")
+        try:
+            value = read()
+        except RuntimeError:
+            return "mixed"
+        except AttributeError:
+            return None
+    return value if isinstance(value, str) else bool(value)
+
+
 def feature_key(ckpt_sha: str, tap: str, transform_id: str, dataset_fingerprint: str,
-                pooling: str, shard: Shard | None = None) -> dict[str, Any]:
+                pooling: str, shard: Shard | None = None, device: str | torch.device | None = None,
+                amp: bool = False) -> dict[str, Any]:
     """The cache key of one tap's features, as a JSON-safe dict (``shard``: only when sharded,
-    so the keys of whole-dataset extractions never change)."""
+    so the keys of whole-dataset extractions never change; ``device``: adds
+    :func:`numerics_id`, as every extraction does, read when the key is made)."""
     key = {"cache_version": CACHE_VERSION, "checkpoint_sha256": ckpt_sha, "tap": tap,
            "transform": transform_id, "dataset_fingerprint": dataset_fingerprint,
            "pooling": pooling, "dtype": "float32"}
+    if device is not None:
+        key["numerics"] = numerics_id(device, amp)
     if shard is not None and shard[1] > 1:
         key["shard"] = f"{shard[0]}/{shard[1]}"
     return key
@@ -127,6 +175,11 @@ def feature_key(ckpt_sha: str, tap: str, transform_id: str, dataset_fingerprint:
 def key_hash(key: Mapping[str, Any]) -> str:
     """32 hex characters identifying ``key`` (the cache file name)."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+#: (path, size, mtime_ns, inode, sha256) of the memory-mapped files this process has verified:
+#: a file is hashed once per process, not at every open
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()
 
 
 class FeatureCache:
@@ -142,32 +195,82 @@ class FeatureCache:
         return folder / f"{stem}.npy", folder / f"{stem}.idx.npy", folder / f"{stem}.json"
 
     def load(self, key: Mapping[str, Any], mmap: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(features, indices)`` of ``key``, or None when absent or unreadable."""
+        """``(features, indices)`` of ``key``, or None when absent, unreadable or corrupted (a
+        file whose sha256 differs from the sidecar's: warned about, to be recomputed)."""
         feats_path, idx_path, meta_path = self.paths(key)
         if not meta_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("key") != dict(key):
+            if not isinstance(meta, dict) or meta.get("key") != dict(key):
                 return None  # a hash collision or a hand-edited file: treat as absent
-            feats = np.load(feats_path, mmap_mode="r" if mmap else None)
-            indices = np.load(idx_path)
+            sums = meta.get("sha256") or {}
+            indices = _load_verified(idx_path, sums.get("indices"), mmap=False)
+            feats = _load_verified(feats_path, sums.get("features"), mmap=mmap)
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable feature cache entry %s: %s", meta_path, exc)
+            log.warning("ignoring unreadable feature cache entry %s: %s; recomputing it", meta_path, exc)
+            return None
+        if feats is None or indices is None:
+            log.warning("feature cache entry %s is corrupted (sha256 mismatch or truncated file); "
+                        "recomputing and rewriting it", meta_path)
             return None
         if feats.shape[0] != indices.shape[0] or list(feats.shape) != meta.get("shape"):
-            log.warning("ignoring inconsistent feature cache entry %s", meta_path)
+            log.warning("ignoring inconsistent feature cache entry %s; recomputing it", meta_path)
             return None
         return feats, indices
 
     def save(self, key: Mapping[str, Any], feats: np.ndarray, indices: np.ndarray) -> None:
-        """Store one entry atomically (features, indices, then the sidecar)."""
+        """Store one entry atomically (features, indices, then the sidecar with their sha256)."""
         feats_path, idx_path, meta_path = self.paths(key)
         feats_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(feats_path, lambda f: np.save(f, feats, allow_pickle=False))
-        _atomic_write(idx_path, lambda f: np.save(f, indices.astype(np.int64), allow_pickle=False))
-        meta = {"key": dict(key), "shape": list(feats.shape), "rows": int(feats.shape[0])}
+        sums = {"features": _save_hashed(feats_path, feats),
+                "indices": _save_hashed(idx_path, indices.astype(np.int64))}
+        meta = {"key": dict(key), "shape": list(feats.shape), "rows": int(feats.shape[0]), "sha256": sums}
         _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
+
+
+def _save_hashed(path: Path, array: np.ndarray) -> str:
+    """``np.save`` ``array`` to ``path`` atomically; the sha256 of the bytes written."""
+    digest = []
+
+    def write(f: Any) -> None:
+        writer = HashingWriter(f)
+        np.save(writer, array, allow_pickle=False)
+        digest.append(writer.hexdigest())
+
+    _atomic_write(path, write)
+    return digest[0]
+
+
+def _load_verified(path: Path, sha256: Any, mmap: bool) -> np.ndarray | None:
+    """The array in ``path`` if the file's sha256 is ``sha256``, else None (no checksum, as in
+    entries older than the checksums: None too). ``mmap``: memory-mapped, the file hashed in
+    chunks once per process; otherwise read once, hashed in memory and parsed in place."""
+    if not isinstance(sha256, str):
+        return None
+    if mmap:
+        stat = path.stat()
+        stamp = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256)
+        if stamp not in _VERIFIED:
+            if file_sha256(path) != sha256:
+                return None
+            _VERIFIED.add(stamp)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    buf = read_verified(path, sha256)
+    return None if buf is None else _npy_from_buffer(buf)
+
+
+def _npy_from_buffer(buf: bytearray) -> np.ndarray:
+    """The array of a whole ``.npy`` file held in ``buf``, without copying its data."""
+    head = io.BytesIO(bytes(buf[:1 << 17]))  # the header is at most 64 KiB (format 1.0) plus the magic
+    version = np.lib.format.read_magic(head)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(head)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not cache entries")
+    count = math.prod(shape)
+    flat = np.frombuffer(buf, dtype=dtype, count=count, offset=head.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
@@ -365,10 +468,10 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
         raise ValueError("extract_features: caching needs ckpt_sha (the sha256 of the weights)")
     how = _Batching(shard, batch_sampler, amp, desc)
     if gather and shard is not None and shard[1] > 1:
-        keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, None)  # the whole-dataset entries
+        keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, None, device, amp)  # whole-dataset entries
         return _extract_gathered(backbone, dataset, taps, pools, keys, cache, batch_size, workers, device, progress,
                                  mmap, how)
-    keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, shard)
+    keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, shard, device, amp)
     found = _cached(cache, keys, taps, mmap)
     missing = [t for t in taps if t not in found]
     indices = shard_indices(len(dataset), shard)
@@ -389,12 +492,14 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
 
 
 def _keys(cache: FeatureCache | None, dataset: Any, ckpt_sha: str, transform_id: str,
-          pools: Mapping[str, Pool | None], taps: list[str], shard: Shard | None) -> dict[str, dict[str, Any]]:
+          pools: Mapping[str, Pool | None], taps: list[str], shard: Shard | None, device: str | torch.device,
+          amp: bool) -> dict[str, dict[str, Any]]:
     """The cache key of every tap ({} without a cache)."""
     if cache is None:
         return {}
     fingerprint = dataset.fingerprint()
-    return {t: feature_key(ckpt_sha, t, transform_id, fingerprint, pool_id(pools.get(t)), shard) for t in taps}
+    return {t: feature_key(ckpt_sha, t, transform_id, fingerprint, pool_id(pools.get(t)), shard, device, amp)
+            for t in taps}
 
 
 def _cached(cache: FeatureCache | None, keys: Mapping[str, Mapping[str, Any]], taps: list[str],

@@ -7,8 +7,11 @@ ordinary ``open(path, "w")`` would give (0666 less the umask: 0644 under the usu
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -43,7 +46,22 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], fsync: boo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale_temps(path)
     return path
+
+
+#: a temp file of ``path`` older than this was left by a writer killed with ``kill -9`` (whose
+#: cleanup never ran): no write of one file takes an hour, so it is garbage (checkpoint temps
+#: are ~200 MB each)
+STALE_TEMP_S = 3600.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # another writer may remove it first
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -10,7 +10,9 @@ all-points). Classes are fitted in parallel threads (liblinear releases the GIL)
 
 Every finished (class, C) fit is written to a :class:`FitStore` (one file per fit, atomic),
 keyed by the training features, their rows and labels and the SVM settings, so an
-interrupted run resumes without refitting them.
+interrupted run resumes without refitting them. Each file carries the sha256 of its content
+(:func:`content_sha256`): a truncated or corrupted fit is reported in one warning line, refitted
+and rewritten, never used.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ log = logging.getLogger("dcbench")
 FALLBACK_COST = 1.0
 #: feature normalisation of VISSL: x / (||x|| + NORM_EPS)
 NORM_EPS = 1e-5
-#: bump when the persisted SVM fits change meaning
-FIT_STORE_VERSION = 1
+#: bump when the persisted SVM fits change meaning (2: files carry a sha256 of their content;
+#: version-1 stores are never matched)
+FIT_STORE_VERSION = 2
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -109,6 +112,21 @@ def array_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
+def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every array, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _json_sha256(record: Any) -> str:
+    """sha256 of ``record`` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def fit_store_key(kind: str, features_key: Mapping[str, Any], rows: np.ndarray, labels: np.ndarray,
                   params: SvmParams, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a stored fit depends on: the training features (their feature-cache key), their
@@ -144,38 +162,57 @@ class FitStore:
         return self.folder / f"{safe}{suffix}"
 
     def load_fit(self, name: str) -> dict | None:
-        """A fit saved by :meth:`save_fit`, or None."""
-        if self.folder is None or not self._path(name, ".npz").exists():
+        """A fit saved by :meth:`save_fit`, or None (absent, unreadable or corrupted: refit it)."""
+        path = self._path(name, ".npz") if self.folder is not None else None
+        if path is None or not path.exists():
             return None
         try:
-            with np.load(self._path(name, ".npz")) as z:
-                return {"cv_ap": float(z["cv_ap"]), "coef": z["coef"], "intercept": float(z["intercept"]),
-                        "n_iter": int(z["n_iter"]), "folds": int(z["folds"])}
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable SVM fit %s: %s", self._path(name, ".npz"), exc)
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises BadZipFile, zlib.error, EOFError...
+            log.warning("SVM fit %s is unreadable (%s); refitting it", path, exc)
+            return None
+        stored = str(arrays.pop("_sha256", ""))
+        if stored != content_sha256(arrays):
+            log.warning("SVM fit %s is corrupted (sha256 mismatch); refitting it", path)
+            return None
+        try:
+            return {"cv_ap": float(arrays["cv_ap"]), "coef": arrays["coef"], "intercept": float(arrays["intercept"]),
+                    "n_iter": int(arrays["n_iter"]), "folds": int(arrays["folds"])}
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("SVM fit %s is incomplete (%s); refitting it", path, exc)
             return None
 
     def save_fit(self, name: str, fit: dict) -> None:
-        """Persist one fit (coef, intercept, CV AP)."""
+        """Persist one fit (coef, intercept, CV AP) with the sha256 of its arrays."""
         if self.folder is None:
             return
+        arrays = {k: np.asarray(v) for k, v in fit.items()}
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in fit.items()})
+        np.savez(buf, **arrays, _sha256=np.asarray(content_sha256(arrays)))
         atomic_write_bytes(self._path(name, ".npz"), buf.getvalue())
 
     def load_json(self, name: str) -> dict:
-        """A JSON record saved by :meth:`save_json` ({} when absent or unreadable)."""
-        if self.folder is None or not self._path(name, ".json").exists():
+        """A JSON record saved by :meth:`save_json` ({} when absent, unreadable or corrupted)."""
+        path = self._path(name, ".json") if self.folder is not None else None
+        if path is None or not path.exists():
             return {}
         try:
-            return json.loads(self._path(name, ".json").read_text())
-        except (OSError, ValueError):
+            wrapped = json.loads(path.read_text())
+            record, stored = wrapped["record"], wrapped["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("SVM record %s is unreadable (%s); recomputing it", path, exc)
             return {}
+        if not isinstance(record, dict) or stored != _json_sha256(record):
+            log.warning("SVM record %s is corrupted (sha256 mismatch); recomputing it", path)
+            return {}
+        return record
 
     def save_json(self, name: str, record: dict) -> None:
-        """Persist a small JSON record."""
+        """Persist a small JSON record with its sha256."""
         if self.folder is not None:
-            atomic_write_bytes(self._path(name, ".json"), json.dumps(record, sort_keys=True).encode())
+            wrapped = {"record": record, "sha256": _json_sha256(record)}
+            atomic_write_bytes(self._path(name, ".json"), json.dumps(wrapped, sort_keys=True).encode())
 
     def count(self) -> int:
         """Files stored (fits and records)."""

@@ -84,7 +84,9 @@ class Knn(Protocol):
     name: ClassVar[str] = "knn"
     description: ClassVar[str] = "weighted kNN (cosine, exp(sim/0.07) votes) per layer on frozen features"
     #: 2: images resized bicubically (DINO's eval_knn.py), was bilinear
-    version: ClassVar[str] = "2"
+    #: 3: neighbours tied at the k-th similarity are broken by the lower bank row (was torch.topk's
+    #: unspecified order) and similarities come from fixed-shape tiles (bank moved in chunks)
+    version: ClassVar[str] = "3"
     Settings: ClassVar[type] = KnnSettings
     #: the vote is deterministic; only BatchNorm re-estimation of random inits uses the seed (run())
     seed_dependent: ClassVar[bool] = False

@@ -154,10 +154,12 @@ class _Features:
     bn_info: dict[str, Any] | None
     transform_id: str
     fingerprints: tuple[str, str]  # train, test datasets
+    device: Any = "cpu"  # the extraction device: its numerics are part of the key (as the feature cache's)
 
     def key(self, tap: str, split: int = 0) -> dict[str, Any]:
-        """The feature-cache key of ``tap`` on the train (0) or test (1) split."""
-        return feature_key(self.sha, tap, self.transform_id, self.fingerprints[split], self.pool_ids[tap])
+        """The feature-cache key of ``tap`` on the train (0) or test (1) split (also keys the SVM fits)."""
+        return feature_key(self.sha, tap, self.transform_id, self.fingerprints[split], self.pool_ids[tap],
+                           device=self.device)
 
 
 def voc_view(image_size: int, resize: str, pre_resize: bool) -> tuple[Any, str]:
@@ -180,7 +182,7 @@ def extract_voc_features(ckpt: Any, data: VocData, taps: list[str], settings: _S
         train, test = [ctx.extract(backbone, sha, ds, taps, pools, transform_id) for ds in datasets]
     return _Features(train, test, {t: p.describe() for t, p in plans.items()},
                      {t: pool_id(pools[t]) for t in taps}, sha, ctx.bn_info, transform_id,
-                     (datasets[0].fingerprint(), datasets[1].fingerprint()))
+                     (datasets[0].fingerprint(), datasets[1].fingerprint()), ctx.device)
 
 
 def _svm_extra(feats: _Features, params: SvmParams, settings: _SvmCommon, data: VocData) -> dict[str, Any]:

@@ -400,3 +400,16 @@ def test_zero_eigenvalue_component_is_dropped_not_infinite():
     raw = pca.transform(x, l2_normalize=False)
     assert np.isfinite(raw).all() and np.all(raw[:, 3:] == 0)
     np.testing.assert_allclose(np.cov(raw[:, :3].T, bias=True), np.eye(3), atol=1e-4)
+
+
+def test_moments_of_shards_fit_the_same_pca_as_all_rows():
+    """torchrun: ranks summarise their rows, rank 0 fits on the combination, equal to one fit on every row."""
+    from dcbench.cluster.pca import combine_moments, scatter_moments
+
+    x = _low_variance_wide_spectrum(n=1200, d=64)
+    whole = PCAWhitening(dim=16).fit(x)
+    shards = [x[:500], x[500:520], x[520:]]
+    combined = PCAWhitening(dim=16).fit_moments(combine_moments([scatter_moments(s) for s in shards]))
+    np.testing.assert_allclose(combined.mean_, whole.mean_, rtol=1e-6, atol=1e-9)
+    a, b = whole.transform(x), combined.transform(x)
+    assert np.abs(a @ a[:300].T - b @ b[:300].T).max() < 1e-3

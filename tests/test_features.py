@@ -16,8 +16,8 @@ from dcbench.data.synthetic import make_image_folder
 from dcbench.checkpoint import weights_sha256 as checkpoint_weights_sha256
 from dcbench.digest import weights_sha256
 from dcbench.features import (assert_unchanged, extract_features, extract_rows, feature_key, forward_pooled,
-                              key_hash, pool_id, prepared_backbone, recalibrate_bn, shard_indices, tensor_digests,
-                              wants_bn_recalibration)
+                              key_hash, numerics_id, pool_id, prepared_backbone, recalibrate_bn, shard_indices,
+                              tensor_digests, wants_bn_recalibration)
 
 SHA = "ab" * 32
 
@@ -96,7 +96,7 @@ def test_cache_layout_and_sidecar(ckpt, dataset, tmp_path):
     cache = tmp_path / "cache"
     extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
     folder = cache / SHA[:16]
-    key = feature_key(SHA, "conv1", "t64", dataset.fingerprint(), pool_id(POOLS["conv1"]))
+    key = feature_key(SHA, "conv1", "t64", dataset.fingerprint(), pool_id(POOLS["conv1"]), device="cpu")
     stem = key_hash(key)
     assert sorted(p.name for p in folder.iterdir()) == sorted([f"{stem}.npy", f"{stem}.idx.npy", f"{stem}.json"])
     meta = json.loads((folder / f"{stem}.json").read_text())
@@ -285,3 +285,118 @@ def test_per_region_rows_name_their_image_and_go_through_the_cache(ckpt, dataset
 def test_one_tensor_hash_for_checkpoints_and_digests(ckpt):
     state = ckpt.backbone.backbone_state_dict()
     assert weights_sha256(state) == checkpoint_weights_sha256(state) == ckpt.sha256
+
+
+# ----------------------------------------------------------------------------- cache checksums
+def _entry_files(cache, suffix):
+    return sorted(p for p in (cache / SHA[:16]).iterdir() if p.name.endswith(suffix) and
+                  (suffix != ".npy" or not p.name.endswith(".idx.npy")))
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("which", [".npy", ".idx.npy"])
+def test_corrupted_cache_file_is_detected_recomputed_and_rewritten(ckpt, dataset, tmp_path, caplog, mmap, damage,
+                                                                   which):
+    cache = tmp_path / "cache"
+    clean = extract_features(ckpt.backbone, dataset, ["conv2"], POOLS, "t64", SHA, cache, batch_size=8)
+    (path,) = _entry_files(cache, which)
+    good = path.read_bytes()
+    data = bytearray(good)
+    if damage == "flip":  # one byte of the data (not the header): np.load alone would not notice
+        data[len(data) - 3] ^= 0x01
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+    calls = count_forwards(ckpt.backbone)
+    with caplog.at_level("WARNING", logger="dcbench"):
+        again = extract_features(ckpt.backbone, dataset, ["conv2"], POOLS, "t64", SHA, cache, batch_size=8, mmap=mmap)
+    assert calls, "the corrupted entry was used instead of recomputed"
+    assert sum("is corrupted" in r.getMessage() for r in caplog.records) == 1
+    np.testing.assert_array_equal(clean.features["conv2"], again.features["conv2"])
+    np.testing.assert_array_equal(clean.indices, again.indices)
+    assert path.read_bytes() == good  # rewritten
+    calls.clear()
+    third = extract_features(ckpt.backbone, dataset, ["conv2"], POOLS, "t64", SHA, cache, batch_size=8, mmap=mmap)
+    assert not calls and np.array_equal(third.features["conv2"], clean.features["conv2"])
+
+
+def test_memmapped_entry_is_hashed_once_per_process(ckpt, dataset, tmp_path, monkeypatch):
+    import dcbench.features as features
+
+    cache = tmp_path / "cache"
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    hashed = []
+    real = features.file_sha256
+    monkeypatch.setattr(features, "file_sha256", lambda p: hashed.append(p) or real(p))
+    for _ in range(3):
+        extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8, mmap=True)
+    assert len(hashed) == 1
+
+
+def test_entry_without_checksum_is_not_used(ckpt, dataset, tmp_path):
+    cache = tmp_path / "cache"
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    (meta_path,) = _entry_files(cache, ".json")
+    meta = json.loads(meta_path.read_text())
+    del meta["sha256"]  # as written before checksums existed
+    meta_path.write_text(json.dumps(meta))
+    calls = count_forwards(ckpt.backbone)
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    assert calls and "sha256" in json.loads(meta_path.read_text())
+
+
+# ----------------------------------------------------------------------------- numerics in the key
+def test_key_names_device_precision_and_autocast():
+    cpu = feature_key(SHA, "conv1", "t64", "fp", "p", device="cpu")
+    assert cpu["cache_version"] == 2
+    assert cpu["numerics"]["device"] == "cpu" and cpu["numerics"]["autocast"] == "off"
+    assert {"cuda_matmul_allow_tf32", "cudnn_allow_tf32", "float32_matmul_precision"} <= set(cpu["numerics"])
+    cuda = feature_key(SHA, "conv1", "t64", "fp", "p", device="cuda:1")
+    assert cuda["numerics"]["device"] == "cuda" and key_hash(cuda) != key_hash(cpu)
+    assert feature_key(SHA, "conv1", "t64", "fp", "p", device="cuda", amp=True)["numerics"]["autocast"] == "bfloat16"
+    assert feature_key(SHA, "conv1", "t64", "fp", "p", device="cpu", amp=True) == cpu  # autocast only runs on CUDA
+    old = dict(feature_key(SHA, "conv1", "t64", "fp", "p"), cache_version=1)  # a version-1 key
+    assert key_hash(old) != key_hash(cpu)
+
+
+def _precision_state() -> list:
+    """Every precision switch torch has (the newer fp32_precision ones are the state behind allow_tf32)."""
+    owners = [torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn,
+              getattr(torch.backends.cudnn, "conv", None), getattr(torch.backends.cudnn, "rnn", None),
+              getattr(torch.backends, "mkldnn", None)]
+    state = [(o, "fp32_precision", o.fp32_precision) for o in owners
+             if o is not None and isinstance(getattr(o, "fp32_precision", None), str)]
+    if state:  # torch >= 2.9: the flags follow these
+        return state
+    return [(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32),
+            (torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)]
+
+
+@pytest.mark.parametrize("switch", ["precision", "tf32_matmul", "tf32_cudnn"])
+def test_precision_settings_cause_cache_misses(ckpt, dataset, tmp_path, switch):
+    cache = tmp_path / "cache"
+    extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    calls = count_forwards(ckpt.backbone)
+    precision, state = torch.get_float32_matmul_precision(), _precision_state()
+    before = numerics_id("cpu")
+    try:
+        if switch == "precision":
+            torch.set_float32_matmul_precision("high")
+        else:  # the fp32_precision API where torch has it (mixing it with allow_tf32 leaves state behind)
+            owner = torch.backends.cuda.matmul if switch == "tf32_matmul" else torch.backends.cudnn
+            if isinstance(getattr(owner, "fp32_precision", None), str):
+                owner = owner if switch == "tf32_matmul" else owner.conv
+                owner.fp32_precision = "ieee" if owner.fp32_precision == "tf32" else "tf32"
+            else:
+                owner.allow_tf32 = not owner.allow_tf32
+        assert numerics_id("cpu") != before
+        extract_features(ckpt.backbone, dataset, ["conv1"], POOLS, "t64", SHA, cache, batch_size=8)
+    finally:
+        if switch == "precision":
+            torch.set_float32_matmul_precision(precision)
+        for owner, name, value in state:  # parents before children
+            setattr(owner, name, value)
+    assert numerics_id("cpu") == before  # nothing leaks into the other tests
+    assert calls, "features computed under other precision settings were reused"
+    assert len(_entry_files(cache, ".json")) == 2

@@ -47,3 +47,21 @@ def test_checkpoint_readable_by_others_under_022(tmp_path, umask):
     save_checkpoint(path, build_backbone("alexnet", sobel=False, input_size=64))
     assert _mode(path) & stat.S_IROTH
     assert _mode(path) == 0o644
+
+
+def test_stale_temp_of_a_killed_writer_is_removed_on_the_next_write(tmp_path):
+    """kill -9 skips atomic_write's cleanup: the next write of that file removes an old temp."""
+    import time
+
+    from dcbench.fileio import STALE_TEMP_S
+
+    stale = tmp_path / ".checkpoint.pth.abc123.tmp"
+    fresh = tmp_path / ".checkpoint.pth.def456.tmp"  # maybe a live concurrent writer: kept
+    other = tmp_path / ".other.pth.abc123.tmp"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_S - 10
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    atomic_write_text(tmp_path / "checkpoint.pth", "new")
+    assert not stale.exists() and fresh.exists() and other.exists()

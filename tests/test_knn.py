@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -193,3 +194,79 @@ def test_seed_dependent_only_with_bn_reestimation(root, tmp_path):
     assert get_protocol("knn").seed_dependent is False
     out = run(root, tmp_path / "cache", ks=[10], taps=["conv2"])  # random init, bn_recalibrate auto: on
     assert out.extra["bn_recalibrate"]["ran"] is True and out.extra["seed_dependent"] is True
+
+
+# ----------------------------------------------------------------------------- the bank in chunks
+def _features_with_ties(seed=0, n_bank=60, n_queries=17, dim=6):
+    """Random rows plus exact duplicates and all-zero rows: many equal similarities, some at the k-th place."""
+    gen = torch.Generator().manual_seed(seed)
+    bank = torch.randn(n_bank, dim, generator=gen)
+    bank[10:20] = bank[3]  # ten copies of row 3
+    bank[40:45] = 0.0  # zero rows: similarity 0 with every query
+    bank[50:55] = bank[30]
+    queries = torch.randn(n_queries, dim, generator=gen)
+    queries[0] = bank[3]  # its 11 nearest are tied at similarity 1
+    queries[1] = 0.0  # every similarity 0: the k nearest are the k first rows
+    labels = torch.randint(0, 5, (n_bank,), generator=gen)
+    return bank.numpy(), labels.numpy(), queries.numpy(), torch.randint(0, 5, (n_queries,), generator=gen).numpy()
+
+
+def _reference(bank, queries, k):
+    """The documented rule, by brute force: similarity desc, then bank row asc."""
+    sims = knn.unit_rows(queries, "cpu") @ knn.unit_rows(bank, "cpu").T
+    order = torch.sort(sims, dim=1, descending=True, stable=True)
+    return order.values[:, :k], order.indices[:, :k]
+
+
+@pytest.fixture()
+def small_tiles(monkeypatch):
+    """Tiles of 4 bank rows and 5 queries, so 60-row banks span many tiles and chunks."""
+    monkeypatch.setattr(knn, "BANK_TILE", 4)
+    monkeypatch.setattr(knn, "QUERY_TILE", 5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 11, 12, 60, 200])
+def test_bank_chunks_give_identical_neighbours_including_ties(k, small_tiles):
+    bank, _labels, queries, _ = _features_with_ties()
+    whole = knn.nearest(bank, queries, k)  # one chunk: the unchunked computation
+    want = _reference(bank, queries, k)
+    assert torch.equal(whole[1], want[1])  # the documented order, ties included
+    for chunk_rows in (4, 8, 12, 28, 56, 60, 64):
+        got = knn.nearest(bank, queries, k, bank_chunk_bytes=chunk_rows * bank.shape[1] * 4)
+        assert torch.equal(got[1], whole[1]), f"neighbours differ with {chunk_rows}-row chunks"
+        assert torch.equal(got[0], whole[0]), f"similarities differ with {chunk_rows}-row chunks"
+    assert want[1][0, :min(k, 11)].tolist() == sorted([3, *range(10, 20)])[:min(k, 11)]  # ties: lower row first
+    assert want[1][1].tolist() == list(range(min(k, 60)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_knn_correct_equals_unchunked_bit_for_bit(seed, monkeypatch, small_tiles):
+    bank, labels, queries, query_labels = _features_with_ties(seed)
+    ks = [1, 5, 11, 20, 200]
+    whole = knn.knn_correct(bank, labels, queries, query_labels, ks, 0.07, 5)
+    votes_whole = knn.vote(knn.nearest(bank, queries, 60), torch.from_numpy(labels), [1, 5, 11, 20, 60], 0.07, 5)
+    moved = []
+    real = knn.unit_rows
+    monkeypatch.setattr(knn, "unit_rows", lambda a, d: moved.append(len(a)) or real(a, d))
+    bound = 9 * bank.shape[1] * 4  # 9 rows: 2 tiles of 4 at a time
+    chunked = knn.knn_correct(bank, labels, queries, query_labels, ks, 0.07, 5, bank_chunk_bytes=bound)
+    assert max(moved) <= 9, "more bank rows on the device than the bound allows"
+    for k in ks:
+        np.testing.assert_array_equal(whole[k], chunked[k])
+    votes = knn.vote(knn.nearest(bank, queries, 60, bank_chunk_bytes=bound), torch.from_numpy(labels),
+                     [1, 5, 11, 20, 60], 0.07, 5)
+    for k in votes:
+        assert torch.equal(votes[k], votes_whole[k]), f"summed votes of k={k} differ in the last bits"
+
+
+def test_knn_correct_reads_a_memmapped_bank_in_chunks(tmp_path, monkeypatch, small_tiles):
+    bank, labels, queries, query_labels = _features_with_ties(3, n_bank=40)
+    np.save(tmp_path / "bank.npy", bank)
+    mapped = np.load(tmp_path / "bank.npy", mmap_mode="r")
+    materialised = []
+    real = knn.unit_rows
+    monkeypatch.setattr(knn, "unit_rows", lambda a, d: materialised.append(a.shape[0]) or real(a, d))
+    got = knn.knn_correct(mapped, labels, queries, query_labels, [3], 0.1, 5, bank_chunk_bytes=12 * 6 * 4)
+    assert materialised.count(12) == 3 and materialised.count(4) == 1  # bank: 3 chunks of 3 tiles, 1 of 1 tile
+    assert materialised.count(5) == 4 * 3  # 17 queries (over the bound): 3 tiles of 5 re-read per chunk, then 2
+    np.testing.assert_array_equal(got[3], knn.knn_correct(bank, labels, queries, query_labels, [3], 0.1, 5)[3])

@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover
 # Chunks are also capped in bytes: 8192 rows of 4096 floats would be 128 MiB per copy.
 _MAX_CHUNK_BYTES = 32 * 2**20
 
+#: eigenvalues at most this share of the largest are zero (float32 rounding: 16 x machine epsilon)
+_ZERO_EIGENVALUE = 16 * float(np.finfo(np.float32).eps)
+
 EpsRule = Literal["additive", "relative_floor"]
 Precision = Literal["float32", "float64"]
 
@@ -134,6 +137,30 @@ def _covariance(x: np.ndarray, rows: np.ndarray | None, step: int) -> tuple[np.n
     # cov -= delta delta^T (rank-1 update in place, upper triangle).
     cov = blas.ssyr(-1.0, delta.astype(np.float32), a=cov, lower=0, overwrite_a=1)
     return shift.astype(np.float64) + delta, cov
+
+
+#: (rows, mean (float64), covariance with the 1/rows normalisation (float32, full symmetric))
+Moments = tuple[int, np.ndarray, np.ndarray]
+
+
+def scatter_moments(x, chunk_rows: int = 8192) -> Moments:
+    """Every row's share of the PCA fit, in D + D x D numbers: for torchrun, where gathering the
+    rows themselves (N x 4096 on ImageNet) to one rank would not fit in memory."""
+    x = _as_matrix(x)
+    mean, upper = _covariance(x, None, _chunk_len(chunk_rows, x.shape[1]))
+    full = np.triu(upper) + np.triu(upper, 1).T
+    return x.shape[0], mean, full
+
+
+def combine_moments(parts: Sequence[Moments]) -> Moments:
+    """The moments of the union of the shards' rows (Chan et al.'s pairwise update, 1979)."""
+    n = sum(p[0] for p in parts)
+    mean = sum(p[0] * p[1] for p in parts) / n
+    cov = np.zeros_like(parts[0][2], dtype=np.float64)
+    for rows, part_mean, part_cov in parts:
+        shift = part_mean - mean
+        cov += rows * (part_cov.astype(np.float64) + np.outer(shift, shift))
+    return n, mean, (cov / n).astype(np.float32)
 
 
 def _one_blas_thread() -> contextlib.AbstractContextManager:
@@ -271,6 +298,15 @@ class PCAWhitening:
         self._set(mean, values, vectors)
         return self
 
+    def fit_moments(self, moments: "Moments") -> "PCAWhitening":
+        """Fit from :func:`scatter_moments` (possibly :func:`combine_moments` of several shards:
+        torchrun ranks each summarise their rows, rank 0 fits), "float32" recipe only."""
+        n, mean, cov = moments
+        _check_dim(self.dim, n, cov.shape[0], n)
+        values, vectors = _top_eigen(np.asfortranarray(cov, dtype=np.float32), self.dim)
+        self._set(mean, values, vectors)
+        return self
+
     def _fit_float64(self, x, chunk_rows: int) -> "PCAWhitening":
         blocks = [_as_matrix(b) for b in (x if isinstance(x, (list, tuple)) else [x])]
         n, d = sum(len(b) for b in blocks), blocks[0].shape[1]
@@ -285,6 +321,11 @@ class PCAWhitening:
     def _set(self, mean: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> None:
         """Store the fit; the projection divides by sqrt(eigenvalue) made safe by the eps rule."""
         values = values.astype(np.float64)
+        if self.precision == "float32" and values.size:
+            # zero to float32 precision: a direction the rows do not span comes out of the float32
+            # solver as +-1e-7 of the largest eigenvalue, not as 0; whitening it would multiply
+            # rounding noise by ~3,000 (faiss's float64 solver gets 1e-16 and amplifies it further)
+            values = np.where(values <= values.max() * _ZERO_EIGENVALUE, 0.0, values)
         if self.eps_rule == "relative_floor":  # idempotent where the float64 recipe floored already
             values = np.maximum(values, values.max() * self.eps)
         root = np.sqrt(values if self.eps_rule == "relative_floor" else values + self.eps)

@@ -15,6 +15,7 @@ from torch import nn
 from dcbench.errors import CheckpointError, DcbenchError
 from dcbench.checkpoint import read_checkpoint_file
 from dcbench.models import CLUSTER_TAP, Backbone
+from dcbench.progress import track
 from dcbench.settings import to_plain
 from dcbench.train.distributed import DistInfo, barrier, gather_to_main, init_distributed, shutdown
 from dcbench.train.presets import recipe_warnings
@@ -211,12 +212,8 @@ def autocast(device: torch.device, amp: bool):
 
 
 def progress(iterable, desc: str, dist: DistInfo):
-    """tqdm with rate and ETA on the main rank's terminal; silent otherwise."""
-    if not dist.is_main:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    """Progress of the main rank (dcbench.progress: a bar on a terminal, log lines otherwise)."""
+    return track(iterable, desc, "batch", enabled=dist.is_main)
 
 
 def augmentation_seeds(seed: int, epoch: int, rank: int, indices: list[int]) -> list[tuple[int, int]]:

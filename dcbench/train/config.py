@@ -92,7 +92,12 @@ class TrainConfig(_RunSettings):
     clustering: Literal["kmeans", "pic"] = field(default="kmeans", metadata=_doc("kmeans or pic"))
     k: int = field(default=10000, metadata=_doc("number of k-means clusters"))
     pca_dim: int = field(default=256, metadata=_doc("PCA-whitening dimension before L2 and clustering"))
-    pca_sample: int = field(default=100_000, metadata=_doc("rows the PCA is fitted on (all when fewer)"))
+    pca_sample: int = field(default=0, metadata=_doc(
+        "rows the PCA is fitted on: 0 = every row (the original's faiss PCAMatrix; a streamed covariance keeps "
+        "memory at D x D), N = a random sample of N rows (faster; the whitening moves)"))
+    pca_eps: float = field(default=0.0, metadata=_doc(
+        "added to each eigenvalue before whitening: 0 as faiss PCAMatrix(eigen_power=-0.5) in the original "
+        "code (components of exactly zero eigenvalue are dropped); dcbench before 2026-12 used 1e-5"))
     kmeans_iters: int = field(default=20, metadata=_doc("k-means iterations per clustering"))
     pic_neighbors: int = field(default=5, metadata=_doc("PIC: neighbours in the graph"))
     pic_sigma: float = field(default=0.2, metadata=_doc("PIC: edge weight exp(-d/sigma^2)"))
@@ -120,6 +125,8 @@ class TrainConfig(_RunSettings):
                 raise UsageError(f"{name} must be at least 1, got {value}")
         if self.k < 2 and self.clustering == "kmeans":
             raise UsageError(f"k must be at least 2, got {self.k}")
+        if self.pca_sample < 0 or self.pca_eps < 0:
+            raise UsageError(f"pca_sample and pca_eps must be >= 0, got {self.pca_sample} and {self.pca_eps}")
         if self.reassign <= 0:
             raise UsageError(f"reassign must be positive, got {self.reassign}")
         if self.lr <= 0 or self.top_lr <= 0:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
 from dcbench.cluster.kmeans import faiss_has_gpu
+from dcbench.cluster.pca import combine_moments, scatter_moments
 from dcbench.data import ImageDataset, eval_transform, open_training_data, skip_collate, train_transform
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
@@ -44,10 +45,6 @@ from dcbench.train.distributed import (DistInfo, all_agree, all_reduce_sum, barr
 from dcbench.train.rundir import RunDir
 
 log = logging.getLogger("dcbench")
-
-#: the clustering PCA divides each component by sqrt(eigenvalue + PCA_EPS) (dcbench's trainer
-#: always has; faiss's PCAMatrix(eigen_power=-0.5) in the original code adds no epsilon)
-PCA_EPS = 1e-5
 
 
 @dataclass
@@ -164,16 +161,23 @@ def cluster_features(t: Trainer, features: np.ndarray, indices: np.ndarray) -> t
 
 
 def _fit_pca(t: Trainer, features: np.ndarray) -> PCAWhitening:
+    """DeepCluster's PCA-whitening (faiss PCAMatrix(eigen_power=-0.5) on every row by default;
+    see the pca_sample and pca_eps settings). Under torchrun each rank summarises its rows
+    (mean + covariance, D x D) and rank 0 fits on their combination: every row, nothing gathered."""
     cfg, dist = t.cfg, t.dist
     seed = cfg.seed + t.state.epoch
+    pca = PCAWhitening(cfg.pca_dim, cfg.pca_eps, "additive")
     if not dist.enabled:
-        return PCAWhitening(cfg.pca_dim, PCA_EPS, "additive").fit(features, sample_size=cfg.pca_sample, seed=seed)
-    per_rank = max(1, cfg.pca_sample // dist.world_size)
-    rows = np.random.default_rng(seed + dist.rank).permutation(len(features))[:per_rank]
-    samples = gather_to_main(dist, np.ascontiguousarray(features[np.sort(rows)]))
-    pca = (PCAWhitening(cfg.pca_dim, PCA_EPS, "additive").fit(np.concatenate(samples), sample_size=None)
-           if dist.is_main else None)
-    return broadcast_from_main(dist, pca)
+        return pca.fit(features, sample_size=cfg.pca_sample or None, seed=seed)
+    if cfg.pca_sample:
+        per_rank = max(1, cfg.pca_sample // dist.world_size)
+        rows = np.random.default_rng(seed + dist.rank).permutation(len(features))[:per_rank]
+        samples = gather_to_main(dist, np.ascontiguousarray(features[np.sort(rows)]))
+        fitted = pca.fit(np.concatenate(samples), sample_size=None) if dist.is_main else None
+    else:
+        parts = gather_to_main(dist, scatter_moments(features))
+        fitted = pca.fit_moments(combine_moments(parts)) if dist.is_main else None
+    return broadcast_from_main(dist, fitted)
 
 
 def _cluster_points(cfg: TrainConfig, points: np.ndarray, indices: np.ndarray, n_images: int,

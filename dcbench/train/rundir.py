@@ -67,7 +67,7 @@ class RunDir:
                                f"choose a writable --out") from None
         self.assignments.mkdir(exist_ok=True)
         self.snapshots.mkdir(exist_ok=True)
-        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))  # resume reads it: never torn
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Append one JSON line; rewrite-free so a crash never corrupts earlier epochs."""
