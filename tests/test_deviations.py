@@ -53,7 +53,7 @@ def test_crops_center_under_deepcluster_is_stored_and_shown_in_every_format(inpu
     user = [d for d in record["extra"]["deviations"] if d["source"] == "user"]
     assert {"what": "crops=center", "why": "set by the user; the deepcluster default is tencrop",
             "source": "user"} in user
-    boards = {fmt: _ok("leaderboard", "--store", store, "--format", fmt).output
+    boards = {fmt: _ok("leaderboard", "--store", store, "--format", fmt).stdout
               for fmt in ("md", "latex", "html", "csv", "json")}
     assert "‡1" in boards["md"] and "crops=center" in boards["md"]
     assert r"\textsuperscript{\ddag{}1}" in boards["latex"] and "crops=center" in boards["latex"]
@@ -78,7 +78,7 @@ def test_reference_comparison_is_a_paired_bootstrap_over_images(inputs, tmp_path
     with sqlite3.connect(store) as db:
         assert db.execute("select count(*) from outcomes").fetchone()[0] == 2
     items = json.loads(_ok("leaderboard", "--store", store, "--format", "json",
-                               "--reference", "random:alexnet").output)
+                               "--reference", "random:alexnet").stdout)
     mine = next(i for i in items if i["checkpoint"] == "mine" and i["column"] == column)
     assert mine["test"] == "paired-bootstrap" and mine["ci_method"] == "bootstrap"
     assert mine["diff_ci_low"] is not None and mine["diff_ci_low"] <= mine["diff"] <= mine["diff_ci_high"]
