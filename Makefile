@@ -17,8 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dcbench demo
 
+# Two pytest workers (the suite's tests are single-threaded: conftest sets one torch thread);
+# --dist loadscope keeps each module's fixtures in one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 bench: $(STAMP)
 	$(PY) benchmarks/clustering.py
