@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from dcbench.metrics.ap import voc_class_ap
+from dcbench.parallel import split_map
 from dcbench.svm import FitStore, SvmParams, fit_svm, l2_normalize, run_parallel, svm_jobs, svm_targets
 
 
@@ -85,8 +86,10 @@ def lowshot_tap(x_train: np.ndarray, train_labels: np.ndarray, x_test: np.ndarra
             tasks.append((x_train[rows], svm_targets(train_labels[rows, c]), x_test, test_labels[:, c],
                           f"k{k}_s{s}_{cls}", costs, params, store))
             names.append((k, s, c))
-    results = run_parallel(lowshot_unit, tasks, svm_jobs(jobs, len(tasks), max(len(t[0]) for t in tasks),
-                                                         x_train.shape[1]))
+    rows = max(len(t[0]) for t in tasks)
+    # under torchrun each rank runs a share of the units, results gathered (dcbench.parallel.split_map)
+    results = split_map(lambda share: run_parallel(lowshot_unit, share, svm_jobs(jobs, len(share), rows,
+                                                                                  x_train.shape[1])), tasks)
     k_index = {k: i for i, k in enumerate(dict.fromkeys(k for k, _ in sets))}
     samples = 1 + max(s for _, s in sets)
     ap = np.full((len(k_index), samples, len(classes), len(costs)), np.nan)

@@ -11,7 +11,7 @@ one-process metric (counts, never averages of averages).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,19 @@ from torch import nn
 
 #: one all_gather moves at most about this many bytes per rank (bounded GPU / gloo buffers)
 GATHER_CHUNK_BYTES = 64 * 2**20
+
+
+def per_rank_batch(batch_size: int, world: int) -> int:
+    """``batch_size / world``: the global batch of a data-parallel step is the preset's
+    ``batch_size`` whatever the number of processes, and each rank reads this share of it.
+    UsageError (one line) when ``world`` does not divide ``batch_size``."""
+    if batch_size % world:
+        from dcbench.errors import UsageError  # noqa: PLC0415
+
+        raise UsageError(f"batch_size {batch_size} is not divisible by the {world} processes of this torchrun job "
+                         f"(the global batch is batch_size, each process takes batch_size / {world}): "
+                         f"set --set batch_size to a multiple of {world} or change --nproc-per-node")
+    return batch_size // world
 
 
 def world_size() -> int:
@@ -158,3 +171,91 @@ def _gather_into(out: np.ndarray, mine: np.ndarray, counts: list[int], offsets: 
             n = max(0, min(counts[r], stop) - start)
             if n:
                 out[offsets[r] + start:offsets[r] + start + n] = to_host(box[:n]).numpy()
+
+
+def all_gather_batch(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` (``R_r x D`` with the same ``D`` and dtype on every rank; ``R_r`` may
+    differ and be 0), concatenated in rank order, on every rank, on ``rows``' device.
+
+    The global batch of a data-parallel probe step: pooled features are small next to the
+    backbone's forward, so they travel whole (padded to the longest rank) and stay on the GPU
+    under NCCL. Bits are copied, not reduced: every rank then holds the exact global batch.
+    """
+    if world_size() == 1:
+        return rows
+    device = group_device()
+    mine = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(sizes, mine)
+    counts = [int(to_host(s)[0]) for s in sizes]
+    send = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=device)
+    send[:rows.shape[0]] = rows.detach().to(device)
+    boxes = [torch.empty_like(send) for _ in counts]
+    dist.all_gather(boxes, send)
+    return _back(torch.cat([box[:n] for box, n in zip(boxes, counts)]), rows.device)
+
+
+def _back(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A collective's result on ``device``: as is when it is already there (a GPU tensor of an
+    NCCL group stays on the GPU), else through :func:`to_host`."""
+    return tensor if tensor.device == device else to_host(tensor).to(device)
+
+
+def all_gather_indexed(rows: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`all_gather_rows`, then sorted by ``owner`` (dataset order for owners that are
+    dataset indices): per-image outcomes computed on each rank's share, put back in order."""
+    rows, owner = all_gather_rows(rows, owner)
+    order = np.argsort(owner, kind="stable")
+    return rows[order], owner[order]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj`` on every rank (a list in rank order)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)  # under NCCL it stages through the current CUDA device (set per rank)
+    return out
+
+
+def split_map(run: Callable[[Sequence[tuple]], list], tasks: Sequence[tuple]) -> list:
+    """``run(tasks)`` (a list of one result per task) shared by the ranks: rank r runs tasks
+    r, r + N, r + 2N, ... (N ranks; interleaved so that each rank gets a share of every kind of
+    task in the list), and every rank gets every result, in task order. For independent,
+    deterministic work (one SVM fit per class): the results are the one-process ones."""
+    world = world_size()
+    if world == 1:
+        return run(tasks)
+    parts = all_gather_objects(run(list(tasks[rank()::world])))
+    out: list[Any] = [None] * len(tasks)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def average_gradients_(params: Sequence[torch.Tensor], count: int) -> int:
+    """Make every rank's gradients the gradient of the mean loss over the GLOBAL batch, in place:
+    ``grad := sum_r(count_r * grad_r) / sum_r(count_r)``, where ``grad_r`` is rank r's gradient of
+    its mean loss over its ``count_r`` samples (a missing grad counts as zeros). Returns the
+    global count (0: nobody had a sample; the gradients are then left zero: skip the step).
+
+    What DistributedDataParallel does (its bucketed all-reduce averages over ranks), except that
+    the ranks are weighted by their sample counts, so it stays exact when the shares differ
+    (unreadable images, the last partial batch) and a rank with no sample still takes part
+    instead of leaving the others waiting in the all-reduce. Identity in one process.
+    """
+    if world_size() == 1:
+        return count
+    device = group_device()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.detach().reshape(-1).to(device, torch.float32) for g in grads] +
+                     [torch.ones(1, device=device)]) * float(count)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = _back(flat, params[0].device) if params else flat
+    total = int(round(float(flat[-1])))
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = (flat[offset:offset + n] / total).view_as(g).to(g.dtype) if total else torch.zeros_like(p)
+        offset += n
+    return total

@@ -135,6 +135,7 @@ def plan_pool(family: str | None, preset: str, tap: str, shape: Sequence[int]) -
     channels, h, w = (int(v) for v in shape)
     table, ref_maps, grids, table_name = None, None, None, None
     if family == "alexnet" and tap in ALEXNET_MAPS:
+        preset = preset if preset in ALEXNET_TABLES else "deepcluster"  # presets without a table of their own (dino)
         table, ref_maps, grids, table_name = ALEXNET_TABLES[preset], ALEXNET_MAPS, ALEXNET_GRIDS, f"{preset}-alexnet"
     elif family == "resnet" and tap in RESNET_MAPS:
         table, ref_maps, grids, table_name = RESNET50_TABLE, RESNET_MAPS, RESNET_GRIDS, "resnet50"
@@ -169,12 +170,21 @@ def probe_pooling(backbone: nn.Module, taps: Sequence[str], image_size: int,
     return {t: plan_pool(family, preset, t, shapes[t]) for t in taps}
 
 
-def resolve_taps(backbone: nn.Module, taps: Sequence[str] | None) -> list[str]:
-    """``taps`` checked against the backbone (default: all conv taps), duplicates removed."""
+def default_taps(backbone: nn.Module, image_feature: bool = False) -> list[str]:
+    """The taps a protocol evaluates when the user names none: every conv tap, or, with
+    ``image_feature`` on a ViT, its image feature only (``cls``, ``avgpool`` without a CLS token:
+    facebookresearch/dino eval_knn.py's feature and the simple ViT linear probe)."""
+    feature = getattr(backbone, "image_feature_tap", None) if image_feature else None
+    return [feature] if feature else list(backbone.conv_tap_names)
+
+
+def resolve_taps(backbone: nn.Module, taps: Sequence[str] | None, image_feature: bool = False) -> list[str]:
+    """``taps`` checked against the backbone (default: :func:`default_taps`), duplicates removed."""
     if taps is None:
-        return list(backbone.conv_tap_names)
+        return default_taps(backbone, image_feature)
     wanted = list(dict.fromkeys(taps))
-    unknown = [t for t in wanted if t not in backbone.tap_names]
+    has_tap = getattr(backbone, "has_tap", lambda t: t in backbone.tap_names)
+    unknown = [t for t in wanted if not has_tap(t)]
     if unknown:
         raise UsageError(f"unknown tap '{unknown[0]}' for {backbone.arch}; available: "
                          f"{', '.join(backbone.tap_names)} (e.g. --set taps=[{backbone.conv_tap_names[-1]}])")

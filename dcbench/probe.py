@@ -12,6 +12,21 @@ transforms) comes in as :class:`ProbeOptim`; this module knows no preset by name
 Per-image outcomes: a :class:`ProbeOutcomes` handed to a training pass keeps, per tap, the
 top-1/top-5 correctness of every scored val image (dataset order) at the final epoch and at
 the best epoch (the selections of :func:`final_and_best_rows`), for the paired bootstrap.
+
+Data parallelism (``ProbeLoop.shard``, torchrun): the rule is that the GLOBAL batch is the
+preset's ``batch_size`` and each of the N ranks reads ``batch_size / N`` augmented images of it
+(a :class:`~torch.utils.data.DistributedSampler`, reshuffled per epoch from the seed; a batch
+size N does not divide is refused). Each rank forwards its share through the frozen backbone,
+the pooled features and targets are all-gathered (:func:`dcbench.parallel.all_gather_batch`),
+and every rank takes the same SGD step of the heads on the whole global batch. This is exactly
+DistributedDataParallel's averaged gradient for Linear heads (the mean loss over the global
+batch), and also exact for the BatchNorm heads of the vissl preset, whose batch statistics
+DDP would compute per rank (VISSL uses SyncBatchNorm for this). Only the backbone's forward,
+the expensive part, is split; moving pooled features costs less than DDP's all-reduce of the
+heads' gradients (``taps x D x classes`` floats per step). Validation: each rank scores its
+contiguous block of the one-process val batches (:func:`dcbench.features.rank_batches`);
+hits and image counts are summed over ranks (counts, not averages of accuracies) and the
+per-image outcomes gathered back into dataset order.
 """
 from __future__ import annotations
 
@@ -26,8 +41,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dcbench.data import SkipCounter
-from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dcbench import parallel
+from dcbench.data import SkipCounter, skip_collate
+from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, rank_batches
 from dcbench.progress import track
 from dcbench.metrics.classification import hits_of, topk_correct
 from dcbench.pooling import PoolPlan
@@ -144,10 +162,25 @@ class ProbeLoop:
     device: str = "cpu"
     workers: int = 0
     progress: bool = False
+    #: ``(rank, world_size)`` of a data-parallel run (torchrun), None in one process
+    shard: tuple[int, int] | None = None
 
     @property
     def taps(self) -> list[str]:
         return list(self.pools)
+
+    @property
+    def world(self) -> int:
+        """Processes sharing the work (1 in one process)."""
+        return self.shard[1] if self.shard is not None else 1
+
+    def rank_batch(self) -> int:
+        """Images per step on this rank: the global batch / world size (UsageError when it does
+        not divide: the global batch is the preset's whatever the number of processes)."""
+        return per_rank_batch(self.batch_size, self.world)
+
+
+per_rank_batch = parallel.per_rank_batch  # the rule lives with the collectives (fine-tunes share it)
 
 
 class _Totals:
@@ -156,12 +189,15 @@ class _Totals:
     def __init__(self) -> None:
         self.hits: dict[str, np.ndarray] = {}
         self.parts: dict[str, list[np.ndarray]] = {}
+        self.indices: list[np.ndarray] = []
         self.n = 0
 
-    def add(self, correct: Mapping[str, np.ndarray], n: int) -> None:
+    def add(self, correct: Mapping[str, np.ndarray], n: int, indices: Any = None) -> None:
         for tap, value in correct.items():
             self.hits[tap] = self.hits.get(tap, 0) + hits_of(value)
             self.parts.setdefault(tap, []).append(value)
+        if indices is not None:
+            self.indices.append(np.asarray(indices, dtype=np.int64))
         self.n += n
 
     def accuracy(self) -> dict[str, tuple[float, float]]:
@@ -171,6 +207,24 @@ class _Totals:
     def correct(self) -> dict[str, np.ndarray]:
         """tap -> n x 2 bool (top-1, top-5) over the images added, in the order added."""
         return {t: np.concatenate(v) for t, v in self.parts.items()}
+
+    def reduced(self, taps: list[str]) -> _Totals:
+        """Every rank's totals in one (identity in one process): image and hit counts summed
+        over ranks (exact int64), per-image correctness gathered and put in dataset order."""
+        if parallel.world_size() == 1:
+            return self
+        mine = self.correct() if self.n else {t: np.zeros((0, 2), bool) for t in taps}
+        counts = parallel.all_reduce_sum([self.n, *(int(h) for t in taps for h in self.hits.get(t, (0, 0)))])
+        rows = np.concatenate([mine[t].astype(np.float32) for t in taps], 1)
+        owner = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
+        rows, owner = parallel.all_gather_indexed(rows, owner)
+        out = _Totals()
+        out.n = int(counts[0])
+        for i, tap in enumerate(taps):
+            out.hits[tap] = counts[1 + 2 * i:3 + 2 * i]
+            out.parts[tap] = [rows[:, 2 * i:2 * i + 2] > 0.5]
+        out.indices = [owner]
+        return out
 
 
 class ProbeOutcomes:
@@ -216,7 +270,10 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     ``n_crops > 1``; its batches hold batch_size/n_crops images.
 
     Returns the history and the number of unreadable images per split (skipped, counted).
+    With ``loop.shard`` of several ranks the work is data-parallel (the module docstring).
     """
+    if loop.world > 1:
+        return _train_on_images_parallel(backbone, probes, train_ds, val_ds, n_crops, loop, outcomes)
     loader = make_loader(train_ds, loop.batch_size, loop.workers, loop.device, shuffle=True, seed=loop.seed,
                          persistent=True)
     val_loader = make_loader(val_ds, max(1, loop.batch_size // n_crops), loop.workers, loop.device,
@@ -247,6 +304,77 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     return history, skipped
 
 
+def _train_on_images_parallel(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds: Any, n_crops: int,
+                              loop: ProbeLoop, outcomes: ProbeOutcomes | None) -> tuple[History, dict[str, int]]:
+    """:func:`train_on_images` on rank ``loop.shard[0]`` of a torchrun job: this rank's share of
+    every global batch through the backbone, the same head step on every rank."""
+    rank, world = loop.shard
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=loop.seed)
+    # each rank its own augmentation stream: the same crops on every rank would pair up images
+    aug_seed = zlib.crc32(f"{loop.seed}:augment:{rank}".encode())
+    torch.manual_seed(aug_seed)
+    loader = DataLoader(train_ds, batch_size=loop.rank_batch(), sampler=sampler, num_workers=loop.workers,
+                        collate_fn=skip_collate, pin_memory=torch.device(loop.device).type == "cuda",
+                        generator=torch.Generator().manual_seed(aug_seed), persistent_workers=loop.workers > 0)
+    val_batches = rank_batches(len(val_ds), max(1, loop.batch_size // n_crops), loop.shard)
+    val_loader = DataLoader(val_ds, batch_sampler=val_batches, num_workers=loop.workers, collate_fn=skip_collate,
+                            pin_memory=torch.device(loop.device).type == "cuda", persistent_workers=loop.workers > 0)
+    width_of = {tap: head.linear.in_features for tap, head in zip(probes.taps, probes.heads)}
+    widths = [width_of[t] for t in loop.taps]  # in the order the pooled features travel
+    counter, skipped, history, iteration = SkipCounter(train_ds), {}, [], 0
+    for epoch in range(loop.epochs):
+        sampler.set_epoch(epoch)
+        with frozen(backbone):
+            for images, targets, idx, n_skipped in _bar(loader, f"epoch {epoch + 1}/{loop.epochs}", loop.progress):
+                counter.update(idx, n_skipped)
+                pooled, labels = _global_batch(backbone, images, targets, widths, loop)
+                if not probes.can_step(len(labels)):  # the same test on every rank: all skip or none
+                    continue
+                probes.set_lr(epoch, iteration)
+                probes.step(pooled, labels)
+                iteration += 1
+            skipped["train"] = _skipped_everywhere(counter, list(sampler), train_ds, report=epoch == 0)
+            # the heads took identical steps; rank 0's copy makes any last-bit drift impossible
+            parallel.broadcast_module_(probes.heads)
+            totals, skipped["val"] = _evaluate_images(backbone, probes, val_loader, val_ds, n_crops, loop, False)
+            totals = totals.reduced(loop.taps)
+            skipped["val"] = int(parallel.all_reduce_sum([skipped["val"]])[0])
+            if epoch == 0 and skipped["val"]:
+                log.warning("skipped %d unreadable val images; use --strict to stop at the first one", skipped["val"])
+            history.append(_record(totals, outcomes))
+        _log_epoch(epoch, loop.epochs, history[-1])
+    return history, skipped
+
+
+def _global_batch(backbone: nn.Module, images: torch.Tensor, targets: torch.Tensor, widths: list[int],
+                  loop: ProbeLoop) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """This rank's images through the frozen backbone, then every rank's pooled features and
+    targets (rank order) on every rank: the step's global batch. A rank whose share was all
+    unreadable contributes no row."""
+    if len(targets):
+        pooled = forward_pooled(backbone, images.to(loop.device, non_blocking=True), loop.taps, loop.pools)
+        # targets ride along as one float32 column (exact below 2**24 classes)
+        mine = torch.cat([*(pooled[t] for t in loop.taps), targets.to(loop.device, torch.float32)[:, None]], 1)
+    else:
+        mine = torch.zeros((0, sum(widths) + 1), device=loop.device)
+    everything = parallel.all_gather_batch(mine.clone())  # clone: out of inference mode, trainable
+    parts = torch.split(everything[:, :-1], widths, dim=1)
+    return dict(zip(loop.taps, parts)), everything[:, -1].long()
+
+
+def _skipped_everywhere(counter: SkipCounter, expected: list[int], dataset: Any, report: bool) -> int:
+    """Unreadable images of the epoch over every rank (the union of each rank's misses: the
+    DistributedSampler repeats a few indices to even the shares out); warns once on rank 0."""
+    mine = counter.missing_indices(expected)
+    counter.reset()
+    _, missing = parallel.all_gather_rows(np.zeros((len(mine), 1), np.float32), mine.astype(np.int64))
+    missing = np.unique(missing)
+    if report and len(missing):
+        log.warning("skipped %d unreadable images (first: %s); use --strict to stop at the first one",
+                    len(missing), dataset.paths[int(missing[0])])
+    return int(len(missing))
+
+
 def _evaluate_images(backbone: nn.Module, probes: ProbeSet, loader: Iterable, val_ds: Any, n_crops: int,
                      loop: ProbeLoop, report: bool) -> tuple[_Totals, int]:
     """Val correctness per tap and image, one shared frozen forward per batch (all crops of an
@@ -260,10 +388,11 @@ def _evaluate_images(backbone: nn.Module, probes: ProbeSet, loader: Iterable, va
         if n_crops > 1:  # B x crops x 3 x s x s -> (B*crops) x 3 x s x s, image-major
             images = images.flatten(0, 1)
         pooled = forward_pooled(backbone, images, loop.taps, loop.pools)
-        totals.add(probes.correct(pooled, targets.to(loop.device), n_crops), len(idx))
+        totals.add(probes.correct(pooled, targets.to(loop.device), n_crops), len(idx), idx)
+    count = counter.count  # before report(), which resets it (the first epoch used to record 0)
     if report:
         counter.report()
-    return totals, counter.count
+    return totals, count
 
 
 def train_on_features(probes: ProbeSet, train: ExtractedFeatures, val: ExtractedFeatures,

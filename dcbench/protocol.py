@@ -277,6 +277,13 @@ class RunContext:
                                 **self._extract_options(mmap),
                                 **options)
 
+    def shared_forward(self) -> None:
+        """Count a pass that splits the backbone's forwards across ranks outside :meth:`extract`
+        (an augmented probe: each rank forwards its share of every global batch): the runner
+        records the run as data-parallel. Nothing in one process."""
+        if self.shard is not None:
+            self.sharded_extractions += 1
+
     @contextmanager
     def _timed(self) -> Iterator[None]:
         started = time.perf_counter()
@@ -409,8 +416,9 @@ class Protocol:
 
         Default: frozen-feature protocols can (their forward passes go through
         :meth:`RunContext.extract`); fine-tunes and probes trained on augmented crops
-        (``cached=false``) cannot, until they train with DistributedDataParallel and a
-        DistributedSampler: they override this then.
+        (``cached=false``) cannot until they train data-parallel (a DistributedSampler over a
+        global batch of the preset's size, gradients averaged over it): those override this,
+        refusing only a batch size the processes do not divide (:func:`batch_refusal`).
         """
         one_process = "launch it as one process (no torchrun), or fan it out with compare --launcher"
         if self.finetune:
@@ -419,6 +427,21 @@ class Protocol:
             return (f"{self.name} with cached=false trains on augmented crops, which is not data-parallel yet: "
                     f"add --set cached=true (heads on extracted features), or {one_process}")
         return None
+
+
+def batch_refusal(batch_size: int) -> str | None:
+    """For :meth:`Protocol.data_parallel` of a protocol that trains on batches under torchrun
+    (the global batch is ``batch_size``, each of the N processes reads ``batch_size / N``): the
+    one-line reason when the launcher's N does not divide ``batch_size``, else None."""
+    from dcbench.errors import UsageError  # noqa: PLC0415
+    from dcbench.parallel import per_rank_batch  # noqa: PLC0415 (heavy: torch)
+    from dcbench.train.distributed import env_world_size  # noqa: PLC0415
+
+    try:
+        per_rank_batch(int(batch_size), env_world_size())
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def require_images(root: Path, splits: Sequence[str], protocol: str, layout: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -274,16 +274,24 @@ class RegionExtraction(NamedTuple):
 
 
 def extract_regions(backbone: nn.Module, dataset: RetrievalImages, taps: Sequence[str], levels: int,
-                    ckpt_sha: str, cache_dir: Path | None, batch_size: int = 4, workers: int = 0,
-                    device: str | torch.device = "cpu", progress: bool = False) -> RegionExtraction:
+                    ckpt_sha: str, cache_dir: Path | None = None, batch_size: int = 4, workers: int = 0,
+                    device: str | torch.device = "cpu", progress: bool = False,
+                    rows_of: Callable[..., Any] | None = None) -> RegionExtraction:
     """R-MAC region vectors of every readable image of ``dataset``, through the feature cache.
 
     ONE frozen forward per same-shape batch for all taps not cached yet (the extractor).
+    ``rows_of``: the run context's :meth:`~dcbench.protocol.RunContext.extract_rows` (its cache,
+    batch size, workers, device and progress; under torchrun each rank forwards its block of the
+    same-shape batches and every rank gets all regions, in dataset order); without it, the
+    extractor with the arguments given here, in this process.
     """
     pool = RMACPool(levels)
-    out = extract_rows(backbone, dataset, taps, {t: pool for t in taps}, dataset.transform_id, ckpt_sha,
-                       cache_dir, batch_size, workers, device, progress, mmap=True,
-                       batch_sampler=dataset.same_shape_batches, desc=f"R-MAC {','.join(taps)}")
+    options = {"mmap": True, "batch_sampler": dataset.same_shape_batches, "desc": f"R-MAC {','.join(taps)}"}
+    if rows_of is not None:
+        out = rows_of(backbone, ckpt_sha, dataset, taps, {t: pool for t in taps}, dataset.transform_id, **options)
+    else:
+        out = extract_rows(backbone, dataset, taps, {t: pool for t in taps}, dataset.transform_id, ckpt_sha,
+                           cache_dir, batch_size, workers, device, progress, **options)
     regions = {t: Regions(rows.rows, rows.owner, len(dataset)) for t, rows in out.taps.items()}
     return RegionExtraction(regions, out.items_per_s, not set(taps) - set(out.cached))
 

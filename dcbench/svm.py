@@ -6,7 +6,8 @@ tol, max_iter)`` is fitted for each C of a grid on L2-normalised features
 ``x / (||x|| + 1e-5)``; C is chosen by stratified k-fold cross-validation scored by average
 precision (first of equals in grid order), then the model is refitted on all rows. Training
 counts difficult images (label 0) as negatives; the test AP leaves them out (VOC
-all-points). Classes are fitted in parallel threads (liblinear releases the GIL).
+all-points). Classes are fitted in parallel threads (liblinear releases the GIL), and under
+torchrun shared by the ranks (:func:`dcbench.parallel.split_map`), results gathered.
 
 Every finished (class, C) fit is written to a :class:`FitStore` (one file per fit, atomic),
 keyed by the training features, their rows and labels and the SVM settings, so an
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dcbench.features import key_hash
+from dcbench.parallel import split_map
 from dcbench.fileio import atomic_write_bytes
 from dcbench.metrics.ap import voc_class_ap
 
@@ -291,7 +293,10 @@ def svm_tap(x_train: np.ndarray, train_labels: np.ndarray, x_test: np.ndarray, t
     excluded). Features are normalised here."""
     x_train, x_test = l2_normalize(x_train), l2_normalize(x_test)
     tasks = [(x_train, svm_targets(train_labels[:, c]), cls, costs, params, store) for c, cls in enumerate(classes)]
-    results = run_parallel(train_class, tasks, svm_jobs(jobs, len(tasks), *x_train.shape))
+    # under torchrun each rank fits a share of the classes (every C of each; distinct fit files) and
+    # the fits are gathered: the same deterministic liblinear fits as one process
+    results = split_map(lambda share: run_parallel(train_class, share, svm_jobs(jobs, len(share), *x_train.shape)),
+                        tasks)
     aps = [voc_class_ap(x_test @ r.coef + r.intercept, test_labels[:, c]) for c, r in enumerate(results)]
     return aps, results
 

@@ -11,6 +11,16 @@ DeepCluster paper's ``eval_voc_classif.py``).
   trunk stays in eval mode, as the paper's ``model.features.eval()``), check the trunk, then
   sum the logits of the test crops of every test image.
 
+Data parallelism (``shard``, torchrun): the global batch is ``batch_size`` and each of the N
+ranks reads ``batch_size / N`` images of it (a DistributedSampler reshuffled per pass from the
+seed; a batch size N does not divide is refused). Every rank holds the whole network (initialised
+identically from the seed, then rank 0's copy broadcast); after each backward the gradients are
+all-reduced weighted by each rank's image count (:func:`dcbench.parallel.average_gradients_`:
+DistributedDataParallel's averaging, exact when the shares differ), so every rank clips and steps
+the same gradient of the mean loss over the global batch. The trunk runs in eval mode, so no
+BatchNorm statistic needs synchronising. Test scores: each rank scores its block of the test
+images and the float64 score rows are gathered (exact), so every rank computes the same APs.
+
 The loop reads its numbers from a settings object with the fields ``mode``,
 ``train_bn_affine``, ``iterations``, ``lr``, ``lr_step``, ``momentum``, ``weight_decay``,
 ``batch_size``, ``clip_norm``, ``image_size``, ``crop_scale``, ``test_crops``, ``seed`` and
@@ -19,6 +29,7 @@ The loop reads its numbers from a settings object with the fields ``mode``,
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +41,7 @@ from torch.nn import functional as F
 from torchvision import transforms as T
 
 from dcbench import finetune as ft
+from dcbench import parallel
 from dcbench.data import DataError, SkipCounter, normalize
 from dcbench.data.transforms import ten_crop_transform
 from dcbench.data.voc import VOCSplit
@@ -130,11 +142,14 @@ def finetune_transform(image_size: int, scale: Sequence[float]) -> Callable:
 
 
 def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str, progress: bool,
-                   strict: bool = False) -> dict[str, Any]:
+                   strict: bool = False, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """The SGD loop; returns a small log (losses every 10% of the run, skipped images). ``strict``:
-    stop at the first unreadable image (``--strict``)."""
+    stop at the first unreadable image (``--strict``). ``shard``: ``(rank, world_size)`` of a
+    data-parallel run (the module docstring)."""
     ds = train.dataset(finetune_transform(settings.image_size, settings.crop_scale))
     ds.strict = strict
+    if shard is not None and shard[1] > 1:
+        return _train_finetune_parallel(net, train, ds, settings, device, progress, shard)
     loader = make_loader(ds, settings.batch_size, settings.workers, device, shuffle=True, seed=settings.seed,
                          persistent=True)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -173,17 +188,83 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
     return {"loss": losses, "skipped_train_images": counter.count}
 
 
+def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, settings: Any, device: str, progress: bool,
+                             shard: tuple[int, int]) -> dict[str, Any]:
+    """:func:`train_finetune` on rank ``shard[0]`` of a torchrun job: this rank's share of every
+    global batch, gradients averaged over the global batch before clipping and stepping."""
+    from torch.utils.data import DataLoader, DistributedSampler  # noqa: PLC0415
+
+    from dcbench.data import skip_collate  # noqa: PLC0415
+
+    rank, world = shard
+    parallel.broadcast_module_(net)  # one starting point, whatever each rank's BN re-estimation gave
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    torch.manual_seed(zlib.crc32(f"{settings.seed}:finetune:{rank}".encode()))  # crops and dropout per rank
+    loader = DataLoader(ds, batch_size=parallel.per_rank_batch(settings.batch_size, world), sampler=sampler,
+                        num_workers=settings.workers, collate_fn=skip_collate,
+                        generator=torch.Generator().manual_seed(zlib.crc32(f"{settings.seed}:workers:{rank}".encode())),
+                        pin_memory=torch.device(device).type == "cuda", persistent_workers=settings.workers > 0)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    skipped, iteration, losses, epoch = 0, 0, [], 0
+    every = max(1, settings.iterations // 10)
+    bar = ft.progress_bar(settings.iterations, "fine-tune", "it", progress)
+    while iteration < settings.iterations:
+        done_before = iteration
+        sampler.set_epoch(epoch)
+        epoch += 1
+        net.train()
+        net.trunk.eval()  # BatchNorm keeps its running statistics, in both modes
+        for images, _t, idx, n_skipped in loader:
+            skipped += int(n_skipped)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            if len(idx):
+                labels = torch.from_numpy(train.labels[idx.numpy()]).to(device)
+                loss = masked_bce(net(images.to(device, non_blocking=True)), labels)
+                loss.backward()
+            if not parallel.average_gradients_(params, len(idx)):
+                continue  # no rank read an image of this batch: no step anywhere
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(settings.lr, settings.lr_step, iteration)
+            torch.nn.utils.clip_grad_norm_(params, settings.clip_norm)
+            optimizer.step()
+            iteration += 1
+            if iteration % every == 0 or iteration == settings.iterations:
+                losses.append([iteration, round(loss.item(), 5)])  # this rank's share of the batch
+            if bar is not None:
+                bar.update(1)
+            if iteration >= settings.iterations:
+                break
+        if iteration == done_before:
+            raise DataError(f"no readable image in {train.voc_dir / 'JPEGImages'} for split {train.split}")
+    ft.close_bar(bar)
+    return {"loss": losses, "skipped_train_images": int(parallel.all_reduce_sum([skipped])[0])}
+
+
 @torch.no_grad()
 def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: str, progress: bool = False,
-                     strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Summed logits per test image (N x C) and the mask of images that could be read."""
+                     strict: bool = False, shard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed logits per test image (N x C) and the mask of images that could be read. With
+    ``shard`` each rank scores its contiguous block of the test batches and every rank gets all
+    the rows (gathered as float64: the sums are the ones this rank computed, bit for bit)."""
     tencrop = settings.test_crops == "tencrop"
     transform = (ten_crop_transform(settings.image_size) if tencrop
                  else finetune_transform(settings.image_size, settings.crop_scale))
     ds = test.dataset(transform)
     ds.strict = strict
     batch = max(1, settings.batch_size // 10) if tencrop else settings.batch_size
-    loader = make_loader(ds, batch, settings.workers, device)
+    if shard is not None and shard[1] > 1:
+        from torch.utils.data import DataLoader  # noqa: PLC0415
+
+        from dcbench.data import skip_collate  # noqa: PLC0415
+        from dcbench.features import rank_batches  # noqa: PLC0415
+
+        loader = DataLoader(ds, batch_sampler=rank_batches(len(ds), batch, shard), num_workers=settings.workers,
+                            collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
+    else:
+        loader = make_loader(ds, batch, settings.workers, device)
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()
@@ -199,6 +280,10 @@ def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: st
                 logits = net(images)
             scores[idx.numpy()] += logits.double().cpu().numpy()
             seen[idx.numpy()] = True
+    if shard is not None and shard[1] > 1:
+        mine = np.flatnonzero(seen)
+        for rows, part in parallel.all_gather_objects((mine, scores[mine])):
+            scores[rows], seen[rows] = part, True
     return scores, seen
 
 
@@ -213,16 +298,16 @@ class FinetuneOutcome:
 
 
 def finetune_and_score(net: FineTuneNet, train: VOCSplit, test: VOCSplit, settings: Any, device: str,
-                       progress: bool, strict: bool = False) -> FinetuneOutcome:
+                       progress: bool, strict: bool = False, shard: tuple[int, int] | None = None) -> FinetuneOutcome:
     """Freeze per ``settings.mode``, train, check the trunk (RuntimeError when the freezing
     failed), then score the test split; the torch RNG is seeded from ``settings.seed`` and
-    restored afterwards."""
+    restored afterwards. ``shard``: data-parallel under torchrun (the module docstring)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         allowed = set_trainable(net, settings.mode, settings.train_bn_affine)
         net.to(device)
         guard = ft.TrunkGuard(net.trunk, allowed, settings.mode)
-        log_ = train_finetune(net, train, settings, device, progress, strict)
+        log_ = train_finetune(net, train, settings, device, progress, strict, shard)
         check = guard.check(settings.iterations)
-        scores, seen = score_test_split(net, test, settings, device, progress, strict)
+        scores, seen = score_test_split(net, test, settings, device, progress, strict, shard)
     return FinetuneOutcome(log_, check, scores, seen)

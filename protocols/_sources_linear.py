@@ -8,6 +8,7 @@ from dcbench.protocol import Deviation
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
 
 _DC = "facebookresearch/deepcluster"
+_DINO = "facebookresearch/dino eval_linear.py"
 _VISSL_CFG = ("facebookresearch/vissl configs/config/benchmark/linear_image_classification/imagenet1k/"
               "eval_alexnet_8gpu_transfer_in1k_linear.yaml")
 _COMMON_SOURCES = {**FROZEN_FEATURE_SOURCES,
@@ -21,6 +22,11 @@ _COMMON_SOURCES = {**FROZEN_FEATURE_SOURCES,
     "image_size": "224: RandomCrop(224) / CenterCrop or TenCrop(224) after Resize(256) in both sources",
     "head_init": f"torch's default nn.Linear init: {_DC} eval_linear.py RegLog (no init call); vissl/models/heads/"
                  "mlp.py ('we use the default normal or uniform initialization', PARAMS_MULTIPLIER 1.0)",
+    "interpolation": f"torchvision's default Resize (bilinear): {_DC} eval_linear.py transformations, VISSL Resize 256",
+    "input_convention": "dcbench choice (issue 19): published weights (timm pretrained_cfg, torchvision "
+                        "weights.transforms()) are read the way they were trained; random inits and "
+                        "dcbench/DeepCluster checkpoints have no convention of their own and get the preset's "
+                        "(ImageNet mean/std)",
 }
 PRESET_SOURCES: dict[str, dict[str, str]] = {
     "deepcluster": {**_COMMON_SOURCES,
@@ -45,6 +51,32 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         "train_center_crop": f"{_VISSL_CFG} DATA.TRAIN.TRANSFORMS: Resize 256, RandomCrop 224, RandomHorizontalFlip",
     },
 }
+_DINO_SOURCES = {**_COMMON_SOURCES,
+    "preset": f"the DINO paper's linear evaluation (Caron et al. 2021, Sec. 4.1), {_DINO} and its README command "
+              "(8 GPUs, default arguments); DINO reports the best epoch's val top-1 (best_acc), dcbench's "
+              "selection=best",
+    "taps": f"{_DINO} --n_last_blocks ('n=4 when evaluating ViT-Small and n=1 with ViT-Base') and "
+            "--avgpool_patchtokens ('False for ViT-Small and True with ViT-Base'), each block through the final norm "
+            "(vision_transformer.py get_intermediate_layers): tap cls4 for embed dim < 768, cls+avgpool otherwise; "
+            "torchvision ResNets: fc = nn.Identity(), the 2048-d average (tap avgpool); other architectures: every "
+            "conv tap, adaptively pooled (dcbench choice)",
+    "epochs": f"{_DINO} --epochs 100",
+    "lr": f"{_DINO} --lr 0.001 for batch 256 (lr * batch_size_per_gpu * world_size / 256: the linear scaling rule)",
+    "batch_size": f"dcbench choice: 256, the batch {_DINO} --lr refers to (DINO: --batch_size_per_gpu 128 x 8 GPUs "
+                  "= 1024 with lr 0.004)",
+    "momentum": f"{_DINO}: torch.optim.SGD(momentum=0.9)",
+    "weight_decay": f"{_DINO}: weight_decay=0 ('we do not apply weight decay'); CosineAnnealingLR(epochs, eta_min=0) "
+                    "stepped per epoch",
+    "head_init": f"{_DINO} LinearClassifier: weight normal_(0, 0.01), bias zero_()",
+    "crops": f"{_DINO} val_transform: Resize(256, interpolation=3), CenterCrop(224)",
+    "train_center_crop": f"{_DINO} train_transform: RandomResizedCrop(224), RandomHorizontalFlip (no Resize + "
+                         "RandomCrop, so false: the setting does not apply)",
+    "interpolation": f"{_DINO} val_transform: Resize(256, interpolation=3) (bicubic); RandomResizedCrop keeps "
+                     "torchvision's bilinear default",
+    "image_size": f"{_DINO}: RandomResizedCrop(224) / Resize(256) + CenterCrop(224), ImageNet mean/std",
+}
+PRESET_SOURCES["dino"] = _DINO_SOURCES
+
 PRESET_DEVIATIONS: dict[str, tuple[Deviation, ...]] = {
     "deepcluster": (),
     "vissl": (
@@ -55,6 +87,15 @@ PRESET_DEVIATIONS: dict[str, tuple[Deviation, ...]] = {
                   "VISSL's res5-avgpool config (other_styles/eval_resnet_res5_avgpool_output_8gpu_transfer_in1k_"
                   "linear.yaml) trains a Linear head without BatchNorm for 100 epochs (cosine lr 0.3, wd 1e-6); "
                   "dcbench probes every tap in one run"),
+    ),
+    "dino": (
+        Deviation("batch 256 with lr 0.001 (4x the steps of DINO's batch 1024 with lr 0.004)",
+                  "dcbench runs on one process by default; DINO's --lr is defined for batch 256 and scaled linearly "
+                  "with the batch, so 256 at 0.001 is its own rule at 256"),
+        Deviation("features concatenated as [CLS_1 .. CLS_n, avgpool], DINO interleaves them",
+                  "DINO's torch.cat((output.unsqueeze(-1), avg.unsqueeze(-1)), -1).reshape is a permutation of the "
+                  "same features (a linear head is indifferent to it); it only runs with n_last_blocks=1, as "
+                  "cls+avgpool"),
     ),
 }
 

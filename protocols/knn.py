@@ -4,7 +4,11 @@ Source: facebookresearch/dino ``eval_knn.py`` (cosine on L2-normalised features,
 k in {10, 20, 100, 200}, votes weighted ``exp(sim / T)``; images ``Resize(256, interpolation=3)``
 (bicubic), ``CenterCrop(224)``), the vote itself in :mod:`dcbench.knn`.
 Memory bank: the pooled features of ROOT/train; queries: those of ROOT/val; top-1 and top-5 per
-tap and k. Features go through the feature cache, so re-running with other ``ks`` or
+tap and k. Default taps: every conv tap, globally averaged; on a ViT its ``cls`` token (DINO's
+feature). Published weights (timm / torchvision / hf-hub) are read with their own input
+convention (mean, std, interpolation, crop ratio: ``input_convention=weights``, see
+:func:`dcbench.data.transforms.resolve_convention`); other checkpoints with DINO's.
+Features go through the feature cache, so re-running with other ``ks`` or
 ``temperature`` costs no forward pass, and kNN shares extractions with the other
 frozen-feature protocols. The result does not depend on the seed (no seed trials needed),
 except for a random init whose BatchNorm statistics were re-estimated (shuffled, seeded
@@ -23,7 +27,8 @@ from torch import nn
 
 from dcbench.data import image_folder
 from dcbench.data.layouts import check_train_val, train_val_fingerprint
-from dcbench.data.transforms import center_transform, center_transform_id
+from dcbench.data.transforms import (ConventionMode, convention_center_id, convention_center_transform,
+                                     resolve_convention)
 from dcbench.errors import UsageError
 from dcbench.features import ExtractedFeatures
 from dcbench.knn import GlobalAvgPool, knn_correct
@@ -46,7 +51,11 @@ class KnnSettings(FrozenFeatureSettings):
     temperature: float = setting(0.07, "T in the vote weight exp(cosine / T)")
     image_size: int = setting(224, "centre-crop side in px; images are resized to round(s*256/224) first")
     interpolation: Literal["bicubic", "bilinear"] = setting(
-        "bicubic", "resampling of the resize before the centre crop (DINO: bicubic)")
+        "bicubic", "resampling of the resize before the centre crop (DINO: bicubic; published weights: their own "
+                   "unless input_convention=preset)")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are read with their own mean, std, interpolation and "
+                   "crop ratio; preset: always ImageNet mean/std, Resize(s*256/224) with `interpolation`, CenterCrop")
     batch_size: int = setting(256, "extraction batch size")
     seed: int = setting(0, "seed of BN re-estimation (kNN itself is deterministic)", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
@@ -68,7 +77,11 @@ KNN_SOURCES = {**FROZEN_FEATURE_SOURCES,
     "batch_size": f"dcbench choice: extraction batch ({_DINO} --batch_size_per_gpu 128); moves only BN "
                   "re-estimation of random inits",
     "taps": f"{_DINO} uses the model's output feature (ViTs: the CLS token, tap cls; torchvision ResNets: fc = "
-            "Identity, the 2048-d average, tap avgpool); dcbench's default: every conv tap, globally averaged",
+            "Identity, the 2048-d average, tap avgpool); dcbench's default: cls on ViTs, every conv tap (globally "
+            "averaged) on other architectures",
+    "input_convention": "dcbench choice (issue 19): published weights are read the way they were trained (timm "
+                        "pretrained_cfg, torchvision weights.transforms()); random inits and dcbench/DeepCluster "
+                        f"checkpoints have no convention of their own and get {_DINO}'s (ImageNet mean/std)",
     "image_size": f"{_DINO} transform: Resize(256, interpolation=3), CenterCrop(224)",
     "pool": f"{_DINO}: one global feature per image (global: the spatial average of a map tap)",
     "ks": f"{_DINO} --nb_knn [10, 20, 100, 200]",
@@ -85,7 +98,8 @@ class Knn(Protocol):
     description: ClassVar[str] = "weighted kNN (cosine, exp(sim/0.07) votes) per layer on frozen features"
     #: 2: images resized bicubically (DINO's eval_knn.py), was bilinear
     #: 3: neighbours tied at the k-th similarity are broken by the lower bank row (was torch.topk's
-    #: unspecified order) and similarities come from fixed-shape tiles (bank moved in chunks)
+    #: unspecified order) and similarities come from fixed-shape tiles (bank moved in chunks);
+    #: ViTs default to the cls tap; published weights are read with their own input convention
     version: ClassVar[str] = "3"
     Settings: ClassVar[type] = KnnSettings
     #: the vote is deterministic; only BatchNorm re-estimation of random inits uses the seed (run())
@@ -106,12 +120,13 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
     def run(self, ckpt: Any, settings: KnnSettings, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Extract (or read) the features of both splits, then vote per tap and k."""
         started = time.perf_counter()
-        transform = center_transform(settings.image_size, settings.interpolation)
+        convention = resolve_convention(ckpt.backbone, settings.input_convention, settings.interpolation)
+        transform = convention_center_transform(settings.image_size, convention)
         train_ds = image_folder(root / "train", transform=transform)
         val_ds = image_folder(root / "val", transform=transform)
-        taps = resolve_taps(ckpt.backbone, settings.taps)  # settings errors before expensive work
+        taps = resolve_taps(ckpt.backbone, settings.taps, image_feature=True)  # settings errors before expensive work
         pools, pooling = self._pools(ckpt.backbone, taps, settings)
-        transform_id = center_transform_id(settings.image_size, settings.interpolation)
+        transform_id = convention_center_id(settings.image_size, convention)
         with ctx.frozen_backbone(ckpt, train_ds) as (backbone, sha):
             train = ctx.extract(backbone, sha, train_ds, taps, pools, transform_id)
             val = ctx.extract(backbone, sha, val_ds, taps, pools, transform_id)
@@ -119,7 +134,8 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
         extra = {"pooling": pooling, "ks": [min(k, len(train.labels)) for k in settings.ks],
                  "temperature": settings.temperature, "similarity": "cosine on L2-normalised features",
                  "vote": "sum of exp(sim / T) per class over the k nearest", "crops": "center",
-                 "interpolation": settings.interpolation,
+                 "interpolation": convention.interpolation, "input_convention": convention.describe(),
+                 "taps": taps,
                  "bank_size": len(train.labels), "queries": len(val.labels), "classes": len(train_ds.classes),
                  "skipped_images": {"train": len(train_ds) - len(train.labels),
                                     "val": len(val_ds) - len(val.labels)},

@@ -16,8 +16,19 @@ Three protocols, one recipe: ``linear`` (any labelled ImageFolder with train/ an
   28 epochs (Places205: 14) with lr x0.1 at 8/16/24 (4/8/12), at the same fractions when
   ``epochs`` is overridden (see :func:`vissl_steps`); ResNets also probe ``avgpool`` (VISSL's
   ``res5avg``, the 2048-d global average on ResNet-50).
+- Preset ``dino`` (facebookresearch/dino ``eval_linear.py``): on a ViT the concatenated normed
+  CLS tokens of the last 4 blocks (``cls4``, ViT-S and narrower) or the last CLS token + the
+  average patch token (``cls+avgpool``, ViT-B and wider), on a ResNet the 2048-d ``avgpool``;
+  Linear head N(0, 0.01), SGD lr 0.001 at batch 256 (DINO's linear scaling rule), momentum 0.9,
+  no weight decay, cosine lr over 100 epochs (per epoch, to 0); RandomResizedCrop(s) + flip for
+  training, Resize(s*256/224, bicubic) + CenterCrop(s) for val. The simple ViT probe, last-block
+  CLS, is ``--set taps=[cls]`` under any preset, and the default of ``deepcluster`` / ``vissl``
+  on a ViT (no spatial pooling: a 2-D tap).
 - Other input sizes / archs: adaptive average pooling to the preset's grid capped at the map
   size (:func:`dcbench.pooling.probe_pooling`); the pooling of each tap is recorded.
+- Input convention: published weights (timm / torchvision / hf-hub) are read with their own mean,
+  std, interpolation and crop ratio (``input_convention=weights``,
+  :func:`dcbench.data.transforms.resolve_convention`); other checkpoints with the preset's.
 - Train: Resize(s*256/224), [CenterCrop(same): deepcluster only], RandomCrop(s), flip; test
   (``crops``): Resize then TenCrop(s) with softmax averaged over the crops (deepcluster), or the
   centre crop (vissl). ``cached=true``: pooled centre-crop features are extracted once per split
@@ -43,23 +54,35 @@ from torch import nn
 
 from dcbench.data import image_folder
 from dcbench.data.layouts import check_train_val, train_val_fingerprint
-from dcbench.data.transforms import (center_transform, center_transform_id, probe_train_transform,
-                                     ten_crop_transform)
+from dcbench.data.transforms import (ConventionMode, InputConvention, convention_center_id,
+                                     convention_center_transform, convention_probe_train_transform,
+                                     convention_ten_crop_transform, random_resized_crop_transform, resolve_convention)
 from dcbench.errors import UsageError
 from dcbench.models.hooked import AVGPOOL_TAP
+from dcbench.models.vit import ViTBackbone
 from dcbench.pooling import PoolPlan, probe_pooling, resolve_taps
 from dcbench.probe import (History, ProbeLoop, ProbeOptim, ProbeOutcomes, ProbeSet, final_and_best_rows,
                            train_on_features, train_on_images)
-from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, require_images,
-                              register_protocol, setting)
+from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, batch_refusal,
+                              require_images, register_protocol, setting)
 from dcbench.protocols._sources_linear import PRESET_DEVIATIONS, PRESET_SOURCES, places_epochs_source
 
-# deepcluster eval_linear.sh: --wd -7 (10**-7); VISSL configs: weight_decay 0.0005
-PRESET_WEIGHT_DECAY = {"deepcluster": 1e-7, "vissl": 5e-4}
-# eval_linear.sh --tencrops; VISSL TEST TRANSFORMS: Resize 256, CenterCrop 224
-PRESET_CROPS = {"deepcluster": "tencrop", "vissl": "center"}
-# eval_linear.py transformations_train has CenterCrop(256); VISSL's TRAIN TRANSFORMS do not
-PRESET_TRAIN_CENTER_CROP = {"deepcluster": True, "vissl": False}
+# deepcluster eval_linear.sh: --wd -7 (10**-7); VISSL configs: weight_decay 0.0005; dino eval_linear.py: 0
+PRESET_WEIGHT_DECAY = {"deepcluster": 1e-7, "vissl": 5e-4, "dino": 0.0}
+# eval_linear.sh --lr 0.01; VISSL base_value 0.01; dino eval_linear.py --lr 0.001 (for batch 256)
+PRESET_LR = {"deepcluster": 0.01, "vissl": 0.01, "dino": 0.001}
+# eval_linear.sh --tencrops; VISSL TEST TRANSFORMS: Resize 256, CenterCrop 224; dino: Resize 256, CenterCrop 224
+PRESET_CROPS = {"deepcluster": "tencrop", "vissl": "center", "dino": "center"}
+# eval_linear.py transformations_train has CenterCrop(256); VISSL's TRAIN TRANSFORMS do not; dino trains on
+# RandomResizedCrop(224) (no Resize + RandomCrop at all: train_center_crop does not apply)
+PRESET_TRAIN_CENTER_CROP = {"deepcluster": True, "vissl": False, "dino": False}
+# torch's default Linear init (deepcluster RegLog, vissl mlp.py); dino LinearClassifier: N(0, 0.01), bias 0
+PRESET_HEAD_INIT = {"deepcluster": "torch", "vissl": "torch", "dino": "normal"}
+# torchvision's default Resize (bilinear) in deepcluster / vissl; dino: Resize(256, interpolation=3)
+PRESET_INTERPOLATION = {"deepcluster": "bilinear", "vissl": "bilinear", "dino": "bicubic"}
+#: the training view recorded in ``extra.train_crops`` (by train_center_crop; dino by preset)
+TRAIN_CROPS = {True: "Resize, CenterCrop, RandomCrop, flip", False: "Resize, RandomCrop, flip",
+               "dino": "RandomResizedCrop, flip"}
 # VISSL milestones [8, 16, 24] of 28 epochs (ImageNet), [4, 8, 12] of 14 (Places205)
 VISSL_STEP_FRACTIONS = (8 / 28, 16 / 28, 24 / 28)
 TEN_CROPS = 10
@@ -82,21 +105,47 @@ def vissl_steps(epochs: int) -> list[int]:
     return sorted({s for s in (round(f * epochs) for f in VISSL_STEP_FRACTIONS) if 0 < s < epochs})
 
 
+def dino_lr(lr0: float, epoch: int, epochs: int) -> float:
+    """DINO's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch:
+    ``lr0 * (1 + cos(pi * epoch / epochs)) / 2``."""
+    return lr0 * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
 def vissl_lr(lr0: float, epoch: int, steps: Sequence[int]) -> float:
     """lr at ``epoch`` (from 0): ``lr0 * 0.1 ** (number of steps <= epoch)``."""
     return lr0 * 0.1 ** sum(1 for s in steps if epoch >= s)
 
 
 def probe_optim(preset: str, lr: float, weight_decay: float, momentum: float, steps: Sequence[int],
-                head_init: str = "torch") -> ProbeOptim:
+                head_init: str = "torch", epochs: int = 1) -> ProbeOptim:
     """The heads and SGD of ``preset``: DeepCluster's RegLog (Linear, 1/sqrt decay per
-    iteration) or VISSL's eval_mlp (BatchNorm2d + Linear, step decay per epoch); both init the
-    Linear as torch does (``head_init=normal``: N(0, 0.01) weights, zero bias)."""
+    iteration), VISSL's eval_mlp (BatchNorm2d + Linear, step decay per epoch) or DINO's
+    LinearClassifier (Linear, cosine decay per epoch over ``epochs``); ``head_init=normal``:
+    N(0, 0.01) weights, zero bias, else torch's default init."""
     init_std = 0.01 if head_init == "normal" else None
+    if preset == "dino":
+        return ProbeOptim(lr, weight_decay, momentum, lambda epoch, _t, _wd: dino_lr(lr, epoch, epochs),
+                          init_std=init_std)
     if preset == "vissl":
         return ProbeOptim(lr, weight_decay, momentum, lambda epoch, _t, _wd: vissl_lr(lr, epoch, steps),
                           batchnorm=True, init_std=init_std)
     return ProbeOptim(lr, weight_decay, momentum, lambda _epoch, t, wd: deepcluster_lr(lr, wd, t), init_std=init_std)
+
+
+def preset_taps(preset: str, backbone: nn.Module) -> list[str] | None:
+    """The default taps of ``preset`` where they are not every conv tap (None: the engine's
+    default, :func:`dcbench.pooling.default_taps`, ``cls`` on a ViT): vissl adds the ResNet
+    ``avgpool`` (VISSL's res5avg, the most cited ResNet-50 probe); dino reads DINO eval_linear.py's
+    feature, :meth:`ViTBackbone.dino_linear_tap` on a ViT, the 2048-d average (fc = Identity)
+    on a ResNet."""
+    resnet_avg = backbone.family == "resnet" and AVGPOOL_TAP in backbone.tap_names
+    if preset == "vissl" and resnet_avg:
+        return [*backbone.conv_tap_names, AVGPOOL_TAP]
+    if preset == "dino" and isinstance(backbone, ViTBackbone):
+        return [backbone.dino_linear_tap()]
+    if preset == "dino" and resnet_avg:
+        return [AVGPOOL_TAP]
+    return None
 
 
 # ----------------------------------------------------------------------------- settings
@@ -104,17 +153,21 @@ def probe_optim(preset: str, lr: float, weight_decay: float, momentum: float, st
 class LinearSettings(FrozenFeatureSettings):
     """Settings of the linear-probe protocols (defaults and their sources: the module docstring)."""
 
-    preset: Literal["deepcluster", "vissl"] = setting(
+    preset: Literal["deepcluster", "vissl", "dino"] = setting(
         "deepcluster", "deepcluster: AvgPool table + Linear, 1/sqrt lr decay, wd 1e-7, 90 epochs; "
-        "vissl: VISSL AvgPool table + BatchNorm + Linear, lr x0.1 steps, wd 5e-4, 28 epochs (Places205: 14)")
+        "vissl: VISSL AvgPool table + BatchNorm + Linear, lr x0.1 steps, wd 5e-4, 28 epochs (Places205: 14); "
+        "dino: DINO eval_linear.py, Linear on cls4 (ViT-S) / cls+avgpool (ViT-B) / avgpool (ResNet), cosine lr, "
+        "no wd, 100 epochs, RandomResizedCrop")
     taps: list[str] | None = setting(
         None, "taps to probe, all in one run sharing each forward pass (default: every conv tap; vissl on "
-              "ResNets: + avgpool)", numbers=False)
+              "ResNets: + avgpool; ViTs: cls, dino: cls4 or cls+avgpool; dino on ResNets: avgpool)", numbers=False)
     image_size: int = setting(224, "crop side in px; images are resized to round(s*256/224) first")
     batch_size: int = setting(256, "training batch size (TenCrop val batches hold batch_size/10 images)")
     epochs: int | None = setting(
         None, "training epochs (default: the preset's, 90 deepcluster / 28 vissl / 14 vissl on Places205)")
-    lr: float = setting(0.01, "initial learning rate of the heads (SGD)")
+    lr: float | None = setting(
+        None, "initial learning rate of the heads (SGD) (default: the preset's, 0.01 deepcluster / vissl, "
+              "0.001 dino)")
     weight_decay: float | None = setting(
         None, "weight decay of the Linear heads (default: the preset's, 1e-7 deepcluster / 5e-4 vissl; never on BN)")
     momentum: float = setting(0.9, "SGD momentum")
@@ -124,9 +177,15 @@ class LinearSettings(FrozenFeatureSettings):
     train_center_crop: bool | None = setting(
         None, "training crops: Resize, CenterCrop(resize side), RandomCrop, flip (true) or Resize, RandomCrop, flip "
               "(false) (default: the preset's, true deepcluster / false vissl)")
-    head_init: Literal["torch", "normal"] = setting(
-        "torch", "init of the Linear heads: torch's default (both presets' sources), or normal = N(0, 0.01) "
-                 "weights and zero bias")
+    head_init: Literal["torch", "normal"] | None = setting(
+        None, "init of the Linear heads: torch's default, or normal = N(0, 0.01) weights and zero bias (default: "
+              "the preset's, torch deepcluster / vissl, normal dino)")
+    interpolation: Literal["bilinear", "bicubic"] | None = setting(
+        None, "resampling of the resizes (default: the preset's, bilinear deepcluster / vissl, bicubic dino; "
+              "published weights: their own unless input_convention=preset)")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are read with their own mean, std, interpolation and "
+                   "crop ratio; preset: always the preset's (ImageNet mean/std, Resize(s*256/224))")
     cached: bool = setting(
         False, "train on pooled features extracted once per split (centre crop, no augmentation) instead of "
         "augmented crops; much faster, not the paper's protocol")
@@ -143,8 +202,11 @@ class LinearSettings(FrozenFeatureSettings):
         super().validate()
         if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"bad value {self.epochs} for epochs: must be at least 1")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise UsageError(f"bad value {self.lr} for lr: must be positive")
+        if self.preset == "dino" and self.train_center_crop:
+            raise UsageError("train_center_crop=true does not apply to preset dino (it trains on RandomResizedCrop); "
+                             "drop it, or use preset=deepcluster")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise UsageError(f"bad value {self.weight_decay} for weight_decay: must be >= 0")
         if not 0 <= self.momentum < 1:
@@ -168,6 +230,29 @@ class _Run:
     train_center_crop: bool
     head_init: str
     crops_note: str | None = None
+    lr: float = 0.01
+    convention: InputConvention = dataclasses.field(default_factory=InputConvention)
+    image_size: int = 224
+
+    def center(self, size: int) -> Any:
+        """The centre-crop view (cached features, BN re-estimation, centre-crop val)."""
+        return convention_center_transform(size, self.convention)
+
+    def center_id(self, size: int) -> str:
+        """Feature-cache id of :meth:`center`."""
+        return convention_center_id(size, self.convention)
+
+    def train_view(self, size: int) -> Any:
+        """The augmented training view: dino's RandomResizedCrop, else Resize + [CenterCrop +] RandomCrop."""
+        if self.preset == "dino":
+            return random_resized_crop_transform(size, self.convention)
+        return convention_probe_train_transform(size, self.train_center_crop, self.convention)
+
+    def val_view(self, size: int) -> Any:
+        """TenCrop (softmax averaged) or the centre crop."""
+        if self.crops == "tencrop":
+            return convention_ten_crop_transform(size, self.convention)
+        return self.center(size)
 
 
 class LinearProbe(Protocol):
@@ -175,16 +260,18 @@ class LinearProbe(Protocol):
 
     #: 2: vissl_steps no longer repeats a step at 2 epochs (only vissl-preset runs of exactly
     #: 2 epochs change; see CHANGELOG). 3: the vissl preset follows VISSL: centre-crop test,
-    #: no CenterCrop(256) in training, torch's default head init, + avgpool on ResNets
-    version: ClassVar[str] = "3"
+    #: no CenterCrop(256) in training, torch's default head init, + avgpool on ResNets.
+    #: 4: ViTs default to the cls tap; published weights are read with their own input
+    #: convention (input_convention=weights); lr / head_init / interpolation default to the preset's
+    version: ClassVar[str] = "4"
     Settings: ClassVar[type] = LinearSettings
     #: number of classes the dataset must have (None: any)
     expected_classes: ClassVar[int | None] = None
     dataset_name: ClassVar[str] = ""
     #: top-1 per tap (DeepCluster Table 1, VISSL)
     headline_metrics: ClassVar[tuple[str, ...]] = ("top1",)
-    #: default epochs per preset
-    preset_epochs: ClassVar[dict[str, int]] = {"deepcluster": 90, "vissl": 28}
+    #: default epochs per preset (dino eval_linear.py --epochs 100)
+    preset_epochs: ClassVar[dict[str, int]] = {"deepcluster": 90, "vissl": 28, "dino": 100}
 
     def check_data(self, root: Path, settings: Any) -> None:
         """Fast layout check (folder listings): DataError naming the problem and the layout."""
@@ -200,7 +287,10 @@ class LinearProbe(Protocol):
             weight_decay=PRESET_WEIGHT_DECAY[p] if settings.weight_decay is None else settings.weight_decay,
             crops=settings.crops or PRESET_CROPS[p],
             train_center_crop=(PRESET_TRAIN_CENTER_CROP[p] if settings.train_center_crop is None
-                               else settings.train_center_crop))
+                               else settings.train_center_crop),
+            lr=PRESET_LR[p] if settings.lr is None else settings.lr,
+            head_init=settings.head_init or PRESET_HEAD_INIT[p],
+            interpolation=settings.interpolation or PRESET_INTERPOLATION[p])
 
     def preset_defaults(self, settings: Any) -> Any:
         """The preset's defaults with its values filled in (what the card shows)."""
@@ -221,20 +311,26 @@ class LinearProbe(Protocol):
         """The known deviations of ``preset`` from its source."""
         return list(PRESET_DEVIATIONS[preset or "deepcluster"])
 
+    def data_parallel(self, settings: Any) -> str | None:
+        """Both modes run under torchrun: cached=true shards the extraction, cached=false splits
+        every global batch of ``batch_size`` augmented images over the ranks (:mod:`dcbench.probe`);
+        the one refusal is a batch size the number of processes does not divide."""
+        return None if settings.cached else batch_refusal(settings.batch_size)
+
     def resolve(self, settings: LinearSettings, backbone: nn.Module, n_classes: int = 0) -> _Run:
         """Effective taps, pooling, epochs, weight decay, lr steps, mode and crops (UsageError
         for unknown taps or an image size the taps cannot take)."""
         s = self.filled(settings)
-        taps = resolve_taps(backbone, s.taps)
-        if s.taps is None and s.preset == "vissl" and backbone.family == "resnet" and AVGPOOL_TAP in backbone.tap_names:
-            taps.append(AVGPOOL_TAP)  # VISSL's res5avg, the most cited ResNet-50 probe
+        taps = preset_taps(s.preset, backbone) if s.taps is None else None
+        taps = resolve_taps(backbone, s.taps if taps is None else taps, image_feature=True)
         plans = probe_pooling(backbone, taps, s.image_size, s.preset)
         steps = vissl_steps(s.epochs) if s.preset == "vissl" else []
         mode = "cached" if s.cached else "augmented"
         crops = "center" if s.cached else s.crops
         note = "cached=true evaluates the centre crop" if s.cached and s.crops != "center" else None
+        convention = resolve_convention(backbone, s.input_convention, s.interpolation)
         return _Run(s.preset, taps, plans, s.epochs, s.weight_decay, steps, mode, crops, n_classes,
-                    s.train_center_crop, s.head_init, note)
+                    s.train_center_crop, s.head_init, note, s.lr, convention, s.image_size)
 
     def run(self, ckpt: Any, settings: LinearSettings, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Train one linear head per tap on the frozen backbone; see the module docstring."""
@@ -242,16 +338,18 @@ class LinearProbe(Protocol):
         train_ds, val_ds = ctx.data(image_folder(root / "train")), ctx.data(image_folder(root / "val"))
         run = self.resolve(settings, ckpt.backbone, len(train_ds.classes))  # settings errors before any work
         calibration = copy.copy(train_ds)  # same file list (no second scan), its own transform
-        calibration.transform = center_transform(settings.image_size)
+        calibration.transform = run.center(settings.image_size)
         with ctx.frozen_backbone(ckpt, calibration) as (backbone, sha):
             loop = ProbeLoop({t: run.plans[t].module() for t in run.taps}, run.epochs, settings.batch_size,
-                             settings.seed, ctx.device, settings.workers, ctx.progress)
-            optim = probe_optim(run.preset, settings.lr, run.weight_decay, settings.momentum, run.steps, run.head_init)
+                             settings.seed, ctx.device, settings.workers, ctx.progress, shard=ctx.shard)
+            optim = probe_optim(run.preset, run.lr, run.weight_decay, settings.momentum, run.steps, run.head_init,
+                                run.epochs)
             probes, outcomes = ProbeSet(run.plans, run.n_classes, optim, ctx.device, settings.seed), ProbeOutcomes()
             if settings.cached:
-                history, skipped = self._train_cached(ctx, backbone, sha, probes, loop, train_ds, val_ds, settings,
+                history, skipped = self._train_cached(ctx, backbone, sha, probes, loop, train_ds, val_ds, run,
                                                       outcomes)
             else:
+                ctx.shared_forward()  # under torchrun each rank forwards its share of every batch
                 history, skipped = self._train_augmented(backbone, probes, loop, train_ds, val_ds, run, settings,
                                                          outcomes)
         rows, best_epochs = final_and_best_rows(history, run.taps, settings.seed)
@@ -261,14 +359,13 @@ class LinearProbe(Protocol):
 
     @staticmethod
     def _train_cached(ctx: RunContext, backbone: nn.Module, sha: str, probes: ProbeSet, loop: ProbeLoop,
-                      train_ds: Any, val_ds: Any, settings: LinearSettings,
+                      train_ds: Any, val_ds: Any, run: _Run,
                       outcomes: ProbeOutcomes) -> tuple[History, dict[str, int]]:
         """Pooled centre-crop features of both splits (feature cache), heads trained on them."""
         feats = {}
         for split, ds in (("train", train_ds), ("val", val_ds)):
-            ds.transform = center_transform(settings.image_size)
-            feats[split] = ctx.extract(backbone, sha, ds, loop.taps, loop.pools,
-                                       center_transform_id(settings.image_size))
+            ds.transform = run.center(run.image_size)
+            feats[split] = ctx.extract(backbone, sha, ds, loop.taps, loop.pools, run.center_id(run.image_size))
         skipped = {"train": len(train_ds) - len(feats["train"].indices),
                    "val": len(val_ds) - len(feats["val"].indices)}
         return train_on_features(probes, feats["train"], feats["val"], loop, outcomes), skipped
@@ -280,21 +377,22 @@ class LinearProbe(Protocol):
         """Augmented crops through the frozen backbone every epoch; TenCrop or centre-crop val."""
         size = settings.image_size
         tencrop = run.crops == "tencrop"
-        train_ds.transform = probe_train_transform(size, run.train_center_crop)
-        val_ds.transform = ten_crop_transform(size) if tencrop else center_transform(size)
+        train_ds.transform = run.train_view(size)
+        val_ds.transform = run.val_view(size)
         return train_on_images(backbone, probes, train_ds, val_ds, TEN_CROPS if tencrop else 1, loop, outcomes)
 
     @staticmethod
     def _extra(run: _Run, settings: LinearSettings, best_epochs: dict[str, int], history: History,
                skipped: dict[str, int], train_ds: Any, val_ds: Any, started: float) -> dict[str, Any]:
-        schedule = (f"lr x0.1 at epochs {run.steps}" if run.preset == "vissl"
-                    else "lr_t = lr0 / sqrt(1 + lr0 * wd * t), t = iteration")
+        schedule = {"vissl": f"lr x0.1 at epochs {run.steps}",
+                    "dino": f"lr_e = lr0 * (1 + cos(pi * e / {run.epochs})) / 2, e = epoch"}.get(
+                        run.preset, "lr_t = lr0 / sqrt(1 + lr0 * wd * t), t = iteration")
         return {
             "mode": run.mode,
             "crops": run.crops,
             "crops_note": run.crops_note,
-            "train_crops": None if settings.cached else (
-                "Resize, CenterCrop, RandomCrop, flip" if run.train_center_crop else "Resize, RandomCrop, flip"),
+            "train_crops": None if settings.cached else TRAIN_CROPS[
+                "dino" if run.preset == "dino" else run.train_center_crop],
             "head_init": "torch default" if run.head_init == "torch" else "N(0, 0.01), bias 0",
             "selection": "final = last epoch; best = epoch with the highest val top-1 per tap (top-5 of that epoch)",
             "preset": run.preset,
@@ -303,7 +401,9 @@ class LinearProbe(Protocol):
             "head": "AvgPool -> BatchNorm2d -> Linear" if run.preset == "vissl" else "AvgPool -> Linear",
             "epochs": run.epochs,
             "weight_decay": run.weight_decay,
+            "lr": run.lr,
             "lr_schedule": schedule,
+            "input_convention": run.convention.describe(),
             "lr_steps": run.steps,
             "best_epoch": best_epochs,
             "history_top1": [{t: round(a[0], 3) for t, a in h.items()} for h in history],
@@ -353,7 +453,7 @@ class PlacesLinear(LinearProbe):
     description = "linear probe per layer on Places205 (DeepCluster Table 1 / VISSL)"
     expected_classes = 205
     dataset_name = "Places205"
-    preset_epochs = {"deepcluster": 90, "vissl": 14}
+    preset_epochs = {"deepcluster": 90, "vissl": 14, "dino": 100}  # dino: its ImageNet length (no Places205 run)
     data_layout = """\
 ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg (ImageFolder; 205 class folders each)
 Places205 ships as images/<letter>/<class>/... plus trainvalsplit_places205/{train,val}_places205.csv;

@@ -263,10 +263,11 @@ class _RetrievalProtocol(Protocol):
         white_paths = self._whitening_paths(root, settings)
         white = None if white_paths is None else (root / settings.whitening / "jpg", white_paths)
         sets = image_sets(ds, settings.scales, settings.image_size, settings.query_crop, white)
-        cache_dir = ctx.cache_dir if settings.cache else None
         with ctx.frozen_backbone(ckpt, bn_images(ds, settings.image_size)) as (backbone, sha):
-            extracted = {key: extract_regions(backbone, images, taps, settings.levels, sha, cache_dir,
-                                              settings.batch_size, ctx.workers, ctx.device, ctx.progress)
+            # through the run context: its cache (the cache setting), batch size and device, and
+            # under torchrun the R-MAC regions extracted sharded across ranks, gathered in order
+            extracted = {key: extract_regions(backbone, images, taps, settings.levels, sha,
+                                              rows_of=ctx.extract_rows)
                          for key, images in sets.items()}
         rows, per_tap = [], {}
         for tap in taps:

@@ -43,8 +43,8 @@ from dcbench.data.transforms import center_transform
 from dcbench.errors import UsageError
 from dcbench.features import prepared_backbone
 from dcbench.metrics.ap import finetune_class_ap
-from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
-                              setting)
+from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, batch_refusal,
+                              register_protocol, setting)
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.results import outcome_key
 from dcbench.stats import map_outcomes
@@ -154,6 +154,11 @@ class VocFinetune(Protocol):
         """Read the image sets of both splits and check the JPEGs exist (cheap)."""
         load_voc_data(Path(root), settings.train_split, settings.classes, warn=False)
 
+    def data_parallel(self, settings: Any) -> str | None:
+        """Data-parallel under torchrun (:mod:`dcbench.voc_finetune`: global batch ``batch_size``,
+        ``batch_size / N`` per process); refused only when N does not divide ``batch_size``."""
+        return batch_refusal(settings.batch_size)
+
     def run(self, ckpt: Any, settings: VocFinetuneSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
         """Fine-tune a copy of the backbone, then score the test split; see the module docstring."""
         started = time.perf_counter()
@@ -162,11 +167,13 @@ class VocFinetune(Protocol):
         # BN re-estimation (random inits) in batches of max(batch_size, 32) images, as in version 1
         with torch.random.fork_rng(devices=[]), prepared_backbone(
                 ckpt, settings.bn_recalibrate, recal_ds, max(settings.batch_size, 32), settings.workers,
-                ctx.device, settings.seed, ctx.progress) as (backbone, _sha, bn_info):
+                ctx.device, settings.seed, ctx.progress, shard=ctx.shard) as (backbone, _sha, bn_info):
             torch.manual_seed(settings.seed)
             net = build_finetune_net(backbone, len(data.classes), settings.image_size, settings.head_dim,
                                      settings.seed)
-        out = finetune_and_score(net, data.train, data.test, settings, ctx.device, ctx.progress, strict=ctx.strict)
+        ctx.shared_forward()  # under torchrun each rank trains on its share of every batch, scores its test block
+        out = finetune_and_score(net, data.train, data.test, settings, ctx.device, ctx.progress, strict=ctx.strict,
+                                 shard=ctx.shard)
         labels = data.test.labels[out.seen]
         aps = [finetune_class_ap(out.scores[out.seen, c], labels[:, c]) for c in range(len(data.classes))]
         rows, per_class = ap_rows(aps, data.classes, settings.mode, data.test.split, settings.seed)

@@ -73,8 +73,8 @@ from dcbench.detection import (DetData, DetectionDataset, DetectorSpec, SolverSp
                                finetune_torchvision, load_det_data, records_from_annotations, require_supported)
 from dcbench.errors import UsageError
 from dcbench.finetune import design_family
-from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
-                              setting)
+from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, batch_refusal,
+                              register_protocol, setting)
 from dcbench.protocols._sources_voc_det import PRESET_DEVIATIONS, PRESET_SOURCES, auto_deviations, auto_sources
 
 log = logging.getLogger("dcbench")
@@ -339,6 +339,16 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
         train, test = _sets_needed(settings, settings.preset)
         load_det_data(Path(root), train, test, settings.classes, warn=False)
 
+    def data_parallel(self, settings: Any) -> str | None:
+        """The torchvision backend is data-parallel under torchrun (:mod:`dcbench.detection.engine`:
+        global batch ``batch_size``, ``batch_size / N`` per process; a batch size N does not divide
+        is refused here when set, else when the preset resolves it); detectron2 runs its own
+        launcher, so backend=detectron2 is refused."""
+        if settings.backend == "detectron2":
+            return ("voc-det with backend=detectron2 runs in one process (detectron2 has its own launcher): "
+                    "use --set backend=torchvision under torchrun, or launch it as one process")
+        return None if settings.batch_size is None else batch_refusal(settings.batch_size)
+
     def run(self, ckpt: Any, settings: VocDetSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
         """Fine-tune a detector on a copy of the backbone, detect on the test set, score it."""
         started = time.perf_counter()
@@ -360,6 +370,7 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
         if recipe.backend == "detectron2":
             detections, facts = self._run_detectron2(ckpt, train_ds, test_ds, data, recipe, ctx)
         else:
+            ctx.shared_forward()  # under torchrun each rank trains on its share of every batch
             detections, facts = finetune_torchvision(ckpt, train_ds, test_ds, len(data.classes), data.train[0],
                                                      recipe.detector_spec(), recipe.solver(recipe.workers), recipe,
                                                      ctx.device, ctx.progress)

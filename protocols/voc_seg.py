@@ -40,13 +40,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 
 from dcbench.data import DataError
 from dcbench.data.voc import VOC_CLASSES
 from dcbench.errors import UsageError
 from dcbench.finetune import TrunkGuard, trainable_names
-from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, register_protocol,
-                              setting)
+from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, batch_refusal,
+                              register_protocol, setting)
 from dcbench.provenance import WORKERS_SOURCE
 from dcbench.results import MetricRow, outcome_key
 from dcbench.stats import miou_outcomes
@@ -234,6 +235,11 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
                              f"install the segmentation extra: pip install -e '.[seg]'")
         load_seg_data(Path(root), settings.sbd_aug, settings.classes)
 
+    def data_parallel(self, settings: Any) -> str | None:
+        """Data-parallel under torchrun (:mod:`dcbench.segmentation.engine`: global batch
+        ``batch_size``, ``batch_size / N`` per process); refused only when N does not divide it."""
+        return batch_refusal(settings.batch_size)
+
     def run(self, ckpt: Any, settings: VocSegSettings, root: Path, ctx: EvalContext) -> ProtocolOutput:
         """Fine-tune a copy of the backbone as an FCN, then score val; see the module docstring."""
         import copy
@@ -252,6 +258,10 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
                                         settings.output_stride)
             config = seg.model_config(recipe, settings.crop_size)
             model = seg.build_segmentor(net, config).to(ctx.device)
+            if ctx.shard is not None and torch.device(ctx.device).type == "cuda":
+                # MMSelfSup's SyncBN: batch statistics over the global batch (torch has it for GPUs only)
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            ctx.shared_forward()  # under torchrun each rank trains on its share of every batch
             guard = TrunkGuard(net, trainable_names(net), recipe.mode)
             fit = self._train(model, data, settings, ctx)
             check = guard.check(settings.iterations, detail="count")
@@ -270,6 +280,11 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
                                        settings.poly_power, settings.min_lr)
         t0 = time.perf_counter()
         log_ = seg.train(model, loader, schedule, ctx.progress)
+        if ctx.shard is not None:
+            log_["data_parallel"] = {
+                "batch_per_process": settings.batch_size // ctx.world_size,
+                "batchnorm": "SyncBatchNorm over the global batch" if torch.device(ctx.device).type == "cuda"
+                else "per process (gloo: torch has no SyncBatchNorm on the CPU)"}
         return {**log_, "schedule": schedule, "train_wall_s": round(time.perf_counter() - t0, 3)}
 
     @staticmethod

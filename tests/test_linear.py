@@ -174,7 +174,9 @@ def test_checkpoint_untouched_and_bn_recalibrated_copy(root, tmp_path, monkeypat
 def test_defaults_follow_protocols_md():
     s = get_protocol("linear").default_settings()
     assert (s.preset, s.image_size, s.batch_size, s.lr, s.momentum, s.crops, s.cached, s.seed, s.head_init) == \
-        ("deepcluster", 224, 256, 0.01, 0.9, None, False, 0, "torch")
+        ("deepcluster", 224, 256, None, 0.9, None, False, 0, None)
+    f = get_protocol("linear").filled(s)  # None: the preset's value
+    assert (f.lr, f.head_init, f.interpolation) == (0.01, "torch", "bilinear")
     for preset, crops, center_crop in (("deepcluster", "tencrop", True), ("vissl", "center", False)):
         proto, s = settings("linear", preset=preset)
         filled = proto.filled(s)

@@ -133,7 +133,9 @@ def test_dcbench_file_keeps_the_input_config(caches):
     save_checkpoint(caches / "vit.pth", ckpt.backbone)
     again = load_checkpoint(caches / "vit.pth")
     assert again.sha256 == ckpt.sha256 and again.backbone.input_config == ckpt.backbone.input_config
-    assert build_backbone("timm:vit_tiny_patch16_224").input_config["mean"] == [0.5, 0.5, 0.5]  # timm's default tag
+    assert again.backbone.input_config["source"] == "timm pretrained_cfg of hf-hub:someone/dino-vit"
+    # a random init has no convention of its own (not timm's default tag's mean 0.5): the presets' apply
+    assert build_backbone("timm:vit_tiny_patch16_224").input_config["source"] is None
 
 
 def test_offline_without_weights_is_one_line(caches):
@@ -186,8 +188,8 @@ def test_vit_random_init_keeps_its_sha256():
 def test_vit_taps_at_32px():
     bb = dcbench.load_backbone("timm:vit_tiny_patch16_224,random").eval()
     blocks = [f"block{i}" for i in range(1, 13)]
-    assert bb.tap_names == blocks + ["cls", "avgpool"] and bb.conv_tap_names == blocks
-    assert bb.family == "vit" and bb.feature_dim == 192 and bb.input_config["mean"] == [0.5, 0.5, 0.5]
+    assert bb.tap_names == blocks + ["cls", "avgpool", "cls4", "cls+avgpool"] and bb.conv_tap_names == blocks
+    assert bb.family == "vit" and bb.feature_dim == 192 and bb.input_config["source"] is None
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = bb(x, taps=["block1", "block12", "cls", "avgpool", "cluster"])

@@ -138,9 +138,10 @@ def test_protocols_text_shows_sources_and_deviations():
 def test_versions_of_the_changed_protocols():
     """Issue 13 moved numbers of these protocols (see CHANGELOG)."""
     versions = {n: get_protocol(n).version for n in BUILTIN}
-    assert versions["linear"] == versions["imagenet-linear"] == versions["places-linear"] == "3"
+    # 4: ViT default tap cls, input conventions of published weights (this release)
+    assert versions["linear"] == versions["imagenet-linear"] == versions["places-linear"] == "4"
     assert versions["voc07-svm"] == versions["voc07-lowshot"] == versions["voc-det"] == "2"
-    assert versions["knn"] == "3"  # 3: deterministic tie-break at the k-th neighbour, chunked bank
+    assert versions["knn"] == "3"  # 3: k-th neighbour tie-break, chunked bank, ViT cls, input conventions
     assert {versions[n] for n in ("roxford5k", "rparis6k", "oxford5k", "paris6k")} == {"2"}
 
 

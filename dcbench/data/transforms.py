@@ -1,16 +1,31 @@
 """The standard image transforms, parameterised by image size so 32 px demos and 224 px
-benchmarks share one definition."""
+benchmarks share one definition.
+
+Input conventions (issue 19), the one rule every protocol applies: published weights carry the
+preprocessing they were trained with (``Backbone.input_config`` with a ``source``: a timm
+model's ``pretrained_cfg``, a torchvision weight enum's ``transforms()``). A protocol whose
+``input_convention`` setting is ``weights`` (the default of ``linear`` and ``knn``) uses that
+convention's mean, std, interpolation and crop ratio instead of its preset's; a backbone without
+one (random inits, DeepCluster and other dcbench checkpoints) gets the preset's, exactly as
+before (same transforms, same feature-cache ids). See :func:`resolve_convention`.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from torchvision import transforms as T
 
+from dcbench.errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the centre-crop ratio of torchvision's and DeepCluster's Resize(256) + CenterCrop(224)
+DEFAULT_CROP_PCT = 224 / 256
 
 
 def normalize() -> T.Normalize:
@@ -51,7 +66,8 @@ def train_transform(image_size: int = 224, scale: tuple[float, float] = (0.08, 1
 
 
 #: resampling filters a protocol may ask for (torchvision's names)
-INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+                  "nearest": T.InterpolationMode.NEAREST}
 
 
 def _interpolation(name: str) -> T.InterpolationMode:
@@ -116,3 +132,137 @@ class _StackCrops:
 def ten_crop_transform(image_size: int) -> Any:
     """Resize(r) then TenCrop(s) (4 corners + centre, and their flips)."""
     return T.Compose([T.Resize(eval_resize(image_size)), T.TenCrop(image_size), _StackCrops()])
+
+
+# ----------------------------------------------------------------------------- input conventions
+@dataclass(frozen=True)
+class InputConvention:
+    """How images are prepared for a backbone: normalisation, resampling filter and the
+    centre-crop ratio (``Resize(s / crop_pct)`` then ``CenterCrop(s)``, timm's rule).
+
+    ``source`` says where it comes from (e.g. ``timm pretrained_cfg of resnet18.a1_in1k``);
+    None is a protocol preset's convention (ImageNet mean/std, Resize(round(s*256/224)))."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = DEFAULT_CROP_PCT
+    crop_mode: str = "center"
+    source: str | None = None
+
+    def resize(self, image_size: int) -> int:
+        """Short side before the centre crop: the presets' round(s*256/224) (256 at 224), or timm's
+        ``floor(s / crop_pct)`` for a convention of published weights (the 1e-4 absorbs a crop
+        ratio stored rounded, e.g. torchvision's 224/232)."""
+        if self.source is None:
+            return eval_resize(image_size)
+        return int(math.floor(image_size / self.crop_pct + 1e-4))
+
+    def normalize(self) -> T.Normalize:
+        """Normalisation with this convention's mean and std."""
+        return T.Normalize(mean=self.mean, std=self.std)
+
+    def resample(self) -> T.InterpolationMode:
+        """The torchvision resampling mode of :attr:`interpolation`."""
+        return _interpolation(self.interpolation)
+
+    def id_suffix(self) -> str:
+        """What feature-cache ids add for this convention ("" for a preset's, so their ids stay)."""
+        if self.source is None:
+            return ""
+        values = ",".join(f"{v:.4g}" for v in (*self.mean, *self.std))
+        return f"-{self.crop_mode}-pct{self.crop_pct:.4g}-norm[{values}]"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe record of the convention a run used (results' ``extra.input_convention``)."""
+        return {"source": self.source or "protocol preset", "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "crop_pct": round(self.crop_pct, 4), "crop_mode": self.crop_mode}
+
+
+#: what a protocol's ``input_convention`` setting may say
+ConventionMode = Literal["weights", "preset"]
+#: the crop modes of timm's pretrained configs that dcbench reproduces
+CROP_MODES = ("center", "squash")
+
+
+def weights_convention(input_config: Mapping[str, Any] | None) -> InputConvention | None:
+    """The convention of published weights from a ``Backbone.input_config`` (None when it has no
+    ``source``: random inits and dcbench's own checkpoints, whose convention is the preset's)."""
+    if not input_config or not input_config.get("source"):
+        return None
+    interpolation = str(input_config.get("interpolation", "bilinear"))
+    return InputConvention(tuple(float(v) for v in input_config["mean"]), tuple(float(v) for v in input_config["std"]),
+                           interpolation if interpolation in INTERPOLATIONS else "bicubic",
+                           float(input_config.get("crop_pct", DEFAULT_CROP_PCT)),
+                           str(input_config.get("crop_mode", "center")), str(input_config["source"]))
+
+
+def resolve_convention(backbone: Any, mode: str = "weights", interpolation: str = "bilinear") -> InputConvention:
+    """THE rule (see the module docstring): the convention of ``backbone``'s published weights
+    when ``mode`` is ``weights`` and it has one, else the preset's (ImageNet mean/std,
+    Resize(round(s*256/224)) with ``interpolation``, CenterCrop). A crop mode dcbench does not
+    reproduce (timm's ``border``) is one UsageError naming ``input_convention=preset``."""
+    own = weights_convention(getattr(backbone, "input_config", None)) if mode == "weights" else None
+    if own is None:
+        return InputConvention(interpolation=interpolation)
+    if own.crop_mode not in CROP_MODES:
+        raise UsageError(f"the weights' input convention ({own.source}) crops in mode '{own.crop_mode}', which dcbench "
+                         f"does not reproduce; add --set input_convention=preset (ImageNet mean/std, centre crop)")
+    return own
+
+
+def _resize_step(image_size: int, convention: InputConvention) -> Any:
+    r = convention.resize(image_size)
+    if convention.crop_mode == "squash":  # timm's squash: both sides to r, then the centre crop
+        return T.Resize((r, r), interpolation=convention.resample())
+    return T.Resize(r, interpolation=convention.resample())
+
+
+def convention_center_transform(image_size: int, convention: InputConvention) -> Any:
+    """Resize, CenterCrop(s), normalisation of ``convention`` (a preset's: :func:`center_transform`)."""
+    if convention.source is None:
+        return center_transform(image_size, convention.interpolation)
+    return T.Compose([_resize_step(image_size, convention), T.CenterCrop(image_size), T.ToTensor(),
+                      convention.normalize()])
+
+
+def convention_center_id(image_size: int, convention: InputConvention) -> str:
+    """Feature-cache id of :func:`convention_center_transform` (a preset's: :func:`center_transform_id`)."""
+    if convention.source is None:
+        return center_transform_id(image_size, convention.interpolation)
+    resize = convention.resize(image_size)
+    return f"resize{resize}-{convention.interpolation}-center{image_size}{convention.id_suffix()}"
+
+
+def convention_probe_train_transform(image_size: int, center_crop: bool, convention: InputConvention) -> Any:
+    """:func:`probe_train_transform` with ``convention``'s resize, filter and normalisation."""
+    if convention.source is None:
+        return probe_train_transform(image_size, center_crop)
+    r = convention.resize(image_size)
+    crop = [T.CenterCrop(r)] if center_crop else []
+    return T.Compose([_resize_step(image_size, convention), *crop, T.RandomCrop(image_size), T.RandomHorizontalFlip(),
+                      T.ToTensor(), convention.normalize()])
+
+
+def random_resized_crop_transform(image_size: int, convention: InputConvention) -> Any:
+    """RandomResizedCrop(s) (scale 0.08-1, bilinear as torchvision's default; a weights' convention
+    its own filter), RandomHorizontalFlip, normalisation: DINO's ``eval_linear.py`` training view."""
+    resample = convention.resample() if convention.source else T.InterpolationMode.BILINEAR
+    return T.Compose([T.RandomResizedCrop(image_size, interpolation=resample), T.RandomHorizontalFlip(),
+                      T.ToTensor(), convention.normalize()])
+
+
+class _StackCropsWith(_StackCrops):
+    """:class:`_StackCrops` with a convention's normalisation."""
+
+    def __init__(self, norm: T.Normalize) -> None:
+        super().__init__()
+        self.norm = norm
+
+
+def convention_ten_crop_transform(image_size: int, convention: InputConvention) -> Any:
+    """:func:`ten_crop_transform` with ``convention``'s resize, filter and normalisation."""
+    if convention.source is None:
+        return ten_crop_transform(image_size)
+    return T.Compose([_resize_step(image_size, convention), T.TenCrop(image_size),
+                      _StackCropsWith(convention.normalize())])

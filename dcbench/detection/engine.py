@@ -7,6 +7,15 @@ times ``gamma`` per step passed, times a linear warm-up factor over the first
 ``bias_weight_decay``. One iteration = ``batch_size`` images; with ``micro_batch`` smaller
 than the batch the gradients of several forward passes are accumulated (same update,
 BatchNorm statistics then come from each micro-batch).
+
+Data parallelism (torchrun): the global batch is ``batch_size``; each of the N ranks reads
+``batch_size / N`` images of every batch (a DistributedSampler reshuffled per epoch from the seed,
+a rank's ragged last batch dropped as one process drops its own), the gradients are averaged over
+the global batch, weighted by each rank's readable images (:func:`dcbench.parallel.average_gradients_`:
+DistributedDataParallel's averaging, exact for unequal shares), and every rank steps the same
+update. BatchNorm layers that train (``bn=train``) see each rank's share (micro-batch semantics).
+PreciseBN runs identically on every rank and rank 0's statistics are broadcast; test images are
+detected in contiguous blocks per rank and the detections gathered in dataset order.
 """
 from __future__ import annotations
 
@@ -17,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcbench import parallel
 from dcbench.data.datasets import DataError
-from dcbench.detection.data import DetectionDataset, detection_loader, endless_batches
+from dcbench.detection.data import DetectionDataset, collate_detection, detection_loader, endless_batches
 from dcbench.detection.evaluation import Detections
 from dcbench.detection.model import Detector
 
@@ -122,6 +132,8 @@ def train_detector(det: Detector, dataset: DetectionDataset, solver: SolverSpec,
     if solver.iterations and not groups:
         raise RuntimeError("nothing to train: every detector parameter is frozen")
     optimizer = _sgd(groups, solver, device) if groups else None
+    if parallel.world_size() > 1:
+        return _train_parallel(det, dataset, solver, device, optimizer, progress)
     batches = endless_batches(dataset, solver.batch_size, solver.workers, solver.seed)
     every = max(1, solver.iterations // max(1, solver.log_points))
     losses: list[dict[str, float]] = []
@@ -138,6 +150,67 @@ def train_detector(det: Detector, dataset: DetectionDataset, solver: SolverSpec,
         if progress is not None:
             progress.update(1)
     return {"loss": losses, "skipped_train_images": skipped[0]}
+
+
+def _rank_batches(dataset: DetectionDataset, batch_size: int, workers: int,
+                  seed: int) -> Any:
+    """This rank's share of every global batch, forever (the data-parallel :func:`endless_batches`)."""
+    from torch.utils.data import DataLoader, DistributedSampler  # noqa: PLC0415
+
+    world, rank = parallel.world_size(), parallel.rank()
+    share = parallel.per_rank_batch(batch_size, world)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    loader = DataLoader(dataset, batch_size=share, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_detection)
+    full = len(sampler) // share  # equal on every rank: the sampler pads the shares to one length
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for b, batch in enumerate(loader):
+            if full and b >= full:
+                break  # a ragged last batch would change the effective batch size
+            yield batch
+        epoch += 1
+
+
+def _train_parallel(det: Detector, dataset: DetectionDataset, solver: SolverSpec, device: str,
+                    optimizer: torch.optim.Optimizer, progress: Any) -> dict[str, Any]:
+    """:func:`train_detector`'s loop on one rank of a torchrun job (the module docstring)."""
+    import zlib  # noqa: PLC0415
+
+    torch.manual_seed(zlib.crc32(f"{solver.seed}:voc-det:{parallel.rank()}".encode()))  # flips, sampling per rank
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    batches = _rank_batches(dataset, solver.batch_size, solver.workers, solver.seed)
+    every = max(1, solver.iterations // max(1, solver.log_points))
+    losses: list[dict[str, float]] = []
+    skipped, it, empty = 0, 0, 0
+    while it < solver.iterations:
+        images, targets, _idx, n_skipped = next(batches)
+        skipped += n_skipped
+        optimizer.zero_grad(set_to_none=True)
+        error: FloatingPointError | None = None
+        try:
+            parts = _step(det, images, targets, solver.micro_batch, device, it) if images else {}
+        except FloatingPointError as exc:  # every rank must stop, not wait for this one in the all-reduce
+            error, parts = exc, {}
+        if parallel.all_reduce_sum([error is not None])[0]:
+            raise error or FloatingPointError(f"detection loss is not finite on another rank at iteration {it + 1}; "
+                                              f"lower lr or check the boxes")
+        if not parallel.average_gradients_(params, len(images)):
+            empty += 1
+            if empty > max(1, len(dataset)):
+                raise DataError("no readable training image (every JPEG failed to decode); check JPEGImages")
+            continue  # the whole global batch was unreadable: no rank steps
+        empty = 0
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(it, solver)
+        optimizer.step()
+        it += 1
+        if it % every == 0 or it == solver.iterations:
+            losses.append({"iteration": it, **{k: round(v, 5) for k, v in parts.items()}})  # this rank's share
+        if progress is not None:
+            progress.update(1)
+    return {"loss": losses, "skipped_train_images": int(parallel.all_reduce_sum([skipped])[0])}
 
 
 def _step(det: Detector, images: list, targets: list, micro_batch: int, device: str, it: int) -> dict[str, float]:
@@ -182,6 +255,7 @@ def precise_bn(det: Detector, dataset: DetectionDataset, iterations: int, batch_
         det(*_to_device(images, targets, device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+    parallel.broadcast_module_(det)  # under torchrun: rank 0's statistics everywhere (the same batches ran)
     return {"ran": True, "iterations": iterations, "batch_size": batch_size, "layers": len(norms)}
 
 
@@ -192,7 +266,15 @@ def detect(det: Detector, dataset: DetectionDataset, batch_size: int = 1, worker
     det.to(device)
     det.eval()
     out: list[Detections | None] = [None] * len(dataset)
-    for images, _targets, indices, _n in detection_loader(dataset, batch_size, workers, shuffle=False):
+    loader = detection_loader(dataset, batch_size, workers, shuffle=False)
+    if parallel.world_size() > 1:  # this rank's contiguous block of the test batches
+        from torch.utils.data import DataLoader  # noqa: PLC0415
+
+        from dcbench.features import rank_batches  # noqa: PLC0415
+
+        blocks = rank_batches(len(dataset), batch_size, (parallel.rank(), parallel.world_size()))
+        loader = DataLoader(dataset, batch_sampler=blocks, num_workers=workers, collate_fn=collate_detection)
+    for images, _targets, indices, _n in loader:
         if not images:
             continue
         results = det([im.to(device, non_blocking=True) for im in images])
@@ -201,4 +283,8 @@ def detect(det: Detector, dataset: DetectionDataset, batch_size: int = 1, worker
                                 res["labels"].cpu().numpy().astype("int64") - 1)
         if progress is not None:
             progress.update(len(images))
+    if parallel.world_size() > 1:  # every rank's detections, in dataset order
+        for part in parallel.all_gather_objects([(i, d) for i, d in enumerate(out) if d is not None]):
+            for i, d in part:
+                out[i] = d
     return out

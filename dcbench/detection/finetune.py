@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dcbench import finetune as ft
+from dcbench import parallel
 from dcbench.data.transforms import center_transform
 from dcbench.data.voc import VOCSplit
 from dcbench.detection.data import DetectionDataset
@@ -31,10 +32,13 @@ def prepare_detector(ckpt: Any, n_classes: int, calibration: VOCSplit, spec: Det
     re-estimated on ``calibration``'s images (centre crops at the test size) when
     ``recipe.bn_recalibrate`` asks for it (random inits by default); and what was done."""
     recal_ds = calibration.dataset(center_transform(spec.test_size))
+    shard = (parallel.rank(), parallel.world_size()) if parallel.world_size() > 1 else None
     with torch.random.fork_rng(devices=[]), prepared_backbone(
             ckpt, recipe.bn_recalibrate, recal_ds, RECALIBRATION_BATCH, recipe.workers, device, recipe.seed,
-            progress) as (backbone, _sha, bn_info):
-        return build_detector(backbone, n_classes, spec, recipe.seed), bn_info
+            progress, shard=shard) as (backbone, _sha, bn_info):
+        det = build_detector(backbone, n_classes, spec, recipe.seed)
+    parallel.broadcast_module_(det)  # under torchrun: one starting point on every rank (rank 0's)
+    return det, bn_info
 
 
 def finetune_torchvision(ckpt: Any, train_ds: DetectionDataset, test_ds: DetectionDataset, n_classes: int,

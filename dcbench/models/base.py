@@ -17,11 +17,13 @@ from torch import nn
 CLUSTER_TAP = "cluster"  # the clustering feature (fc7 pre-ReLU for AlexNet/VGG, pooled last stage otherwise)
 LOGITS_TAP = "logits"  # the top layer's output (needs ``top_layer``)
 
-#: Input convention of a backbone without a pretrained config of its own: ImageNet mean/std,
-#: bilinear resize to 256 and a 224 centre crop (torchvision's and DeepCluster's recipe).
+#: Input convention of a backbone without published weights (random inits, DeepCluster and other
+#: dcbench checkpoints): ImageNet mean/std, bilinear resize to 256 and a 224 centre crop
+#: (torchvision's and DeepCluster's recipe). ``source`` None: protocols apply their presets'
+#: conventions to it (dcbench.data.transforms.resolve_convention).
 DEFAULT_INPUT_CONFIG: dict[str, Any] = {
     "input_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-    "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+    "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center", "source": None}
 
 
 class Backbone(nn.Module):
@@ -44,9 +46,11 @@ class Backbone(nn.Module):
         is_deepcluster: whether this is DeepCluster's own AlexNet/VGG16 (``features`` +
             ``classifier`` Sequentials and a pool5 ``grid``), whose fc6/fc7 protocols reuse.
         input_config: the input convention the weights expect, ``{"input_size", "mean", "std",
-            "interpolation", "crop_pct", "crop_mode"}`` (a timm model's pretrained config, a
-            torchvision weight enum's transforms, else :data:`DEFAULT_INPUT_CONFIG`). Recorded
-            for protocols to use; the backbone itself never normalises its input.
+            "interpolation", "crop_pct", "crop_mode", "source"}``: published weights' own (a timm
+            model's pretrained config, a torchvision weight enum's transforms; ``source`` names
+            it), else :data:`DEFAULT_INPUT_CONFIG` (``source`` None). Protocols read it through
+            :func:`dcbench.data.transforms.resolve_convention`; the backbone itself never
+            normalises its input.
     """
 
     #: see the class docstring; subclasses set or compute it
@@ -77,10 +81,14 @@ class Backbone(nn.Module):
     def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def has_tap(self, name: str) -> bool:
+        """Whether ``name`` is a public tap (``tap_names``, or a composite tap a subclass accepts
+        without listing every variant, e.g. a ViT's ``clsN``)."""
+        return name in self.tap_names
+
     def _check_taps(self, taps: Sequence[str] | None) -> set[str]:
         wanted = set(self.tap_names if taps is None else taps)
-        known = set(self.tap_names) | {CLUSTER_TAP, LOGITS_TAP}
-        unknown = sorted(wanted - known)
+        unknown = sorted(t for t in wanted if t not in (CLUSTER_TAP, LOGITS_TAP) and not self.has_tap(t))
         if unknown:
             raise KeyError(f"unknown tap(s) {', '.join(unknown)} for {self.arch}; "
                            f"available: {', '.join(self.tap_names)}")

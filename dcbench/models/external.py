@@ -36,19 +36,23 @@ def timm_model_kwargs(name: str) -> dict[str, Any]:
     return {"dynamic_img_size": True} if is_timm_vit(name) else {}
 
 
-def timm_input_config(model: nn.Module) -> dict[str, Any]:
-    """The input convention of a timm model's pretrained config (see ``Backbone.input_config``)."""
+def timm_input_config(model: nn.Module, source: str | None = None) -> dict[str, Any]:
+    """The input convention of a timm model's pretrained config (see ``Backbone.input_config``),
+    ``source`` naming where it comes from."""
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
     return {"input_size": int(cfg["input_size"][-1]), "mean": [float(v) for v in cfg["mean"]],
             "std": [float(v) for v in cfg["std"]], "interpolation": str(cfg["interpolation"]),
-            "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center"))}
+            "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center")), "source": source}
 
 
-def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int = 224) -> HookedBackbone:
+def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int = 224,
+              weights: str | None = None) -> HookedBackbone:
     """A built timm model (``name`` without tag) as a Backbone: ViT taps for VisionTransformers,
-    ``feature_info`` stage taps otherwise."""
+    ``feature_info`` stage taps otherwise. ``weights`` names published weights loaded into it
+    (e.g. ``resnet18.a1_in1k``): then the model's pretrained config is its input convention; a
+    random init keeps :data:`~dcbench.models.base.DEFAULT_INPUT_CONFIG` (its protocols' presets)."""
     head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     heads = tuple(head) if isinstance(head, (list, tuple)) else ((head,) if head else ())
     if is_vit_model(model):
@@ -60,7 +64,8 @@ def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int 
             raise ArchError(f"timm model '{name}' has no feature_info, so dcbench cannot name its taps")
         taps = _name_taps([entry["module"] for entry in info])
         backbone = HookedBackbone(f"timm:{name}", model, taps, info[-1]["num_chs"], sobel, input_size, heads)
-    backbone.input_config = timm_input_config(model)
+    if weights is not None:
+        backbone.input_config = timm_input_config(model, f"timm pretrained_cfg of {weights}")
     return backbone
 
 

@@ -154,7 +154,7 @@ def _timm_weight_file(cfg: Any, hint: str) -> tuple[Path, str]:
     return torch_hub_file(cfg.url, hint), cfg.url
 
 
-def _create_timm(model_name: str, arch: str, weights: Path, input_size: int) -> HookedBackbone:
+def _create_timm(model_name: str, arch: str, weights: Path, input_size: int, name: str) -> HookedBackbone:
     """timm.create_model with its own pretrained loading (key filters, head handling) reading the
     weight file resolved here, so the file hashed is the file loaded."""
     import timm
@@ -164,7 +164,7 @@ def _create_timm(model_name: str, arch: str, weights: Path, input_size: int) -> 
                                   pretrained_cfg_overlay={"file": str(weights), "source": "file"})
     except Exception as exc:  # a damaged or foreign file fails in timm's loader in many ways
         raise CheckpointError(f"{weights} does not load into timm model {arch}: {_first_line(exc)}") from exc
-    return wrap_timm(arch, model, input_size=input_size)
+    return wrap_timm(arch, model, input_size=input_size, weights=name)
 
 
 def timm_pretrained(name: str, input_size: int = 224) -> PretrainedModel:
@@ -173,7 +173,7 @@ def timm_pretrained(name: str, input_size: int = 224) -> PretrainedModel:
     cfg = _timm_cfg(arch, tag or None)
     full = f"{arch}.{cfg.tag}" if cfg.tag else arch
     path, source = _timm_weight_file(cfg, f'python -c "import timm; timm.create_model(\'{full}\', pretrained=True)"')
-    backbone = _create_timm(full, arch, path, input_size)
+    backbone = _create_timm(full, arch, path, input_size, full)
     return PretrainedModel(backbone, f"timm:{full}", "timm-pretrained", path, file_sha256(path), source,
                            {"weights_tag": full})
 
@@ -188,7 +188,7 @@ def hf_hub_pretrained(repo: str, input_size: int = 224) -> PretrainedModel:
     check_timm_name(arch)
     files = (cfg["hf_hub_filename"],) if cfg.get("hf_hub_filename") else HF_WEIGHT_FILES
     path, commit = hf_file(repo, files, hint)
-    backbone = _create_timm(f"local-dir:{config.parent}", arch, path, input_size)
+    backbone = _create_timm(f"local-dir:{config.parent}", arch, path, input_size, f"hf-hub:{repo}")
     return PretrainedModel(backbone, f"hf-hub:{repo}", "timm-pretrained", path, file_sha256(path),
                            f"hf-hub:{repo.partition('@')[0]}@{commit}", {"weights_tag": f"timm:{arch}"})
 
@@ -223,11 +223,12 @@ def torchvision_pretrained(name: str, weights: str, input_size: int = 224) -> Pr
 def torchvision_input_config(member: Any) -> dict[str, Any]:
     """The input convention of a torchvision weight enum member (its ``transforms()``)."""
     t = member.transforms()
+    source = f"torchvision {type(member).__name__}.{member.name}.transforms()"
     crop, resize = _side(getattr(t, "crop_size", 224)), _side(getattr(t, "resize_size", 256))
     interpolation = getattr(t, "interpolation", None)
     return {"input_size": crop, "mean": [float(v) for v in t.mean], "std": [float(v) for v in t.std],
             "interpolation": getattr(interpolation, "value", "bilinear"), "crop_pct": round(crop / resize, 4),
-            "crop_mode": "center"}
+            "crop_mode": "center", "source": source}
 
 
 def _side(size: Any) -> int:

@@ -9,6 +9,15 @@ nothing". Everything that affects the numbers is still mmseg's / mmengine's own 
 ``model.train_step`` with an ``OptimWrapper``, the ``PolyLR`` scheduler stepped once per
 iteration (as the Runner's ``ParamSchedulerHook`` does with ``by_epoch=False``),
 ``InfiniteSampler`` and ``worker_init_fn``, and ``test_step``'s whole-image inference.
+
+Data parallelism (torchrun): the global batch is the preset's ``batch_size``, each of the N ranks
+reads ``batch_size / N`` images of it (``InfiniteSampler`` takes the rank's share of the seeded
+order itself, from the joined group), the gradients are averaged over the global batch, weighted
+by each rank's readable images, before every SGD step (:func:`dcbench.parallel.average_gradients_`,
+DistributedDataParallel's averaging), and BatchNorm layers that train are SyncBatchNorm on GPUs
+(MMSelfSup's own SyncBN over 4 GPUs x 4 images) -- on the CPU (gloo) torch has no SyncBatchNorm and
+their batch statistics are per rank (recorded). Val images are scored in contiguous blocks per rank
+and the per-image confusion matrices gathered back into dataset order.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dcbench import parallel
 from dcbench.data import DataError
 from dcbench.progress import Progress
 from dcbench.metrics.segmentation import confusion_matrix
@@ -110,7 +120,9 @@ def train_loader(dataset: Any, batch_size: int, workers: int, seed: int) -> Data
 
     from dcbench.segmentation.data import collate
 
-    init = partial(worker_init_fn, num_workers=workers, rank=0, seed=seed) if workers > 0 else None
+    # under torchrun the sampler reads the rank from the group; each rank takes batch_size / N of a batch
+    init = partial(worker_init_fn, num_workers=workers, rank=parallel.rank(), seed=seed) if workers > 0 else None
+    batch_size = parallel.per_rank_batch(batch_size, parallel.world_size())
     return DataLoader(dataset, batch_size=batch_size, sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
                       num_workers=workers, collate_fn=collate, worker_init_fn=init,
                       persistent_workers=workers > 0)
@@ -118,8 +130,12 @@ def train_loader(dataset: Any, batch_size: int, workers: int, seed: int) -> Data
 
 def eval_loader(dataset: Any, workers: int) -> DataLoader:
     """One image per batch, in order (test images differ in size; mmseg's val batch is 1)."""
+    from dcbench.features import rank_batches
     from dcbench.segmentation.data import collate
 
+    if parallel.world_size() > 1:  # this rank's contiguous block of the images
+        blocks = rank_batches(len(dataset), 1, (parallel.rank(), parallel.world_size()))
+        return DataLoader(dataset, batch_sampler=blocks, num_workers=workers, collate_fn=collate)
     return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate)
 
 
@@ -140,6 +156,8 @@ def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progre
     iterations = int(schedule["max_iters"])
     opt_cfg = {k: v for k, v in schedule["optimizer"].items() if k != "type"}
     params = [p for p in model.parameters() if p.requires_grad]
+    if parallel.world_size() > 1:
+        return _train_parallel(model, loader, schedule, params, progress)
     wrapper = OptimWrapper(torch.optim.SGD(params, **opt_cfg))
     sched_cfg = {k: v for k, v in schedule["param_scheduler"].items() if k != "type"}
     scheduler = PolyLR(wrapper.optimizer, **sched_cfg)
@@ -172,6 +190,88 @@ def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progre
     return {"loss": losses, "skipped_train_images": len(failed), "final_lr": wrapper.get_lr()["lr"][0]}
 
 
+def _train_parallel(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], params: list[nn.Parameter],
+                    progress: bool) -> dict[str, Any]:
+    """:func:`train` on one rank of a torchrun job: this rank's share of every global batch, the
+    gradients averaged over the global batch before each step (the module docstring)."""
+    import random
+    import zlib
+
+    from mmengine.optim import PolyLR
+
+    iterations = int(schedule["max_iters"])
+    seed = zlib.crc32(f"{getattr(loader.sampler, 'seed', 0)}:voc-seg:{parallel.rank()}".encode())
+    random.seed(seed)  # each rank its own augmentation stream (mmcv transforms draw from numpy)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    wrapper = _global_batch_wrapper(torch.optim.SGD(params, **{k: v for k, v in schedule["optimizer"].items()
+                                                              if k != "type"}))
+    wrapper.params = params
+    scheduler = PolyLR(wrapper.optimizer, **{k: v for k, v in schedule["param_scheduler"].items() if k != "type"})
+    every, losses, failed, empty = max(1, iterations // 10), [], [], 0
+    bar = _bar(iterations, "voc-seg train", progress)
+    model.train()
+    batches = iter(loader)
+    iteration = 0
+    while iteration < iterations:
+        data = next(batches)
+        failed += data["failed"]
+        wrapper.count = len(data["indices"])
+        if wrapper.count:
+            loss = model.train_step(_model_batch(data), wrapper)["loss"]  # its step averages first
+        else:  # nothing readable here: take part in the average with no sample
+            wrapper.zero_grad()
+            wrapper.step()
+            wrapper.zero_grad()
+            loss = 0.0
+        if not wrapper.stepped:
+            empty += 1
+            if empty >= MAX_EMPTY_BATCHES:
+                raise DataError(f"{empty} batches in a row without a readable training image "
+                                f"(last error: {failed[-1] if failed else 'none'})")
+            continue
+        empty = 0
+        scheduler.step()
+        iteration += 1
+        if iteration % every == 0 or iteration == iterations:
+            losses.append([iteration, round(float(torch.as_tensor(loss).detach()), 5)])  # this rank's share
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    failed = [f for part in parallel.all_gather_objects(failed) for f in part]  # every rank's, rank order
+    if failed:
+        log.warning("voc-seg: %d unreadable training images skipped (first: %s)", len(failed), failed[0])
+    parallel.broadcast_module_(model)  # rank 0's BatchNorm statistics for every rank's val share
+    return {"loss": losses, "skipped_train_images": len(failed), "final_lr": wrapper.get_lr()["lr"][0]}
+
+
+def _global_batch_wrapper_class() -> type:
+    """mmengine's OptimWrapper, averaging over the global batch before each step."""
+    from mmengine.optim import OptimWrapper
+
+    class GlobalBatchWrapper(OptimWrapper):
+        """mmengine's ``OptimWrapper`` whose step first averages the gradients over the ranks'
+        global batch (weighted by ``count``, this rank's readable images); no rank steps when
+        the whole global batch was unreadable (``stepped`` says whether it did)."""
+
+        params: list[nn.Parameter] = []
+        count = 0
+        stepped = False
+
+        def step(self, **kwargs: Any) -> None:
+            self.stepped = bool(parallel.average_gradients_(self.params, self.count))
+            if self.stepped:
+                super().step(**kwargs)
+
+    return GlobalBatchWrapper
+
+
+def _global_batch_wrapper(optimizer: torch.optim.Optimizer) -> Any:
+    """A GlobalBatchWrapper around ``optimizer`` (the class is built on first use: mmengine is heavy)."""
+    return _global_batch_wrapper_class()(optimizer)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
              progress: bool = False) -> tuple[np.ndarray, int, list[str]]:
@@ -180,7 +280,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
     protocol's matrix, the rows feed the bootstrap over images), the images evaluated, the failures."""
     model.eval()
     per_image: list[np.ndarray] = []
-    count, failed = 0, []
+    count, failed, order = 0, [], []
     bar = _bar(len(loader), "voc-seg eval", progress)
     for data in loader:
         failed += data["failed"]
@@ -190,10 +290,16 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int,
                 gt = sample.gt_sem_seg.data.squeeze(0).cpu().numpy()
                 per_image.append(confusion_matrix(pred, gt, num_classes))
                 count += 1
+            order += list(data["indices"])
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if parallel.world_size() > 1:  # every rank's block, back in dataset order
+        parts = parallel.all_gather_objects((order, per_image, failed))
+        ranked = sorted((i, cm) for idx, cms, _ in parts for i, cm in zip(idx, cms))
+        per_image, count = [cm for _, cm in ranked], len(ranked)
+        failed = [f for _, _, fails in parts for f in fails]
     if failed:
         log.warning("voc-seg: %d unreadable test images skipped (first: %s)", len(failed), failed[0])
     stacked = np.stack(per_image) if per_image else np.zeros((0, num_classes, num_classes), dtype=np.int64)
