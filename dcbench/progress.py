@@ -31,10 +31,13 @@ T = TypeVar("T")
 QUIET_S = 10.0
 #: a log line at least this often while work runs ...
 INTERVAL_S = 30.0
-#: ... and also each time this fraction more of the total is done, whichever comes first
+#: ... and also each time this fraction more of the total is done, whichever comes first ...
 STEP = 0.05
+#: ... but percentage lines at least this far apart (a 40-second epoch would otherwise log 20 lines)
+MIN_GAP_S = 10.0
 LOG_RULE = (f"without a terminal, a line after {QUIET_S:.0f} s, then every {INTERVAL_S:.0f} s or every "
-            f"{STEP:.0%} of the work, whichever comes first, and a last line when the work ends")
+            f"{STEP:.0%} of the work (at most one per {MIN_GAP_S:.0f} s), whichever comes first, and a last "
+            f"line when the work ends")
 
 
 def interactive(stream: TextIO | None = None) -> bool:
@@ -112,7 +115,8 @@ class Progress:
             return False
         if now - self.last_line >= INTERVAL_S or self.lines == 0:
             return True
-        return bool(self.total) and self.n - self.last_n >= STEP * self.total
+        return (bool(self.total) and self.n - self.last_n >= STEP * self.total
+                and now - self.last_line >= MIN_GAP_S)
 
     def rate(self) -> float:
         """Units per second since the start (units done before, ``initial``, left out)."""
