@@ -416,14 +416,19 @@ def rank_tap(extracted: Extracted, tap: str, scales: Sequence[float],
 
 
 def retrieval_scores(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], revisited: bool,
-                     kappas: Sequence[int]) -> dict[str, float]:
+                     kappas: Sequence[int]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """``mAP`` (old protocol: good+ok positive, junk ignored), or ``mAP_<setup>`` and
     ``mP@k_<setup>`` for the revisited Easy/Medium/Hard setups; fractions in 0-1, NaN when no
-    query has positives."""
-    if not revisited:
-        return {"mAP": old_protocol_map(ranks, gnd).map}
+    query has positives. Also, per mAP metric, the AP of each query that has positives (in query
+    order): their mean is the mAP, so the tables' paired bootstrap resamples queries."""
+    results = {"mAP": old_protocol_map(ranks, gnd)} if not revisited else \
+        {f"mAP_{setup}": result for setup, result in revisited_setups(ranks, gnd, kappas).items()}
     values: dict[str, float] = {}
-    for setup, result in revisited_setups(ranks, gnd, kappas).items():
-        values[f"mAP_{setup}"] = result.map
-        values.update({f"mP@{k}_{setup}": float(p) for k, p in zip(kappas, result.mpr)})
-    return values
+    per_query: dict[str, np.ndarray] = {}
+    for metric, result in results.items():
+        values[metric] = result.map
+        per_query[metric] = result.aps[~np.isnan(result.aps)]
+        if revisited:
+            setup = metric.removeprefix("mAP_")
+            values.update({f"mP@{k}_{setup}": float(p) for k, p in zip(kappas, result.mpr)})
+    return values, per_query

@@ -41,7 +41,7 @@ from dcbench.errors import UsageError
 from dcbench.protocol import (EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput, register_protocol,
                               setting)
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
-from dcbench.results import MetricRow
+from dcbench.results import MetricRow, outcome_key
 from dcbench.retrieval import (MIN_SIDE, RMAC_OVERLAP, WHITENING_EPS_RATIO, Extracted, bn_images, check_queries,
                                extract_regions, image_sets, rank_tap, retrieval_scores, sets_fingerprint,
                                whitening_for)
@@ -269,17 +269,21 @@ class _RetrievalProtocol(Protocol):
             extracted = {key: extract_regions(backbone, images, taps, settings.levels, sha,
                                               rows_of=ctx.extract_rows)
                          for key, images in sets.items()}
-        rows, per_tap = [], {}
+        rows, per_tap, outcomes = [], {}, {}
         for tap in taps:
             check_queries(ds, extracted, tap, settings.scales)
             whitening = None if settings.whitening == "none" else whitening_for(extracted, tap,
                                                                                 settings.whitening_dim)
             ranks, per_tap[tap] = rank_tap(extracted, tap, settings.scales, whitening)
-            rows += _rows(retrieval_scores(ranks, ds.gnd, self.revisited, KAPPAS), tap, settings.seed)
+            values, per_query = retrieval_scores(ranks, ds.gnd, self.revisited, KAPPAS)
+            tap_rows = _rows(values, tap, settings.seed)
+            rows += tap_rows
+            # per-query APs (mean = the mAP row) for the paired bootstrap over queries (dcbench.stats)
+            outcomes.update({outcome_key(r.metric, tap): per_query[r.metric] for r in tap_rows if r.metric in per_query})
         extra = self._extra(ds, settings, extracted, white_paths, ctx.bn_info, per_tap)
         # the seeded re-estimation of a random init's BatchNorm makes this run seed-dependent
         extra["seed_dependent"] = bool((ctx.bn_info or {}).get("ran"))
-        return ProtocolOutput(rows, sets_fingerprint(ds, sets), extra)
+        return ProtocolOutput(rows, sets_fingerprint(ds, sets), extra, outcomes=outcomes)
 
     def _extra(self, ds: RetrievalDataset, settings: RetrievalSettings, extracted: Extracted,
                white_paths: list[str] | None, bn_info: dict | None, per_tap: dict) -> dict[str, Any]:

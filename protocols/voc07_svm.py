@@ -48,8 +48,9 @@ from dcbench.pooling import probe_pooling, resolve_taps
 from dcbench.protocol import (Deviation, EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput,
                               register_protocol, setting)
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
-from dcbench.results import MetricRow
-from dcbench.svm import FitStore, SvmParams, array_digest, describe_results, fit_store_key, svm_tap
+from dcbench.results import MetricRow, outcome_key
+from dcbench.stats import map_outcomes
+from dcbench.svm import FitStore, SvmParams, array_digest, describe_results, fit_store_key, l2_normalize, svm_tap
 from dcbench.voc_classification import VOC07_LAYOUT, VocData, ap_rows, check_classes, labels_of, load_voc_data
 
 log = logging.getLogger("dcbench")
@@ -287,7 +288,7 @@ class VocSvm(_VocSvmProtocol):
         started = time.perf_counter()
         data, taps, feats, train_labels, test_labels = self.features(ckpt, settings, root, ctx)
         params = self.params(settings, settings.cv_folds)
-        rows, per_tap = [], {}
+        rows, per_tap, outcomes = [], {}, {}
         for tap in taps:
             key = fit_store_key("voc07-svm", feats.key(tap), feats.train.indices, train_labels, params)
             store = self.store(ctx, settings, feats, key)
@@ -295,12 +296,16 @@ class VocSvm(_VocSvmProtocol):
                                    data.classes, settings.costs, params, store, settings.jobs)
             tap_rows, per_class = ap_rows(aps, data.classes, tap, data.test.split, settings.seed)
             rows += tap_rows
+            if tap_rows:  # per-image scores and labels for the paired bootstrap of the mAP (dcbench.stats)
+                x_test = l2_normalize(feats.test.features[tap])  # as svm_tap scores them
+                scores = np.stack([x_test @ r.coef + r.intercept for r in results], axis=1)
+                outcomes[outcome_key("mAP", tap)] = map_outcomes(scores, test_labels, "all-points")
             per_tap[tap] = {"ap": per_class, **describe_results(results, len(settings.costs))}
             log.info("voc07-svm %s: mAP %.2f", tap, 100.0 * mean_ap(aps))
         extra = {**_svm_extra(feats, params, settings, data), "per_tap": per_tap,
                  "svm_wall_s": round(time.perf_counter() - started, 3),
                  "seed_dependent": bool((feats.bn_info or {}).get("ran"))}
-        return ProtocolOutput(rows, data.fingerprint(), extra)
+        return ProtocolOutput(rows, data.fingerprint(), extra, outcomes=outcomes)
 
 
 @register_protocol

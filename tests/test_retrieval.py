@@ -300,6 +300,15 @@ def test_cli_roxford5k_prints_map_easy_medium_hard_and_mp(root, tmp_path):
     assert record["settings"]["image_size"] == 96 and record["settings"]["query_crop"] == "before_resize"
     assert record["settings"]["whitening"] == "rparis6k" and record["data"]["fingerprint"]
     assert extra["bn_recalibrate"]["ran"] is True and extra["seed_dependent"] is True  # a random init's BN
+    # per-query APs stored for the paired bootstrap over queries: their mean is each mAP row
+    from dcbench.results import ResultStore
+    with ResultStore(tmp_path / "r.db", readonly=True) as db:
+        (stored,) = db.results()
+        outcomes = db.outcomes(stored.id)
+    assert sorted(outcomes) == [f"mAP_{s}/conv5" for s in ("easy", "hard", "medium")]
+    for setup in ("easy", "medium", "hard"):
+        aps = outcomes[f"mAP_{setup}/conv5"]
+        assert 100 * aps.mean() == pytest.approx(metrics[f"mAP_{setup}"]["value"], abs=1e-9)
 
 
 def test_cli_oxford5k_original_layout_prints_map(root, tmp_path):

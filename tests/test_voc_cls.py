@@ -242,6 +242,10 @@ def test_svm_per_tap_map_and_trained_beats_random(root, trained, tmp_path):
         assert all(r.split == "test" and 0 <= r.value <= 100 for r in out.metrics)
     gains = [values(mine, t)["mAP"] - values(rand, t)["mAP"] for t in taps]
     assert np.mean(gains) > 5 and min(gains) > 0, gains
+    for t in taps:  # per-image SVM scores for the bootstrap give back each tap's mAP
+        outcome = mine.outcomes[f"mAP/{t}"]
+        assert outcome.statistic == "map-all-points"
+        assert 100 * outcome.value(np.ones((1, len(outcome))))[0] == pytest.approx(values(mine, t)["mAP"], abs=1e-9)
     assert mine.extra["pooling"]["conv3"]["kind"] == "adaptive" and mine.extra["svm"]["cv_folds"] == 3
     # SVMs do not depend on the seed; the seeded BatchNorm re-estimation of the random init does
     assert get_protocol("voc07-svm").seed_dependent is False
