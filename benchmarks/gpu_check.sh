@@ -55,6 +55,9 @@ step() {
   fi
 }
 
+# 0. dcbench doctor: versions, devices, bf16 autocast, NCCL, faiss GPU support (printed in full)
+step doctor 120 $PY -m dcbench doctor; cat "$LOG/doctor.txt"
+
 DATA="$WORK/data"
 $PY -m dcbench fixtures imagefolder "$DATA" --classes 4 --per-class 24 --size 64 >/dev/null
 TRAIN=(-m dcbench train --data "$DATA/train" --image-size 64 --k 8 --batch-size 16 --workers 2

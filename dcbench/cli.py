@@ -12,13 +12,33 @@ from pathlib import Path
 import click
 
 import dcbench
+from dcbench import lazycli
 from dcbench.errors import DcbenchError
 
 log = logging.getLogger("dcbench")
 
 
 class _Group(click.Group):
-    """Turns user errors into one line and an exit code; ``--debug`` keeps the traceback."""
+    """Turns user errors into one line and an exit code; ``--debug`` keeps the traceback.
+
+    Command groups that live in other modules (``dcbench viz``, ``dcbench report``) and those of
+    the ``dcbench.commands`` entry-point group are imported only when they are run: each pulls
+    in torch, and ``dcbench --help`` must start in well under a second. The help listing reads
+    their one-line help from the source (:mod:`dcbench.lazycli`) without importing them.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = lazycli.LazyCommands(self, self.commands)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return lazycli.command_names(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self.commands.get(cmd_name)  # imports a lazy command on first use
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        lazycli.help_listing(self, ctx, formatter)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -150,7 +170,7 @@ _TRAIN_FLAGS = {"data": "data", "arch": "arch", "sobel": "sobel", "k": "k", "epo
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
 @click.option("--checkpoint-every", type=int, help="Also checkpoint every N iterations (default: per epoch).")
 @click.option("--clustering", type=click.Choice(["kmeans", "pic"]), help="Clustering method (default kmeans).")
-@click.option("--workers", type=int, help="Data loader workers (default 4).")
+@click.option("--workers", type=int, help="Data loader workers (default: usable cores, at most 8).")
 @click.option("--strict", is_flag=True, default=None, help="Stop at the first unreadable image.")
 @click.option("--device", help="auto (default) | cpu | cuda | cuda:N.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings.")
@@ -210,8 +230,9 @@ def protocols_cmd(name: str | None, as_json: bool, assignments: tuple[str, ...],
     if name is None:
         if as_json or assignments:
             raise UsageError("--json and --set describe one protocol: dcbench protocols NAME --json")
-        for proto_name in list_protocols():
-            click.echo(f"{proto_name:<18} {get_protocol(proto_name).description}")
+        rows = lazycli.protocol_listing(lambda: [(n, get_protocol(n).description) for n in list_protocols()])
+        for proto_name, description in rows:
+            click.echo(f"{proto_name:<18} {description}")
         return
     proto = get_protocol(name)
     card = card_dict(proto, parse_assignments(assignments))
@@ -646,6 +667,25 @@ def demo_cmd(out: str, epochs: int | None) -> None:
     print_summary(run_demo(out, epochs=epochs), click.echo)
 
 
+# ----------------------------------------------------------------------------- doctor
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor_cmd(as_json: bool) -> None:
+    """Check this machine before a long run: versions, devices, bf16 autocast, NCCL, disk, fixes."""
+    import json
+
+    from dcbench.doctor import diagnose, exit_code, report_lines
+
+    report = diagnose()
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for line in report_lines(report):
+            click.echo(line)
+    if exit_code(report):
+        raise click.exceptions.Exit(exit_code(report))
+
+
 # ----------------------------------------------------------------------------- fixtures
 @main.command("fixtures")
 @click.argument("kind", type=click.Choice(["imagefolder", "voc", "retrieval"]))
@@ -675,26 +715,7 @@ def fixtures_cmd(kind: str, out: str, classes: int | None, per_class: int | None
         click.echo(f"  try: {command}")
 
 
-COMMANDS_GROUP = "dcbench.commands"
-
-
-def _register_plugins() -> None:
-    """Command groups that live beside their subsystem, and those of the ``dcbench.commands``
-    entry-point group (``dcbench pretrained`` is one: the engine never imports it by name)."""
-    from importlib import metadata
-
-    from dcbench.viz.cli import report_command, viz_group
-
-    for ep in metadata.entry_points(group=COMMANDS_GROUP):
-        try:
-            main.add_command(ep.load(), ep.name)
-        except Exception as exc:  # a broken plugin must not break dcbench
-            log.warning("command plugin %s failed to load: %s", ep.value, exc)
-    main.add_command(viz_group, "viz")
-    main.add_command(report_command, "report")
-
-
-_register_plugins()
+COMMANDS_GROUP = lazycli.COMMANDS_GROUP  # the entry-point group of command plugins
 
 
 def run() -> None:

@@ -32,7 +32,8 @@ def per_rank_batch(batch_size: int, world: int) -> int:
 
         raise UsageError(f"batch_size {batch_size} is not divisible by the {world} processes of this torchrun job "
                          f"(the global batch is batch_size, each process takes batch_size / {world}): "
-                         f"set --set batch_size to a multiple of {world} or change --nproc-per-node")
+                         f"pass --set batch_size=N with N a multiple of {world}, or run torchrun with a "
+                         f"process count that divides {batch_size}")
     return batch_size // world
 
 

@@ -10,6 +10,7 @@ number of images (:mod:`dcbench.train.presets`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +27,25 @@ SWAV_CROPS = "swav src/multicropdataset.py"
 
 def _doc(text: str) -> dict:
     return {"help": text}
+
+
+#: most loader workers a process starts by default (issue 17: min(available cores, 8); each worker
+#: is a forked process with its own memory, so a large machine should not start one per core)
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Loader workers per process: the cores this process may use (its affinity mask: what a
+    container, taskset or SLURM grants, not the machine's count) shared by the processes of a
+    torchrun job on this node (LOCAL_WORLD_SIZE), at least 1 and at most 8. The crops are a
+    function of (seed, epoch, position), so the number of workers never changes what is computed.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(cores // local, MAX_DEFAULT_WORKERS))
 
 
 #: Settings ``dcbench train --resume`` accepts with a value other than the saved one: they say
@@ -50,7 +70,8 @@ class _RunSettings:
         "paper: the published recipe; small-data: batch, lr, epochs, k/prototypes (and PCA for v1) "
         "computed from the number of images (README, Training)"))
     seed: int = field(default=31, metadata=_doc("seed of everything (k-means uses seed + epoch)"))
-    workers: int = field(default=4, metadata=_doc("data loader worker processes"))
+    workers: int = field(default_factory=default_workers, metadata=_doc(
+        "data loader worker processes (default: usable cores / processes on the node, at most 8)"))
     checkpoint_every: int = field(default=0, metadata=_doc("also checkpoint every N iterations (0: per epoch only)"))
     snapshot_every: int = field(default=50, metadata=_doc("keep weights in checkpoints/ every N epochs (0: never)"))
     strict: bool = field(default=False, metadata=_doc("stop at the first unreadable image instead of skipping it"))
