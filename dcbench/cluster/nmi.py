@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import normalized_mutual_info_score
 
 
 def nmi(a, b) -> float:
     """Normalised mutual information of two labelings (scikit-learn, arithmetic mean of entropies)."""
+    # imported here: scikit-learn costs ~0.6 s at start-up and only this function needs it
+    from sklearn.metrics import normalized_mutual_info_score  # noqa: PLC0415
+
     return float(normalized_mutual_info_score(np.asarray(a).ravel(), np.asarray(b).ravel(),
                                               average_method="arithmetic"))
 
