@@ -2,21 +2,16 @@
 (Caron et al., ECCV 2018) and the MoCo / VISSL standard; engine: :mod:`dcbench.detection`.
 
 The detector is torchvision's Faster R-CNN built on a deep COPY of the backbone (the
-checkpoint is never touched):
-
-- DeepCluster AlexNet / VGG16: conv5 features (stride 16), RoI pooling, and the box head
-  made of the checkpoint's OWN fc6/fc7 (weights kept, as Fast R-CNN starts from the
-  pre-trained fc layers). fc6 takes the ``grid x grid`` map the checkpoint was built for, so
-  the RoI output size is the backbone's grid (6 for AlexNet, 7 for VGG16 at 224 px; e.g. 2 for
-  an AlexNet built at 96 px) whatever the detection image size;
-- ResNets (tv/timm): the C4 design of MoCo / VISSL / detectron2: stem..res4 as trunk, res5 on
-  14 x 14 RoIAlign features as box head.
+checkpoint is never touched): for DeepCluster AlexNet / VGG16, conv5 features (stride 16), RoI
+pooling and the box head made of the checkpoint's OWN fc6/fc7 (as Fast R-CNN starts from the
+pre-trained fc layers; the RoI output is the ``grid x grid`` map fc6 was built for: 6 for AlexNet,
+7 for VGG16 at 224 px, whatever the detection image size); for ResNets (tv/timm) the C4 design of
+MoCo / VISSL / detectron2: stem..res4 as trunk, res5 on 14 x 14 RoIAlign features as box head.
 
 Modes (the paper's): ``fc6-8`` = the conv trunk frozen (and in eval mode), everything after
 it trains (RPN, fc6, fc7, the new predictor; for ResNets res5 as well); ``all`` = everything
 trains except the fixed Sobel filters. The run checks itself (:mod:`dcbench.finetune`):
-``fc6-8`` left every trunk tensor (weights and BatchNorm buffers) unchanged, ``all`` changed
-trunk weights; the runner checks that the checkpoint's backbone is unchanged.
+``fc6-8`` left every trunk tensor unchanged, ``all`` changed trunk weights.
 
 Presets (``preset=auto``: ``deepcluster`` for DeepCluster AlexNet/VGG16, ``moco`` for every
 other backbone); every value is a setting, ``None`` meaning "the preset's":
