@@ -201,7 +201,7 @@ def _execution_facts(output: Any, ctx: RunContext) -> dict[str, Any]:
         facts["extract_s"] = round(ctx.extract_seconds, 3)
     if ctx.world_size == 1:
         return facts
-    facts["data_parallel"] = ("forward passes split across ranks (extraction or training shares), the rest "
+    facts["data_parallel"] = ("forward passes sharded across ranks (extraction or training shares), the rest "
                               "computed on every rank" if ctx.sharded_extractions
                               else "computed on every rank (no sharded extraction)")
     if not ctx.sharded_extractions:
