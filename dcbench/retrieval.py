@@ -40,6 +40,7 @@ from torchvision import transforms as T
 from dcbench.cluster.pca import PCAWhitening, l2_normalize_rows
 from dcbench.data import DataError, ImageDataset, eval_transform, load_rgb, normalize
 from dcbench.data.retrieval import RetrievalDataset
+from dcbench.data.transforms import InputConvention, norm_id
 from dcbench.features import extract_rows
 from dcbench.metrics.retrieval import old_protocol_map, revisited_setups
 
@@ -135,12 +136,17 @@ class RetrievalImages(ImageDataset):
     Items are ``(normalised tensor, -1, index)``, or None for an unreadable file (skipped, as
     every dcbench dataset). ``root`` is the image folder, so the fingerprint does not depend
     on where the dataset lives; boxes are part of the fingerprint. ``crop_first``: boxes are
-    cut from the original images, before the resize (see :func:`plan_geometry`).
+    cut from the original images, before the resize (see :func:`plan_geometry`). ``convention``:
+    the input convention whose mean and std normalise the images (default: ImageNet's); its
+    filter and crop ratio do not apply (the resize to ``max_side`` is the protocol's, bilinear).
     """
 
     def __init__(self, paths: Sequence[str], root: str | Path, max_side: int,
-                 boxes: Sequence[Box | None] | None = None, crop_first: bool = False) -> None:
-        super().__init__(paths, root=str(root), transform=T.Compose([T.ToTensor(), normalize()]))
+                 boxes: Sequence[Box | None] | None = None, crop_first: bool = False,
+                 convention: InputConvention | None = None) -> None:
+        self.convention = convention or InputConvention()
+        norm = normalize() if self.convention.source is None else self.convention.normalize()
+        super().__init__(paths, root=str(root), transform=T.Compose([T.ToTensor(), norm]))
         self.max_side = max_side
         self.boxes = list(boxes) if boxes is not None else None
         self.crop_first = crop_first
@@ -170,7 +176,9 @@ class RetrievalImages(ImageDataset):
         """Feature-cache text of :func:`prepare_image` at ``max_side`` (crops are in the fingerprint)."""
         # "yes" (crop after the resize) keeps the cache ids of version 1
         cropped = "no" if self.boxes is None else ("before-resize" if self.crop_first else "yes")
-        return f"retrieval:max-side={self.max_side}:bilinear:box-crop={cropped}:min-side={MIN_SIDE}"
+        # a preset's normalisation adds nothing, so the ids of earlier caches stay
+        norm = "" if self.convention.source is None else f":{norm_id(self.convention)}"
+        return f"retrieval:max-side={self.max_side}:bilinear:box-crop={cropped}:min-side={MIN_SIDE}{norm}"
 
     def fingerprint(self) -> str:
         files = super().fingerprint()
@@ -303,27 +311,32 @@ Extracted = Mapping[tuple[str, float], RegionExtraction]
 
 
 def image_sets(ds: RetrievalDataset, scales: Sequence[float], image_size: int, query_crop: str,
-               whitening: tuple[Path, list[str]] | None) -> ImageSets:
+               whitening: tuple[Path, list[str]] | None, convention: InputConvention | None = None) -> ImageSets:
     """The database, the queries (cut to their boxes per ``query_crop``, one of
     :data:`QUERY_CROPS`) and the whitening set (``(image folder, paths)``, or None) at every
-    scale of ``image_size``."""
+    scale of ``image_size``, normalised with ``convention``'s mean and std (default: ImageNet's)."""
     if query_crop not in QUERY_CROPS:
         raise ValueError(f"query_crop must be one of {', '.join(QUERY_CROPS)}, got {query_crop!r}")
     boxes = None if query_crop == "none" else ds.query_boxes()
     sets = {}
     for scale in scales:
         side = round(image_size * scale)
-        sets[("database", scale)] = RetrievalImages(ds.db_paths(), ds.image_dir, side)
+        sets[("database", scale)] = RetrievalImages(ds.db_paths(), ds.image_dir, side, convention=convention)
         sets[("queries", scale)] = RetrievalImages(ds.query_paths(), ds.image_dir, side, boxes,
-                                                   crop_first=query_crop == "before_resize")
+                                                   crop_first=query_crop == "before_resize", convention=convention)
         if whitening is not None:
-            sets[("whitening", scale)] = RetrievalImages(whitening[1], whitening[0], side)
+            sets[("whitening", scale)] = RetrievalImages(whitening[1], whitening[0], side, convention=convention)
     return sets
 
 
-def bn_images(ds: RetrievalDataset, image_size: int) -> ImageDataset:
-    """Database images as square crops of ``image_size`` (BN re-estimation needs equal shapes)."""
-    return ImageDataset(ds.db_paths(), root=str(ds.image_dir), transform=eval_transform(image_size, image_size))
+def bn_images(ds: RetrievalDataset, image_size: int, convention: InputConvention | None = None) -> ImageDataset:
+    """Database images as square crops of ``image_size`` (BN re-estimation needs equal shapes),
+    normalised with ``convention``'s mean and std (default: ImageNet's)."""
+    if convention is None or convention.source is None:
+        transform = eval_transform(image_size, image_size)
+    else:
+        transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), convention.normalize()])
+    return ImageDataset(ds.db_paths(), root=str(ds.image_dir), transform=transform)
 
 
 def sets_fingerprint(ds: RetrievalDataset, sets: ImageSets) -> str:

@@ -38,12 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision import transforms as T
 
 from dcbench import finetune as ft
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter, normalize
-from dcbench.data.transforms import ten_crop_transform
+from dcbench.data import DataError, SkipCounter
+from dcbench.data.transforms import InputConvention, convention_finetune_transform, convention_ten_crop_transform
 from dcbench.data.voc import VOCSplit
 from dcbench.errors import UsageError
 from dcbench.features import make_loader
@@ -135,18 +134,20 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return loss.masked_fill(labels == 0, 0.0).sum() / labels.shape[0]
 
 
-def finetune_transform(image_size: int, scale: Sequence[float]) -> Callable:
-    """RandomResizedCrop(s, scale, ratio 1) + flip, ImageNet normalisation (train and random10 test)."""
-    return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(scale), ratio=(1.0, 1.0)),
-                      T.RandomHorizontalFlip(), T.ToTensor(), normalize()])
+def finetune_transform(image_size: int, scale: Sequence[float],
+                       convention: InputConvention | None = None) -> Callable:
+    """RandomResizedCrop(s, scale, ratio 1) + flip, normalisation (train and random10 test): bilinear and
+    ImageNet mean/std, or ``convention``'s filter, mean and std (published weights, issue 19)."""
+    return convention_finetune_transform(image_size, scale, convention or InputConvention())
 
 
 def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str, progress: bool,
-                   strict: bool = False, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+                   strict: bool = False, shard: tuple[int, int] | None = None,
+                   convention: InputConvention | None = None) -> dict[str, Any]:
     """The SGD loop; returns a small log (losses every 10% of the run, skipped images). ``strict``:
     stop at the first unreadable image (``--strict``). ``shard``: ``(rank, world_size)`` of a
     data-parallel run (the module docstring)."""
-    ds = train.dataset(finetune_transform(settings.image_size, settings.crop_scale))
+    ds = train.dataset(finetune_transform(settings.image_size, settings.crop_scale, convention))
     ds.strict = strict
     if shard is not None and shard[1] > 1:
         return _train_finetune_parallel(net, train, ds, settings, device, progress, shard)
@@ -245,13 +246,14 @@ def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, setting
 
 @torch.no_grad()
 def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: str, progress: bool = False,
-                     strict: bool = False, shard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     strict: bool = False, shard: tuple[int, int] | None = None,
+                     convention: InputConvention | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed logits per test image (N x C) and the mask of images that could be read. With
     ``shard`` each rank scores its contiguous block of the test batches and every rank gets all
     the rows (gathered as float64: the sums are the ones this rank computed, bit for bit)."""
     tencrop = settings.test_crops == "tencrop"
-    transform = (ten_crop_transform(settings.image_size) if tencrop
-                 else finetune_transform(settings.image_size, settings.crop_scale))
+    transform = (convention_ten_crop_transform(settings.image_size, convention or InputConvention()) if tencrop
+                 else finetune_transform(settings.image_size, settings.crop_scale, convention))
     ds = test.dataset(transform)
     ds.strict = strict
     batch = max(1, settings.batch_size // 10) if tencrop else settings.batch_size
@@ -298,7 +300,8 @@ class FinetuneOutcome:
 
 
 def finetune_and_score(net: FineTuneNet, train: VOCSplit, test: VOCSplit, settings: Any, device: str,
-                       progress: bool, strict: bool = False, shard: tuple[int, int] | None = None) -> FinetuneOutcome:
+                       progress: bool, strict: bool = False, shard: tuple[int, int] | None = None,
+                       convention: InputConvention | None = None) -> FinetuneOutcome:
     """Freeze per ``settings.mode``, train, check the trunk (RuntimeError when the freezing
     failed), then score the test split; the torch RNG is seeded from ``settings.seed`` and
     restored afterwards. ``shard``: data-parallel under torchrun (the module docstring)."""
@@ -307,7 +310,7 @@ def finetune_and_score(net: FineTuneNet, train: VOCSplit, test: VOCSplit, settin
         allowed = set_trainable(net, settings.mode, settings.train_bn_affine)
         net.to(device)
         guard = ft.TrunkGuard(net.trunk, allowed, settings.mode)
-        log_ = train_finetune(net, train, settings, device, progress, strict, shard)
+        log_ = train_finetune(net, train, settings, device, progress, strict, shard, convention)
         check = guard.check(settings.iterations)
-        scores, seen = score_test_split(net, test, settings, device, progress, strict, shard)
+        scores, seen = score_test_split(net, test, settings, device, progress, strict, shard, convention)
     return FinetuneOutcome(log_, check, scores, seen)

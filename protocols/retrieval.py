@@ -22,6 +22,12 @@ R-MAC, whitening, ranking and the image preparation live in :mod:`dcbench.retrie
 vectors go through the one extractor and its feature cache, so the database, the queries and
 the whitening set are each extracted once per checkpoint (``roxford5k``'s whitening set IS
 ``rparis6k``'s database entry).
+
+Published weights (timm / torchvision / hf-hub) are normalised with their own mean and std
+(``input_convention=weights``, see :func:`dcbench.data.transforms.resolve_convention`); their
+interpolation and crop ratio do not apply (R-MAC reads the whole image resized bilinearly to its
+largest side, the protocol's geometry). Other checkpoints keep ImageNet mean/std, exactly as before.
+The convention is recorded in ``extra.input_convention``.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from torch import nn
 
 from dcbench.data import DataError
 from dcbench.data.retrieval import RetrievalDataset, image_set_paths, read_retrieval_dataset
+from dcbench.data.transforms import ConventionMode, describe_applied, resolve_uncropped_convention
 from dcbench.errors import UsageError
 from dcbench.protocol import (EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput, register_protocol,
                               setting)
@@ -83,6 +90,9 @@ class RetrievalSettings(FrozenFeatureSettings):
                "(transductive; recorded in the result) instead of failing")
     # DeepCluster eval_retrieval.py: PCA to 512 dims (VGG16 conv5_3 has 512 channels)
     whitening_dim: int = setting(512, "PCA-whitening output dims, capped at the tap's channels (DeepCluster: 512)")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are normalised with their own mean and std (the "
+                   "resize stays bilinear, no crop); preset: always ImageNet mean/std")
     batch_size: int = setting(4, "images of one resized shape per forward pass")
     cache: bool = setting(True, "read/write the region vectors in the feature cache", numbers=False)
     seed: int = setting(0, "seed of BN re-estimation (retrieval itself is deterministic)", numbers=False)
@@ -170,6 +180,10 @@ RETRIEVAL_SOURCES = {**FROZEN_FEATURE_SOURCES,
     "levels": f"{_DC_RET} --L 3 (Tolias et al., ICLR 2016 R-MAC, get_rmac_region_coordinates)",
     "whitening_fallback": "dcbench choice: off; learning the whitening on the evaluated database is transductive",
     "whitening_dim": f"{_DC_RET} --n_pca 512 (PCA.fit: eigenvalues floored at 1e-5 of the largest)",
+    "input_convention": "dcbench choice (issue 19): published weights (timm pretrained_cfg, torchvision "
+                        "weights.transforms()) are normalised with their own mean and std; the resize to the largest "
+                        f"side stays {_DC_RET}'s (bilinear, no crop: a crop ratio has no meaning for R-MAC); random "
+                        "inits and dcbench/DeepCluster checkpoints get ImageNet mean/std",
 }
 DC_QUERY_CROP = (f"{_DC_RET} ImageHelper.load_and_prepare_image: resize, then crop np.round(roi * ratio) "
                  "(the original protocol)")
@@ -205,8 +219,9 @@ class _RetrievalProtocol(Protocol):
     dataset: ClassVar[str]
     revisited: ClassVar[bool]
     #: 2: roxford5k / rparis6k cut queries from the original image (revisitop); paris6k leaves out
-    #: its 20 corrupted images (database and ground truth), the whitening set of oxford5k too
-    version: ClassVar[str] = "2"
+    #: its 20 corrupted images (database and ground truth), the whitening set of oxford5k too.
+    #: 3: published weights are read with their own input convention (input_convention=weights): mean and std
+    version: ClassVar[str] = "3"
     #: ranking is deterministic; only BatchNorm re-estimation of random inits uses the seed (run())
     seed_dependent: ClassVar[bool] = False
     #: revisitop papers report Medium and Hard; the original protocol has one mAP
@@ -262,8 +277,9 @@ class _RetrievalProtocol(Protocol):
         taps = retrieval_taps(ckpt.backbone, settings.taps)  # settings errors before expensive work
         white_paths = self._whitening_paths(root, settings)
         white = None if white_paths is None else (root / settings.whitening / "jpg", white_paths)
-        sets = image_sets(ds, settings.scales, settings.image_size, settings.query_crop, white)
-        with ctx.frozen_backbone(ckpt, bn_images(ds, settings.image_size)) as (backbone, sha):
+        convention = resolve_uncropped_convention(ckpt.backbone, settings.input_convention)
+        sets = image_sets(ds, settings.scales, settings.image_size, settings.query_crop, white, convention)
+        with ctx.frozen_backbone(ckpt, bn_images(ds, settings.image_size, convention)) as (backbone, sha):
             # through the run context: its cache (the cache setting), batch size and device, and
             # under torchrun the R-MAC regions extracted sharded across ranks, gathered in order
             extracted = {key: extract_regions(backbone, images, taps, settings.levels, sha,
@@ -283,6 +299,8 @@ class _RetrievalProtocol(Protocol):
         extra = self._extra(ds, settings, extracted, white_paths, ctx.bn_info, per_tap)
         # the seeded re-estimation of a random init's BatchNorm makes this run seed-dependent
         extra["seed_dependent"] = bool((ctx.bn_info or {}).get("ran"))
+        extra["input_convention"] = describe_applied(
+            convention, "mean, std (the resize to the largest side stays bilinear; no crop, so no crop ratio)")
         return ProtocolOutput(rows, sets_fingerprint(ds, sets), extra, outcomes=outcomes)
 
     def _extra(self, ds: RetrievalDataset, settings: RetrievalSettings, extracted: Extracted,

@@ -24,6 +24,10 @@ Train on trainval and test on test (``train_split=train``: train -> val, for tun
   over classes and averaged over the batch, difficult labels masked out;
 - train crops: RandomResizedCrop(image_size, scale 0.1-0.5, ratio 1) + flip; test: the sum
   of the logits of 10 such random crops (``test_crops=tencrop``: Resize + TenCrop instead);
+- published weights (timm / torchvision / hf-hub) are fine-tuned with their own mean, std and
+  interpolation (``input_convention=weights``; ``test_crops=tencrop``: also their crop ratio; see
+  :func:`dcbench.data.transforms.resolve_convention`), recorded in ``extra.input_convention``;
+  other checkpoints with the paper's (ImageNet mean/std, bilinear), exactly as before;
 - AP per class: ``sklearn.metrics.average_precision_score`` on the non-difficult test
   images, with the paper's tie rule (score - 1e-5 * label); mAP = mean over classes;
 - the run checks itself (:mod:`dcbench.finetune`) that ``fc6-8`` left every trunk tensor
@@ -39,7 +43,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from dcbench.data.transforms import center_transform
+from dcbench.data.transforms import (ConventionMode, InputConvention, convention_center_transform, describe_applied,
+                                     resolve_convention, resolve_uncropped_convention)
 from dcbench.errors import UsageError
 from dcbench.features import prepared_backbone
 from dcbench.metrics.ap import finetune_class_ap
@@ -80,6 +85,9 @@ class VocFinetuneSettings(CommonSettings):
     test_crops: Literal["random10", "tencrop"] = setting(
         "random10", "random10: sum of the logits of 10 random train-style crops (the paper); "
                     "tencrop: Resize(s*256/224) + TenCrop(s), logits summed")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are read with their own mean, std and interpolation "
+                   "(test_crops=tencrop: and crop ratio); preset: always ImageNet mean/std, bilinear")
     train_split: Literal["trainval", "train"] = setting(
         "trainval", "trainval: train on trainval, test on test (report); train: train on train, test on val (tuning)")
     classes: list[str] | None = setting(
@@ -125,6 +133,10 @@ VOC_CLS_SOURCES = {
     "classes": "dcbench choice: the VOC classes whose ImageSets/Main files exist (all 20 on VOC2007)",
     "head_dim": f"4096: the width of DeepCluster's fc6/fc7 ({_DC} re-initialises them); used only for "
                 "backbones without that classifier (dcbench choice)",
+    "input_convention": "dcbench choice (issue 19): published weights (timm pretrained_cfg, torchvision "
+                        "weights.transforms()) are fine-tuned with their own mean, std and interpolation (and crop "
+                        "ratio with test_crops=tencrop); random inits and dcbench/DeepCluster checkpoints get "
+                        f"{_DC}'s (ImageNet mean/std, bilinear)",
 }
 VOC_CLS_DEVIATIONS = (
     Deviation("mode=all only: the conv weights of the checkpoint are kept",
@@ -136,13 +148,22 @@ VOC_CLS_DEVIATIONS = (
 )
 
 
+def finetune_convention(backbone: Any, settings: VocFinetuneSettings) -> InputConvention:
+    """The input convention of the fine-tune's crops (:func:`dcbench.data.transforms.resolve_convention`):
+    random crops take the weights' mean, std and filter; ``tencrop`` also their crop ratio."""
+    if settings.test_crops == "tencrop":
+        return resolve_convention(backbone, settings.input_convention)
+    return resolve_uncropped_convention(backbone, settings.input_convention)
+
+
 @register_protocol
 class VocFinetune(Protocol):
     """``voc07-cls``: fine-tune fc6-8 or all layers on VOC2007, mAP over the classes."""
 
     name: ClassVar[str] = "voc07-cls"
     description: ClassVar[str] = "Pascal VOC07 classification by fine-tuning fc6-8 or all layers (paper Table 2)"
-    version: ClassVar[str] = "1"
+    #: 2: published weights are read with their own input convention (input_convention=weights): mean, std, interpolation
+    version: ClassVar[str] = "2"
     finetune: ClassVar[bool] = True
     data_layout: ClassVar[str] = VOC07_LAYOUT
     Settings: ClassVar[type] = VocFinetuneSettings
@@ -163,7 +184,8 @@ class VocFinetune(Protocol):
         """Fine-tune a copy of the backbone, then score the test split; see the module docstring."""
         started = time.perf_counter()
         data = load_voc_data(Path(root), settings.train_split, settings.classes)
-        recal_ds = ctx.data(data.train.dataset(center_transform(settings.image_size)))
+        convention = finetune_convention(ckpt.backbone, settings)
+        recal_ds = ctx.data(data.train.dataset(convention_center_transform(settings.image_size, convention)))
         # BN re-estimation (random inits) in batches of max(batch_size, 32) images, as in version 1
         with torch.random.fork_rng(devices=[]), prepared_backbone(
                 ckpt, settings.bn_recalibrate, recal_ds, max(settings.batch_size, 32), settings.workers,
@@ -173,7 +195,7 @@ class VocFinetune(Protocol):
                                      settings.seed)
         ctx.shared_forward()  # under torchrun each rank trains on its share of every batch, scores its test block
         out = finetune_and_score(net, data.train, data.test, settings, ctx.device, ctx.progress, strict=ctx.strict,
-                                 shard=ctx.shard)
+                                 shard=ctx.shard, convention=convention)
         labels = data.test.labels[out.seen]
         aps = [finetune_class_ap(out.scores[out.seen, c], labels[:, c]) for c in range(len(data.classes))]
         rows, per_class = ap_rows(aps, data.classes, settings.mode, data.test.split, settings.seed)
@@ -183,6 +205,9 @@ class VocFinetune(Protocol):
                  else "sum of logits over Resize + TenCrop",
                  "ap_rule": "sklearn average_precision_score on non-difficult images, score - 1e-5 * label",
                  "ap_per_class": per_class, "bn_recalibrate": bn_info, **out.log,
+                 "input_convention": describe_applied(convention, "mean, std, interpolation" + (
+                     ", crop ratio (TenCrop)" if settings.test_crops == "tencrop"
+                     else " (random crops: no crop ratio)")),
                  "skipped_test_images": int((~out.seen).sum()),
                  "metric_tap": "the tap of the rows is the mode (fc6-8 / all)",
                  "finetune_wall_s": round(time.perf_counter() - started, 3)}

@@ -25,6 +25,12 @@ As in VISSL, the reported C is the one with the best mean mAP over the samples (
 the test set; ``cost`` fixes it instead) and the rows are that C's mean / min / max / std
 (population) over the samples.
 
+Taps: every conv tap by default; on a ViT its ``cls`` token (as ``linear`` / ``knn``).
+Published weights (timm / torchvision / hf-hub) are read with their own mean, std and
+interpolation (``input_convention=weights``; with ``resize=crop`` also their crop ratio, see
+:func:`dcbench.data.transforms.resolve_convention`); other checkpoints with VISSL's view, exactly
+as before. The convention is recorded in ``extra.input_convention``.
+
 Both read their features through the run context (:meth:`RunContext.frozen_backbone`,
 :meth:`RunContext.extract`): BatchNorm re-estimation, the feature cache, and the runner's
 check that the backbone stayed unchanged are the engine's.
@@ -39,7 +45,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from dcbench.data.transforms import center_transform, center_transform_id, squash_transform, squash_transform_id
+from dcbench.data.transforms import (ConventionMode, InputConvention, convention_center_id,
+                                     convention_center_transform, convention_squash_id, convention_squash_transform,
+                                     describe_applied, resolve_convention, resolve_uncropped_convention)
 from dcbench.errors import UsageError
 from dcbench.features import feature_key, key_hash, pool_id
 from dcbench.lowshot import lowshot_sets, lowshot_summary, lowshot_tap
@@ -78,6 +86,9 @@ class _SvmCommon(FrozenFeatureSettings):
     resize: Literal["squash", "crop"] = setting(
         "squash", "squash: the whole image resized to (s, s), no crop (VISSL; voc07-svm first resizes the short "
                   "side to round(s*256/224), as its configs); crop: Resize(round(s*256/224)) then CenterCrop(s)")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are read with their own mean, std and interpolation "
+                   "(resize=crop: and crop ratio); preset: always ImageNet mean/std, bilinear (VISSL's)")
     batch_size: int = setting(256, "extraction batch size")
     train_split: Literal["trainval", "train"] = setting(
         "trainval", "trainval: train on trainval, test on test (report); train: train on train, test on val")
@@ -156,6 +167,7 @@ class _Features:
     transform_id: str
     fingerprints: tuple[str, str]  # train, test datasets
     device: Any = "cpu"  # the extraction device: its numerics are part of the key (as the feature cache's)
+    convention: dict[str, Any] | None = None  # the input convention used (extra.input_convention)
 
     def key(self, tap: str, split: int = 0) -> dict[str, Any]:
         """The feature-cache key of ``tap`` on the train (0) or test (1) split (also keys the SVM fits)."""
@@ -163,12 +175,32 @@ class _Features:
                            device=self.device)
 
 
-def voc_view(image_size: int, resize: str, pre_resize: bool) -> tuple[Any, str]:
+def voc_view(image_size: int, resize: str, pre_resize: bool,
+             convention: InputConvention | None = None) -> tuple[Any, str]:
     """The image transform of ``resize`` (squash: with/without VISSL's Resize 256 first; crop:
-    Resize + centre crop) and its feature-cache id."""
+    Resize + centre crop) and its feature-cache id, with ``convention``'s filter and
+    normalisation (default: the preset's, ImageNet mean/std, bilinear; the crop ratio only
+    matters to ``crop``: a squash keeps the whole image)."""
+    convention = convention or InputConvention()
     if resize == "squash":
-        return squash_transform(image_size, pre_resize), squash_transform_id(image_size, pre_resize)
-    return center_transform(image_size), center_transform_id(image_size)
+        return (convention_squash_transform(image_size, pre_resize, convention),
+                convention_squash_id(image_size, pre_resize, convention))
+    return convention_center_transform(image_size, convention), convention_center_id(image_size, convention)
+
+
+def voc_convention(backbone: Any, settings: _SvmCommon) -> InputConvention:
+    """The input convention of the VOC view (:func:`dcbench.data.transforms.resolve_convention`;
+    a squash never crops, so the weights' crop mode cannot be refused there)."""
+    if settings.resize == "squash":
+        return resolve_uncropped_convention(backbone, settings.input_convention)
+    return resolve_convention(backbone, settings.input_convention)
+
+
+def describe_convention(convention: InputConvention, resize: str) -> dict[str, Any]:
+    """The result's ``extra.input_convention``: the convention and which parts the view used."""
+    if resize == "squash":
+        return describe_applied(convention, "mean, std, interpolation (whole image squashed: no crop ratio)")
+    return describe_applied(convention, "mean, std, interpolation, crop ratio")
 
 
 def extract_voc_features(ckpt: Any, data: VocData, taps: list[str], settings: _SvmCommon,
@@ -177,13 +209,15 @@ def extract_voc_features(ckpt: Any, data: VocData, taps: list[str], settings: _S
     context (BN re-estimation on the training images and the feature cache, per the settings)."""
     plans = probe_pooling(ckpt.backbone, taps, settings.image_size, settings.preset)
     pools = {t: p.module() for t, p in plans.items()}
-    transform, transform_id = voc_view(settings.image_size, settings.resize, pre_resize)
+    convention = voc_convention(ckpt.backbone, settings)
+    transform, transform_id = voc_view(settings.image_size, settings.resize, pre_resize, convention)
     datasets = [split.dataset(transform) for split in (data.train, data.test)]
     with ctx.frozen_backbone(ckpt, datasets[0]) as (backbone, sha):
         train, test = [ctx.extract(backbone, sha, ds, taps, pools, transform_id) for ds in datasets]
     return _Features(train, test, {t: p.describe() for t, p in plans.items()},
                      {t: pool_id(pools[t]) for t in taps}, sha, ctx.bn_info, transform_id,
-                     (datasets[0].fingerprint(), datasets[1].fingerprint()), ctx.device)
+                     (datasets[0].fingerprint(), datasets[1].fingerprint()), ctx.device,
+                     describe_convention(convention, settings.resize))
 
 
 def _svm_extra(feats: _Features, params: SvmParams, settings: _SvmCommon, data: VocData) -> dict[str, Any]:
@@ -191,6 +225,7 @@ def _svm_extra(feats: _Features, params: SvmParams, settings: _SvmCommon, data: 
             "ap_rule": "VOC all-points (area under the monotone precision envelope), difficult excluded",
             "train_labels": "difficult counted as negative", "resize": settings.resize,
             "crops": "whole image squashed to a square" if settings.resize == "squash" else "center",
+            "input_convention": feats.convention, "taps": list(feats.pool_ids),
             "bn_recalibrate": feats.bn_info,
             "skipped_images": {data.train.split: len(data.train) - len(feats.train.indices),
                                data.test.split: len(data.test) - len(feats.test.indices)},
@@ -208,7 +243,12 @@ SVM_SOURCES = {**FROZEN_FEATURE_SOURCES,
     "seed": "dcbench choice: seeds BN re-estimation, liblinear and low-shot sampling; cannot be a deviation",
     "batch_size": "dcbench choice: extraction batch (VISSL BATCHSIZE_PER_REPLICA 32); moves only BN re-estimation "
                   "of random inits",
-    "taps": f"{_SVM_CFG} MODEL.EVAL_FEATURES conv1..conv5 (ResNets: conv1, res2..res5)",
+    "taps": f"{_SVM_CFG} MODEL.EVAL_FEATURES conv1..conv5 (ResNets: conv1, res2..res5); dcbench's default: every "
+            "conv tap, the cls token on ViTs (as linear / knn)",
+    "input_convention": "dcbench choice (issue 19): published weights (timm pretrained_cfg, torchvision "
+                        "weights.transforms()) are read with their own mean, std and interpolation (and crop ratio "
+                        "with resize=crop; a squash keeps the whole image); random inits and dcbench/DeepCluster "
+                        "checkpoints have no convention of their own and get VISSL's (ImageNet mean/std, bilinear)",
     "image_size": f"{_SVM_CFG} TRANSFORMS Resize [224, 224]",
     "cache": "dcbench choice: the feature cache and finished fits; cannot move the numbers",
     "preset": f"vissl: the pooling table of {_SVM_CFG} MODEL.TRUNK.LINEAR_FEAT_POOL_OPS (ResNets: "
@@ -225,7 +265,8 @@ SVM_SOURCES = {**FROZEN_FEATURE_SOURCES,
 }
 LOWSHOT_SOURCES = {
     **SVM_SOURCES,
-    "taps": f"{_LOWSHOT_CFG} evaluates res4, res5 of ResNet-50; dcbench: every conv tap (per-tap numbers unchanged)",
+    "taps": f"{_LOWSHOT_CFG} evaluates res4, res5 of ResNet-50; dcbench: every conv tap (per-tap numbers "
+            "unchanged), the cls token on ViTs",
     "image_size": f"{_LOWSHOT_CFG} TRANSFORMS Resize [224, 224]",
     "resize": f"{_LOWSHOT_CFG} DATA.TRAIN/TEST.TRANSFORMS: Resize [224, 224] (the whole image, no crop)",
     "costs": f"{_LOWSHOT_CFG} SVM.costs.costs_list",
@@ -239,8 +280,9 @@ LOWSHOT_SOURCES = {
 class _VocSvmProtocol(Protocol):
     """What both SVM protocols share: the layout, the data check, the features."""
 
-    #: 2: images squashed to image_size x image_size (VISSL), was Resize + centre crop
-    version: ClassVar[str] = "2"
+    #: 2: images squashed to image_size x image_size (VISSL), was Resize + centre crop.
+    #: 3: published weights are read with their own input convention (input_convention=weights); ViTs default to the cls tap
+    version: ClassVar[str] = "3"
     data_layout: ClassVar[str] = VOC07_LAYOUT
     #: VISSL's SVM configs resize to 256 before squashing; its low-shot config does not
     squash_pre_resize: ClassVar[bool] = True
@@ -254,7 +296,7 @@ class _VocSvmProtocol(Protocol):
                  ctx: EvalContext) -> tuple[VocData, list[str], _Features, np.ndarray, np.ndarray]:
         """The data, the taps, their features and the label rows of the extracted images."""
         data = load_voc_data(Path(root), settings.train_split, settings.classes)
-        taps = resolve_taps(ckpt.backbone, settings.taps)
+        taps = resolve_taps(ckpt.backbone, settings.taps, image_feature=True)  # a ViT: its cls token
         feats = extract_voc_features(ckpt, data, taps, settings, ctx, self.squash_pre_resize)
         return data, taps, feats, labels_of(data.train, feats.train.indices), labels_of(data.test, feats.test.indices)
 

@@ -2,16 +2,21 @@
 (Caron et al., ECCV 2018) and the MoCo / VISSL standard; engine: :mod:`dcbench.detection`.
 
 The detector is torchvision's Faster R-CNN built on a deep COPY of the backbone (the
-checkpoint is never touched): for DeepCluster AlexNet / VGG16, conv5 features (stride 16), RoI
-pooling and the box head made of the checkpoint's OWN fc6/fc7 (as Fast R-CNN starts from the
-pre-trained fc layers; the RoI output is the ``grid x grid`` map fc6 was built for: 6 for AlexNet,
-7 for VGG16 at 224 px, whatever the detection image size); for ResNets (tv/timm) the C4 design of
-MoCo / VISSL / detectron2: stem..res4 as trunk, res5 on 14 x 14 RoIAlign features as box head.
+checkpoint is never touched):
+
+- DeepCluster AlexNet / VGG16: conv5 features (stride 16), RoI pooling, and the box head
+  made of the checkpoint's OWN fc6/fc7 (weights kept, as Fast R-CNN starts from the
+  pre-trained fc layers). fc6 takes the ``grid x grid`` map the checkpoint was built for, so
+  the RoI output size is the backbone's grid (6 for AlexNet, 7 for VGG16 at 224 px; e.g. 2 for
+  an AlexNet built at 96 px) whatever the detection image size;
+- ResNets (tv/timm): the C4 design of MoCo / VISSL / detectron2: stem..res4 as trunk, res5 on
+  14 x 14 RoIAlign features as box head.
 
 Modes (the paper's): ``fc6-8`` = the conv trunk frozen (and in eval mode), everything after
 it trains (RPN, fc6, fc7, the new predictor; for ResNets res5 as well); ``all`` = everything
 trains except the fixed Sobel filters. The run checks itself (:mod:`dcbench.finetune`):
-``fc6-8`` left every trunk tensor unchanged, ``all`` changed trunk weights.
+``fc6-8`` left every trunk tensor (weights and BatchNorm buffers) unchanged, ``all`` changed
+trunk weights; the runner checks that the checkpoint's backbone is unchanged.
 
 Presets (``preset=auto``: ``deepcluster`` for DeepCluster AlexNet/VGG16, ``moco`` for every
 other backbone); every value is a setting, ``None`` meaning "the preset's":
@@ -63,6 +68,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dcbench.data import DataError
+from dcbench.data.transforms import ConventionMode, describe_applied
 from dcbench.data.voc import layout
 from dcbench.detection import (DetData, DetectionDataset, DetectorSpec, SolverSpec, ap_rows, evaluate_detections,
                                finetune_torchvision, load_det_data, records_from_annotations, require_supported)
@@ -71,40 +77,11 @@ from dcbench.finetune import design_family
 from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, batch_refusal,
                               register_protocol, setting)
 from dcbench.protocols._sources_voc_det import PRESET_DEVIATIONS, PRESET_SOURCES, auto_deviations, auto_sources
+from dcbench.protocols._voc_det_presets import (INPUT_CONVENTION_SOURCE, PRESET_CONSTANTS, PRESETS,  # noqa: F401
+                                                detection_convention)
 
 log = logging.getLogger("dcbench")
 _SET_RE = re.compile(r"(2007|2012):(train|val|trainval|test)")
-
-
-# ============================================================================= presets
-PRESETS: dict[str, dict[str, Any]] = {
-    "deepcluster": {
-        "mode": "fc6-8", "train_sets": ["2007:trainval"], "test_set": "2007:test", "iterations": 40000,
-        "batch_size": 2, "lr": 0.001, "lr_steps": [30000], "warmup_iters": 0, "weight_decay": 5e-4,
-        "min_size": [600], "test_size": 600, "max_size": 1000, "anchor_sizes": [128, 256, 512],
-        "roi_pool": "pool", "rois_per_image": 64, "proposals_train": 2000, "proposals_test": 300,
-        "bn": "frozen", "precise_bn": 0, "train_difficult": False, "rpn_loss_beta": 1 / 9, "box_loss_beta": 1.0,
-    },
-    "moco": {
-        "mode": "all", "train_sets": ["2007:trainval", "2012:trainval"], "test_set": "2007:test",
-        "iterations": 24000, "batch_size": 16, "lr": 0.02, "lr_steps": [18000, 22000], "warmup_iters": 100,
-        "weight_decay": 1e-4, "min_size": list(range(480, 801, 32)), "test_size": 800, "max_size": 1333,
-        "anchor_sizes": [32, 64, 128, 256, 512], "roi_pool": "align", "rois_per_image": 512,
-        "proposals_train": 2000, "proposals_test": 1000, "bn": "train", "precise_bn": 200,
-        "train_difficult": True, "rpn_loss_beta": 0.0, "box_loss_beta": 0.0,
-    },
-}
-#: recipe constants of each preset that are not settings
-PRESET_CONSTANTS: dict[str, dict[str, Any]] = {
-    # Caffe's Fast R-CNN: biases at 2x lr without decay (warm-up only when warmup_iters is set)
-    "deepcluster": {"bias_lr_factor": 2.0, "bias_decay": False, "norm_weight_decay": 0.0,
-                    "warmup_factor": 0.001, "extra_norm": False, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000,
-                    "nms_thresh": 0.3},
-    # detectron2 defaults + MoCo's Base-RCNN-C4-BN (Res5ROIHeadsExtraNorm)
-    "moco": {"bias_lr_factor": 1.0, "bias_decay": True, "norm_weight_decay": 0.0,
-             "warmup_factor": 0.001, "extra_norm": True, "rpn_pre_nms_train": 12000, "rpn_pre_nms_test": 6000,
-             "nms_thresh": 0.5},
-}
 
 
 # ============================================================================= settings
@@ -171,6 +148,9 @@ class VocDetSettings(CommonSettings):
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate the backbone's BatchNorm statistics on training images before fine-tuning; auto = on "
                 "for random inits")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are normalised with their own mean and std (the "
+                   "resizes stay the preset's); preset: always ImageNet mean/std")
     seed: int = setting(0, "seed of the new layers, sampling, flips and shuffling (one trial)", numbers=False)
 
     def validate(self) -> None:
@@ -297,8 +277,8 @@ class VocDetection(Protocol):
                                   "AP50/AP75/AP (paper Table 2; MoCo/VISSL)")
     #: 2: VOC07 11-point AP on np.arange thresholds; box losses with the presets' smooth-L1 betas
     #: (moco: L1 as detectron2; deepcluster: Fast R-CNN's beta 1 in the box head); deepcluster
-    #: test NMS 0.3 (Fast R-CNN's cfg.TEST.NMS)
-    version: ClassVar[str] = "2"
+    #: test NMS 0.3 (Fast R-CNN's cfg.TEST.NMS). 3: published weights are read with their own input convention (input_convention=weights): mean and std
+    version: ClassVar[str] = "3"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocDetSettings
     headline_metrics: ClassVar[tuple[str, ...]] = ("AP50",)
@@ -322,6 +302,7 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
     def sources_for(self, preset: str | None) -> dict[str, str]:
         """Where each default of ``preset`` comes from (auto: both presets')."""
         chosen = auto_sources() if preset in (None, "auto") else PRESET_SOURCES[preset]
+        chosen = {**chosen, "input_convention": INPUT_CONVENTION_SOURCE}
         return {f.name: chosen[f.name] for f in fields(self.Settings)}
 
     def deviations_for(self, preset: str | None) -> list[Deviation]:
@@ -348,6 +329,7 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
         """Fine-tune a detector on a copy of the backbone, detect on the test set, score it."""
         started = time.perf_counter()
         recipe = resolve(settings, ckpt.backbone)
+        convention = detection_convention(ckpt.backbone, settings)
         # backbone errors before reading thousands of annotation files
         if recipe.backend == "torchvision":
             require_supported(ckpt.backbone)
@@ -366,9 +348,10 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
             detections, facts = self._run_detectron2(ckpt, train_ds, test_ds, data, recipe, ctx)
         else:
             ctx.shared_forward()  # under torchrun each rank trains on its share of every batch
+            spec = dataclasses.replace(recipe.detector_spec(), image_mean=convention.mean, image_std=convention.std)
             detections, facts = finetune_torchvision(ckpt, train_ds, test_ds, len(data.classes), data.train[0],
-                                                     recipe.detector_spec(), recipe.solver(recipe.workers), recipe,
-                                                     ctx.device, ctx.progress)
+                                                     spec, recipe.solver(recipe.workers), recipe, ctx.device,
+                                                     ctx.progress)
         ap = evaluate_detections(detections, data.test_annotations, data.classes,
                                  use_07_metric=recipe.ap_rule == "11-point")
         rows = ap_rows(ap, recipe.mode, recipe.seed)
@@ -379,6 +362,8 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
                  "ap_per_class": ap.per_class(), "test_objects": ap.n_ground_truth,
                  "training_images": len(train_ds), "metric_tap": "the tap of the rows is the mode (fc6-8 / all)",
                  "proposals": "RPN trained jointly (Faster R-CNN); the paper's Fast R-CNN used selective search",
+                 "input_convention": describe_applied(
+                     convention, "mean, std (Faster R-CNN's transform; the resizes stay the preset's)"),
                  "det_wall_s": round(time.perf_counter() - started, 3)}
         return ProtocolOutput(rows, data.fingerprint(), extra)
 

@@ -28,6 +28,11 @@ Differences from MMSelfSup's runs, each recorded: one process instead of 4 GPUs 
 (BN statistics over the same 16 images, so SyncBN = BN); the backbone is the checkpoint's own
 (e.g. a torchvision ResNet-50, as MMSelfSup's ``torchvision://resnet50`` init) rather than
 mmseg's ``ResNetV1c`` deep stem.
+
+Published weights (timm / torchvision / hf-hub) are normalised with their own mean and std
+(``input_convention=weights``, see :func:`dcbench.data.transforms.resolve_convention`; the resizes
+and crops stay mmseg's, so their interpolation and crop ratio do not apply), recorded in
+``extra.input_convention``; other checkpoints keep ImageNet's, exactly as before.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import numpy as np
 import torch
 
 from dcbench.data import DataError
+from dcbench.data.transforms import ConventionMode, InputConvention, describe_applied, resolve_uncropped_convention
 from dcbench.data.voc import VOC_CLASSES
 from dcbench.errors import UsageError
 from dcbench.finetune import TrunkGuard, trainable_names
@@ -94,6 +100,9 @@ class VocSegSettings(CommonSettings):
     output_stride: Literal[8, 16, 32] | None = setting(
         None, "ResNets: reach this output stride by dilating res4/res5 (default: the preset's, 8 for mmselfsup, "
               "32 (none) for deepcluster)")
+    input_convention: ConventionMode = setting(
+        "weights", "weights: published weights (timm/tv/hf-hub) are normalised with their own mean and std (the "
+                   "resizes and crops stay mmseg's); preset: always ImageNet mean/std")
     backend: Literal["mmseg"] = setting("mmseg", "segmentation library (mmsegmentation 1.x)")
     seed: int = setting(0, "seed of head init, sampling, augmentation and dropout", numbers=False)
 
@@ -141,6 +150,10 @@ _COMMON = {
     "sbd_aug": f"{_DATA}: VOC2012 train + SBD aug (SegmentationClassAug, ImageSets/Segmentation/aug.txt)",
     "classes": f"{_DATA}: the 20 VOC classes + background",
     "backend": "open-mmlab/mmsegmentation 1.x: the library of the mmselfsup benchmark",
+    "input_convention": f"dcbench choice (issue 19): published weights (timm pretrained_cfg, torchvision "
+                        f"weights.transforms()) are normalised with their own mean and std; resizes and crops stay "
+                        f"{_DATA}'s; random inits and dcbench/DeepCluster checkpoints get {_MODEL} "
+                        f"data_preprocessor's (ImageNet mean/std)",
 }
 SEG_SOURCES = {
     "mmselfsup": {**_COMMON,
@@ -187,6 +200,16 @@ def iou_rows(iou: np.ndarray, classes: list[str], tap: str, seed: int) -> tuple[
     return rows, {c: None if math.isnan(v) else round(100.0 * v, 4) for c, v in zip(classes, iou)}
 
 
+def with_normalization(config: dict[str, Any], convention: InputConvention) -> dict[str, Any]:
+    """The mmseg model ``config`` whose data_preprocessor normalises with ``convention``'s mean and
+    std (mmseg's 0..255 scale); unchanged for a preset's convention (ImageNet's, the config's own)."""
+    if convention.source is None:
+        return config
+    pre = {**config["data_preprocessor"], "mean": [255.0 * v for v in convention.mean],
+           "std": [255.0 * v for v in convention.std]}
+    return {**config, "data_preprocessor": pre}
+
+
 # ----------------------------------------------------------------------------- the protocol
 @register_protocol
 class VocSeg(Protocol):
@@ -194,7 +217,8 @@ class VocSeg(Protocol):
 
     name: ClassVar[str] = "voc-seg"
     description: ClassVar[str] = "Pascal VOC2012 segmentation: FCN fine-tuning on mmsegmentation, mIoU (paper Table 2)"
-    version: ClassVar[str] = "1"
+    #: 2: published weights are read with their own input convention (input_convention=weights): mean and std
+    version: ClassVar[str] = "2"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocSegSettings
     headline_metrics: ClassVar[tuple[str, ...]] = ("mIoU",)
@@ -256,7 +280,8 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
             net = copy.deepcopy(ckpt.backbone).cpu()
             recipe = seg.resolve_recipe(net, settings.preset, len(data.classes), settings.mode, settings.norm_eval,
                                         settings.output_stride)
-            config = seg.model_config(recipe, settings.crop_size)
+            convention = resolve_uncropped_convention(ckpt.backbone, settings.input_convention)
+            config = with_normalization(seg.model_config(recipe, settings.crop_size), convention)
             model = seg.build_segmentor(net, config).to(ctx.device)
             if ctx.shard is not None and torch.device(ctx.device).type == "cuda":
                 # MMSelfSup's SyncBN: batch statistics over the global batch (torch has it for GPUs only)
@@ -266,8 +291,11 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
             fit = self._train(model, data, settings, ctx)
             check = guard.check(settings.iterations, detail="count")
             per_image, n_eval, failed = self._evaluate(model, data, settings, ctx)
-        return self._output(per_image, n_eval, failed, data, recipe, config, fit, check, ops_source, settings,
-                            started)
+        out = self._output(per_image, n_eval, failed, data, recipe, config, fit, check, ops_source, settings,
+                           started)
+        out.extra["input_convention"] = describe_applied(
+            convention, "mean, std (mmseg's data_preprocessor; the resizes and crops stay the preset's)")
+        return out
 
     @staticmethod
     def _train(model: Any, data: Any, settings: VocSegSettings, ctx: EvalContext) -> dict[str, Any]:

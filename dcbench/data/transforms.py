@@ -266,3 +266,56 @@ def convention_ten_crop_transform(image_size: int, convention: InputConvention) 
         return ten_crop_transform(image_size)
     return T.Compose([_resize_step(image_size, convention), T.TenCrop(image_size),
                       _StackCropsWith(convention.normalize())])
+
+
+# ----------------------------------------------------------------------------- whole-image views
+def resolve_uncropped_convention(backbone: Any, mode: str = "weights",
+                                 interpolation: str = "bilinear") -> InputConvention:
+    """:func:`resolve_convention` for views that never centre-crop (VOC SVMs' squash, R-MAC
+    retrieval, fine-tunes' random crops): the same choice, but the weights' crop mode is not
+    used, so timm's ``border`` mode is no error there."""
+    own = weights_convention(getattr(backbone, "input_config", None)) if mode == "weights" else None
+    return own if own is not None else InputConvention(interpolation=interpolation)
+
+
+def norm_id(convention: InputConvention) -> str:
+    """Feature-cache text of ``convention``'s normalisation ("imagenet-norm" for a preset's)."""
+    if convention.source is None:
+        return "imagenet-norm"
+    values = ",".join(f"{v:.4g}" for v in (*convention.mean, *convention.std))
+    return f"norm[{values}]"
+
+
+def convention_squash_transform(image_size: int, pre_resize: bool, convention: InputConvention) -> Any:
+    """:func:`squash_transform` with ``convention``'s filter and normalisation. The geometry is the
+    protocol's (the whole image, no crop), so the weights' crop ratio does not apply; the optional
+    first resize stays round(s*256/224) (VISSL's ``Resize 256``)."""
+    if convention.source is None:
+        return squash_transform(image_size, pre_resize)
+    resample = convention.resample()
+    first = [T.Resize(eval_resize(image_size), interpolation=resample)] if pre_resize else []
+    return T.Compose([*first, T.Resize((image_size, image_size), interpolation=resample), T.ToTensor(),
+                      convention.normalize()])
+
+
+def convention_squash_id(image_size: int, pre_resize: bool, convention: InputConvention) -> str:
+    """Feature-cache id of :func:`convention_squash_transform` (a preset's: :func:`squash_transform_id`)."""
+    if convention.source is None:
+        return squash_transform_id(image_size, pre_resize)
+    first = f"resize{eval_resize(image_size)}-" if pre_resize else ""
+    return f"{first}squash{image_size}x{image_size}-{convention.interpolation}-{norm_id(convention)}"
+
+
+def describe_applied(convention: InputConvention, applied: str) -> dict[str, Any]:
+    """:meth:`InputConvention.describe` plus which parts the protocol's view used (``applied``),
+    for views that take only some of them (e.g. retrieval: mean and std)."""
+    return {**convention.describe(), "applied": applied}
+
+
+def convention_finetune_transform(image_size: int, scale: Sequence[float], convention: InputConvention) -> Any:
+    """RandomResizedCrop(s, scale, ratio 1) + flip with ``convention``'s filter and normalisation
+    (``voc07-cls``'s train and random10 test crops; a preset's: bilinear, ImageNet mean/std, i.e.
+    ``dcbench.voc_finetune.finetune_transform``). Random crops take no crop ratio."""
+    resample = convention.resample() if convention.source else T.InterpolationMode.BILINEAR
+    return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(scale), ratio=(1.0, 1.0), interpolation=resample),
+                      T.RandomHorizontalFlip(), T.ToTensor(), convention.normalize()])

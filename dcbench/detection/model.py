@@ -72,6 +72,9 @@ class DetectorSpec:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_image: int = 100
+    # the normalisation of GeneralizedRCNNTransform: ImageNet's, or published weights' own (issue 19)
+    image_mean: tuple[float, ...] = tuple(IMAGENET_MEAN)
+    image_std: tuple[float, ...] = tuple(IMAGENET_STD)
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe, for the result record."""
@@ -266,7 +269,7 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
         rpn_head = RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0])
         model = FasterRCNN(
             trunk, num_classes=None, min_size=tuple(spec.min_size), max_size=spec.max_size,
-            image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), rpn_anchor_generator=anchors,
+            image_mean=list(spec.image_mean), image_std=list(spec.image_std), rpn_anchor_generator=anchors,
             rpn_head=rpn_head, rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train,
             rpn_post_nms_top_n_train=spec.rpn_post_nms_train, rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test,
             rpn_post_nms_top_n_test=spec.rpn_post_nms_test,
