@@ -148,6 +148,15 @@ def _model_batch(data: dict[str, Any]) -> dict[str, Any]:
     return {"inputs": data["inputs"], "data_samples": data["data_samples"]}
 
 
+def _empty_batch(empty: int, failed: list[str]) -> int:
+    """Count one more batch in a row without a readable image; DataError at MAX_EMPTY_BATCHES."""
+    empty += 1
+    if empty >= MAX_EMPTY_BATCHES:
+        raise DataError(f"{empty} batches in a row without a readable training image "
+                        f"(last error: {failed[-1] if failed else 'none'})")
+    return empty
+
+
 def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """``schedule['max_iters']`` iterations of ``model.train_step``; returns the loss log
     (every 10% of the run) and the images that could not be read."""
@@ -170,10 +179,7 @@ def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progre
         data = next(batches)
         failed += data["failed"]
         if not data["indices"]:
-            empty += 1
-            if empty >= MAX_EMPTY_BATCHES:
-                raise DataError(f"{empty} batches in a row without a readable training image "
-                                f"(last error: {failed[-1] if failed else 'none'})")
+            empty = _empty_batch(empty, failed)
             continue
         empty = 0
         log_vars = model.train_step(_model_batch(data), wrapper)
@@ -225,10 +231,7 @@ def _train_parallel(model: nn.Module, loader: DataLoader, schedule: dict[str, An
             wrapper.zero_grad()
             loss = 0.0
         if not wrapper.stepped:
-            empty += 1
-            if empty >= MAX_EMPTY_BATCHES:
-                raise DataError(f"{empty} batches in a row without a readable training image "
-                                f"(last error: {failed[-1] if failed else 'none'})")
+            empty = _empty_batch(empty, failed)
             continue
         empty = 0
         scheduler.step()
