@@ -6,6 +6,7 @@ usage); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,13 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`dcbench protocols | head`): stop quietly, as a tool killed by
+            # SIGPIPE does; stdout goes to /dev/null so the interpreter's final flush cannot fail
+            # (the recipe of Python's signal module documentation, "Note on SIGPIPE")
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(141)
         except Exception as exc:  # a bug: still one line, unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
