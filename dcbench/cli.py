@@ -306,6 +306,32 @@ def _print_result(result) -> None:
         click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
 
 
+def _launch_options(fn):
+    """--launcher and its options (dcbench.launch): one submitit job per missing result."""
+    options = [
+        click.option("--launcher", type=click.Choice(["local", "slurm"]),
+                     help="Run each missing result as a submitit job: local (processes on this machine) or slurm "
+                          "(default: everything in this process). Only this process writes the store."),
+        click.option("--jobs", type=int, help="At most N jobs at once (default: 1 local, all on slurm)."),
+        click.option("--job-dir", type=click.Path(file_okay=False),
+                     help="Job folders: records and logs (default $DCBENCH_JOBS or ~/.dcbench/jobs; on SLURM a "
+                          "folder every node sees)."),
+        click.option("--slurm-partition", help="SLURM partition."),
+        click.option("--slurm-time", help="Time limit per job: MINUTES, HH:MM:SS or D-HH:MM:SS (default 24 h "
+                                          "on SLURM; also stops local jobs)."),
+        click.option("--slurm-account", help="SLURM account."),
+        click.option("--gpus-per-job", type=int, default=0, show_default=True,
+                     help="GPUs per job; data-parallel protocols run one process per GPU."),
+        click.option("--cpus-per-job", type=int, help="CPUs per job, shared by its processes (SLURM cpus-per-task = "
+                                                      "CPUS / processes; torch threads)."),
+        click.option("--slurm-option", multiple=True, metavar="KEY=VALUE",
+                     help="Any other sbatch option, e.g. --slurm-option qos=high --slurm-option constraint=a100."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command("eval")
 @click.option("--protocol", "protocol_name", required=True, help="Protocol name (see `dcbench protocols`).")
 @click.option("--checkpoint", "spec", required=True, help="A checkpoint file, pretrained:NAME, random:ARCH, timm:NAME or tv:NAME.")
@@ -317,13 +343,19 @@ def _print_result(result) -> None:
 @_strict_option
 @_arch_option
 @_trust_option
+@_launch_options
 def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: tuple[str, ...], store: str | None,
-             as_json: bool, device: str, strict: bool, arch: str | None, trust: bool) -> None:
+             as_json: bool, device: str, strict: bool, arch: str | None, trust: bool, launcher: str | None,
+             **launch) -> None:
     """Evaluate one checkpoint with one protocol and store the result. Data-parallel under torchrun:
-    torchrun --nproc-per-node N -m dcbench eval ... (rank 0 prints and stores one record)."""
+    torchrun --nproc-per-node N -m dcbench eval ... (rank 0 prints and stores one record). With
+    --launcher: as one submitit job, unless the store already holds this result (as compare)."""
     from dcbench import evaluate
     from dcbench.settings import parse_assignments
 
+    if launcher is not None:
+        return _eval_as_job(protocol_name, spec, data_root, parse_assignments(assignments), store, as_json, device,
+                            strict, arch, trust, launcher, launch)
     plan = evaluate.plan(protocol_name, parse_assignments(assignments), data_root)  # data checked here, first
     ctx = evaluate.context_for(plan, device, progress=True, strict=strict)  # under torchrun: joins the process group
     with evaluate.main_store(store) as db:  # None on ranks > 0: only rank 0 writes and prints
@@ -335,6 +367,30 @@ def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: 
     _print_result(result)
     if as_json:
         click.echo(result.to_json())
+
+
+def _eval_as_job(protocol_name: str, spec: str, data_root: str | None, overrides: dict, store: str | None,
+                 as_json: bool, device: str, strict: bool, arch: str | None, trust: bool, launcher: str,
+                 launch: dict) -> None:
+    """``eval --launcher``: compare's fan-out (dcbench.launch) for one cell; the job checks the data
+    where it runs, this process stores the record once and prints it."""
+    from dcbench import evaluate
+    from dcbench.launch import fan_out, launch_options
+
+    jobs = launch_options(launcher, **launch)
+    plan = evaluate.plan(protocol_name, overrides, data_root, check_data=False)
+    with evaluate.main_store(store) as db:
+        done = fan_out([plan], [spec], db, jobs, device=device, arch=arch, trust=trust, strict=strict)
+        _said_store(db.path)
+    if done.failures:
+        raise DcbenchError("the job failed (its line above names its log); fix the cause and run the same "
+                           "command again")
+    (item,) = done.items
+    if item.reused:
+        click.echo(f"already stored as result {item.result.id}: nothing submitted")
+    _print_result(item.result)
+    if as_json:
+        click.echo(item.result.to_json())
 
 
 # ----------------------------------------------------------------------------- tables
@@ -401,32 +457,6 @@ def _parse_data(values: tuple[str, ...], protocols: tuple[str, ...]) -> dict[str
         else:
             shared = value
     return {name: own.get(name, shared) for name in protocols}
-
-
-def _launch_options(fn):
-    """--launcher and its options (dcbench.launch): one submitit job per missing result."""
-    options = [
-        click.option("--launcher", type=click.Choice(["local", "slurm"]),
-                     help="Run each missing result as a submitit job: local (processes on this machine) or slurm "
-                          "(default: everything in this process). Only this process writes the store."),
-        click.option("--jobs", type=int, help="At most N jobs at once (default: 1 local, all on slurm)."),
-        click.option("--job-dir", type=click.Path(file_okay=False),
-                     help="Job folders: records and logs (default $DCBENCH_JOBS or ~/.dcbench/jobs; on SLURM a "
-                          "folder every node sees)."),
-        click.option("--slurm-partition", help="SLURM partition."),
-        click.option("--slurm-time", help="Time limit per job: MINUTES, HH:MM:SS or D-HH:MM:SS (default 24 h "
-                                          "on SLURM; also stops local jobs)."),
-        click.option("--slurm-account", help="SLURM account."),
-        click.option("--gpus-per-job", type=int, default=0, show_default=True,
-                     help="GPUs per job; data-parallel protocols run one process per GPU."),
-        click.option("--cpus-per-job", type=int, help="CPUs per job, shared by its processes (SLURM cpus-per-task = "
-                                                      "CPUS / processes; torch threads)."),
-        click.option("--slurm-option", multiple=True, metavar="KEY=VALUE",
-                     help="Any other sbatch option, e.g. --slurm-option qos=high --slurm-option constraint=a100."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 @main.command("compare")

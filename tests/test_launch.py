@@ -192,3 +192,19 @@ def test_launch_option_errors():
     with pytest.raises(UsageError, match="need --launcher slurm"):
         launch.LaunchOptions("local", slurm_options={"qos": "x"})
     assert launch.launch_options(None, jobs=None, gpus_per_job=0, slurm_option=()) is None
+
+
+def test_eval_launcher_local_runs_one_job_and_a_second_call_reuses_it(data, ckpts, tmp_path):
+    store, jobs = tmp_path / "r.db", tmp_path / "jobs"
+    args = ["eval", "--protocol", "knn", "--checkpoint", str(ckpts[0]), "--data", str(data), "--store", str(store),
+            "--launcher", "local", "--job-dir", str(jobs), "--json", "--set", "image_size=64", "--set", "workers=0",
+            "--set", "ks=[5]"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    record = json.loads(first.stdout.strip().splitlines()[-1])
+    assert record["protocol"] == "knn" and record["extra"]["launcher"] == "submitit-local"
+    assert _counts(store) == {("knn", "A"): 1} and len(list(jobs.glob("*/result.json"))) == 1
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert "nothing submitted" in second.stdout and _counts(store) == {("knn", "A"): 1}
+    assert json.loads(second.stdout.strip().splitlines()[-1])["metrics"] == record["metrics"]
