@@ -444,23 +444,6 @@ def batch_refusal(batch_size: int) -> str | None:
     return None
 
 
-def require_images(root: Path, splits: Sequence[str], protocol: str, layout: str) -> None:
-    """DataError unless each ``ROOT/SPLIT`` holds at least one image file (in any class folder),
-    found by a listing that stops at the first image: empty class folders fail here, in
-    ``check_data``, before a checkpoint is loaded, not later when the dataset is opened."""
-    import os  # noqa: PLC0415
-
-    from dcbench.data import DataError  # noqa: PLC0415
-    from dcbench.data.datasets import is_image_file  # noqa: PLC0415
-
-    for split in splits:
-        folder = Path(root) / split
-        found = any(is_image_file(name) for _d, _s, files in os.walk(folder, followlinks=True) for name in files)
-        if not found:
-            raise DataError(f"no image in {folder} (no image file in any class folder); add the images, "
-                            f"expected layout for {protocol}: {layout}")
-
-
 def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(map(str, value)) + "]"

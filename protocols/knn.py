@@ -34,8 +34,7 @@ from dcbench.features import ExtractedFeatures
 from dcbench.knn import GlobalAvgPool, knn_correct
 from dcbench.metrics import hits_of
 from dcbench.pooling import probe_pooling, resolve_taps
-from dcbench.protocol import (FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, register_protocol,
-                              require_images, setting)
+from dcbench.protocol import FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, register_protocol, setting
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.results import MetricRow, outcome_key
 
@@ -115,7 +114,6 @@ Class indices follow the sorted class folder names. Unreadable images are skippe
     def check_data(self, root: Path, settings: Any) -> None:
         """Fast layout check (folder listings): DataError naming the problem and the layout."""
         check_train_val(Path(root), self.name, self.data_layout.strip().splitlines()[0])
-        require_images(Path(root), ("train", "val"), self.name, self.data_layout.strip().splitlines()[0])
 
     def run(self, ckpt: Any, settings: KnnSettings, root: Path, ctx: RunContext) -> ProtocolOutput:
         """Extract (or read) the features of both splits, then vote per tap and k."""

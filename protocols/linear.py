@@ -62,7 +62,7 @@ from dcbench.pooling import PoolPlan, probe_pooling, resolve_taps
 from dcbench.probe import (History, ProbeLoop, ProbeOutcomes, ProbeSet, final_and_best_rows,
                            train_on_features, train_on_images)
 from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, batch_refusal,
-                              require_images, register_protocol, setting)
+                              register_protocol, setting)
 from dcbench.protocols._linear_presets import (  # noqa: F401 - schedules re-exported for tests and users
     PRESET_CROPS, PRESET_HEAD_INIT, PRESET_INTERPOLATION, PRESET_LR, PRESET_TRAIN_CENTER_CROP, PRESET_WEIGHT_DECAY,
     TEN_CROPS, TRAIN_CROPS, deepcluster_lr, dino_lr, probe_optim, vissl_lr, vissl_steps)
@@ -214,7 +214,6 @@ class LinearProbe(Protocol):
         """Fast layout check (folder listings): DataError naming the problem and the layout."""
         layout = self.data_layout.strip().splitlines()[0]
         check_train_val(Path(root), self.name, layout, self.expected_classes, self.dataset_name)
-        require_images(Path(root), ("train", "val"), self.name, layout)
 
     def filled(self, settings: LinearSettings) -> LinearSettings:
         """``settings`` with every "the preset's" (None) value replaced by the preset's."""

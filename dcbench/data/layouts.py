@@ -6,10 +6,11 @@ problem and the expected layout, before any checkpoint is loaded.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dcbench.data.datasets import DataError, has_direct_images, subfolders
+from dcbench.data.datasets import DataError, has_direct_images, is_image_file, subfolders
 
 
 def _some(names: Sequence[str], n: int = 3) -> str:
@@ -20,8 +21,9 @@ def check_train_val(root: Path, protocol: str, layout: str, expected_classes: in
                     dataset_name: str = "") -> list[str]:
     """Check ROOT/train/CLASS/* and ROOT/val/CLASS/* with the same classes; return the classes.
 
-    Cheap (folder listings only). Raises :class:`DataError` with one line naming the problem
-    and the expected layout.
+    Cheap (folder listings, stopping at the first image of each split: empty class folders fail
+    here, before a checkpoint is loaded). Raises :class:`DataError` with one line naming the
+    problem and the expected layout.
     """
     root = Path(root)
     where = f"expected layout for {protocol}: {layout}"
@@ -56,6 +58,9 @@ def check_train_val(root: Path, protocol: str, layout: str, expected_classes: in
     if expected_classes is not None and n != expected_classes:
         raise DataError(f"{protocol} expects the {expected_classes} {dataset_name} classes but {root}/train "
                         f"has {n} class folders; use --protocol linear for other labelled datasets")
+    for split in ("train", "val"):
+        if not any(is_image_file(name) for _d, _s, files in os.walk(root / split, followlinks=True) for name in files):
+            raise DataError(f"no image in {root / split} (no image file in any class folder); add the images, {where}")
     return classes["train"]
 
 

@@ -164,11 +164,11 @@ def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progre
 
     iterations = int(schedule["max_iters"])
     opt_cfg = {k: v for k, v in schedule["optimizer"].items() if k != "type"}
+    sched_cfg = {k: v for k, v in schedule["param_scheduler"].items() if k != "type"}
     params = [p for p in model.parameters() if p.requires_grad]
     if parallel.world_size() > 1:
-        return _train_parallel(model, loader, schedule, params, progress)
+        return _train_parallel(model, loader, iterations, opt_cfg, sched_cfg, params, progress)
     wrapper = OptimWrapper(torch.optim.SGD(params, **opt_cfg))
-    sched_cfg = {k: v for k, v in schedule["param_scheduler"].items() if k != "type"}
     scheduler = PolyLR(wrapper.optimizer, **sched_cfg)
     every, losses, failed, empty = max(1, iterations // 10), [], [], 0
     bar = _bar(iterations, "voc-seg train", progress)
@@ -196,8 +196,8 @@ def train(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], progre
     return {"loss": losses, "skipped_train_images": len(failed), "final_lr": wrapper.get_lr()["lr"][0]}
 
 
-def _train_parallel(model: nn.Module, loader: DataLoader, schedule: dict[str, Any], params: list[nn.Parameter],
-                    progress: bool) -> dict[str, Any]:
+def _train_parallel(model: nn.Module, loader: DataLoader, iterations: int, opt_cfg: dict[str, Any],
+                    sched_cfg: dict[str, Any], params: list[nn.Parameter], progress: bool) -> dict[str, Any]:
     """:func:`train` on one rank of a torchrun job: this rank's share of every global batch, the
     gradients averaged over the global batch before each step (the module docstring)."""
     import random
@@ -205,15 +205,13 @@ def _train_parallel(model: nn.Module, loader: DataLoader, schedule: dict[str, An
 
     from mmengine.optim import PolyLR
 
-    iterations = int(schedule["max_iters"])
     seed = zlib.crc32(f"{getattr(loader.sampler, 'seed', 0)}:voc-seg:{parallel.rank()}".encode())
     random.seed(seed)  # each rank its own augmentation stream (mmcv transforms draw from numpy)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    wrapper = _global_batch_wrapper(torch.optim.SGD(params, **{k: v for k, v in schedule["optimizer"].items()
-                                                              if k != "type"}))
+    wrapper = _global_batch_wrapper(torch.optim.SGD(params, **opt_cfg))
     wrapper.params = params
-    scheduler = PolyLR(wrapper.optimizer, **{k: v for k, v in schedule["param_scheduler"].items() if k != "type"})
+    scheduler = PolyLR(wrapper.optimizer, **sched_cfg)
     every, losses, failed, empty = max(1, iterations // 10), [], [], 0
     bar = _bar(iterations, "voc-seg train", progress)
     model.train()
