@@ -43,6 +43,7 @@ from typing import Any, Literal
 from dcbench import evaluate
 from dcbench.errors import DcbenchError, UsageError
 from dcbench.fileio import atomic_write_bytes, atomic_write_text
+from dcbench.progress import Overall
 from dcbench.results import Result, ResultStore, decode_outcomes, encode_outcomes
 
 log = logging.getLogger("dcbench")
@@ -448,6 +449,8 @@ def fan_out(plans: Sequence[evaluate.Plan], specs: Sequence[str], store: ResultS
             found[i] = evaluate.SweepItem(p, ckpt, stored, reused=True)
             continue
         data_parallel = p.protocol.data_parallel(p.settings) is None
+        if data_parallel:
+            check_job_world(p, opts.tasks(True))
         cell = cell_of(p, spec, ckpt, device, arch, trust, opts.threads(opts.tasks(data_parallel)), strict)
         folder = cell.folder(opts.job_dir)
         if _collect(i, cell, folder, cells, store, found, board, "left by an earlier call"):
@@ -459,9 +462,31 @@ def fan_out(plans: Sequence[evaluate.Plan], specs: Sequence[str], store: ResultS
             running[i] = earlier
             continue
         pending.append(_Pending(i, cell, data_parallel))
-    _wait(pending, running, cells, store, opts, found, out, board)
+    overall = Overall(len(cells), "jobs", "evaluations", initial=len(found), enabled=False)
+    _wait(pending, running, cells, store, opts, found, out, board, overall)
     out.items = [found[i] for i in sorted(found)]
     return out
+
+
+def check_job_world(p: evaluate.Plan, tasks: int) -> None:
+    """Refuse, before anything is submitted, a cell whose protocol would refuse to run as the
+    ``tasks`` processes of its job (a batch size ``--gpus-per-job`` does not divide): the job
+    would only fail after waiting in the queue."""
+    if tasks <= 1:
+        return
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(tasks)  # Protocol.data_parallel reads the launcher's world size
+    try:
+        reason = p.protocol.data_parallel(p.settings)
+    finally:
+        if saved is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = saved
+    if reason:
+        raise UsageError(f"--gpus-per-job {tasks} runs {p.protocol.name} as {tasks} processes, which it refuses: "
+                         f"{reason.split(': pass ')[0]}; pass --gpus-per-job with a count that divides it, or "
+                         f"--set {p.protocol.name}.batch_size=N with N a multiple of {tasks}")
 
 
 def _collect(i: int, cell: Cell, folder: Path, cells: Mapping[int, tuple[evaluate.Plan, Any]], store: ResultStore,
@@ -502,9 +527,9 @@ def _earlier_job(i: int, cell: Cell, folder: Path) -> _Job | None:
 
 def _wait(pending: list[_Pending], running: dict[int, _Job], cells: Mapping[int, tuple[evaluate.Plan, Any]],
           store: ResultStore, opts: LaunchOptions, found: dict[int, evaluate.SweepItem], out: FanOut,
-          board: _Board) -> None:
-    """Submit ``pending`` (at most ``opts.limit`` at once) and collect every job as it ends;
-    Ctrl-C cancels the jobs this call submitted."""
+          board: _Board, overall: Overall) -> None:
+    """Submit ``pending`` (at most ``opts.limit`` at once) and collect every job as it ends,
+    with one line of n/N done and the ETA after each; Ctrl-C cancels the jobs this call submitted."""
     local_gpus = opts.launcher == "local" and opts.gpus_per_job > 0
     free_gpus = _local_gpus(opts) if local_gpus else []  # local jobs get disjoint GPUs
     need = opts.gpus_per_job if local_gpus else 0
@@ -518,6 +543,7 @@ def _wait(pending: list[_Pending], running: dict[int, _Job], cells: Mapping[int,
                 if _finished(job, cells, store, found, out, board):
                     del running[i]
                     free_gpus.extend(job.gpus)
+                    board.say(overall.step())
             board.show(list(running.values()))
             if pending or running:
                 time.sleep(POLL_S)
@@ -593,5 +619,5 @@ def launch_options(launcher: str | None, **given: Any) -> LaunchOptions | None:
                          slurm_options=parse_options(given.get("slurm_option") or ()))
 
 
-__all__ = ["Cell", "FanOut", "LaunchOptions", "cell_of", "default_job_dir", "fan_out", "launch_options",
+__all__ = ["Cell", "FanOut", "LaunchOptions", "cell_of", "check_job_world", "default_job_dir", "fan_out", "launch_options",
            "parse_options", "parse_time", "read_result", "run_cell", "slurm_parameters", "write_result"]

@@ -87,6 +87,21 @@ def test_a_failing_job_is_one_line_with_its_log_and_the_others_are_stored(data, 
     assert log_path.is_file() and "DataError" in log_path.read_text()
     assert _counts(store) == {("knn", "A"): 1}
     assert "knn · top1_k5 (val)" in result.stdout and "1 job(s) failed" in result.output
+    progress = [line for line in result.output.splitlines() if line.startswith("jobs: ")]
+    assert len(progress) == 2 and progress[-1].startswith("jobs: 2/2 evaluations done, ")  # failures count as ended
+
+
+def test_a_batch_the_gpus_per_job_do_not_divide_is_refused_before_anything_is_submitted(data, ckpts, tmp_path):
+    jobs = tmp_path / "jobs"
+    result = CliRunner().invoke(main, ["compare", str(ckpts[0]), "--protocol", "knn", "--protocol", "linear",
+                                       "--data", str(data), "--store", str(tmp_path / "r.db"), "--launcher", "slurm",
+                                       "--gpus-per-job", "3", "--job-dir", str(jobs), *FAST,
+                                       "--set", "linear.cached=false", "--set", "linear.batch_size=8"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: --gpus-per-job 3 runs linear as 3 processes") and "batch_size 8" in line
+    assert "--set linear.batch_size=N with N a multiple of 3" in line
+    assert not jobs.exists() or not any(jobs.iterdir())  # nothing submitted, not even the knn job
 
 
 def test_a_job_of_two_tasks_runs_data_parallel_through_submitits_torch_environment(data, ckpts, tmp_path):
