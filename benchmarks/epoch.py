@@ -3,6 +3,7 @@ original-style loop written here from the structure of the original code (issue 
 
     python benchmarks/epoch.py [--n 3000] [--image-px 128] [--crop 64] [--k 100] [--batch 64]
                                [--workers 2] [--repeats 2] [--data DIR]
+                               [--variant amp=--set=amp=true] [--variant cl=--set=channels_last=true ...]
 
 The original-style side follows github.com/facebookresearch/deepcluster main.py, clustering.py
 and util.py: torchvision ``datasets.ImageFolder`` (PIL decode) with Resize(crop*256/224) +
@@ -17,13 +18,18 @@ is the code under test on neither side), batch size and workers, on the CPU.
 Data: scikit-learn's 1,797 digits upsampled (bilinear) to ``image_px``, as JPEG (quality 90) in
 an ImageFolder (digit = class), mirrored copies after the first 1,797 (real strokes, not noise).
 Runs alternate (dcbench, original, dcbench, ...), each a fresh process; the best of
-``--repeats`` per side is reported with its phase times and the ratio dcbench / original.
+``--repeats`` per side is reported with its phase times, its CPU time (user + system of the
+process and its loader workers: less sensitive than wall time to other load on a shared machine)
+and the ratio dcbench / original. Each ``--variant NAME=ARG[,ARG...]`` adds a dcbench side with
+those extra ``dcbench train`` arguments (e.g. ``amp=--set=amp=true``: opt-in settings that change
+the numbers), run in the same alternation and reported against the same original-style best.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,19 +70,25 @@ def write_digits_jpegs(out: Path, n: int, image_px: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- dcbench side
-def run_dcbench(args: argparse.Namespace, data: Path, work: Path) -> dict:
+def children_cpu_s() -> float:
+    """User + system seconds of every finished child process so far (loader workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_dcbench(args: argparse.Namespace, data: Path, work: Path, extra: tuple[str, ...] = ()) -> dict:
     """``dcbench train --epochs 1`` as a whole process; phase times from its metrics.jsonl."""
     out = Path(tempfile.mkdtemp(dir=work, prefix="dcbench-"))
     cmd = [sys.executable, "-m", "dcbench", "-q", "train", "--data", str(data), "--epochs", "1", "--k", str(args.k),
            "--batch-size", str(args.batch), "--workers", str(args.workers), "--image-size", str(args.crop),
-           "--arch", "alexnet", "--device", "cpu", "--out", str(out / "run"), *args.dcbench_args]
-    start = time.perf_counter()
+           "--arch", "alexnet", "--device", "cpu", "--out", str(out / "run"), *args.dcbench_args, *extra]
+    cpu, start = children_cpu_s(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu
     if proc.returncode:
         sys.exit(f"dcbench train failed:\n{proc.stderr[-3000:]}")
     record = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"total": wall, "extract": record["time_extract_s"], "cluster": record["time_cluster_s"],
+    return {"total": wall, "cpu": cpu, "extract": record["time_extract_s"], "cluster": record["time_cluster_s"],
             "train": record["time_train_s"], "loss": record["loss"]}
 
 
@@ -260,12 +272,12 @@ def run_original(args: argparse.Namespace, data: Path, work: Path) -> dict:
     out = Path(tempfile.mkdtemp(dir=work, prefix="original-"))
     cmd = [sys.executable, "-c", ORIGINAL, str(data), str(out), str(args.k), str(args.batch), str(args.workers),
            str(args.crop)]
-    start = time.perf_counter()
+    cpu, start = children_cpu_s(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu
     if proc.returncode:
         sys.exit(f"original-style epoch failed:\n{proc.stderr[-3000:]}")
-    return {"total": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"total": wall, "cpu": cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 # ----------------------------------------------------------------------------- main
@@ -282,6 +294,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["dcbench", "original"], help="Run one side only.")
     parser.add_argument("--dcbench-arg", dest="dcbench_args", action="append", default=[],
                         help="Extra argument for dcbench train (repeatable), e.g. --dcbench-arg=--set=amp=true.")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARG[,ARG...]",
+                        help="Another dcbench side with extra train arguments (repeatable), e.g. "
+                             "amp=--set=amp=true or amp+cl=--set=amp=true,--set=channels_last=true.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dcbench-epoch-") as tmp:
         work = Path(tmp)
@@ -292,24 +307,43 @@ def main() -> None:
         sides = {"dcbench": run_dcbench, "original": run_original}
         if args.only:
             sides = {args.only: sides[args.only]}
+        if args.only != "original":
+            sides.update(variant_sides(args.variant))
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for r in range(args.repeats):
             for name, fn in sides.items():
                 result = fn(args, data, work)
                 runs[name].append(result)
-                print(f"  run {r + 1} {name:<8} total {result['total']:6.1f}s  extract {result['extract']:5.1f}  "
-                      f"cluster {result['cluster']:5.1f}  train {result['train']:5.1f}  loss {result['loss']:.3f}",
-                      flush=True)
+                print(f"  run {r + 1} {name:<12} total {result['total']:6.1f}s  cpu {result['cpu']:6.1f}s  extract "
+                      f"{result['extract']:5.1f}  cluster {result['cluster']:5.1f}  train {result['train']:5.1f}  "
+                      f"loss {result['loss']:.3f}  load {Path('/proc/loadavg').read_text().split()[0]}", flush=True)
     best = {name: min(rs, key=lambda x: x["total"]) for name, rs in runs.items()}
     print(f"best of {args.repeats} (seconds):")
-    print(f"  {'':<9}{'total':>8}{'extract':>9}{'cluster':>9}{'train':>8}  other (start-up, data, checkpoints)")
+    print(f"  {'':<13}{'total':>8}{'cpu':>8}{'extract':>9}{'cluster':>9}{'train':>8}  other (start-up, data, "
+          f"checkpoints)")
     for name, b in best.items():
         other = b["total"] - b["extract"] - b["cluster"] - b["train"]
-        print(f"  {name:<9}{b['total']:8.1f}{b['extract']:9.1f}{b['cluster']:9.1f}{b['train']:8.1f}  {other:.1f}")
-    if len(best) == 2:
-        d, o = best["dcbench"], best["original"]
-        print("ratio dcbench / original: total {:.2f}x  extract {:.2f}x  cluster {:.2f}x  train {:.2f}x".format(
-            *(d[p] / o[p] for p in ("total", "extract", "cluster", "train"))))
+        print(f"  {name:<13}{b['total']:8.1f}{b['cpu']:8.1f}{b['extract']:9.1f}{b['cluster']:9.1f}{b['train']:8.1f}"
+              f"  {other:.1f}")
+    if "original" in best:
+        o = best["original"]
+        for name, d in best.items():
+            if name != "original":
+                print("ratio {} / original: total {:.2f}x  cpu {:.2f}x  extract {:.2f}x  cluster {:.2f}x  "
+                      "train {:.2f}x".format(name, *(d[p] / o[p] for p in ("total", "cpu", "extract", "cluster",
+                                                                            "train"))))
+
+
+def variant_sides(specs: list[str]) -> dict:
+    """``{"dcbench[NAME]": runner}`` for each ``NAME=ARG[,ARG...]`` of ``--variant``."""
+    sides = {}
+    for spec in specs:
+        name, _, extra = spec.partition("=")
+        if not name or not extra:
+            sys.exit(f"--variant {spec!r}: write NAME=ARG[,ARG...], e.g. amp=--set=amp=true")
+        words = tuple(extra.split(","))  # click reads --set=amp=true as --set amp=true
+        sides[f"dcbench[{name}]"] = (lambda w: lambda a, d, k: run_dcbench(a, d, k, w))(words)
+    return sides
 
 
 if __name__ == "__main__":

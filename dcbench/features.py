@@ -88,6 +88,8 @@ Pool = Callable[[torch.Tensor], torch.Tensor]
 Shard = tuple[int, int]
 #: ``(dataset indices to read, batch size) -> batches of dataset indices``
 BatchSampler = Callable[[Sequence[int], int], Iterable[Sequence[int]]]
+#: device types where ``amp`` turns bfloat16 autocast on (the CPU: oneDNN, fast with AVX512-BF16/AMX)
+AMP_DEVICES = ("cuda", "cpu")
 
 
 class ExtractedFeatures(NamedTuple):
@@ -124,7 +126,7 @@ def numerics_id(device: str | torch.device, amp: bool = False) -> dict[str, Any]
     """What besides the weights and the data changes extracted numbers: the device type, the
     TF32 switches of cuBLAS and cuDNN, the float32 matmul precision (it also lets oneDNN use
     bfloat16 on the CPU), the newer ``fp32_precision`` switches where torch has them, and
-    bfloat16 autocast (``amp``, effective on CUDA only). Part of every cache key."""
+    bfloat16 autocast (``amp``, on CUDA and the CPU: :data:`AMP_DEVICES`). Part of every cache key."""
     kind = torch.device(device).type
     out: dict[str, Any] = {"device": kind,
                            "cuda_matmul_allow_tf32": _flag(lambda: torch.backends.cuda.matmul.allow_tf32),
@@ -137,7 +139,7 @@ def numerics_id(device: str | torch.device, amp: bool = False) -> dict[str, Any]
         value = _flag(lambda owner=owner: owner.fp32_precision) if owner is not None else None
         if isinstance(value, str):
             out[name] = value
-    out["autocast"] = "bfloat16" if amp and kind == "cuda" else "off"
+    out["autocast"] = "bfloat16" if amp and kind in AMP_DEVICES else "off"
     return out
 
 
@@ -438,7 +440,7 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
                  device: str | torch.device = "cpu", progress: bool = False, mmap: bool = False, *,
                  shard: Shard | None = None, gather: bool = False, batch_sampler: BatchSampler | None = None,
                  spill_dir: str | os.PathLike | None = None, spill_over_bytes: float = 0.0,
-                 amp: bool = False, desc: str | None = None) -> Extraction:
+                 amp: bool = False, desc: str | None = None, channels_last: bool = False) -> Extraction:
     """Rows of ``taps`` (per image, or per region for ``per_region`` pools), through the cache.
 
     The arguments up to ``mmap`` are :func:`extract_features`'s. Further:
@@ -455,8 +457,10 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
         spill_dir, spill_over_bytes: a per-image tap whose rows would exceed
             ``spill_over_bytes`` is written to a disk memmap in ``spill_dir`` (unlinked at once:
             the space is freed with the array, even after ``kill -9``).
-        amp: bfloat16 autocast on CUDA (the trainer's ``amp``); no effect on the CPU.
+        amp: bfloat16 autocast on CUDA and the CPU (the trainer's ``amp``).
         desc: progress-bar text.
+        channels_last: feed the batches in channels-last memory format (the trainer's setting; the
+            convolutions then run channels-last kernels: last-bit differences, not in the cache key).
 
     Returns:
         :class:`Extraction`: per tap the rows and their dataset indices, in the order read.
@@ -466,7 +470,9 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     if cache is not None and not ckpt_sha:
         raise ValueError("extract_features: caching needs ckpt_sha (the sha256 of the weights)")
-    how = _Batching(shard, batch_sampler, amp, desc)
+    if cache is not None and channels_last:
+        raise ValueError("extract_rows: channels_last rows are not cached (their last bits differ); pass cache_dir=None")
+    how = _Batching(shard, batch_sampler, amp, desc, channels_last)
     if gather and shard is not None and shard[1] > 1:
         keys = _keys(cache, dataset, ckpt_sha, transform_id, pools, taps, None, device, amp)  # whole-dataset entries
         return _extract_gathered(backbone, dataset, taps, pools, keys, cache, batch_size, workers, device, progress,
@@ -482,7 +488,7 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
         started = time.perf_counter()
         spill = _Spill(spill_dir, spill_over_bytes, shard)
         fresh = _forward_rows(backbone, dataset, missing, pools, indices, batch_size, workers, device, progress,
-                              _Batching(shard, batch_sampler, amp, desc), spill)
+                              how, spill)
         seconds = time.perf_counter() - started
         for tap in missing:
             found[tap] = fresh[tap]
@@ -550,6 +556,7 @@ class _Batching(NamedTuple):
     batch_sampler: BatchSampler | None
     amp: bool
     desc: str | None
+    channels_last: bool = False
 
 
 def _loader(dataset: Any, indices: Sequence[int], batch_size: int, workers: int, device: str | torch.device,
@@ -573,14 +580,17 @@ def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Map
     bar = tqdm(_loader(dataset, indices, batch_size, workers, device, how), unit="batch", leave=False,
                desc=how.desc or f"features {','.join(taps)}", disable=not show_progress(progress))
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                              enabled=torch.device(device).type == "cuda") if how.amp else contextlib.nullcontext()
+                              enabled=torch.device(device).type in AMP_DEVICES) if how.amp else contextlib.nullcontext()
     with frozen(backbone):
         for images, _targets, idx, n_skipped in bar:
             counter.update(idx, n_skipped)
             if len(idx) == 0:
                 continue
+            images = images.to(device, non_blocking=True)
+            if how.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
-                pooled = forward_pooled(backbone, images.to(device, non_blocking=True), taps, pools)
+                pooled = forward_pooled(backbone, images, taps, pools)
             for tap, value in pooled.items():
                 sinks[tap].add(value, idx)
     counter.report(expected=None if how.shard is None and how.batch_sampler is None else indices)

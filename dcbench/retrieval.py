@@ -16,6 +16,10 @@ The engine side of the Oxford/Paris protocols (``dcbench.protocols.retrieval`` i
   recipe (float64, eigenvalues floored at ``1e-5`` of the largest);
 - similarity is the inner product (faiss ``IndexFlatIP``).
 
+A tap without a spatial map (a ViT's ``cls``: the final-normed CLS token, the descriptor of
+facebookresearch/dino ``eval_image_retrieval.py``) is one region per image, the whole image's
+vector (:class:`GlobalPool`); the same L2, whitening, L2 chain then applies to it.
+
 Region vectors (max-pooled and L2-normalised, before whitening) come from the one extractor,
 :func:`dcbench.features.extract_rows`, through its feature cache: a per-region pool makes
 every region a row, and the entry's index array names the image of each row. Images of the
@@ -265,6 +269,24 @@ class RMACPool:
         return pool_regions(fmap, self.levels)
 
 
+class GlobalPool:
+    """A 2-D tap (``B x D``, e.g. a ViT's ``cls``) as ONE region per image, L2-normalised
+    (``B x 1 x D``): the global descriptor of DINO's eval_image_retrieval.py, in R-MAC's chain."""
+
+    per_region = True
+    pool_id = "global:l2"  # the cache key's part
+
+    def __call__(self, feature: torch.Tensor) -> torch.Tensor:
+        if feature.dim() != 2:
+            raise ValueError(f"GlobalPool takes N x D features, got shape {tuple(feature.shape)}")
+        return F.normalize(feature.float(), dim=-1)[:, None, :]
+
+
+def region_pool(backbone: nn.Module, tap: str, levels: int) -> RMACPool | GlobalPool:
+    """R-MAC on a conv tap (a feature map), the global descriptor on any other tap."""
+    return RMACPool(levels) if tap in backbone.conv_tap_names else GlobalPool()
+
+
 class Regions(NamedTuple):
     """Region vectors of an image set for one tap: rows are regions, ``owner`` their image."""
 
@@ -293,12 +315,12 @@ def extract_regions(backbone: nn.Module, dataset: RetrievalImages, taps: Sequenc
     same-shape batches and every rank gets all regions, in dataset order); without it, the
     extractor with the arguments given here, in this process.
     """
-    pool = RMACPool(levels)
+    pools = {t: region_pool(backbone, t, levels) for t in taps}
     options = {"mmap": True, "batch_sampler": dataset.same_shape_batches, "desc": f"R-MAC {','.join(taps)}"}
     if rows_of is not None:
-        out = rows_of(backbone, ckpt_sha, dataset, taps, {t: pool for t in taps}, dataset.transform_id, **options)
+        out = rows_of(backbone, ckpt_sha, dataset, taps, pools, dataset.transform_id, **options)
     else:
-        out = extract_rows(backbone, dataset, taps, {t: pool for t in taps}, dataset.transform_id, ckpt_sha,
+        out = extract_rows(backbone, dataset, taps, pools, dataset.transform_id, ckpt_sha,
                            cache_dir, batch_size, workers, device, progress, **options)
     regions = {t: Regions(rows.rows, rows.owner, len(dataset)) for t, rows in out.taps.items()}
     return RegionExtraction(regions, out.items_per_s, not set(taps) - set(out.cached))

@@ -4,7 +4,8 @@ DeepCluster paper's ``eval_voc_classif.py``).
 - :func:`build_finetune_net`: a deep COPY of the backbone cut by :mod:`dcbench.finetune`: for
   DeepCluster AlexNet/VGG16 its conv trunk and its own fc6/fc7 re-initialised N(0, 0.01) with
   bias 0.1 (fc6 rebuilt for the input size when needed); for any other backbone its last tap,
-  globally averaged, and a new ``Dropout, Linear(C, head_dim), ReLU, Dropout, Linear, ReLU``;
+  globally averaged (a ViT: its ``cls`` token), and a new ``Dropout, Linear(C, head_dim), ReLU,
+  Dropout, Linear, ReLU``;
   then a new ``Linear(., n_classes)`` (torch's default init, bias 0.1);
 - :func:`finetune_and_score`: freeze per mode, train (BCE-with-logits summed over classes,
   difficult labels masked, lr halved every ``lr_step`` iterations, gradient norm clipped; the
@@ -98,6 +99,12 @@ def build_finetune_net(backbone: nn.Module, n_classes: int, image_size: int, hea
     if ft.design_family(net) == "deepcluster":
         trunk, head = ft.Trunk(net.sobel, ft.conv_body(net)), net.classifier
         kind = "deepcluster: conv trunk + its fc6/fc7 (re-initialised)"
+    elif getattr(net, "family", None) == "vit" and hasattr(net, "image_feature_tap"):
+        # a ViT's image feature: the final-normed CLS token, the input of timm's / DeiT's / MAE's
+        # fine-tuning head (VisionTransformer.forward_head, global_pool='token'); not a pooled block map
+        tap = net.image_feature_tap
+        ft.freeze_native_head(net)
+        trunk, head, kind = ft.PooledTap(net, tap), None, f"ViT {tap} (final norm) + new fc6/fc7 MLP"
     else:
         tap = net.conv_tap_names[-1]
         ft.freeze_native_head(net)

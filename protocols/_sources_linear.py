@@ -99,6 +99,38 @@ PRESET_DEVIATIONS: dict[str, tuple[Deviation, ...]] = {
     ),
 }
 
+_MOCO = "facebookresearch/moco-v3 main_lincls.py"
+_MOCO_SOURCES = {**_DINO_SOURCES,
+    "preset": "the simple ViT linear probe, last-block CLS: MoCo v3 (Chen, Xie and He 2021, 'An Empirical Study "
+              f"of Training Self-Supervised Vision Transformers'), {_MOCO} with facebookresearch/moco-v3 CONFIG.md "
+              "'ViT-Small/ViT-Base, linear classification' (-a vit_small --lr=3, default batch 1024); MoCo v3 "
+              "reports the best epoch's val top-1 (best_acc1), dcbench's selection=best",
+    "taps": f"{_MOCO}: the ViT's own head (linear_keyword 'head') on timm VisionTransformer's pre-logits, the "
+            "final-normed CLS token of the last block (tap cls); torchvision ResNets: fc on the 2048-d average "
+            "(tap avgpool); other architectures: every conv tap, adaptively pooled (dcbench choice)",
+    "epochs": f"{_MOCO} --epochs 90",
+    "lr": "facebookresearch/moco-v3 CONFIG.md ViT linear classification --lr=3, a base lr for batch 256 "
+          f"({_MOCO}: init_lr = args.lr * args.batch_size / 256)",
+    "batch_size": f"dcbench choice: 256, the batch {_MOCO}'s base lr refers to (MoCo v3: -b 1024, lr 12)",
+    "momentum": f"{_MOCO} --momentum 0.9",
+    "weight_decay": f"{_MOCO} --wd default 0.; adjust_learning_rate: init_lr * 0.5 * (1 + cos(pi * epoch / "
+                    "epochs)) per epoch",
+    "head_init": f"{_MOCO}: weight.data.normal_(mean=0.0, std=0.01), bias.data.zero_()",
+    "crops": f"{_MOCO} val: Resize(256), CenterCrop(224)",
+    "train_center_crop": f"{_MOCO} train: RandomResizedCrop(224), RandomHorizontalFlip (no Resize + RandomCrop, "
+                         "so false: the setting does not apply)",
+    "interpolation": f"torchvision's default (bilinear): {_MOCO} Resize(256) and RandomResizedCrop(224)",
+    "image_size": f"{_MOCO}: RandomResizedCrop(224) / Resize(256) + CenterCrop(224), ImageNet mean/std",
+}
+PRESET_SOURCES["mocov3"] = _MOCO_SOURCES
+PRESET_DEVIATIONS["mocov3"] = (
+    Deviation("batch 256 with lr 3 (4x the steps of MoCo v3's batch 1024 with lr 12)",
+              "dcbench runs on one process by default; MoCo v3's --lr is a base lr for batch 256 scaled linearly "
+              "with the batch, so 256 at 3 is its own rule at 256"),
+    Deviation("ResNets keep the ViT lr 3 (MoCo v3's ResNet-50 probe uses its --lr default 0.1)",
+              "one preset value per setting; on a ResNet pass --set lr=0.1 for MoCo v3's ResNet-50 command"),
+)
+
 
 def places_epochs_source(epochs: int) -> str:
     """The epochs source of the vissl preset on Places205."""

@@ -21,9 +21,11 @@ Three protocols, one recipe: ``linear`` (any labelled ImageFolder with train/ an
   average patch token (``cls+avgpool``, ViT-B and wider), on a ResNet the 2048-d ``avgpool``;
   Linear head N(0, 0.01), SGD lr 0.001 at batch 256 (DINO's linear scaling rule), momentum 0.9,
   no weight decay, cosine lr over 100 epochs (per epoch, to 0); RandomResizedCrop(s) + flip for
-  training, Resize(s*256/224, bicubic) + CenterCrop(s) for val. The simple ViT probe, last-block
-  CLS, is ``--set taps=[cls]`` under any preset, and the default of ``deepcluster`` / ``vissl``
-  on a ViT (no spatial pooling: a 2-D tap).
+  training, Resize(s*256/224, bicubic) + CenterCrop(s) for val.
+- Preset ``mocov3`` (facebookresearch/moco-v3 ``main_lincls.py``), the simple ViT probe: Linear
+  N(0, 0.01) on the last block's normed CLS (``cls``; ResNets: ``avgpool``), SGD lr 3 at batch 256,
+  momentum 0.9, no wd, cosine lr over 90 epochs; RandomResizedCrop + flip, bilinear Resize +
+  CenterCrop for val. ``cls`` is also the ViT default of ``deepcluster`` / ``vissl`` (a 2-D tap).
 - Other input sizes / archs: adaptive average pooling to the preset's grid capped at the map
   size (:func:`dcbench.pooling.probe_pooling`); the pooling of each tap is recorded.
 - Input convention: published weights (timm / torchvision / hf-hub) are read with their own mean,
@@ -65,7 +67,7 @@ from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, Protoc
                               register_protocol, setting)
 from dcbench.protocols._linear_presets import (  # noqa: F401 - schedules re-exported for tests and users
     PRESET_CROPS, PRESET_HEAD_INIT, PRESET_INTERPOLATION, PRESET_LR, PRESET_TRAIN_CENTER_CROP, PRESET_WEIGHT_DECAY,
-    TEN_CROPS, TRAIN_CROPS, deepcluster_lr, dino_lr, probe_optim, vissl_lr, vissl_steps)
+    RRC_PRESETS, TEN_CROPS, TRAIN_CROPS, deepcluster_lr, dino_lr, probe_optim, vissl_lr, vissl_steps)
 from dcbench.protocols._sources_linear import PRESET_DEVIATIONS, PRESET_SOURCES, places_epochs_source
 
 
@@ -74,15 +76,13 @@ def preset_taps(preset: str, backbone: nn.Module) -> list[str] | None:
     default, :func:`dcbench.pooling.default_taps`, ``cls`` on a ViT): vissl adds the ResNet
     ``avgpool`` (VISSL's res5avg, the most cited ResNet-50 probe); dino reads DINO eval_linear.py's
     feature, :meth:`ViTBackbone.dino_linear_tap` on a ViT, the 2048-d average (fc = Identity)
-    on a ResNet."""
+    on a ResNet; mocov3 the ViT's own head feature (``cls``) or that ResNet average."""
     resnet_avg = backbone.family == "resnet" and AVGPOOL_TAP in backbone.tap_names
     if preset == "vissl" and resnet_avg:
         return [*backbone.conv_tap_names, AVGPOOL_TAP]
-    if preset == "dino" and isinstance(backbone, ViTBackbone):
-        return [backbone.dino_linear_tap()]
-    if preset == "dino" and resnet_avg:
-        return [AVGPOOL_TAP]
-    return None
+    if preset in RRC_PRESETS and isinstance(backbone, ViTBackbone):
+        return [backbone.dino_linear_tap() if preset == "dino" else backbone.image_feature_tap]
+    return [AVGPOOL_TAP] if preset in RRC_PRESETS and resnet_avg else None
 
 
 # ----------------------------------------------------------------------------- settings
@@ -90,35 +90,36 @@ def preset_taps(preset: str, backbone: nn.Module) -> list[str] | None:
 class LinearSettings(FrozenFeatureSettings):
     """Settings of the linear-probe protocols (defaults and their sources: the module docstring)."""
 
-    preset: Literal["deepcluster", "vissl", "dino"] = setting(
+    preset: Literal["deepcluster", "vissl", "dino", "mocov3"] = setting(
         "deepcluster", "deepcluster: AvgPool table + Linear, 1/sqrt lr decay, wd 1e-7, 90 epochs; "
         "vissl: VISSL AvgPool table + BatchNorm + Linear, lr x0.1 steps, wd 5e-4, 28 epochs (Places205: 14); "
         "dino: DINO eval_linear.py, Linear on cls4 (ViT-S) / cls+avgpool (ViT-B) / avgpool (ResNet), cosine lr, "
-        "no wd, 100 epochs, RandomResizedCrop")
+        "no wd, 100 epochs, RandomResizedCrop; mocov3: MoCo v3 main_lincls.py, Linear on cls (ViT) / avgpool "
+        "(ResNet), lr 3, cosine lr, no wd, 90 epochs, RandomResizedCrop")
     taps: list[str] | None = setting(
-        None, "taps to probe, all in one run sharing each forward pass (default: every conv tap; vissl on "
-              "ResNets: + avgpool; ViTs: cls, dino: cls4 or cls+avgpool; dino on ResNets: avgpool)", numbers=False)
+        None, "taps to probe, all in one run sharing each forward pass (default: every conv tap; vissl on ResNets: "
+              "+ avgpool; ViTs: cls, dino: cls4 or cls+avgpool; dino / mocov3 on ResNets: avgpool)", numbers=False)
     image_size: int = setting(224, "crop side in px; images are resized to round(s*256/224) first")
     batch_size: int = setting(256, "training batch size (TenCrop val batches hold batch_size/10 images)")
     epochs: int | None = setting(
         None, "training epochs (default: the preset's, 90 deepcluster / 28 vissl / 14 vissl on Places205)")
     lr: float | None = setting(
         None, "initial learning rate of the heads (SGD) (default: the preset's, 0.01 deepcluster / vissl, "
-              "0.001 dino)")
+              "0.001 dino, 3 mocov3)")
     weight_decay: float | None = setting(
-        None, "weight decay of the Linear heads (default: the preset's, 1e-7 deepcluster / 5e-4 vissl; never on BN)")
+        None, "weight decay of the Linear heads (default: preset's, 1e-7 deepcluster, 5e-4 vissl, else 0; never BN)")
     momentum: float = setting(0.9, "SGD momentum")
     crops: Literal["tencrop", "center"] | None = setting(
         None, "val evaluation: TenCrop with softmax averaged, or the centre crop (default: the preset's, tencrop "
-              "deepcluster / center vissl; cached=true always uses center)")
+              "deepcluster, else center; cached=true always uses center)")
     train_center_crop: bool | None = setting(
         None, "training crops: Resize, CenterCrop(resize side), RandomCrop, flip (true) or Resize, RandomCrop, flip "
-              "(false) (default: the preset's, true deepcluster / false vissl)")
+              "(false) (default: the preset's, true deepcluster, else false)")
     head_init: Literal["torch", "normal"] | None = setting(
         None, "init of the Linear heads: torch's default, or normal = N(0, 0.01) weights and zero bias (default: "
-              "the preset's, torch deepcluster / vissl, normal dino)")
+              "the preset's, torch deepcluster / vissl, normal dino / mocov3)")
     interpolation: Literal["bilinear", "bicubic"] | None = setting(
-        None, "resampling of the resizes (default: the preset's, bilinear deepcluster / vissl, bicubic dino; "
+        None, "resampling of the resizes (default: the preset's, bilinear deepcluster / vissl / mocov3, bicubic dino; "
               "published weights: their own unless input_convention=preset)")
     input_convention: ConventionMode = setting(
         "weights", "weights: published weights (timm/tv/hf-hub) are read with their own mean, std, interpolation and "
@@ -141,9 +142,9 @@ class LinearSettings(FrozenFeatureSettings):
             raise UsageError(f"bad value {self.epochs} for epochs: must be at least 1")
         if self.lr is not None and self.lr <= 0:
             raise UsageError(f"bad value {self.lr} for lr: must be positive")
-        if self.preset == "dino" and self.train_center_crop:
-            raise UsageError("train_center_crop=true does not apply to preset dino (it trains on RandomResizedCrop); "
-                             "drop it, or use preset=deepcluster")
+        if self.preset in RRC_PRESETS and self.train_center_crop:
+            raise UsageError(f"train_center_crop=true does not apply to preset {self.preset} (it trains on "
+                             "RandomResizedCrop); drop it, or use preset=deepcluster")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise UsageError(f"bad value {self.weight_decay} for weight_decay: must be >= 0")
         if not 0 <= self.momentum < 1:
@@ -181,7 +182,7 @@ class _Run:
 
     def train_view(self, size: int) -> Any:
         """The augmented training view: dino's RandomResizedCrop, else Resize + [CenterCrop +] RandomCrop."""
-        if self.preset == "dino":
+        if self.preset in RRC_PRESETS:
             return random_resized_crop_transform(size, self.convention)
         return convention_probe_train_transform(size, self.train_center_crop, self.convention)
 
@@ -207,8 +208,8 @@ class LinearProbe(Protocol):
     dataset_name: ClassVar[str] = ""
     #: top-1 per tap (DeepCluster Table 1, VISSL)
     headline_metrics: ClassVar[tuple[str, ...]] = ("top1",)
-    #: default epochs per preset (dino eval_linear.py --epochs 100)
-    preset_epochs: ClassVar[dict[str, int]] = {"deepcluster": 90, "vissl": 28, "dino": 100}
+    #: default epochs per preset (dino eval_linear.py --epochs 100, moco-v3 main_lincls.py --epochs 90)
+    preset_epochs: ClassVar[dict[str, int]] = {"deepcluster": 90, "vissl": 28, "dino": 100, "mocov3": 90}
 
     def check_data(self, root: Path, settings: Any) -> None:
         """Fast layout check (folder listings): DataError naming the problem and the layout."""
@@ -320,15 +321,15 @@ class LinearProbe(Protocol):
     @staticmethod
     def _extra(run: _Run, settings: LinearSettings, best_epochs: dict[str, int], history: History,
                skipped: dict[str, int], train_ds: Any, val_ds: Any, started: float) -> dict[str, Any]:
-        schedule = {"vissl": f"lr x0.1 at epochs {run.steps}",
-                    "dino": f"lr_e = lr0 * (1 + cos(pi * e / {run.epochs})) / 2, e = epoch"}.get(
-                        run.preset, "lr_t = lr0 / sqrt(1 + lr0 * wd * t), t = iteration")
+        schedule = (f"lr_e = lr0 * (1 + cos(pi * e / {run.epochs})) / 2, e = epoch" if run.preset in RRC_PRESETS
+                    else {"vissl": f"lr x0.1 at epochs {run.steps}"}.get(
+                        run.preset, "lr_t = lr0 / sqrt(1 + lr0 * wd * t), t = iteration"))
         return {
             "mode": run.mode,
             "crops": run.crops,
             "crops_note": run.crops_note,
             "train_crops": None if settings.cached else TRAIN_CROPS[
-                "dino" if run.preset == "dino" else run.train_center_crop],
+                "rrc" if run.preset in RRC_PRESETS else run.train_center_crop],
             "head_init": "torch default" if run.head_init == "torch" else "N(0, 0.01), bias 0",
             "selection": "final = last epoch; best = epoch with the highest val top-1 per tap (top-5 of that epoch)",
             "preset": run.preset,
@@ -389,7 +390,7 @@ class PlacesLinear(LinearProbe):
     description = "linear probe per layer on Places205 (DeepCluster Table 1 / VISSL)"
     expected_classes = 205
     dataset_name = "Places205"
-    preset_epochs = {"deepcluster": 90, "vissl": 14, "dino": 100}  # dino: its ImageNet length (no Places205 run)
+    preset_epochs = {"deepcluster": 90, "vissl": 14, "dino": 100, "mocov3": 90}  # dino, mocov3: their ImageNet length
     data_layout = """\
 ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg (ImageFolder; 205 class folders each)
 Places205 ships as images/<letter>/<class>/... plus trainvalsplit_places205/{train,val}_places205.csv;

@@ -28,6 +28,11 @@ Published weights (timm / torchvision / hf-hub) are normalised with their own me
 interpolation and crop ratio do not apply (R-MAC reads the whole image resized bilinearly to its
 largest side, the protocol's geometry). Other checkpoints keep ImageNet mean/std, exactly as before.
 The convention is recorded in ``extra.input_convention``.
+
+ViTs: the default tap is ``cls``, the normed CLS token as ONE global descriptor per image (the
+same L2 / whitening / L2 chain), as facebookresearch/dino ``eval_image_retrieval.py`` ranks (its
+Oxford command, no whitening, whole queries, 224 px: ``--set whitening=none query_crop=none
+image_size=224``). Block taps (patch tokens as C x H/p x W/p maps) get R-MAC (dcbench choice).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from dcbench.data import DataError
 from dcbench.data.retrieval import RetrievalDataset, image_set_paths, read_retrieval_dataset
 from dcbench.data.transforms import ConventionMode, describe_applied, resolve_uncropped_convention
 from dcbench.errors import UsageError
+from dcbench.models.vit import ViTBackbone
 from dcbench.protocol import (EvalContext, FrozenFeatureSettings, Protocol, ProtocolOutput, register_protocol,
                               setting)
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
@@ -70,7 +76,7 @@ class RetrievalSettings(FrozenFeatureSettings):
 
     taps: list[str] | None = setting(
         None, "conv taps to describe with R-MAC, one forward pass (default: conv5_3 for vgg16, conv5 for "
-              "alexnet, res5 for ResNets, else the last conv tap)", numbers=False)
+              "alexnet, res5 for ResNets, cls for ViTs (a global descriptor), else the last conv tap)", numbers=False)
     # DeepCluster eval_retrieval.py: --imsize 1024 (largest side)
     image_size: int = setting(
         1024, "largest image side in px after resizing (queries are cropped after it). For a random init "
@@ -154,15 +160,19 @@ class ParisSettings(RetrievalSettings):
 
 
 def retrieval_taps(backbone: nn.Module, taps: Sequence[str] | None) -> list[str]:
-    """``taps`` checked to be conv taps of ``backbone``; default: its retrieval tap."""
+    """``taps`` checked to be conv taps of ``backbone`` (R-MAC) or, on a ViT, its token features
+    (``cls``, ``avgpool``, ``clsN``: global descriptors); default: its retrieval tap (ViTs: ``cls``,
+    DINO eval_image_retrieval.py's descriptor)."""
     conv = list(backbone.conv_tap_names)
+    vit = isinstance(backbone, ViTBackbone)
     if taps is None:
-        return [next((t for t in DEFAULT_TAPS if t in conv), conv[-1])]
+        return [backbone.image_feature_tap] if vit else [next((t for t in DEFAULT_TAPS if t in conv), conv[-1])]
     wanted = list(dict.fromkeys(taps))
-    bad = [t for t in wanted if t not in conv]
+    bad = [t for t in wanted if t not in conv and not (vit and backbone.has_tap(t))]
     if bad:
+        extra = f" (or a global ViT tap: {backbone.image_feature_tap}, avgpool)" if vit else ""
         raise UsageError(f"tap '{bad[0]}' of {backbone.arch} is not a conv tap; R-MAC needs a feature map: "
-                         f"choose from {', '.join(conv)}")
+                         f"choose from {', '.join(conv)}{extra}")
     return wanted
 
 
@@ -173,7 +183,10 @@ RETRIEVAL_SOURCES = {**FROZEN_FEATURE_SOURCES,
     "batch_size": "dcbench choice: images of one shape per forward pass (eval_retrieval.py: one at a time); "
                   "moves only BN re-estimation of random inits",
     "taps": f"{_DC_RET}: net.features without its last layer (VGG16 conv5_3 after BN + ReLU, final max-pool "
-            "removed); AlexNet conv5 and ResNet res5 by the same rule (dcbench choice)",
+            "removed); AlexNet conv5 and ResNet res5 by the same rule (dcbench choice); ViTs: cls, the normed CLS "
+            "token as one global descriptor, facebookresearch/dino eval_image_retrieval.py (vits with num_classes=0; "
+            "DINO: no whitening, uncropped queries, --imsize 224 on Oxford: --set whitening=none query_crop=none "
+            "image_size=224)",
     "image_size": f"{_DC_RET} --S 1024 (largest side, Image.BILINEAR); below 32 px a side is upscaled "
                   "(dcbench choice, for tiny query boxes only)",
     "scales": f"{_DC_RET} --multires off by default: one scale",
@@ -299,6 +312,8 @@ class _RetrievalProtocol(Protocol):
         extra = self._extra(ds, settings, extracted, white_paths, ctx.bn_info, per_tap)
         # the seeded re-estimation of a random init's BatchNorm makes this run seed-dependent
         extra["seed_dependent"] = bool((ctx.bn_info or {}).get("ran"))
+        # taps without a map (a ViT's cls): one global vector per image in the chain, not R-MAC
+        extra["global_taps"] = [t for t in taps if t not in ckpt.backbone.conv_tap_names]
         extra["input_convention"] = describe_applied(
             convention, "mean, std (the resize to the largest side stays bilinear; no crop, so no crop ratio)")
         return ProtocolOutput(rows, sets_fingerprint(ds, sets), extra, outcomes=outcomes)

@@ -9,7 +9,8 @@ Train on trainval and test on test (``train_split=train``: train -> val, for tun
   trunk, then fc6 and fc7 re-initialised N(0, 0.01) with bias 0.1 (fc6 rebuilt for the input
   size when needed), then a new ``Linear(4096, n_classes)`` (torch's default init, bias 0.1);
   for backbones without DeepCluster's ``features``/``classifier`` (timm, torchvision) the
-  trunk is the backbone up to its last tap, globally average-pooled, and fc6-fc7 are a new
+  trunk is the backbone up to its last tap, globally average-pooled (a timm ViT: up to its
+  final-normed CLS token, tap ``cls``, the feature timm's / DeiT's fine-tuning head reads), and fc6-fc7 are a new
   ``Dropout, Linear(C, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU`` (``head_dim``);
   see :mod:`dcbench.voc_finetune`;
 - ``mode=fc6-8``: the trunk is frozen, except the BatchNorm affine parameters when
@@ -132,7 +133,9 @@ VOC_CLS_SOURCES = {
     "train_split": f"{_DC} --split trainval (test on test; the paper's Table 2)",
     "classes": "dcbench choice: the VOC classes whose ImageSets/Main files exist (all 20 on VOC2007)",
     "head_dim": f"4096: the width of DeepCluster's fc6/fc7 ({_DC} re-initialises them); used only for "
-                "backbones without that classifier (dcbench choice)",
+                "backbones without that classifier (dcbench choice), on their last tap globally averaged or, for "
+                "a ViT, on its cls token (timm VisionTransformer.forward_head global_pool='token', as DeiT and MAE "
+                "fine-tune)",
     "input_convention": "dcbench choice (issue 19): published weights (timm pretrained_cfg, torchvision "
                         "weights.transforms()) are fine-tuned with their own mean, std and interpolation (and crop "
                         "ratio with test_crops=tencrop); random inits and dcbench/DeepCluster checkpoints get "
@@ -163,7 +166,9 @@ class VocFinetune(Protocol):
     name: ClassVar[str] = "voc07-cls"
     description: ClassVar[str] = "Pascal VOC07 classification by fine-tuning fc6-8 or all layers (paper Table 2)"
     #: 2: published weights are read with their own input convention (input_convention=weights): mean, std, interpolation
-    version: ClassVar[str] = "2"
+    #: 3: a timm ViT's head reads its cls token (was its last block's patch map, averaged); timm Swin maps read
+    #: channels-last (they were misread as N x H x W x C)
+    version: ClassVar[str] = "3"
     finetune: ClassVar[bool] = True
     data_layout: ClassVar[str] = VOC07_LAYOUT
     Settings: ClassVar[type] = VocFinetuneSettings

@@ -11,6 +11,10 @@ checkpoint is never touched):
   an AlexNet built at 96 px) whatever the detection image size;
 - ResNets (tv/timm): the C4 design of MoCo / VISSL / detectron2: stem..res4 as trunk, res5 on
   14 x 14 RoIAlign features as box head.
+- timm ViTs: ViTDet's backbone, single-scale (facebookresearch/detectron2 modeling/backbone/vit.py):
+  the last block's patch tokens as one map at the patch stride, the scale-1 level of its
+  SimpleFeaturePyramid (256 channels, LayerNorm) as neck, 7 x 7 RoIAlign and a 2-fc box head
+  (:mod:`dcbench.detection.model`); preset ``auto`` gives them ``moco``'s schedule.
 
 Modes (the paper's): ``fc6-8`` = the conv trunk frozen (and in eval mode), everything after
 it trains (RPN, fc6, fc7, the new predictor; for ResNets res5 as well); ``all`` = everything

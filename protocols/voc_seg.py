@@ -14,7 +14,8 @@ Presets (what each resolves to for the backbone at hand is in the result's ``rec
 :mod:`dcbench.segmentation.config`):
 
 - ``mmselfsup``: ResNets dilated to output stride 8, ``FCNHead`` on res5 + auxiliary head on
-  res4; other backbones the same head on their last conv tap; everything trains (``all``).
+  res4; other backbones the same head on their last conv tap (timm ViTs: the last block's patch
+  tokens as one map at the patch stride, ViTDet's single-scale input); everything trains (``all``).
 - ``deepcluster`` (paper Table 2, FCN on AlexNet): the checkpoint's fc6/fc7 as convolutions
   (FCN-32s), mode ``fc6-8`` (convs frozen) or ``all``. The paper records no training schedule
   or data for its FCN runs, so this preset trains with the same data, augmentation and
@@ -171,7 +172,10 @@ SEG_SOURCES = {
 SEG_DEVIATIONS = {
     "mmselfsup": (
         Deviation("the checkpoint's own backbone layout (e.g. torchvision ResNet-50, 7x7 stem)",
-                  f"{_MODEL} builds mmseg's ResNetV1c (deep 3x3 stem); dcbench evaluates the checkpoint as it is"),),
+                  f"{_MODEL} builds mmseg's ResNetV1c (deep 3x3 stem); dcbench evaluates the checkpoint as it is"),
+        Deviation("ViTs: the FCN head on the last block's patch tokens, one map at the patch stride",
+                  "the single-scale input of ViTDet's simple feature pyramid (facebookresearch/detectron2 "
+                  "modeling/backbone/vit.py); the MAE paper segments with UperNet on several blocks instead"),),
     "deepcluster": (
         Deviation("data, augmentation and schedule of the mmselfsup preset",
                   "the paper records no training schedule or data for its FCN runs"),),
@@ -218,7 +222,8 @@ class VocSeg(Protocol):
     name: ClassVar[str] = "voc-seg"
     description: ClassVar[str] = "Pascal VOC2012 segmentation: FCN fine-tuning on mmsegmentation, mIoU (paper Table 2)"
     #: 2: published weights are read with their own input convention (input_convention=weights): mean and std
-    version: ClassVar[str] = "2"
+    #: 3: timm Swin stage maps read channels-last (they were misread as N x H x W x C)
+    version: ClassVar[str] = "3"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocSegSettings
     headline_metrics: ClassVar[tuple[str, ...]] = ("mIoU",)

@@ -204,6 +204,24 @@ def test_small_data_preset_follows_the_stated_rules():
     assert small_data_settings("deepcluster-v2", 10**7)["prototypes"] == [3000, 3000, 3000]
 
 
+def test_small_data_preset_gives_deepclusters_own_nets_its_sgd():
+    # AlexNet/VGG16 (no BN in fc6/fc7): v1's SGD anchor 0.05 x B/256; at solo-learn's 0.6 x B/256
+    # the loss stayed at ln(K) and the features fell below the random init (presets module doc)
+    a = small_data_settings("deepcluster-v2", 6000, arch="alexnet")
+    assert (a["optimizer"], a["lr"], a["final_lr"], a["batch_size"], a["prototypes"], a["epochs"]) == \
+        ("sgd", pytest.approx(0.05 * 32 / 256), pytest.approx(0.05 * 32 / 256 / 1000), 32, [360, 360, 360], 10)
+    two = small_data_settings("deepcluster-v2", 6000, processes=2, arch="vgg16")
+    assert (two["batch_size"], two["lr"]) == (16, pytest.approx(0.05 * 32 / 256))  # lr follows the total batch
+    r = small_data_settings("deepcluster-v2", 6000, arch="tv:resnet18")
+    assert (r["optimizer"], r["lr"], r["larc_trust"]) == ("larc", pytest.approx(0.6 * 32 / 256), 0.02)
+    cfg = resolve_config({"method": "deepcluster-v2", "preset": "small-data", "arch": "alexnet"}, n_images=6000)
+    assert (cfg.optimizer, cfg.lr, cfg.final_lr) == ("sgd", pytest.approx(0.00625), pytest.approx(0.00625 / 1000))
+    assert resolve_config({"method": "deepcluster-v2", "preset": "small-data"}, n_images=6000).optimizer == "larc"
+    mine = resolve_config({"method": "deepcluster-v2", "preset": "small-data", "arch": "vgg16", "lr": 0.01,
+                           "optimizer": "larc"}, n_images=6000)
+    assert (mine.optimizer, mine.lr) == ("larc", 0.01)  # flags and --set still win
+
+
 def test_small_data_preset_via_cli_and_overrides_win(images, tmp_path):
     cfg = resolve_config({"method": "deepcluster-v2", "preset": "small-data", "data": str(images), "epochs": 1})
     assert cfg.batch_size == 16 and cfg.prototypes == [3, 3, 3] and cfg.epochs == 1 and cfg.preset == "small-data"

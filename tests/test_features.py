@@ -355,7 +355,8 @@ def test_key_names_device_precision_and_autocast():
     cuda = feature_key(SHA, "conv1", "t64", "fp", "p", device="cuda:1")
     assert cuda["numerics"]["device"] == "cuda" and key_hash(cuda) != key_hash(cpu)
     assert feature_key(SHA, "conv1", "t64", "fp", "p", device="cuda", amp=True)["numerics"]["autocast"] == "bfloat16"
-    assert feature_key(SHA, "conv1", "t64", "fp", "p", device="cpu", amp=True) == cpu  # autocast only runs on CUDA
+    cpu_amp = feature_key(SHA, "conv1", "t64", "fp", "p", device="cpu", amp=True)  # bfloat16 autocast on the CPU too
+    assert cpu_amp["numerics"]["autocast"] == "bfloat16" and key_hash(cpu_amp) != key_hash(cpu)
     old = dict(feature_key(SHA, "conv1", "t64", "fp", "p"), cache_version=1)  # a version-1 key
     assert key_hash(old) != key_hash(cpu)
 

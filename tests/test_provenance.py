@@ -142,7 +142,8 @@ def test_versions_of_the_changed_protocols():
     assert versions["linear"] == versions["imagenet-linear"] == versions["places-linear"] == "4"
     # 3 / 2: published weights read with their own input convention (this release)
     assert versions["voc07-svm"] == versions["voc07-lowshot"] == versions["voc-det"] == "3"
-    assert versions["voc07-cls"] == versions["voc-seg"] == "2"
+    # 3: ViT cls head (voc07-cls) and Swin maps read channels-last (both; issue 19)
+    assert versions["voc07-cls"] == versions["voc-seg"] == "3"
     assert versions["knn"] == "3"  # 3: k-th neighbour tie-break, chunked bank, ViT cls, input conventions
     assert {versions[n] for n in ("roxford5k", "rparis6k", "oxford5k", "paris6k")} == {"3"}
 

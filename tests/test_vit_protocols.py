@@ -238,3 +238,34 @@ def test_torchvision_weights_convention_resize():
     convention = resolve_convention(_Holder())
     assert (convention.resize(224), convention.interpolation) == (232, "bilinear")
     assert math.isclose(convention.crop_pct, 224 / 232, abs_tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the mocov3 preset (last-block CLS)
+def test_mocov3_preset_is_the_simple_last_block_cls_probe(vit):
+    proto = get_protocol("linear")
+    s = proto.filled(apply_settings(proto.default_settings(), {"preset": "mocov3"}))
+    # moco-v3 main_lincls.py defaults + CONFIG.md's ViT command (--lr=3, a base lr for batch 256)
+    assert (s.epochs, s.lr, s.weight_decay, s.momentum, s.crops, s.head_init, s.interpolation, s.batch_size) == \
+        (90, 3.0, 0.0, 0.9, "center", "normal", "bilinear", 256)
+    assert proto.resolve(s, vit, 3).taps == ["cls"]
+    assert proto.resolve(s, build_backbone("tv:resnet18", input_size=64), 3).taps == ["avgpool"]
+    optim = linear.probe_optim("mocov3", 3.0, 0.0, 0.9, [], "normal", epochs=4)
+    assert optim.schedule(2, 999, 0.0) == pytest.approx(1.5) and optim.init_std == 0.01 and not optim.batchnorm
+    with pytest.raises(UsageError, match="preset mocov3"):
+        apply_settings(proto.default_settings(), {"preset": "mocov3", "train_center_crop": True})
+    card = get_protocol("imagenet-linear").card(apply_settings(proto.default_settings(), {"preset": "mocov3"}))
+    assert "moco-v3 main_lincls.py" in card.sources["taps"] and "--lr=3" in card.sources["lr"]
+    assert [d.what for d in card.deviations][0].startswith("batch 256 with lr 3")
+    places = get_protocol("places-linear")
+    assert places.filled(apply_settings(places.default_settings(), {"preset": "mocov3"})).epochs == 90
+
+
+def test_mocov3_preset_runs_on_a_vit(root, tmp_path):
+    out = run(root, tmp_path, resolve_checkpoint(f"{VIT},random"), preset="mocov3", epochs=2)
+    assert {r.tap for r in out.metrics} == {"cls"}
+    extra = out.extra
+    assert (extra["lr"], extra["weight_decay"], extra["head_init"], extra["preset"]) == \
+        (3.0, 0.0, "N(0, 0.01), bias 0", "mocov3")
+    assert extra["train_crops"] == "RandomResizedCrop, flip" and extra["crops"] == "center"
+    assert extra["lr_schedule"].startswith("lr_e = lr0 * (1 + cos(pi * e / 2)) / 2")
+    assert extra["input_convention"]["interpolation"] == "bilinear" and extra["pooling"]["cls"]["dim"] == 192

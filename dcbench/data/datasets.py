@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import functional as TF
 
+from dcbench.data.decoded import DecodedImages, open_decoded_cache
 from dcbench.data.fingerprint import dataset_fingerprint
 from dcbench.errors import DataError, DcbenchError  # noqa: F401 (DataError: re-exported, its historical home)
 
@@ -104,6 +105,9 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.strict = strict
         self._fingerprint: str | None = None
+        #: decoded pixels shared by copies of this dataset and its loader workers (see
+        #: :meth:`cache_decoded`); None: every read decodes the file
+        self.decoded: DecodedImages | None = None
 
     @property
     def has_labels(self) -> bool:
@@ -118,8 +122,22 @@ class ImageDataset(Dataset):
         return f"{type(self).__name__}({len(self)} images{labels}, root={self.root!r})"
 
     def load_image(self, index: int) -> Image.Image:
-        """Decode image ``index`` as an RGB PIL image; raises on unreadable files."""
-        return load_rgb(self.paths[index])
+        """Decode image ``index`` as an RGB PIL image (from the decoded-image cache when it holds
+        it); raises on unreadable files."""
+        cache = self.decoded
+        if cache is None:
+            return load_rgb(self.paths[index])
+        img = cache.get(index)
+        if img is None:
+            img = load_rgb(self.paths[index])
+            cache.put(index, img)
+        return img
+
+    def cache_decoded(self, budget_gb: float) -> bool:
+        """Keep decoded pixels in memory (:mod:`dcbench.data.decoded`) when they fit ``budget_gb``;
+        copies made afterwards (``copy.copy`` with another transform) share them. Whether it does."""
+        self.decoded = open_decoded_cache(self.paths, budget_gb)
+        return self.decoded is not None
 
     def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
         index = int(index)
@@ -179,6 +197,11 @@ class InMemoryImageDataset(ImageDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return self.images[index]
+
+    def cache_decoded(self, budget_gb: float) -> bool:
+        """Nothing to do: the images are decoded already."""
+        del budget_gb
+        return False
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -14,6 +14,13 @@ Two designs, chosen by the backbone:
   design of Faster R-CNN / detectron2 / MoCo: the trunk is stem + res2..res4 (stride 16), the
   RoI head is res5 (its first block strides 2) on 14 x 14 RoI features, globally averaged,
   optionally followed by an extra BatchNorm after res5 (MoCo's ``Res5ROIHeadsExtraNorm``).
+- timm ViTs: ViTDet's backbone (Li et al., ECCV 2022; facebookresearch/detectron2
+  ``modeling/backbone/vit.py``): the trunk is the whole ViT, whose last block's patch tokens
+  (no final norm) are ONE map at the patch stride; the neck is the scale-1 level of ViTDet's
+  ``SimpleFeaturePyramid`` (1x1 conv to 256 channels + LayerNorm, 3x3 conv + LayerNorm, no bias),
+  so the detector is single-scale (ViTDet builds strides 4..32 from that map); RoIAlign 7 x 7 and
+  detectron2's FPN box head (``FastRCNNConvFCHead``, two fc of 1024, c2_xavier_fill; ViTDet uses 4
+  convs + 1 fc). ``fc6-8`` freezes the ViT; the neck trains in both modes.
 
 Both: an RPN with one 3x3 conv on the trunk's map, anchors of the given sizes and aspect
 ratios, box losses with the recipe's smooth-L1 betas (:mod:`dcbench.detection.losses`); a new box predictor (class scores N(0, 0.01), class-specific box deltas N(0, 0.001),
@@ -48,6 +55,8 @@ from dcbench.errors import UsageError
 C4_ROI_SIZE = 14
 #: side of the probe image used to measure the trunk's stride and channels
 _PROBE_SIDE = 128
+#: ViTDet: SimpleFeaturePyramid out_channels 256; detectron2 ROI_BOX_HEAD POOLER_RESOLUTION 7, FC_DIM 1024
+VIT_NECK_CHANNELS, VIT_ROI_SIZE, VIT_FC_DIM = 256, 7, 1024
 
 
 @dataclass
@@ -122,6 +131,56 @@ class Res5BoxHead(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+class ViTMap(nn.Module):
+    """A dcbench ViT backbone up to block ``tap``: its patch tokens as one N x D x h x w map."""
+
+    def __init__(self, net: nn.Module, tap: str) -> None:
+        super().__init__()
+        self.net, self.tap = net, tap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, taps=[self.tap])[self.tap]
+
+
+class NeckedTrunk(nn.Module):
+    """The trunk's map through a neck (ViTDet's pyramid level), as the one-map dict of FasterRCNN;
+    the trunk alone is what ``fc6-8`` freezes."""
+
+    def __init__(self, trunk: FeatureTrunk, neck: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.trunk, self.neck, self.out_channels = trunk, neck, out_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return OrderedDict([("0", self.neck(self.trunk(x)["0"]))])
+
+
+def simple_pyramid_level(in_channels: int, out_channels: int = VIT_NECK_CHANNELS) -> nn.Sequential:
+    """ViTDet SimpleFeaturePyramid's scale-1.0 stage: Conv 1x1 + LN, Conv 3x3 + LN (norm "LN", so no
+    conv bias; detectron2 inits these convs with c2_msra_fill = kaiming normal, fan_out)."""
+    from timm.layers import LayerNorm2d
+
+    convs = [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.Conv2d(out_channels, out_channels, 3,
+                                                                            padding=1, bias=False)]
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(convs[0], LayerNorm2d(out_channels), convs[1], LayerNorm2d(out_channels))
+
+
+class MLPBoxHead(nn.Module):
+    """detectron2's FastRCNNConvFCHead with NUM_FC 2: flatten, (fc + ReLU) x 2, c2_xavier_fill."""
+
+    def __init__(self, in_features: int, fc_dim: int = VIT_FC_DIM) -> None:
+        super().__init__()
+        self.fc6, self.fc7 = nn.Linear(in_features, fc_dim), nn.Linear(fc_dim, fc_dim)
+        for fc in (self.fc6, self.fc7):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+        self.out_features = fc_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc7(torch.relu(self.fc6(torch.flatten(x, 1)))))
+
+
 class RoIPooler(nn.Module):
     """RoI features of the trunk's single map at a fixed stride (torchvision's RoIHeads call)."""
 
@@ -194,6 +253,22 @@ def _conv5_parts(net: nn.Module) -> tuple[FeatureTrunk, nn.Module, int, str]:
     return trunk, head, net.grid, kind
 
 
+def _vit_parts(net: nn.Module) -> tuple[FeatureTrunk, nn.Module, int, str]:
+    tap = net.conv_tap_names[-1]
+    ft.freeze_native_head(net)  # the ViT's own classifier never runs
+    trunk = FeatureTrunk(None, ViTMap(net, tap))  # a ViT backbone applies its own Sobel front end
+    head = MLPBoxHead(VIT_NECK_CHANNELS * VIT_ROI_SIZE * VIT_ROI_SIZE)
+    kind = (f"{net.arch}: ViTDet single-scale (trunk: the ViT to {tap}, patch tokens as one map; neck: "
+            f"SimpleFeaturePyramid scale 1, {VIT_NECK_CHANNELS} ch; RoI {VIT_ROI_SIZE}x{VIT_ROI_SIZE}, "
+            f"box head 2 fc {VIT_FC_DIM})")
+    return trunk, head, VIT_ROI_SIZE, kind
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is a dcbench ViT (family ``vit`` with block taps)."""
+    return getattr(backbone, "family", None) == "vit" and hasattr(backbone, "image_feature_tap")
+
+
 def _c4_parts(net: nn.Module, extra_norm: bool) -> tuple[FeatureTrunk, nn.Module, int, str]:
     body, res5 = ft.c4_split(net)
     trunk = FeatureTrunk(net.sobel, body)
@@ -237,7 +312,7 @@ def _predictor(in_features: int, n_outputs: int) -> FastRCNNPredictor:
 
 def supported(backbone: nn.Module) -> bool:
     """Whether :func:`build_detector` has a design for ``backbone``."""
-    return ft.design_family(backbone) in ("deepcluster", "resnet")
+    return ft.design_family(backbone) in ("deepcluster", "resnet") or is_vit(backbone)
 
 
 def require_supported(backbone: nn.Module) -> None:
@@ -245,7 +320,8 @@ def require_supported(backbone: nn.Module) -> None:
     if not supported(backbone):
         arch = getattr(backbone, "arch", type(backbone).__name__)
         raise UsageError(f"voc-det has no detector design for {arch}: it supports DeepCluster alexnet/vgg16 "
-                         f"(conv5 + RoI pooling + fc6/fc7) and ResNets (tv:resnet*, timm ResNets; C4)")
+                         f"(conv5 + RoI pooling + fc6/fc7), ResNets (tv:resnet*, timm ResNets; C4) and timm ViTs "
+                         f"(timm:vit_*; ViTDet single-scale)")
 
 
 def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed: int = 0) -> Detector:
@@ -262,13 +338,18 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
         torch.manual_seed(seed)
         if ft.design_family(net) == "deepcluster":
             trunk, head, roi_size, kind = _conv5_parts(net)
+        elif is_vit(net):
+            trunk, head, roi_size, kind = _vit_parts(net)
         else:
             trunk, head, roi_size, kind = _c4_parts(net, spec.extra_norm)
         trunk.out_channels, trunk.stride = _measure_trunk(trunk)
+        features: nn.Module = trunk
+        if is_vit(net):  # ViTDet's neck between the ViT and the RPN / RoI heads
+            features = NeckedTrunk(trunk, simple_pyramid_level(trunk.out_channels), VIT_NECK_CHANNELS)
         anchors = AnchorGenerator(sizes=(tuple(spec.anchor_sizes),), aspect_ratios=(tuple(spec.aspect_ratios),))
-        rpn_head = RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0])
+        rpn_head = RPNHead(features.out_channels, anchors.num_anchors_per_location()[0])
         model = FasterRCNN(
-            trunk, num_classes=None, min_size=tuple(spec.min_size), max_size=spec.max_size,
+            features, num_classes=None, min_size=tuple(spec.min_size), max_size=spec.max_size,
             image_mean=list(spec.image_mean), image_std=list(spec.image_std), rpn_anchor_generator=anchors,
             rpn_head=rpn_head, rpn_pre_nms_top_n_train=spec.rpn_pre_nms_train,
             rpn_post_nms_top_n_train=spec.rpn_post_nms_train, rpn_pre_nms_top_n_test=spec.rpn_pre_nms_test,
@@ -280,7 +361,7 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
         # set after construction: torchvision's constructor accepts only its MultiScaleRoIAlign
         model.roi_heads.box_roi_pool = RoIPooler(spec.roi_pool, roi_size, trunk.stride)
         set_box_loss(model, spec.rpn_loss_beta, spec.box_loss_beta)
-    design = {"design": kind, "feature_stride": trunk.stride, "feature_channels": trunk.out_channels,
+    design = {"design": kind, "feature_stride": trunk.stride, "feature_channels": features.out_channels,
               "roi_pool": spec.roi_pool, "roi_size": roi_size, "box_head_features": head.out_features,
               "classes_with_background": n_classes + 1,
               "box_loss": {"rpn_smooth_l1_beta": spec.rpn_loss_beta, "box_head_smooth_l1_beta": spec.box_loss_beta}}

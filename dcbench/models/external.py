@@ -1,7 +1,8 @@
 """timm (``timm:NAME``) and torchvision (``tv:NAME``) models behind the Backbone interface.
 
 Taps are the outputs of the model's stages (see :mod:`dcbench.models.hooked`); timm Vision
-Transformers get block, ``cls`` and ``avgpool`` taps instead (:mod:`dcbench.models.vit`).
+Transformers get block, ``cls`` and ``avgpool`` taps instead (:mod:`dcbench.models.vit`); timm
+Swin Transformers ``stage1..stage4`` (their ``layers.0..3`` outputs, channels-last, as maps).
 Pretrained weights by name are :mod:`dcbench.models.hub`'s.
 """
 from __future__ import annotations
@@ -30,10 +31,22 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
             return
 
 
+#: timm modules of the Swin Transformers: channels-last stage outputs, ``dynamic_img_size`` (the
+#: shifted-window attention masks computed per input, windows padded), so 32-64 px inputs work
+SWIN_MODULES = ("timm.models.swin_transformer", "timm.models.swin_transformer_v2")
+
+
+def is_timm_swin(name: str) -> bool:
+    """Whether timm model ``name`` (without tag) is built by a :data:`SWIN_MODULES` module."""
+    from timm.models import model_entrypoint
+
+    return model_entrypoint(name).__module__ in SWIN_MODULES
+
+
 def timm_model_kwargs(name: str) -> dict[str, Any]:
-    """Extra ``timm.create_model`` arguments for ``name``: ViTs take any input size. The option
-    changes no parameter, so the weights (and sha256) of a seeded random init stay as before."""
-    return {"dynamic_img_size": True} if is_timm_vit(name) else {}
+    """Extra ``timm.create_model`` arguments for ``name``: ViTs and Swins take any input size. The
+    option changes no parameter, so the weights (and sha256) of a seeded random init stay as before."""
+    return {"dynamic_img_size": True} if is_timm_vit(name) or is_timm_swin(name) else {}
 
 
 def timm_input_config(model: nn.Module, source: str | None = None) -> dict[str, Any]:
@@ -62,8 +75,10 @@ def wrap_timm(name: str, model: nn.Module, sobel: bool = False, input_size: int 
         info = getattr(model, "feature_info", None)
         if not info:
             raise ArchError(f"timm model '{name}' has no feature_info, so dcbench cannot name its taps")
-        taps = _name_taps([entry["module"] for entry in info])
-        backbone = HookedBackbone(f"timm:{name}", model, taps, info[-1]["num_chs"], sobel, input_size, heads)
+        channels_last = getattr(model, "output_fmt", None) == "NHWC"  # Swin: N x H x W x C stage outputs
+        taps = _name_taps([entry["module"] for entry in info], channels_last)
+        backbone = HookedBackbone(f"timm:{name}", model, taps, info[-1]["num_chs"], sobel, input_size, heads,
+                                  channels_last)
     if weights is not None:
         backbone.input_config = timm_input_config(model, f"timm pretrained_cfg of {weights}")
     return backbone
@@ -118,9 +133,11 @@ def _tv_tap_paths(model: nn.Module) -> list[str]:
     raise ArchError(f"dcbench cannot name the taps of torchvision model {type(model).__name__}")
 
 
-def _name_taps(paths: list[str]) -> dict[str, str]:
+def _name_taps(paths: list[str], channels_last: bool = False) -> dict[str, str]:
     if all(p in _RESNET_ALIASES for p in paths):
         return {_RESNET_ALIASES[p]: p for p in paths}
+    if channels_last and all(p == f"layers.{i}" for i, p in enumerate(paths)):  # Swin: stage1..stage4
+        return {f"stage{i + 1}": p for i, p in enumerate(paths)}
     if all(p.startswith("features.") for p in paths) and len(paths) > 1:
         return {f"conv{i + 1}": p for i, p in enumerate(paths)}
     return {p.replace(".", "_"): p for p in paths}

@@ -5,6 +5,11 @@ requested tap is captured, so asking for an early tap does not pay for the whole
 The clustering feature is the global average of the last tap. ResNets also have an
 ``avgpool`` tap: that same global average of the last stage (N x C, 2048-d on ResNet-50),
 VISSL's ``res5avg`` and the feature torchvision's / timm's classifier reads.
+
+Models whose stages emit channels-last maps (timm's Swin Transformers, ``output_fmt`` NHWC) are
+read with ``channels_last=True``: each captured stage output N x H x W x C is permuted to the
+N x C x H x W map every consumer of conv taps expects (timm's own ``forward_intermediates`` does
+the same for its NCHW output).
 """
 from __future__ import annotations
 
@@ -26,8 +31,11 @@ class HookedBackbone(Backbone):
     """A model whose taps are named submodules; the cluster feature pools the last tap."""
 
     def __init__(self, arch: str, model: nn.Module, tap_modules: dict[str, str], feature_dim: int,
-                 sobel: bool, input_size: int, native_heads: tuple[str, ...] = ()) -> None:
+                 sobel: bool, input_size: int, native_heads: tuple[str, ...] = (),
+                 channels_last: bool = False) -> None:
         super().__init__()
+        #: stage outputs are N x H x W x C (permuted to maps when captured)
+        self.channels_last = channels_last
         #: prefixes of the model's own classifier in native (un-prefixed) key names
         self.native_heads = tuple(f"{h}." for h in native_heads)
         self.head_prefixes = ("top_layer.",) + tuple(f"model.{h}" for h in self.native_heads)
@@ -53,7 +61,7 @@ class HookedBackbone(Backbone):
 
         def make_hook(tap: str):
             def hook(_module, _inputs, output):
-                captured[tap] = output
+                captured[tap] = output.permute(0, 3, 1, 2) if self.channels_last else output
                 if len(captured) == len(hooked):
                     raise _StopForward
             return hook

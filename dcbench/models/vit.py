@@ -19,7 +19,10 @@ Taps (one forward pass, stopped after the deepest requested block):
 
 The clustering feature (``cluster`` tap) is ``cls``, or ``avgpool`` for a model without a CLS
 token. Models are built with ``dynamic_img_size=True`` (position embeddings resampled to the
-input's patch grid), so 32-64 px inputs work.
+input's patch grid), so 32-64 px inputs work; an input side that is not a multiple of the patch
+size loses its last ``side % patch`` pixel rows / columns, as the strided patch convolution of
+facebookresearch/dino vision_transformer.py (PatchEmbed: Conv2d, kernel = stride = patch) drops
+them (timm asserts divisibility instead), so retrieval's aspect-preserving resizes work.
 """
 from __future__ import annotations
 
@@ -135,6 +138,7 @@ class ViTBackbone(HookedBackbone):
         m = self.model
         if self.sobel is not None:
             x = self.sobel(x)
+        x = self._fit_patches(x)
         if isinstance(m, _token_model_classes()):
             return self._forward_intermediates(x, wanted)
         x = m.patch_embed(x)
@@ -158,6 +162,16 @@ class ViTBackbone(HookedBackbone):
             normed_cls[depth - 1] = normed[:, 0]
             out.update(self._head_taps(normed, wanted, normed_cls))
         return out
+
+    def _fit_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` cut to whole patches (bottom / right remainder dropped, see the module docstring);
+        unchanged for fixed-size models (their own size is checked) and padding patch embeds."""
+        embed = getattr(self.model, "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        if patch is None or getattr(embed, "strict_img_size", True) or getattr(embed, "dynamic_img_pad", False):
+            return x
+        height, width = x.shape[-2] // patch[0] * patch[0], x.shape[-1] // patch[1] * patch[1]
+        return x if (height, width) == tuple(x.shape[-2:]) else x[..., :height, :width]
 
     def _forward_intermediates(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         """The same taps through timm's ``forward_intermediates`` (block outputs as N x D x h x w

@@ -6,7 +6,10 @@ Presets (what each resolves to is recorded in the result):
     ResNets: dilated to output stride 8 (res4 dilation 2, res5 dilation 4), ``FCNHead`` on res5
     (2 3x3 convs of 512 channels + BN + ReLU, input concatenated, dropout 0.1) and an auxiliary
     ``FCNHead`` on res4 (1 conv of 256 channels, loss weight 0.4); other backbones: the same main
-    head on their last conv tap, no auxiliary head. Whole network trained (mode ``all``), BatchNorm
+    head on their last conv tap, no auxiliary head (a timm ViT: ``blockN``, the last block's patch
+    tokens as one stride-p map, without the final norm: the single-scale input of ViTDet's simple
+    feature pyramid, facebookresearch/detectron2 modeling/backbone/vit.py ViT ->
+    SimpleFeaturePyramid). Whole network trained (mode ``all``), BatchNorm
     in train mode (mmseg's ``norm_eval=False``). MMSelfSup's SyncBN over 4 GPUs x 4 images is
     plain BN over the 16 images of a batch here (one process sees the whole batch: the same
     statistics).
@@ -48,7 +51,7 @@ class SegRecipe:
 
     preset: str
     mode: str
-    family: str  # deepcluster | resnet | other
+    family: str  # deepcluster | resnet | vit | other
     taps: list[str]
     norm_eval: bool
     output_stride: int | None
@@ -95,7 +98,7 @@ def resolve_recipe(net: nn.Module, preset: str, num_classes: int, mode: str | No
 
     mode = mode or PRESET_MODE[preset]
     norm_eval = PRESET_NORM_EVAL[preset] if norm_eval is None else norm_eval
-    family = design_family(net)
+    family = "vit" if getattr(net, "family", None) == "vit" else design_family(net)
     if output_stride is not None and family != "resnet":
         raise UsageError(f"output_stride={output_stride} needs a ResNet backbone (res4/res5 taps); "
                          f"{getattr(net, 'arch', 'this backbone')} keeps its own stride: drop the setting")
@@ -119,8 +122,9 @@ def resolve_recipe(net: nn.Module, preset: str, num_classes: int, mode: str | No
                               f"output stride {stride}")
     channels = tap_channels(net, [last])[last]
     decode = fcn_head(channels, num_classes, 512, 2, True, 0.1, 0)
+    where = f"{last}, the last block's patch tokens as one map (ViTDet's input)" if family == "vit" else last
     return SegRecipe(preset, mode, family, [last], norm_eval, None, decode,
-                     head=f"FCNHead on {last} (2x conv 512, concat)")
+                     head=f"FCNHead on {where} (2x conv 512, concat)")
 
 
 def model_config(recipe: SegRecipe, crop_size: int) -> dict[str, Any]:

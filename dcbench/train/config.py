@@ -51,12 +51,12 @@ def default_workers() -> int:
 #: Settings ``dcbench train --resume`` accepts with a value other than the saved one: they say
 #: how long the run goes (``epochs``: extend or stop a run), where it lives and runs (``out``,
 #: ``device``: bit-exact resumption needs the same device) and how it uses the machine
-#: (``workers``, ``feature_memmap_gb``, ``checkpoint_every``, ``snapshot_every``, ``strict``),
+#: (``workers``, ``feature_memmap_gb``, ``decode_cache_gb``, ``checkpoint_every``, ``snapshot_every``, ``strict``),
 #: never what a step computes. Any other change is refused: the run would mix two recipes.
 #: (DeepCluster-v2's learning-rate schedule depends on ``epochs``: extending a v2 run
 #: stretches the rest of its cosine.)
 RESUME_MAY_CHANGE = frozenset({"epochs", "out", "device", "workers", "feature_memmap_gb", "checkpoint_every",
-                               "snapshot_every", "strict", "dist_timeout_min"})
+                               "snapshot_every", "strict", "dist_timeout_min", "decode_cache_gb"})
 
 
 @dataclass
@@ -76,7 +76,9 @@ class _RunSettings:
     snapshot_every: int = field(default=50, metadata=_doc("keep weights in checkpoints/ every N epochs (0: never)"))
     strict: bool = field(default=False, metadata=_doc("stop at the first unreadable image instead of skipping it"))
     device: str = field(default="auto", metadata=_doc("auto | cpu | cuda | cuda:N"))
-    amp: bool = field(default=False, metadata=_doc("mixed precision on CUDA (bfloat16 autocast)"))
+    amp: bool = field(default=False, metadata=_doc(
+        "bfloat16 autocast (mixed precision) on CUDA and on the CPU; changes the numbers. Faster on CPUs with "
+        "AVX512-BF16/AMX (see dcbench doctor) and on GPUs with bfloat16 (compute capability >= 8.0)"))
     dist_timeout_min: float = field(default=120.0, metadata=_doc(
         "torchrun: minutes a process waits in a collective before the job fails (the others wait while "
         "rank 0 alone clusters; torch's default is 10)"))
@@ -136,6 +138,12 @@ class TrainConfig(_RunSettings):
     crop_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata=_doc("RandomResizedCrop scale range"))
     feature_memmap_gb: float = field(default=2.0, metadata=_doc("features larger than this go to a disk "
                                                                  "memmap in the run folder (deleted after use)"))
+    decode_cache_gb: float = field(default=4.0, metadata=_doc(
+        "keep the decoded images (uint8) in memory when they fit this many GB (capped at half the available "
+        "memory): each image is decoded once per run instead of twice per epoch; same pixels; 0: off"))
+    channels_last: bool = field(default=False, metadata=_doc(
+        "feed the network channels-last batches (oneDNN/cuDNN then pick channels-last kernels: faster on some "
+        "machines, mostly with amp; last-bit differences in the numbers)"))
 
     def validate(self) -> None:
         """Raise UsageError for settings no run can use."""
@@ -152,6 +160,8 @@ class TrainConfig(_RunSettings):
             raise UsageError(f"reassign must be positive, got {self.reassign}")
         if self.lr <= 0 or self.top_lr <= 0:
             raise UsageError("lr and top_lr must be positive")
+        if self.decode_cache_gb < 0:
+            raise UsageError(f"decode_cache_gb must be >= 0 (0: off), got {self.decode_cache_gb}")
 
 
 @dataclass

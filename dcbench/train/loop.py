@@ -38,8 +38,9 @@ from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
 from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, check_finite_features,
                                   check_finite_loss,
-                                  finish_epoch, freeze_foreign_heads, freeze_unreached, open_run, progress,
-                                  rank_states, read_train_state, restore_rank_state, run_epochs, warn_recipe, wrap_ddp)
+                                  finish_epoch, freeze_foreign_heads, freeze_unreached, load_sgd_state, open_run,
+                                  progress, rank_states, read_train_state, restore_rank_state, run_epochs, sgd,
+                                  warn_recipe, wrap_ddp)
 from dcbench.train.distributed import (DistInfo, all_agree, all_reduce_sum, barrier, broadcast_from_main,
                                        gather_to_main, main_rank_threads)
 from dcbench.train.rundir import RunDir
@@ -99,8 +100,10 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
     model.to(dist.device)
     freeze_foreign_heads(model)
     freeze_unreached(model, cfg.image_size)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = sgd([p for p in model.parameters() if p.requires_grad], dist.device, lr=cfg.lr,
+                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    images.cache_decoded(cfg.decode_cache_gb)  # after the checks: a refused run reads no headers
+    crops.decoded = images.decoded  # both passes share the decoded pixels
     trainer = Trainer(cfg, dist, run, model, optimizer, images, crops)
     if resume:
         restore_training(trainer)
@@ -128,7 +131,7 @@ def extract_features(t: Trainer) -> tuple[np.ndarray, np.ndarray, float]:
     out = extract_rows(t.model, t.images, [CLUSTER_TAP], batch_size=t.cfg.batch_size, workers=t.cfg.workers,
                        device=t.dist.device, progress=t.dist.is_main, shard=(t.dist.rank, t.dist.world_size),
                        spill_dir=t.run.path, spill_over_bytes=t.cfg.feature_memmap_gb * 1e9, amp=t.cfg.amp,
-                       desc=f"epoch {t.state.epoch} extract")
+                       channels_last=t.cfg.channels_last, desc=f"epoch {t.state.epoch} extract")
     rows = out.taps[CLUSTER_TAP]
     t.state.stats["n_skipped"] = int(all_reduce_sum(t.dist, out.n_items - len(rows.owner)))
     features = rows.rows if len(rows.owner) else np.empty((0, t.model.feature_dim), dtype=np.float32)
@@ -240,7 +243,7 @@ def new_top_layer(t: Trainer) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.cfg.seed * 7919 + t.state.epoch)
         layer = t.model.set_top_layer(t.state.stats["n_clusters"])
-    t.top_optimizer = torch.optim.SGD(layer.parameters(), lr=t.cfg.top_lr, weight_decay=t.cfg.top_weight_decay)
+    t.top_optimizer = sgd(layer.parameters(), t.dist.device, lr=t.cfg.top_lr, weight_decay=t.cfg.top_weight_decay)
 
 
 # ----------------------------------------------------------------------------- phase 5: train
@@ -259,6 +262,8 @@ def train_pass(t: Trainer, loader: DataLoader) -> None:
     for images, targets, _, _ in progress(loader, f"epoch {s.epoch} train", t.dist):
         if all_agree(t.dist, len(targets) > 0):
             images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
+            if t.cfg.channels_last:  # the input's format decides the convolutions' (the weights stay NCHW)
+                images = images.contiguous(memory_format=torch.channels_last)
             with autocast(t.dist.device, t.cfg.amp):
                 loss = criterion(model(images, taps=[LOGITS_TAP])[LOGITS_TAP].float(), targets)
             value = float(loss.item())
@@ -300,6 +305,8 @@ def epoch_record(t: Trainer) -> dict[str, Any]:
         "time_extract_s": round(stats.get("time_extract_s", 0.0), 3),
         "time_cluster_s": round(stats.get("time_cluster_s", 0.0), 3),
         "time_train_s": round(stats.get("time_train_s", 0.0), 3),
+        # images whose decoded pixels this process holds in memory (decode_cache_gb; None: cache off)
+        "decoded_in_memory": None if t.images.decoded is None else t.images.decoded.n_filled(),
     }
 
 
@@ -339,7 +346,7 @@ def save_training_checkpoint(t: Trainer, path: Path | None = None) -> None:
 def restore_training(t: Trainer) -> None:
     """Load ``RUN_DIR/checkpoint.pth`` into the trainer: model, optimisers, epoch state, RNG."""
     ts = read_train_state(t, t.model)
-    t.optimizer.load_state_dict(ts["optimizer"])
+    load_sgd_state(t.optimizer, ts["optimizer"])
     s = t.state
     s.epoch, s.iteration = int(ts["epoch"]), int(ts["iteration"])
     s.assignments = None if ts["assignments"] is None else ts["assignments"].numpy().copy()
@@ -348,7 +355,7 @@ def restore_training(t: Trainer) -> None:
     if s.assignments is not None:
         new_top_layer(t)
         t.model.top_layer.load_state_dict(ts["top_layer"])
-        t.top_optimizer.load_state_dict(ts["top_optimizer"])
+        load_sgd_state(t.top_optimizer, ts["top_optimizer"])
     restore_rank_state(t, ts)
     if t.dist.is_main:
         t.run.truncate_metrics(s.epoch)
