@@ -699,7 +699,7 @@ def results_export(store: str | None, checkpoint: str | None, protocol_name: str
               help="Folder for the data, the run, the results store and the leaderboards.")
 @click.option("--epochs", type=int, help="Training epochs (default: the demo's).")
 def demo_cmd(out: str, epochs: int | None) -> None:
-    """Train DeepCluster on scikit-learn digits, probe it against a random init, print the leaderboard."""
+    """Train DeepCluster-v2 on scikit-learn digits, probe it against a random init, print the leaderboard."""
     from dcbench.demo import print_summary, run_demo
 
     print_summary(run_demo(out, epochs=epochs), click.echo)
