@@ -15,8 +15,11 @@ the best epoch (the selections of :func:`final_and_best_rows`), for the paired b
 
 Data parallelism (``ProbeLoop.shard``, torchrun): the rule is that the GLOBAL batch is the
 preset's ``batch_size`` and each of the N ranks reads ``batch_size / N`` augmented images of it
-(a :class:`~torch.utils.data.DistributedSampler`, reshuffled per epoch from the seed; a batch
-size N does not divide is refused). Each rank forwards its share through the frozen backbone,
+(:class:`dcbench.data.seeded.SeededOrder`: the one-process order reshuffled per epoch from the
+seed, rank r reading every N-th image of it; a batch size N does not divide is refused). Every
+image's random crop is a function of (seed, epoch, image) (:mod:`dcbench.data.seeded`), so the
+crops, and the images of each global batch, are those of one process, whatever the number of
+ranks or loader workers. Each rank forwards its share through the frozen backbone,
 the pooled features and targets are all-gathered (:func:`dcbench.parallel.all_gather_batch`),
 and every rank takes the same SGD step of the heads on the whole global batch. This is exactly
 DistributedDataParallel's averaged gradient for Linear heads (the mean loss over the global
@@ -41,10 +44,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from dcbench import parallel
 from dcbench.data import SkipCounter, skip_collate
+from dcbench.data.seeded import SeededOrder, SeededViews
 from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, rank_batches
 from dcbench.progress import track
 from dcbench.metrics.classification import hits_of, topk_correct
@@ -274,14 +278,15 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     """
     if loop.world > 1:
         return _train_on_images_parallel(backbone, probes, train_ds, val_ds, n_crops, loop, outcomes)
-    loader = make_loader(train_ds, loop.batch_size, loop.workers, loop.device, shuffle=True, seed=loop.seed,
-                         persistent=True)
+    order = SeededOrder(train_ds, loop.seed)
+    loader = _augmented_loader(train_ds, order, loop.batch_size, loop)
     val_loader = make_loader(val_ds, max(1, loop.batch_size // n_crops), loop.workers, loop.device,
                              persistent=True)
     counter, skipped = SkipCounter(train_ds), {}
     history: History = []
     iteration = 0
     for epoch in range(loop.epochs):
+        order.set_epoch(epoch)
         with frozen(backbone):
             for images, targets, idx, n_skipped in _bar(loader, f"epoch {epoch + 1}/{loop.epochs}", loop.progress):
                 counter.update(idx, n_skipped)
@@ -304,18 +309,22 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     return history, skipped
 
 
+def _augmented_loader(train_ds: Any, order: SeededOrder, batch_size: int, loop: ProbeLoop) -> DataLoader:
+    """Training batches whose crops depend on (seed, epoch, image) only (:mod:`dcbench.data.seeded`):
+    the same numbers with any ``workers`` and, under torchrun, the same global batches and crops as
+    one process."""
+    return DataLoader(SeededViews(train_ds), batch_size=batch_size, sampler=order, num_workers=loop.workers,
+                      collate_fn=skip_collate, pin_memory=torch.device(loop.device).type == "cuda",
+                      persistent_workers=loop.workers > 0)
+
+
 def _train_on_images_parallel(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds: Any, n_crops: int,
                               loop: ProbeLoop, outcomes: ProbeOutcomes | None) -> tuple[History, dict[str, int]]:
     """:func:`train_on_images` on rank ``loop.shard[0]`` of a torchrun job: this rank's share of
     every global batch through the backbone, the same head step on every rank."""
     rank, world = loop.shard
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=loop.seed)
-    # each rank its own augmentation stream: the same crops on every rank would pair up images
-    aug_seed = zlib.crc32(f"{loop.seed}:augment:{rank}".encode())
-    torch.manual_seed(aug_seed)
-    loader = DataLoader(train_ds, batch_size=loop.rank_batch(), sampler=sampler, num_workers=loop.workers,
-                        collate_fn=skip_collate, pin_memory=torch.device(loop.device).type == "cuda",
-                        generator=torch.Generator().manual_seed(aug_seed), persistent_workers=loop.workers > 0)
+    sampler = SeededOrder(train_ds, loop.seed, world, rank)  # rank r: every world-th image of the same order
+    loader = _augmented_loader(train_ds, sampler, loop.rank_batch(), loop)
     val_batches = rank_batches(len(val_ds), max(1, loop.batch_size // n_crops), loop.shard)
     val_loader = DataLoader(val_ds, batch_sampler=val_batches, num_workers=loop.workers, collate_fn=skip_collate,
                             pin_memory=torch.device(loop.device).type == "cuda", persistent_workers=loop.workers > 0)
@@ -333,7 +342,7 @@ def _train_on_images_parallel(backbone: nn.Module, probes: ProbeSet, train_ds: A
                 probes.set_lr(epoch, iteration)
                 probes.step(pooled, labels)
                 iteration += 1
-            skipped["train"] = _skipped_everywhere(counter, list(sampler), train_ds, report=epoch == 0)
+            skipped["train"] = _skipped_everywhere(counter, sampler.indices(), train_ds, report=epoch == 0)
             # the heads took identical steps; rank 0's copy makes any last-bit drift impossible
             parallel.broadcast_module_(probes.heads)
             totals, skipped["val"] = _evaluate_images(backbone, probes, val_loader, val_ds, n_crops, loop, False)
@@ -363,8 +372,8 @@ def _global_batch(backbone: nn.Module, images: torch.Tensor, targets: torch.Tens
 
 
 def _skipped_everywhere(counter: SkipCounter, expected: list[int], dataset: Any, report: bool) -> int:
-    """Unreadable images of the epoch over every rank (the union of each rank's misses: the
-    DistributedSampler repeats a few indices to even the shares out); warns once on rank 0."""
+    """Unreadable images of the epoch over every rank (the union of each rank's misses); warns
+    once on rank 0."""
     mine = counter.missing_indices(expected)
     counter.reset()
     _, missing = parallel.all_gather_rows(np.zeros((len(mine), 1), np.float32), mine.astype(np.int64))

@@ -200,8 +200,9 @@ class LinearProbe(Protocol):
     #: 2 epochs change; see CHANGELOG). 3: the vissl preset follows VISSL: centre-crop test,
     #: no CenterCrop(256) in training, torch's default head init, + avgpool on ResNets.
     #: 4: ViTs default to the cls tap; published weights are read with their own input
-    #: convention (input_convention=weights); lr / head_init / interpolation default to the preset's
-    version: ClassVar[str] = "4"
+    #: convention (input_convention=weights); lr / head_init / interpolation default to the preset's.
+    #: 5: cached=false crops depend on (seed, epoch, image) only (dcbench.data.seeded): any workers / world size
+    version: ClassVar[str] = "5"
     Settings: ClassVar[type] = LinearSettings
     #: number of classes the dataset must have (None: any)
     expected_classes: ClassVar[int | None] = None

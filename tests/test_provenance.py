@@ -139,7 +139,8 @@ def test_versions_of_the_changed_protocols():
     """Issue 13 moved numbers of these protocols (see CHANGELOG)."""
     versions = {n: get_protocol(n).version for n in BUILTIN}
     # 4: ViT default tap cls, input conventions of published weights (this release)
-    assert versions["linear"] == versions["imagenet-linear"] == versions["places-linear"] == "4"
+    # 5: augmented crops seeded per (seed, epoch, image): independent of workers and world size
+    assert versions["linear"] == versions["imagenet-linear"] == versions["places-linear"] == "5"
     # 3 / 2: published weights read with their own input convention (this release)
     assert versions["voc07-svm"] == versions["voc07-lowshot"] == versions["voc-det"] == "3"
     # 3: ViT cls head (voc07-cls) and Swin maps read channels-last (both; issue 19)

@@ -14,6 +14,7 @@ from torch import nn
 
 from dcbench.errors import CheckpointError, DcbenchError
 from dcbench.checkpoint import read_checkpoint_file
+from dcbench.data.seeded import read_seeded
 from dcbench.features import AMP_DEVICES
 from dcbench.models import CLUSTER_TAP, Backbone
 from dcbench.progress import track
@@ -293,9 +294,4 @@ def _newest_snapshot(run: RunDir) -> tuple[Path, dict[str, Any] | None]:
 def seeded_view(images: Any, index: int, seed: int) -> Any:
     """Image ``index`` of ``images`` with its augmentation drawn from torch's RNG seeded by
     ``seed`` (the caller's RNG untouched), so a crop depends only on (seed, epoch, position)."""
-    # Only the CPU generator: the crop transforms draw from it alone. torch.manual_seed would also
-    # seed every accelerator backend, and before CUDA is initialised each call queues a lazy seeding
-    # with a formatted stack trace (3 per image: seconds per epoch and an ever-growing queue).
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return images[index]
+    return read_seeded(images, index, seed)  # only the CPU generator (see read_seeded)

@@ -1,0 +1,93 @@
+"""Augmentations that depend on (seed, epoch, image) only, never on loader workers or processes.
+
+A DataLoader's workers each draw from their own random stream (seeded from the loader's base
+seed and the worker id) and receive batches in turn, so the random crop an image gets depends on
+how many workers there are, and under torchrun on how many processes. Here the sampler, which
+runs in the main process, pairs every dataset index with its own augmentation seed, a function of
+(run seed, epoch, index); :class:`SeededViews` seeds torch's CPU generator with it around the
+read. The crop of image ``i`` in epoch ``e`` is then the same with 0, 2 or 8 workers and on every
+rank that reads it (the trainer does the same per position: :mod:`dcbench.train.common`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def read_seeded(dataset: Any, index: int, seed: int) -> Any:
+    """Item ``index`` of ``dataset`` with its random transforms drawn from torch's CPU generator
+    seeded by ``seed`` (the caller's RNG state untouched).
+
+    Only the CPU generator: the transforms draw from it alone, and ``torch.manual_seed`` would also
+    seed every accelerator backend (before CUDA is initialised each call queues a lazy seeding).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return dataset[index]
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset item ``index`` in ``epoch`` of a run seeded ``seed``."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+
+
+#: the index of a padding item (:class:`SeededOrder`): it reads as an unreadable image (None)
+PAD = -1
+
+
+class SeededViews(Dataset):
+    """``dataset`` read through ``(index, augmentation seed)`` items (see :class:`SeededOrder`);
+    a :data:`PAD` item reads as None, which :func:`dcbench.data.skip_collate` drops."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        return None if index == PAD else read_seeded(self.dataset, index, seed)
+
+
+class SeededOrder(Sampler):
+    """One whole-dataset permutation per epoch (torch.randperm seeded with ``seed`` + epoch, as
+    :class:`~torch.utils.data.DistributedSampler` draws it), rank ``r`` of ``num_replicas`` reading
+    its entries ``r, r + N, ...``, each paired with :func:`augmentation_seed`.
+
+    A global batch of N ranks therefore holds the images, and the crops, of one process's batch.
+    Where N does not divide the dataset, the shares are evened out with :data:`PAD` items (read as
+    nothing), not with repeated images as DistributedSampler does: every image is seen once per
+    epoch, as in one process. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: Any, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__()
+        self.n, self.seed, self.epoch = len(dataset), seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.num_replicas)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.items())
+
+    def items(self) -> list[tuple[int, int]]:
+        """This rank's ``(index, augmentation seed)`` items of the current epoch, pads included."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        positions = range(self.rank, len(self) * self.num_replicas, self.num_replicas)
+        return [(order[p], augmentation_seed(self.seed, self.epoch, order[p])) if p < self.n else (PAD, 0)
+                for p in positions]
+
+    def indices(self) -> list[int]:
+        """This rank's dataset indices of the current epoch (pads left out)."""
+        return [index for index, _seed in self.items() if index != PAD]

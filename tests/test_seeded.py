@@ -1,0 +1,82 @@
+"""Augmentations seeded per (seed, epoch, image): independent of loader workers and of the number
+of processes (dcbench.data.seeded; the augmented linear probe, version 5)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from dcbench.cli import main
+from dcbench.data import skip_collate
+from dcbench.data.datasets import image_folder
+from dcbench.data.seeded import PAD, SeededOrder, SeededViews, augmentation_seed
+from dcbench.data.synthetic import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("s") / "shapes", n_classes=3, per_class=6, image_size=48,
+                             corrupt=1)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_read_the_one_process_order_with_pads_instead_of_repeats(world):
+    data = list(range(19))
+    one = SeededOrder(data, seed=7)
+    ranks = [SeededOrder(data, seed=7, num_replicas=world, rank=r) for r in range(world)]
+    for epoch in (0, 3):
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        single = one.items()
+        assert sorted(i for i, _ in single) == data  # a permutation: every image once
+        assert all(seed == augmentation_seed(7, epoch, i) for i, seed in single)
+        interleaved = [item for k in range(len(ranks[0])) for r in ranks for item in [r.items()[k]]]
+        assert [item for item in interleaved if item[0] != PAD] == single  # same images, same crop seeds
+        assert all(item[0] == PAD for item in interleaved[len(data):])  # pads only after the last image
+        assert {len(r) for r in ranks} == {-(-len(data) // world)}  # equal shares: the same step count
+        assert sorted(i for r in ranks for i in r.indices()) == data
+    one.set_epoch(1)
+    assert [i for i, _ in one.items()] != [i for i, _ in single]  # reshuffled per epoch
+
+
+def test_views_are_the_same_with_any_number_of_workers(shapes):
+    crops = transforms.Compose([transforms.RandomResizedCrop(32), transforms.RandomHorizontalFlip(),
+                                transforms.ToTensor()])
+    dataset = image_folder(shapes / "train", transform=crops)
+    order = SeededOrder(dataset, seed=3)
+    order.set_epoch(2)
+
+    def batches(workers: int) -> list[tuple]:
+        loader = DataLoader(SeededViews(dataset), batch_size=5, sampler=order, num_workers=workers,
+                            collate_fn=skip_collate)
+        return [(images, idx, skipped) for images, _targets, idx, skipped in loader]
+
+    zero, two = batches(0), batches(2)
+    assert sum(skipped for *_, skipped in zero) == 1  # the corrupt image, dropped
+    assert len(zero) == len(two)
+    for (a, ia, _), (b, ib, _) in zip(zero, two):
+        assert torch.equal(ia, ib) and torch.equal(a, b)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    SeededViews(dataset)[(1, 99)]
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG is untouched
+    assert SeededViews(dataset)[(PAD, 0)] is None
+
+
+def test_augmented_linear_probe_gives_the_same_numbers_with_any_workers(shapes, tmp_path):
+    args = ["eval", "--protocol", "linear", "--checkpoint", "random:alexnet,size=64", "--data", str(shapes),
+            "--set", "image_size=64", "--set", "batch_size=8", "--set", "epochs=2", "--set", "lr=0.05",
+            "--set", "taps=[conv1,conv3]", "--json"]
+    runs = []
+    for workers in (0, 2):
+        result = CliRunner().invoke(main, [*args, "--set", f"workers={workers}", "--store",
+                                           str(tmp_path / f"w{workers}.db")])
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout.strip().splitlines()[-1])
+        assert record["protocol_version"] == "5" and record["extra"]["mode"] == "augmented"
+        runs.append(record)
+    assert runs[0]["extra"]["history_top1"] == runs[1]["extra"]["history_top1"]
+    assert runs[0]["metrics"] == runs[1]["metrics"]
