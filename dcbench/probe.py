@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from dcbench import parallel
 from dcbench.data import SkipCounter, skip_collate
-from dcbench.data.seeded import SeededOrder, SeededViews
+from dcbench.data.seeded import SeededOrder, seeded_loader
 from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, rank_batches
 from dcbench.progress import track
 from dcbench.metrics.classification import hits_of, topk_correct
@@ -279,7 +279,7 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     if loop.world > 1:
         return _train_on_images_parallel(backbone, probes, train_ds, val_ds, n_crops, loop, outcomes)
     order = SeededOrder(train_ds, loop.seed)
-    loader = _augmented_loader(train_ds, order, loop.batch_size, loop)
+    loader = seeded_loader(train_ds, order, loop.batch_size, loop.workers, loop.device)
     val_loader = make_loader(val_ds, max(1, loop.batch_size // n_crops), loop.workers, loop.device,
                              persistent=True)
     counter, skipped = SkipCounter(train_ds), {}
@@ -309,22 +309,13 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     return history, skipped
 
 
-def _augmented_loader(train_ds: Any, order: SeededOrder, batch_size: int, loop: ProbeLoop) -> DataLoader:
-    """Training batches whose crops depend on (seed, epoch, image) only (:mod:`dcbench.data.seeded`):
-    the same numbers with any ``workers`` and, under torchrun, the same global batches and crops as
-    one process."""
-    return DataLoader(SeededViews(train_ds), batch_size=batch_size, sampler=order, num_workers=loop.workers,
-                      collate_fn=skip_collate, pin_memory=torch.device(loop.device).type == "cuda",
-                      persistent_workers=loop.workers > 0)
-
-
 def _train_on_images_parallel(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds: Any, n_crops: int,
                               loop: ProbeLoop, outcomes: ProbeOutcomes | None) -> tuple[History, dict[str, int]]:
     """:func:`train_on_images` on rank ``loop.shard[0]`` of a torchrun job: this rank's share of
     every global batch through the backbone, the same head step on every rank."""
     rank, world = loop.shard
     sampler = SeededOrder(train_ds, loop.seed, world, rank)  # rank r: every world-th image of the same order
-    loader = _augmented_loader(train_ds, sampler, loop.rank_batch(), loop)
+    loader = seeded_loader(train_ds, sampler, loop.rank_batch(), loop.workers, loop.device)
     val_batches = rank_batches(len(val_ds), max(1, loop.batch_size // n_crops), loop.shard)
     val_loader = DataLoader(val_ds, batch_sampler=val_batches, num_workers=loop.workers, collate_fn=skip_collate,
                             pin_memory=torch.device(loop.device).type == "cuda", persistent_workers=loop.workers > 0)

@@ -13,8 +13,11 @@ DeepCluster paper's ``eval_voc_classif.py``).
   sum the logits of the test crops of every test image.
 
 Data parallelism (``shard``, torchrun): the global batch is ``batch_size`` and each of the N
-ranks reads ``batch_size / N`` images of it (a DistributedSampler reshuffled per pass from the
-seed; a batch size N does not divide is refused). Every rank holds the whole network (initialised
+ranks reads ``batch_size / N`` images of it (every N-th image of the one-process order,
+reshuffled per pass from the seed; a batch size N does not divide is refused). Training crops
+and the random test crops depend on (seed, pass, image) only (:mod:`dcbench.data.seeded`): the
+same with any ``workers``, and the global batches hold the one-process images and crops
+(dropout draws per rank). Every rank holds the whole network (initialised
 identically from the seed, then rank 0's copy broadcast); after each backward the gradients are
 all-reduced weighted by each rank's image count (:func:`dcbench.parallel.average_gradients_`:
 DistributedDataParallel's averaging, exact when the shares differ), so every rank clips and steps
@@ -39,14 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 from dcbench import finetune as ft
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter
+from dcbench.data import DataError, SkipCounter, skip_collate
+from dcbench.data.seeded import SeededBatches, SeededOrder, SeededViews, seeded_loader
 from dcbench.data.transforms import InputConvention, convention_finetune_transform, convention_ten_crop_transform
 from dcbench.data.voc import VOCSplit
 from dcbench.errors import UsageError
-from dcbench.features import make_loader
+from dcbench.features import rank_batches
 from dcbench.progress import track
 
 
@@ -158,16 +163,18 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
     ds.strict = strict
     if shard is not None and shard[1] > 1:
         return _train_finetune_parallel(net, train, ds, settings, device, progress, shard)
-    loader = make_loader(ds, settings.batch_size, settings.workers, device, shuffle=True, seed=settings.seed,
-                         persistent=True)
+    order = SeededOrder(ds, settings.seed)  # crops depend on (seed, pass, image) only: any workers
+    loader = seeded_loader(ds, order, settings.batch_size, settings.workers, device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    counter, iteration, losses = SkipCounter(ds), 0, []
+    counter, iteration, losses, epoch = SkipCounter(ds), 0, [], 0
     every = max(1, settings.iterations // 10)
     bar = ft.progress_bar(settings.iterations, "fine-tune", "it", progress)
     while iteration < settings.iterations:
         done_before = iteration
+        order.set_epoch(epoch)
+        epoch += 1
         net.train()
         net.trunk.eval()  # BatchNorm keeps its running statistics, in both modes
         for images, _t, idx, n_skipped in loader:
@@ -200,18 +207,12 @@ def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, setting
                              shard: tuple[int, int]) -> dict[str, Any]:
     """:func:`train_finetune` on rank ``shard[0]`` of a torchrun job: this rank's share of every
     global batch, gradients averaged over the global batch before clipping and stepping."""
-    from torch.utils.data import DataLoader, DistributedSampler  # noqa: PLC0415
-
-    from dcbench.data import skip_collate  # noqa: PLC0415
-
     rank, world = shard
     parallel.broadcast_module_(net)  # one starting point, whatever each rank's BN re-estimation gave
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    torch.manual_seed(zlib.crc32(f"{settings.seed}:finetune:{rank}".encode()))  # crops and dropout per rank
-    loader = DataLoader(ds, batch_size=parallel.per_rank_batch(settings.batch_size, world), sampler=sampler,
-                        num_workers=settings.workers, collate_fn=skip_collate,
-                        generator=torch.Generator().manual_seed(zlib.crc32(f"{settings.seed}:workers:{rank}".encode())),
-                        pin_memory=torch.device(device).type == "cuda", persistent_workers=settings.workers > 0)
+    # rank r reads every world-th image of the one-process order, with the one-process crops
+    sampler = SeededOrder(ds, settings.seed, world, rank)
+    torch.manual_seed(zlib.crc32(f"{settings.seed}:finetune:{rank}".encode()))  # dropout per rank
+    loader = seeded_loader(ds, sampler, parallel.per_rank_batch(settings.batch_size, world), settings.workers, device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -264,21 +265,17 @@ def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: st
     ds = test.dataset(transform)
     ds.strict = strict
     batch = max(1, settings.batch_size // 10) if tencrop else settings.batch_size
-    if shard is not None and shard[1] > 1:
-        from torch.utils.data import DataLoader  # noqa: PLC0415
-
-        from dcbench.data import skip_collate  # noqa: PLC0415
-        from dcbench.features import rank_batches  # noqa: PLC0415
-
-        loader = DataLoader(ds, batch_sampler=rank_batches(len(ds), batch, shard), num_workers=settings.workers,
-                            collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
-    else:
-        loader = make_loader(ds, batch, settings.workers, device)
+    # each rank scores its block of the one-process batches; the random crops of pass p are a
+    # function of (seed, p, image), drawn apart from the training passes' (negative pass numbers)
+    order = SeededBatches(rank_batches(len(ds), batch, shard or (0, 1)), settings.seed)
+    loader = DataLoader(SeededViews(ds), batch_sampler=order, num_workers=settings.workers, collate_fn=skip_collate,
+                        pin_memory=torch.device(device).type == "cuda")
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()
     passes = 1 if tencrop else 10  # the paper: 10 passes of random crops
     for p in range(passes):
+        order.set_epoch(-(p + 1))
         for images, _t, idx, _n in track(loader, f"test pass {p + 1}/{passes}", "batch", enabled=progress):
             if len(idx) == 0:
                 continue

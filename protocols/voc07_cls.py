@@ -167,7 +167,8 @@ class VocFinetune(Protocol):
     description: ClassVar[str] = "Pascal VOC07 classification by fine-tuning fc6-8 or all layers (paper Table 2)"
     #: 2: published weights are read with their own input convention (input_convention=weights): mean, std, interpolation
     #: 3: a timm ViT's head reads its cls token (was its last block's patch map, averaged); timm Swin maps read
-    #: channels-last (they were misread as N x H x W x C)
+    #: channels-last (they were misread as N x H x W x C); training crops depend on (seed, pass, image) only
+    #: (dcbench.data.seeded): the same numbers with any workers
     version: ClassVar[str] = "3"
     finetune: ClassVar[bool] = True
     data_layout: ClassVar[str] = VOC07_LAYOUT

@@ -11,6 +11,7 @@ from torchvision import transforms
 from dcbench.cli import main
 from dcbench.data import skip_collate
 from dcbench.data.datasets import image_folder
+from dcbench.data.datasets import Padding
 from dcbench.data.seeded import PAD, SeededOrder, SeededViews, augmentation_seed
 from dcbench.data.synthetic import make_image_folder
 
@@ -63,7 +64,10 @@ def test_views_are_the_same_with_any_number_of_workers(shapes):
     torch.manual_seed(0)
     SeededViews(dataset)[(1, 99)]
     assert torch.equal(torch.rand(1), before)  # the caller's RNG is untouched
-    assert SeededViews(dataset)[(PAD, 0)] is None
+    pad = SeededViews(dataset)[(PAD, 0)]
+    assert isinstance(pad, Padding)
+    images, _targets, idx, skipped = skip_collate([pad, None, dataset[0]])
+    assert (len(idx), skipped) == (1, 1)  # the unreadable image counts, the pad does not
 
 
 def test_augmented_linear_probe_gives_the_same_numbers_with_any_workers(shapes, tmp_path):
@@ -80,3 +84,20 @@ def test_augmented_linear_probe_gives_the_same_numbers_with_any_workers(shapes, 
         runs.append(record)
     assert runs[0]["extra"]["history_top1"] == runs[1]["extra"]["history_top1"]
     assert runs[0]["metrics"] == runs[1]["metrics"]
+
+
+def test_voc07_cls_fine_tune_gives_the_same_numbers_with_any_workers(tmp_path):
+    from dcbench.data.synthetic_voc import make_voc
+    from dcbench.data.voc import VOC_CLASSES
+
+    root = make_voc(tmp_path / "voc", classes=VOC_CLASSES[:3])
+    args = ["eval", "--protocol", "voc07-cls", "--checkpoint", "random:alexnet,size=64", "--data", str(root),
+            "--set", "image_size=64", "--set", "iterations=4", "--set", "batch_size=4", "--json"]
+    maps = []
+    for workers in (0, 2):
+        result = CliRunner().invoke(main, [*args, "--set", f"workers={workers}", "--store",
+                                           str(tmp_path / f"w{workers}.db")])
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout.strip().splitlines()[-1])
+        maps.append({m["metric"]: m["value"] for m in record["metrics"]})
+    assert maps[0] == maps[1] and "mAP" in maps[0]

@@ -430,15 +430,23 @@ def open_training_data(
 # --------------------------------------------------------------------------- batching
 
 
-def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """DataLoader ``collate_fn`` that drops unreadable (``None``) items.
+class Padding:
+    """What a padding item of a seeded order reads as (:mod:`dcbench.data.seeded`): dropped by
+    :func:`skip_collate` without counting as an unreadable image (a class, not a sentinel object:
+    it crosses process boundaries from the loader workers by pickling)."""
 
-    Returns ``(images, targets, indices, n_skipped)``. When every item was unreadable,
-    ``images``, ``targets`` and ``indices`` are empty (``len(indices) == 0``) and
-    ``n_skipped == len(batch)``: callers skip such a batch.
+
+def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """DataLoader ``collate_fn`` that drops unreadable (``None``) items, and the pads of a seeded
+    order (:class:`Padding`) without counting them.
+
+    Returns ``(images, targets, indices, n_skipped)``. When no item was readable, ``images``,
+    ``targets`` and ``indices`` are empty (``len(indices) == 0``) and ``n_skipped`` is the
+    number of unreadable items: callers skip such a batch.
     """
-    kept = [item for item in batch if item is not None]
-    n_skipped = len(batch) - len(kept)
+    real = [item for item in batch if not isinstance(item, Padding)]  # pads of a seeded order: not images
+    kept = [item for item in real if item is not None]
+    n_skipped = len(real) - len(kept)
     if not kept:
         empty = torch.empty(0, dtype=torch.long)
         return torch.empty(0), empty, empty.clone(), n_skipped

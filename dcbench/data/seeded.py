@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dcbench.data.datasets import Padding, skip_collate
 
 
 def read_seeded(dataset: Any, index: int, seed: int) -> Any:
@@ -35,13 +37,12 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
 
 
-#: the index of a padding item (:class:`SeededOrder`): it reads as an unreadable image (None)
+#: the index of a padding item (:class:`SeededOrder`): it reads as a :class:`~dcbench.data.datasets.Padding`
 PAD = -1
 
 
 class SeededViews(Dataset):
-    """``dataset`` read through ``(index, augmentation seed)`` items (see :class:`SeededOrder`);
-    a :data:`PAD` item reads as None, which :func:`dcbench.data.skip_collate` drops."""
+    """``dataset`` read through ``(index, augmentation seed)`` items (see :class:`SeededOrder`)."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -51,7 +52,7 @@ class SeededViews(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        return None if index == PAD else read_seeded(self.dataset, index, seed)
+        return Padding() if index == PAD else read_seeded(self.dataset, index, seed)
 
 
 class SeededOrder(Sampler):
@@ -61,8 +62,8 @@ class SeededOrder(Sampler):
 
     A global batch of N ranks therefore holds the images, and the crops, of one process's batch.
     Where N does not divide the dataset, the shares are evened out with :data:`PAD` items (read as
-    nothing), not with repeated images as DistributedSampler does: every image is seen once per
-    epoch, as in one process. Call :meth:`set_epoch` before each epoch.
+    a ``Padding``, dropped), not with repeated images as DistributedSampler does: every image is
+    seen once per epoch, as in one process. Call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(self, dataset: Any, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
@@ -91,3 +92,32 @@ class SeededOrder(Sampler):
     def indices(self) -> list[int]:
         """This rank's dataset indices of the current epoch (pads left out)."""
         return [index for index, _seed in self.items() if index != PAD]
+
+
+class SeededBatches(Sampler):
+    """Fixed batches of dataset indices (a ``batch_sampler``), each index paired with its
+    :func:`augmentation_seed` for the current epoch: random test-time crops (e.g. DeepCluster's
+    10 passes of random crops on VOC07 test) that do not depend on the loader workers."""
+
+    def __init__(self, batches: list[list[int]], seed: int) -> None:
+        super().__init__()
+        self.batches, self.seed, self.epoch = [list(b) for b in batches], seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter([[(i, augmentation_seed(self.seed, self.epoch, i)) for i in batch] for batch in self.batches])
+
+
+def seeded_loader(dataset: Any, order: SeededOrder, batch_size: int, workers: int,
+                  device: str | torch.device = "cpu") -> DataLoader:
+    """Batches of ``dataset`` in ``order`` with seeded views, unreadable images and pads dropped
+    (:func:`dcbench.data.skip_collate`); persistent workers (``order.set_epoch`` still applies:
+    the sampler runs in this process)."""
+    return DataLoader(SeededViews(dataset), batch_size=batch_size, sampler=order, num_workers=workers,
+                      collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=workers > 0)
