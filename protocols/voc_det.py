@@ -281,8 +281,9 @@ class VocDetection(Protocol):
                                   "AP50/AP75/AP (paper Table 2; MoCo/VISSL)")
     #: 2: VOC07 11-point AP on np.arange thresholds; box losses with the presets' smooth-L1 betas
     #: (moco: L1 as detectron2; deepcluster: Fast R-CNN's beta 1 in the box head); deepcluster
-    #: test NMS 0.3 (Fast R-CNN's cfg.TEST.NMS). 3: published weights are read with their own input convention (input_convention=weights): mean and std
-    version: ClassVar[str] = "3"
+    #: test NMS 0.3 (Fast R-CNN's cfg.TEST.NMS). 3: published weights are read with their own input convention
+    #: (input_convention=weights): mean and std. 4: flips depend on (seed, epoch, image) only: any workers
+    version: ClassVar[str] = "4"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocDetSettings
     headline_metrics: ClassVar[tuple[str, ...]] = ("AP50",)

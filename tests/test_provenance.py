@@ -142,7 +142,8 @@ def test_versions_of_the_changed_protocols():
     # 5: augmented crops seeded per (seed, epoch, image): independent of workers and world size
     assert versions["linear"] == versions["imagenet-linear"] == versions["places-linear"] == "5"
     # 3 / 2: published weights read with their own input convention (this release)
-    assert versions["voc07-svm"] == versions["voc07-lowshot"] == versions["voc-det"] == "3"
+    assert versions["voc07-svm"] == versions["voc07-lowshot"] == "3"
+    assert versions["voc-det"] == "4"  # 4: flips seeded per (seed, epoch, image), any workers
     # 3: ViT cls head (voc07-cls) and Swin maps read channels-last (both; issue 19)
     assert versions["voc07-cls"] == versions["voc-seg"] == "3"
     assert versions["knn"] == "3"  # 3: k-th neighbour tie-break, chunked bank, ViT cls, input conventions

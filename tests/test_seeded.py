@@ -70,20 +70,24 @@ def test_views_are_the_same_with_any_number_of_workers(shapes):
     assert (len(idx), skipped) == (1, 1)  # the unreadable image counts, the pad does not
 
 
-def test_augmented_linear_probe_gives_the_same_numbers_with_any_workers(shapes, tmp_path):
-    args = ["eval", "--protocol", "linear", "--checkpoint", "random:alexnet,size=64", "--data", str(shapes),
-            "--set", "image_size=64", "--set", "batch_size=8", "--set", "epochs=2", "--set", "lr=0.05",
-            "--set", "taps=[conv1,conv3]", "--json"]
-    runs = []
+def _records_with_workers(args: list[str], tmp_path) -> list[dict]:
+    """The stored record of ``dcbench ARGS --json`` with workers=0, then with workers=2."""
+    records = []
     for workers in (0, 2):
-        result = CliRunner().invoke(main, [*args, "--set", f"workers={workers}", "--store",
+        result = CliRunner().invoke(main, [*args, "--json", "--set", f"workers={workers}", "--store",
                                            str(tmp_path / f"w{workers}.db")])
         assert result.exit_code == 0, result.output
-        record = json.loads(result.stdout.strip().splitlines()[-1])
-        assert record["protocol_version"] == "5" and record["extra"]["mode"] == "augmented"
-        runs.append(record)
-    assert runs[0]["extra"]["history_top1"] == runs[1]["extra"]["history_top1"]
-    assert runs[0]["metrics"] == runs[1]["metrics"]
+        records.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return records
+
+
+def test_augmented_linear_probe_gives_the_same_numbers_with_any_workers(shapes, tmp_path):
+    zero, two = _records_with_workers(
+        ["eval", "--protocol", "linear", "--checkpoint", "random:alexnet,size=64", "--data", str(shapes), "--set",
+         "image_size=64", "--set", "batch_size=8", "--set", "epochs=2", "--set", "lr=0.05", "--set",
+         "taps=[conv1,conv3]"], tmp_path)
+    assert zero["protocol_version"] == "5" and zero["extra"]["mode"] == "augmented"
+    assert zero["extra"]["history_top1"] == two["extra"]["history_top1"] and zero["metrics"] == two["metrics"]
 
 
 def test_voc07_cls_fine_tune_gives_the_same_numbers_with_any_workers(tmp_path):
@@ -91,13 +95,27 @@ def test_voc07_cls_fine_tune_gives_the_same_numbers_with_any_workers(tmp_path):
     from dcbench.data.voc import VOC_CLASSES
 
     root = make_voc(tmp_path / "voc", classes=VOC_CLASSES[:3])
-    args = ["eval", "--protocol", "voc07-cls", "--checkpoint", "random:alexnet,size=64", "--data", str(root),
-            "--set", "image_size=64", "--set", "iterations=4", "--set", "batch_size=4", "--json"]
-    maps = []
+    zero, two = _records_with_workers(
+        ["eval", "--protocol", "voc07-cls", "--checkpoint", "random:alexnet,size=64", "--data", str(root), "--set",
+         "image_size=64", "--set", "iterations=4", "--set", "batch_size=4"], tmp_path)
+    assert zero["metrics"] == two["metrics"] and any(m["metric"] == "mAP" for m in zero["metrics"])
+
+
+def test_voc_det_fine_tune_gives_the_same_numbers_with_any_workers(tmp_path):
+    from dcbench.data.synthetic_voc import make_voc
+    from dcbench.data.voc import VOC_CLASSES
+    from dcbench.protocol import EvalContext, get_protocol
+    from dcbench.checkpoint import resolve_checkpoint
+    from dcbench.settings import apply_settings
+
+    root = make_voc(tmp_path / "voc", classes=VOC_CLASSES[:3])
+    proto = get_protocol("voc-det")
+    small = {"iterations": 6, "batch_size": 4, "lr": 0.02, "min_size": [128], "test_size": 128, "max_size": 200,
+             "anchor_sizes": [64, 128], "rois_per_image": 16, "proposals_train": 50, "proposals_test": 20,
+             "mode": "all"}
+    results = []
     for workers in (0, 2):
-        result = CliRunner().invoke(main, [*args, "--set", f"workers={workers}", "--store",
-                                           str(tmp_path / f"w{workers}.db")])
-        assert result.exit_code == 0, result.output
-        record = json.loads(result.stdout.strip().splitlines()[-1])
-        maps.append({m["metric"]: m["value"] for m in record["metrics"]})
-    assert maps[0] == maps[1] and "mAP" in maps[0]
+        settings = apply_settings(proto.default_settings(), {**small, "workers": workers})
+        out = proto.run(resolve_checkpoint("random:alexnet,size=96"), settings, root, EvalContext())
+        results.append(({r.metric: r.value for r in out.metrics}, out.extra["loss"]))
+    assert results[0] == results[1] and "AP50" in results[0][0]

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from dcbench.data.datasets import DataError, load_rgb
+from dcbench.data.datasets import DataError, Padding, load_rgb
+from dcbench.data.seeded import SeededOrder, SeededViews
 from dcbench.data.voc import VOCAnnotation, VOCSplit
 
 log = logging.getLogger("dcbench")
@@ -93,9 +94,11 @@ class DetectionDataset(Dataset):
 
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict], list[int], int]:
-    """Lists of images, targets and indices of the readable items, and the count of unreadable ones."""
-    kept = [item for item in batch if item is not None]
-    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], len(batch) - len(kept)
+    """Lists of images, targets and indices of the readable items, and the count of unreadable ones
+    (the pads of a seeded order, :class:`~dcbench.data.datasets.Padding`, are dropped uncounted)."""
+    real = [item for item in batch if not isinstance(item, Padding)]
+    kept = [item for item in real if item is not None]
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], len(real) - len(kept)
 
 
 def detection_loader(dataset: DetectionDataset, batch_size: int, workers: int, shuffle: bool,
@@ -106,14 +109,21 @@ def detection_loader(dataset: DetectionDataset, batch_size: int, workers: int, s
                       collate_fn=collate_detection, drop_last=False)
 
 
-def endless_batches(dataset: DetectionDataset, batch_size: int, workers: int,
-                    seed: int) -> Iterator[tuple[list[torch.Tensor], list[dict], list[int], int]]:
-    """Batches forever: one seeded shuffle per epoch (epoch ``e`` uses seed ``seed + e``);
-    the last, smaller batch of an epoch is dropped when the epoch has more than one batch."""
+def endless_batches(dataset: DetectionDataset, batch_size: int, workers: int, seed: int,
+                    shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[list[torch.Tensor], list[dict], list[int], int]]:
+    """Batches forever: one seeded shuffle per epoch (epoch ``e`` uses seed ``seed + e``), each
+    image's flip a function of (seed, epoch, image) (:mod:`dcbench.data.seeded`: the same with any
+    ``workers``); the last, smaller batch of an epoch is dropped when the epoch has more than one
+    batch. ``shard = (rank, world)``: this rank's ``batch_size / world`` share of every one of
+    those global batches (every world-th image of the same order, the same flips)."""
+    rank, world = shard
+    order = SeededOrder(dataset, seed, world, rank)
+    loader = DataLoader(SeededViews(dataset), batch_size=batch_size // world, sampler=order, num_workers=workers,
+                        collate_fn=collate_detection, persistent_workers=workers > 0)
+    full = len(dataset) // batch_size
     epoch = 0
     while True:
-        loader = detection_loader(dataset, batch_size, workers, shuffle=True, seed=seed + epoch)
-        full = len(dataset) // batch_size
+        order.set_epoch(epoch)
         for b, batch in enumerate(loader):
             if full and b >= full:
                 break  # a ragged last batch would change the effective batch size

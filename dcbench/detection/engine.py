@@ -9,8 +9,9 @@ than the batch the gradients of several forward passes are accumulated (same upd
 BatchNorm statistics then come from each micro-batch).
 
 Data parallelism (torchrun): the global batch is ``batch_size``; each of the N ranks reads
-``batch_size / N`` images of every batch (a DistributedSampler reshuffled per epoch from the seed,
-a rank's ragged last batch dropped as one process drops its own), the gradients are averaged over
+``batch_size / N`` images of every batch (every N-th image of the one-process order, reshuffled per
+epoch from the seed, with the one-process flips: :func:`~dcbench.detection.data.endless_batches`;
+the ragged last batch dropped as one process drops it), the gradients are averaged over
 the global batch, weighted by each rank's readable images (:func:`dcbench.parallel.average_gradients_`:
 DistributedDataParallel's averaging, exact for unequal shares), and every rank steps the same
 update. BatchNorm layers that train (``bn=train``) see each rank's share (micro-batch semantics).
@@ -152,35 +153,16 @@ def train_detector(det: Detector, dataset: DetectionDataset, solver: SolverSpec,
     return {"loss": losses, "skipped_train_images": skipped[0]}
 
 
-def _rank_batches(dataset: DetectionDataset, batch_size: int, workers: int,
-                  seed: int) -> Any:
-    """This rank's share of every global batch, forever (the data-parallel :func:`endless_batches`)."""
-    from torch.utils.data import DataLoader, DistributedSampler  # noqa: PLC0415
-
-    world, rank = parallel.world_size(), parallel.rank()
-    share = parallel.per_rank_batch(batch_size, world)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(dataset, batch_size=share, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_detection)
-    full = len(sampler) // share  # equal on every rank: the sampler pads the shares to one length
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        for b, batch in enumerate(loader):
-            if full and b >= full:
-                break  # a ragged last batch would change the effective batch size
-            yield batch
-        epoch += 1
-
-
 def _train_parallel(det: Detector, dataset: DetectionDataset, solver: SolverSpec, device: str,
                     optimizer: torch.optim.Optimizer, progress: Any) -> dict[str, Any]:
     """:func:`train_detector`'s loop on one rank of a torchrun job (the module docstring)."""
     import zlib  # noqa: PLC0415
 
-    torch.manual_seed(zlib.crc32(f"{solver.seed}:voc-det:{parallel.rank()}".encode()))  # flips, sampling per rank
+    torch.manual_seed(zlib.crc32(f"{solver.seed}:voc-det:{parallel.rank()}".encode()))  # RPN / RoI box sampling per rank
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    batches = _rank_batches(dataset, solver.batch_size, solver.workers, solver.seed)
+    world = parallel.world_size()
+    parallel.per_rank_batch(solver.batch_size, world)  # one line when world does not divide the batch
+    batches = endless_batches(dataset, solver.batch_size, solver.workers, solver.seed, (parallel.rank(), world))
     every = max(1, solver.iterations // max(1, solver.log_points))
     losses: list[dict[str, float]] = []
     skipped, it, empty = 0, 0, 0
