@@ -32,13 +32,15 @@ MODES = ("fc6-8", "all")
 
 
 # ----------------------------------------------------------------------------- family
-def design_family(backbone: nn.Module) -> Literal["deepcluster", "resnet", "other"]:
+def design_family(backbone: nn.Module) -> Literal["deepcluster", "resnet", "vit", "other"]:
     """The fine-tune design a backbone gets: ``deepcluster`` (DeepCluster's AlexNet/VGG16:
     conv ``features`` + its own fc6/fc7 ``classifier``), ``resnet`` (torchvision layout:
-    stem, layer1..layer4 = res2..res5) or ``other``."""
+    stem, layer1..layer4 = res2..res5), ``vit`` (:class:`dcbench.models.vit.ViTBackbone`: block
+    taps as patch-token maps, a ``cls`` image feature) or ``other``."""
     if getattr(backbone, "is_deepcluster", False):
         return "deepcluster"
-    return "resnet" if getattr(backbone, "family", "other") == "resnet" else "other"
+    family = getattr(backbone, "family", "other")
+    return family if family in ("resnet", "vit") else "other"
 
 
 # ----------------------------------------------------------------------------- trunks

@@ -42,12 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from dcbench import finetune as ft
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter, skip_collate
-from dcbench.data.seeded import SeededBatches, SeededOrder, SeededViews, seeded_loader
+from dcbench.data import DataError, SkipCounter
+from dcbench.data.seeded import SeededBatches, SeededOrder, seeded_loader
 from dcbench.data.transforms import InputConvention, convention_finetune_transform, convention_ten_crop_transform
 from dcbench.data.voc import VOCSplit
 from dcbench.errors import UsageError
@@ -104,7 +103,7 @@ def build_finetune_net(backbone: nn.Module, n_classes: int, image_size: int, hea
     if ft.design_family(net) == "deepcluster":
         trunk, head = ft.Trunk(net.sobel, ft.conv_body(net)), net.classifier
         kind = "deepcluster: conv trunk + its fc6/fc7 (re-initialised)"
-    elif getattr(net, "family", None) == "vit" and hasattr(net, "image_feature_tap"):
+    elif ft.design_family(net) == "vit":
         # a ViT's image feature: the final-normed CLS token, the input of timm's / DeiT's / MAE's
         # fine-tuning head (VisionTransformer.forward_head, global_pool='token'); not a pooled block map
         tap = net.image_feature_tap
@@ -268,8 +267,7 @@ def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: st
     # each rank scores its block of the one-process batches; the random crops of pass p are a
     # function of (seed, p, image), drawn apart from the training passes' (negative pass numbers)
     order = SeededBatches(rank_batches(len(ds), batch, shard or (0, 1)), settings.seed)
-    loader = DataLoader(SeededViews(ds), batch_sampler=order, num_workers=settings.workers, collate_fn=skip_collate,
-                        pin_memory=torch.device(device).type == "cuda")
+    loader = seeded_loader(ds, order, None, settings.workers, device)
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()

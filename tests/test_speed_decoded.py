@@ -15,7 +15,8 @@ from dcbench.data.synthetic import make_image_folder
 from dcbench.data.transforms import eval_transform, train_transform
 from dcbench.features import extract_rows, numerics_id
 from dcbench.models import build_backbone
-from dcbench.train.common import autocast, load_sgd_state, seeded_view, sgd
+from dcbench.data.seeded import read_seeded
+from dcbench.train.common import autocast, load_sgd_state, sgd
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def folder(tmp_path_factory):
 
 
 def _views(ds, seeds):
-    return [seeded_view(ds, i, s) for i, s in zip(range(len(ds)), seeds)]
+    return [read_seeded(ds, i, s) for i, s in zip(range(len(ds)), seeds)]
 
 
 def test_cached_pixels_give_bit_identical_tensors_for_both_passes(folder):
@@ -110,18 +111,18 @@ def test_amp_is_bfloat16_autocast_on_the_cpu_and_in_the_cache_key():
     assert numerics_id("cpu", amp=False)["autocast"] == "off"
 
 
-def test_seeded_view_draws_from_the_cpu_generator_only(folder):
+def test_read_seeded_draws_from_the_cpu_generator_only(folder):
     ds = image_folder(folder, transform=train_transform(32))
-    a, b = seeded_view(ds, 0, 7), seeded_view(ds, 0, 7)
+    a, b = read_seeded(ds, 0, 7), read_seeded(ds, 0, 7)
     torch.manual_seed(7)
     c = ds[0]
     assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0])
     state = torch.get_rng_state()
-    seeded_view(ds, 1, 8)
+    read_seeded(ds, 1, 8)
     assert torch.equal(state, torch.get_rng_state())  # the caller's stream is untouched
     queued = getattr(torch.cuda, "_queued_calls", [])
     n = len(queued)
-    seeded_view(ds, 1, 9)
+    read_seeded(ds, 1, 9)
     assert len(queued) == n  # no lazy CUDA seeding queued per image
 
 

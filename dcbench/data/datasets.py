@@ -436,6 +436,14 @@ class Padding:
     it crosses process boundaries from the loader workers by pickling)."""
 
 
+def readable_items(batch: list[Any]) -> tuple[list[Any], int]:
+    """The readable items of a loader batch and the count of unreadable (``None``) ones; the pads
+    of a seeded order (:class:`Padding`) are dropped without being counted."""
+    real = [item for item in batch if not isinstance(item, Padding)]
+    kept = [item for item in real if item is not None]
+    return kept, len(real) - len(kept)
+
+
 def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """DataLoader ``collate_fn`` that drops unreadable (``None``) items, and the pads of a seeded
     order (:class:`Padding`) without counting them.
@@ -444,9 +452,7 @@ def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     ``targets`` and ``indices`` are empty (``len(indices) == 0``) and ``n_skipped`` is the
     number of unreadable items: callers skip such a batch.
     """
-    real = [item for item in batch if not isinstance(item, Padding)]  # pads of a seeded order: not images
-    kept = [item for item in real if item is not None]
-    n_skipped = len(real) - len(kept)
+    kept, n_skipped = readable_items(batch)
     if not kept:
         empty = torch.empty(0, dtype=torch.long)
         return torch.empty(0), empty, empty.clone(), n_skipped

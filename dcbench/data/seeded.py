@@ -11,7 +11,7 @@ rank that reads it (the trainer does the same per position: :mod:`dcbench.train.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -70,6 +70,7 @@ class SeededOrder(Sampler):
         super().__init__()
         self.n, self.seed, self.epoch = len(dataset), seed, 0
         self.num_replicas, self.rank = num_replicas, rank
+        self._drawn: tuple[int, list[tuple[int, int]]] | None = None  # (epoch, its items)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -81,7 +82,13 @@ class SeededOrder(Sampler):
         return iter(self.items())
 
     def items(self) -> list[tuple[int, int]]:
-        """This rank's ``(index, augmentation seed)`` items of the current epoch, pads included."""
+        """This rank's ``(index, augmentation seed)`` items of the current epoch, pads included
+        (drawn once per epoch)."""
+        if self._drawn is None or self._drawn[0] != self.epoch:
+            self._drawn = (self.epoch, self._draw())
+        return self._drawn[1]
+
+    def _draw(self) -> list[tuple[int, int]]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
@@ -113,11 +120,13 @@ class SeededBatches(Sampler):
         return iter([[(i, augmentation_seed(self.seed, self.epoch, i)) for i in batch] for batch in self.batches])
 
 
-def seeded_loader(dataset: Any, order: SeededOrder, batch_size: int, workers: int,
-                  device: str | torch.device = "cpu") -> DataLoader:
-    """Batches of ``dataset`` in ``order`` with seeded views, unreadable images and pads dropped
-    (:func:`dcbench.data.skip_collate`); persistent workers (``order.set_epoch`` still applies:
-    the sampler runs in this process)."""
-    return DataLoader(SeededViews(dataset), batch_size=batch_size, sampler=order, num_workers=workers,
-                      collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda",
-                      persistent_workers=workers > 0)
+def seeded_loader(dataset: Any, order: SeededOrder | SeededBatches, batch_size: int | None, workers: int,
+                  device: str | torch.device = "cpu", collate_fn: Callable = skip_collate) -> DataLoader:
+    """Batches of ``dataset`` with seeded views: ``batch_size`` items at a time in ``order``, or the
+    fixed batches of a :class:`SeededBatches` (``batch_size`` None); unreadable images and pads are
+    dropped by ``collate_fn`` (:func:`dcbench.data.skip_collate`). Persistent workers:
+    ``order.set_epoch`` still applies, the sampler runs in this process."""
+    batching = {"batch_sampler": order} if isinstance(order, SeededBatches) else {"sampler": order,
+                                                                                 "batch_size": batch_size}
+    return DataLoader(SeededViews(dataset), **batching, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)

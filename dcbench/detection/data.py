@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
-from dcbench.data.datasets import DataError, Padding, load_rgb
-from dcbench.data.seeded import SeededOrder, SeededViews
+from dcbench import parallel
+from dcbench.data.datasets import DataError, load_rgb, readable_items
+from dcbench.data.seeded import SeededOrder, seeded_loader
 from dcbench.data.voc import VOCAnnotation, VOCSplit
 
 log = logging.getLogger("dcbench")
@@ -96,9 +97,8 @@ class DetectionDataset(Dataset):
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict], list[int], int]:
     """Lists of images, targets and indices of the readable items, and the count of unreadable ones
     (the pads of a seeded order, :class:`~dcbench.data.datasets.Padding`, are dropped uncounted)."""
-    real = [item for item in batch if not isinstance(item, Padding)]
-    kept = [item for item in real if item is not None]
-    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], len(real) - len(kept)
+    kept, n_unreadable = readable_items(batch)
+    return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], n_unreadable
 
 
 def detection_loader(dataset: DetectionDataset, batch_size: int, workers: int, shuffle: bool,
@@ -118,8 +118,8 @@ def endless_batches(dataset: DetectionDataset, batch_size: int, workers: int, se
     those global batches (every world-th image of the same order, the same flips)."""
     rank, world = shard
     order = SeededOrder(dataset, seed, world, rank)
-    loader = DataLoader(SeededViews(dataset), batch_size=batch_size // world, sampler=order, num_workers=workers,
-                        collate_fn=collate_detection, persistent_workers=workers > 0)
+    loader = seeded_loader(dataset, order, parallel.per_rank_batch(batch_size, world), workers,
+                           collate_fn=collate_detection)
     full = len(dataset) // batch_size
     epoch = 0
     while True:

@@ -160,9 +160,8 @@ def _train_parallel(det: Detector, dataset: DetectionDataset, solver: SolverSpec
 
     torch.manual_seed(zlib.crc32(f"{solver.seed}:voc-det:{parallel.rank()}".encode()))  # RPN / RoI box sampling per rank
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    world = parallel.world_size()
-    parallel.per_rank_batch(solver.batch_size, world)  # one line when world does not divide the batch
-    batches = endless_batches(dataset, solver.batch_size, solver.workers, solver.seed, (parallel.rank(), world))
+    shard = (parallel.rank(), parallel.world_size())
+    batches = endless_batches(dataset, solver.batch_size, solver.workers, solver.seed, shard)
     every = max(1, solver.iterations // max(1, solver.log_points))
     losses: list[dict[str, float]] = []
     skipped, it, empty = 0, 0, 0

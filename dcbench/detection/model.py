@@ -264,11 +264,6 @@ def _vit_parts(net: nn.Module) -> tuple[FeatureTrunk, nn.Module, int, str]:
     return trunk, head, VIT_ROI_SIZE, kind
 
 
-def is_vit(backbone: nn.Module) -> bool:
-    """Whether ``backbone`` is a dcbench ViT (family ``vit`` with block taps)."""
-    return getattr(backbone, "family", None) == "vit" and hasattr(backbone, "image_feature_tap")
-
-
 def _c4_parts(net: nn.Module, extra_norm: bool) -> tuple[FeatureTrunk, nn.Module, int, str]:
     body, res5 = ft.c4_split(net)
     trunk = FeatureTrunk(net.sobel, body)
@@ -312,7 +307,7 @@ def _predictor(in_features: int, n_outputs: int) -> FastRCNNPredictor:
 
 def supported(backbone: nn.Module) -> bool:
     """Whether :func:`build_detector` has a design for ``backbone``."""
-    return ft.design_family(backbone) in ("deepcluster", "resnet") or is_vit(backbone)
+    return ft.design_family(backbone) in ("deepcluster", "resnet", "vit")
 
 
 def require_supported(backbone: nn.Module) -> None:
@@ -336,15 +331,16 @@ def build_detector(backbone: nn.Module, n_classes: int, spec: DetectorSpec, seed
     ft.drop_cluster_head(net)  # DeepCluster's cluster head plays no part in detection
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if ft.design_family(net) == "deepcluster":
+        family = ft.design_family(net)
+        if family == "deepcluster":
             trunk, head, roi_size, kind = _conv5_parts(net)
-        elif is_vit(net):
+        elif family == "vit":
             trunk, head, roi_size, kind = _vit_parts(net)
         else:
             trunk, head, roi_size, kind = _c4_parts(net, spec.extra_norm)
         trunk.out_channels, trunk.stride = _measure_trunk(trunk)
         features: nn.Module = trunk
-        if is_vit(net):  # ViTDet's neck between the ViT and the RPN / RoI heads
+        if family == "vit":  # ViTDet's neck between the ViT and the RPN / RoI heads
             features = NeckedTrunk(trunk, simple_pyramid_level(trunk.out_channels), VIT_NECK_CHANNELS)
         anchors = AnchorGenerator(sizes=(tuple(spec.anchor_sizes),), aspect_ratios=(tuple(spec.aspect_ratios),))
         rpn_head = RPNHead(features.out_channels, anchors.num_anchors_per_location()[0])

@@ -98,7 +98,7 @@ def resolve_recipe(net: nn.Module, preset: str, num_classes: int, mode: str | No
 
     mode = mode or PRESET_MODE[preset]
     norm_eval = PRESET_NORM_EVAL[preset] if norm_eval is None else norm_eval
-    family = "vit" if getattr(net, "family", None) == "vit" else design_family(net)
+    family = design_family(net)
     if output_stride is not None and family != "resnet":
         raise UsageError(f"output_stride={output_stride} needs a ResNet backbone (res4/res5 taps); "
                          f"{getattr(net, 'arch', 'this backbone')} keeps its own stride: drop the setting")

@@ -14,7 +14,6 @@ from torch import nn
 
 from dcbench.errors import CheckpointError, DcbenchError
 from dcbench.checkpoint import read_checkpoint_file
-from dcbench.data.seeded import read_seeded
 from dcbench.features import AMP_DEVICES
 from dcbench.models import CLUSTER_TAP, Backbone
 from dcbench.progress import track
@@ -290,8 +289,3 @@ def _newest_snapshot(run: RunDir) -> tuple[Path, dict[str, Any] | None]:
             log.warning("warning: skipping snapshot %s (%s)", path, exc)
     return run.snapshots, None
 
-
-def seeded_view(images: Any, index: int, seed: int) -> Any:
-    """Image ``index`` of ``images`` with its augmentation drawn from torch's RNG seeded by
-    ``seed`` (the caller's RNG untouched), so a crop depends only on (seed, epoch, position)."""
-    return read_seeded(images, index, seed)  # only the CPU generator (see read_seeded)

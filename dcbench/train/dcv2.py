@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader
 from dcbench.checkpoint import atomic_save, checkpoint_record
 from dcbench.cluster import nmi, spherical_kmeans
 from dcbench.data import ImageDataset, open_training_data
+from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.models import CLUSTER_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
-from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, check_finite_features,
+from dcbench.train.common import (EpochState, augmentation_seeds, autocast, check_finite_features,
                                   check_finite_loss,
                                   finish_epoch, freeze_foreign_heads, freeze_unreached, open_run, progress,
                                   rank_states, read_train_state, restore_rank_state, run_epochs, warn_recipe, wrap_ddp)
@@ -203,7 +204,7 @@ class _SeededViews(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, item: tuple[int, int]):
-        return seeded_view(self.images, *item)
+        return read_seeded(self.images, *item)
 
 
 # ----------------------------------------------------------------------------- phase 1: bank

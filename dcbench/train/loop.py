@@ -31,12 +31,13 @@ from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans
 from dcbench.cluster.kmeans import faiss_has_gpu
 from dcbench.cluster.pca import combine_moments, scatter_moments
 from dcbench.data import ImageDataset, eval_transform, open_training_data, skip_collate, train_transform
+from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
 from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
-from dcbench.train.common import (seeded_view, EpochState, augmentation_seeds, autocast, check_finite_features,
+from dcbench.train.common import (EpochState, augmentation_seeds, autocast, check_finite_features,
                                   check_finite_loss,
                                   finish_epoch, freeze_foreign_heads, freeze_unreached, load_sgd_state, open_run,
                                   progress, rank_states, read_train_state, restore_rank_state, run_epochs, sgd,
@@ -219,7 +220,7 @@ class _PseudoLabelled(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        sample = seeded_view(self.images, index, seed)
+        sample = read_seeded(self.images, index, seed)
         if sample is None:
             return None
         return sample[0], int(self.assignments[index]), index
