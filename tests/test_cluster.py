@@ -345,6 +345,27 @@ def test_nmi_hand_computed():
     assert nmi([0, 0, 1, 1], [5, 5, 3, 3]) == pytest.approx(1.0)
 
 
+def test_nmi_equals_scikit_learn_on_random_and_edge_cases():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    cases = [([0, 0, 0], [1, 1, 1]), ([0, 0, 1, 1], [7, 7, 7, 7]), ([], []), ([3], [3]),
+             (list(range(6)), list(range(6))), ([0, 1, 0, 1], [0, 0, 1, 1])]  # the last: MI exactly 0
+    for _ in range(300):
+        n = int(rng.integers(1, 80))
+        a = rng.integers(0, rng.integers(1, 9), n)
+        b = a[rng.permutation(n)] if rng.random() < 0.3 else rng.integers(0, rng.integers(1, 9), n)
+        cases.append((a, b))
+    for a, b in cases:
+        expected = normalized_mutual_info_score(a, b, average_method="arithmetic")
+        assert nmi(a, b) == pytest.approx(expected, abs=1e-12), (a, b)
+
+
+def test_nmi_refuses_labelings_of_different_lengths():
+    with pytest.raises(ValueError, match="different lengths"):
+        nmi([0, 1], [0, 1, 1])
+
+
 def test_cluster_sizes():
     sizes = cluster_sizes(np.array([0, 2, 2, -1, 4]), 6)
     assert sizes.dtype == np.int64
