@@ -175,7 +175,11 @@ SEG_DEVIATIONS = {
                   f"{_MODEL} builds mmseg's ResNetV1c (deep 3x3 stem); dcbench evaluates the checkpoint as it is"),
         Deviation("ViTs: the FCN head on the last block's patch tokens, one map at the patch stride",
                   "the single-scale input of ViTDet's simple feature pyramid (facebookresearch/detectron2 "
-                  "modeling/backbone/vit.py); the MAE paper segments with UperNet on several blocks instead"),),
+                  "modeling/backbone/vit.py); the MAE paper segments with UperNet on several blocks instead"),
+        Deviation("training order and random transforms seeded per (seed, pass over the data, image) in the main "
+                  "process, a new shuffle each pass",
+                  "mmengine's InfiniteSampler and worker_init_fn (MMSelfSup's loader) make the crops depend on the "
+                  "number of loader workers and processes; the same distribution of crops, one draw per seed"),),
     "deepcluster": (
         Deviation("data, augmentation and schedule of the mmselfsup preset",
                   "the paper records no training schedule or data for its FCN runs"),),
@@ -223,7 +227,8 @@ class VocSeg(Protocol):
     description: ClassVar[str] = "Pascal VOC2012 segmentation: FCN fine-tuning on mmsegmentation, mIoU (paper Table 2)"
     #: 2: published weights are read with their own input convention (input_convention=weights): mean and std
     #: 3: timm Swin stage maps read channels-last (they were misread as N x H x W x C)
-    version: ClassVar[str] = "3"
+    #: 4: training order and random transforms seeded per (seed, pass, image): any workers or world size
+    version: ClassVar[str] = "4"
     finetune: ClassVar[bool] = True
     Settings: ClassVar[type] = VocSegSettings
     headline_metrics: ClassVar[tuple[str, ...]] = ("mIoU",)

@@ -145,7 +145,8 @@ def test_versions_of_the_changed_protocols():
     assert versions["voc07-svm"] == versions["voc07-lowshot"] == "3"
     assert versions["voc-det"] == "4"  # 4: flips seeded per (seed, epoch, image), any workers
     # 3: ViT cls head (voc07-cls) and Swin maps read channels-last (both; issue 19)
-    assert versions["voc07-cls"] == versions["voc-seg"] == "3"
+    assert versions["voc07-cls"] == "3"
+    assert versions["voc-seg"] == "4"  # 4: order and transforms seeded per (seed, pass, image), any workers
     assert versions["knn"] == "3"  # 3: k-th neighbour tie-break, chunked bank, ViT cls, input conventions
     assert {versions[n] for n in ("roxford5k", "rparis6k", "oxford5k", "paris6k")} == {"3"}
 

@@ -119,3 +119,19 @@ def test_voc_det_fine_tune_gives_the_same_numbers_with_any_workers(tmp_path):
         out = proto.run(resolve_checkpoint("random:alexnet,size=96"), settings, root, EvalContext())
         results.append(({r.metric: r.value for r in out.metrics}, out.extra["loss"]))
     assert results[0] == results[1] and "AP50" in results[0][0]
+
+
+def test_seeded_stream_ranks_share_one_process_batches():
+    """Per-rank batches of B / N consecutive stream items make up one process's batch of B, with
+    the same augmentation seeds; each pass over the data is one permutation."""
+    from itertools import islice
+
+    from dcbench.data.seeded import SeededStream
+
+    data = list(range(7))
+    one = list(islice(SeededStream(data, seed=3), 28))
+    assert sorted(i for i, _ in one[:7]) == data and sorted(i for i, _ in one[7:14]) == data
+    assert [i for i, _ in one[:7]] != [i for i, _ in one[7:14]]  # a new shuffle each pass
+    ranks = [list(islice(SeededStream(data, seed=3, num_replicas=2, rank=r), 14)) for r in (0, 1)]
+    for b in range(7):  # global batch b: 2 items per rank, 4 per process
+        assert sorted(ranks[0][2 * b:2 * b + 2] + ranks[1][2 * b:2 * b + 2]) == sorted(one[4 * b:4 * b + 4])

@@ -7,26 +7,41 @@ runs in the main process, pairs every dataset index with its own augmentation se
 (run seed, epoch, index); :class:`SeededViews` seeds torch's CPU generator with it around the
 read. The crop of image ``i`` in epoch ``e`` is then the same with 0, 2 or 8 workers and on every
 rank that reads it (the trainer does the same per position: :mod:`dcbench.train.common`).
+Iteration-based training (``voc-seg``) reads an endless :class:`SeededStream` instead of epochs.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dcbench.data.datasets import Padding, skip_collate
 
 
-def read_seeded(dataset: Any, index: int, seed: int) -> Any:
+def read_seeded(dataset: Any, index: int, seed: int, all_generators: bool = False) -> Any:
     """Item ``index`` of ``dataset`` with its random transforms drawn from torch's CPU generator
     seeded by ``seed`` (the caller's RNG state untouched).
 
-    Only the CPU generator: the transforms draw from it alone, and ``torch.manual_seed`` would also
-    seed every accelerator backend (before CUDA is initialised each call queues a lazy seeding).
+    Only the CPU generator: torchvision's transforms draw from it alone, and ``torch.manual_seed``
+    would also seed every accelerator backend (before CUDA is initialised each call queues a lazy
+    seeding). ``all_generators`` also seeds numpy's global generator and Python's ``random``, which
+    mmcv's and mmseg's transforms draw from (~75 us more per item, hence opt-in).
     """
+    if all_generators:
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        try:
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            return read_seeded(dataset, index, seed)
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return dataset[index]
@@ -42,17 +57,18 @@ PAD = -1
 
 
 class SeededViews(Dataset):
-    """``dataset`` read through ``(index, augmentation seed)`` items (see :class:`SeededOrder`)."""
+    """``dataset`` read through ``(index, augmentation seed)`` items (see :class:`SeededOrder`);
+    ``all_generators``: see :func:`read_seeded`."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, all_generators: bool = False) -> None:
+        self.dataset, self.all_generators = dataset, all_generators
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        return Padding() if index == PAD else read_seeded(self.dataset, index, seed)
+        return Padding() if index == PAD else read_seeded(self.dataset, index, seed, self.all_generators)
 
 
 class SeededOrder(Sampler):
@@ -120,13 +136,39 @@ class SeededBatches(Sampler):
         return iter([[(i, augmentation_seed(self.seed, self.epoch, i)) for i in batch] for batch in self.batches])
 
 
-def seeded_loader(dataset: Any, order: SeededOrder | SeededBatches, batch_size: int | None, workers: int,
-                  device: str | torch.device = "cpu", collate_fn: Callable = skip_collate) -> DataLoader:
+class SeededStream(Sampler):
+    """Endless ``(index, augmentation seed)`` items: the permutations of epochs 0, 1, 2, ... that
+    :class:`SeededOrder` draws for one process, one after another; rank ``r`` of ``num_replicas``
+    reads positions ``r, r + N, ...`` of that sequence.
+
+    For iteration-based training (``voc-seg``): consecutive per-rank batches of ``B / N`` items
+    make up, together, exactly the items and seeds of one process's batch of ``B``, so the run
+    does not depend on workers or world size. No padding: the stream never ends.
+    """
+
+    def __init__(self, dataset: Any, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__()
+        self.dataset, self.seed, self.num_replicas, self.rank = dataset, seed, num_replicas, rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = SeededOrder(self.dataset, self.seed)
+        positions = itertools.count()
+        for epoch in itertools.count():
+            order.set_epoch(epoch)
+            for item in order.items():
+                if next(positions) % self.num_replicas == self.rank:
+                    yield item
+
+
+def seeded_loader(dataset: Any, order: SeededOrder | SeededStream | SeededBatches, batch_size: int | None,
+                  workers: int, device: str | torch.device = "cpu", collate_fn: Callable = skip_collate,
+                  all_generators: bool = False) -> DataLoader:
     """Batches of ``dataset`` with seeded views: ``batch_size`` items at a time in ``order``, or the
     fixed batches of a :class:`SeededBatches` (``batch_size`` None); unreadable images and pads are
-    dropped by ``collate_fn`` (:func:`dcbench.data.skip_collate`). Persistent workers:
-    ``order.set_epoch`` still applies, the sampler runs in this process."""
+    dropped by ``collate_fn`` (:func:`dcbench.data.skip_collate`); ``all_generators``: see
+    :func:`read_seeded`. Persistent workers: ``order.set_epoch`` still applies, the sampler runs
+    in this process."""
     batching = {"batch_sampler": order} if isinstance(order, SeededBatches) else {"sampler": order,
                                                                                  "batch_size": batch_size}
-    return DataLoader(SeededViews(dataset), **batching, num_workers=workers, collate_fn=collate_fn,
+    return DataLoader(SeededViews(dataset, all_generators), **batching, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)

@@ -7,13 +7,14 @@ count, its own progress bar and log, a frozen-trunk self-check and "a failed run
 nothing". Everything that affects the numbers is still mmseg's / mmengine's own code: the
 ``EncoderDecoder`` with its heads and losses, ``SegDataPreProcessor``, the data transforms,
 ``model.train_step`` with an ``OptimWrapper``, the ``PolyLR`` scheduler stepped once per
-iteration (as the Runner's ``ParamSchedulerHook`` does with ``by_epoch=False``),
-``InfiniteSampler`` and ``worker_init_fn``, and ``test_step``'s whole-image inference.
+iteration (as the Runner's ``ParamSchedulerHook`` does with ``by_epoch=False``), and
+``test_step``'s whole-image inference. The training order and the transforms' random draws are
+dcbench's (:class:`~dcbench.data.seeded.SeededStream`, not ``InfiniteSampler`` and
+``worker_init_fn``): the same numbers with any number of loader workers or processes.
 
 Data parallelism (torchrun): the global batch is the preset's ``batch_size``, each of the N ranks
-reads ``batch_size / N`` images of it (``InfiniteSampler`` takes the rank's share of the seeded
-order itself, from the joined group), the gradients are averaged over the global batch, weighted
-by each rank's readable images, before every SGD step (:func:`dcbench.parallel.average_gradients_`,
+reads ``batch_size / N`` images of it (every N-th item of the one-process stream), the gradients
+are averaged over the global batch, weighted by each rank's readable images, before every SGD step (:func:`dcbench.parallel.average_gradients_`,
 DistributedDataParallel's averaging), and BatchNorm layers that train are SyncBatchNorm on GPUs
 (MMSelfSup's own SyncBN over 4 GPUs x 4 images) -- on the CPU (gloo) torch has no SyncBatchNorm and
 their batch statistics are per rank (recorded). Val images are scored in contiguous blocks per rank
@@ -26,7 +27,6 @@ import copy
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -114,18 +114,20 @@ def build_pipeline(transforms: Sequence[dict[str, Any]]) -> Any:
 
 
 def train_loader(dataset: Any, batch_size: int, workers: int, seed: int) -> DataLoader:
-    """Endless shuffled batches (mmengine's ``InfiniteSampler``), seeded workers."""
-    from mmengine.dataset import InfiniteSampler
-    from mmengine.dataset.utils import worker_init_fn
+    """Endless shuffled batches whose random transforms depend on (seed, pass, image) only.
 
+    mmengine's ``InfiniteSampler`` + ``worker_init_fn`` (MMSelfSup's loader) let the crops depend on
+    the number of workers (each worker seeds numpy / random from its id) and on the world size;
+    :class:`~dcbench.data.seeded.SeededStream` seeds torch, numpy and ``random`` per image in the
+    main process instead (a new shuffle per pass over the data, seeded ``seed + pass``).
+    """
+    from dcbench.data.seeded import SeededStream, seeded_loader
     from dcbench.segmentation.data import collate
 
-    # under torchrun the sampler reads the rank from the group; each rank takes batch_size / N of a batch
-    init = partial(worker_init_fn, num_workers=workers, rank=parallel.rank(), seed=seed) if workers > 0 else None
-    batch_size = parallel.per_rank_batch(batch_size, parallel.world_size())
-    return DataLoader(dataset, batch_size=batch_size, sampler=InfiniteSampler(dataset, shuffle=True, seed=seed),
-                      num_workers=workers, collate_fn=collate, worker_init_fn=init,
-                      persistent_workers=workers > 0)
+    # under torchrun each rank takes batch_size / N of every global batch, in stream order
+    stream = SeededStream(dataset, seed, parallel.world_size(), parallel.rank())
+    return seeded_loader(dataset, stream, parallel.per_rank_batch(batch_size, parallel.world_size()), workers,
+                         collate_fn=collate, all_generators=True)
 
 
 def eval_loader(dataset: Any, workers: int) -> DataLoader:
