@@ -1,5 +1,6 @@
 """The process environment dcbench reads: provenance recorded with every checkpoint and result
-(library versions, git hash) and the one cache root every module keeps its files under."""
+(library versions, git hash), the loader workers a process starts by default, and the one cache
+root every module keeps its files under."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,31 @@ from pathlib import Path
 
 #: environment variable naming the cache root (:func:`cache_root`)
 CACHE_ENV = "DCBENCH_CACHE"
+
+
+#: most loader workers a process starts by default (issue 17: min(available cores, 8); each worker
+#: is a forked process with its own memory, so a large machine should not start one per core)
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Loader workers per process: the cores this process may use (its affinity mask: what a
+    container, taskset or SLURM grants, not the machine's count) shared by the processes of a
+    torchrun job on this node (LOCAL_WORLD_SIZE), at least 1 and at most 8. The crops are a
+    function of (seed, epoch, position), so the number of workers never changes what is computed
+    (likewise every protocol's: :mod:`dcbench.data.seeded`).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(cores // local, MAX_DEFAULT_WORKERS))
+
+
+def resolve_workers(workers: int | str) -> int:
+    """A ``workers`` setting as a DataLoader count: ``"auto"`` is :func:`default_workers`."""
+    return default_workers() if workers == "auto" else int(workers)
 
 
 def cache_root() -> Path:

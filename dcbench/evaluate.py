@@ -146,7 +146,7 @@ def context_for(p: Plan, device: str = "auto", progress: bool = False, strict: b
     info = join(device)
     use_cache = getattr(p.settings, "cache", True)
     return RunContext(device=str(info.device), cache_dir=(cache_dir or feature_cache_dir()) if use_cache else None,
-                      workers=int(getattr(p.settings, "workers", 0)), progress=progress and info.is_main, strict=strict,
+                      workers=getattr(p.settings, "workers", 0), progress=progress and info.is_main, strict=strict,
                       settings=p.settings, protocol=p.protocol.name, rank=info.rank, world_size=info.world_size,
                       launcher=launcher_name())
 
@@ -193,10 +193,12 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
 
 
 def _execution_facts(output: Any, ctx: RunContext) -> dict[str, Any]:
-    """How the run was executed: ``world_size``, ``launcher``, ``extract_s`` (time in the context's
+    """How the run was executed: ``world_size``, ``launcher``, ``workers`` (the DataLoader count),
+    ``extract_s`` (time in the context's
     extraction) and, under torchrun, how the ranks shared the work and whether they agree (each
     computed the metrics; rank 0's are stored)."""
-    facts: dict[str, Any] = {"world_size": ctx.world_size, "launcher": ctx.launcher}
+    # the loader processes this run started ("auto" resolves per machine; no number depends on it)
+    facts: dict[str, Any] = {"world_size": ctx.world_size, "launcher": ctx.launcher, "workers": ctx.workers}
     if ctx.extract_seconds:
         facts["extract_s"] = round(ctx.extract_seconds, 3)
     if ctx.world_size == 1:

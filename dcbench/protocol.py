@@ -51,6 +51,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from dcbench.env import resolve_workers
 from dcbench.errors import DcbenchError, UsageError
 
 log = logging.getLogger("dcbench")
@@ -81,14 +82,20 @@ class CommonSettings:
 
     seed: int = setting(0, "random seed of the trial (head init, shuffling, augmentation)", numbers=False)
     batch_size: int = setting(256, "batch size")
-    workers: int = setting(4, "DataLoader worker processes", numbers=False)
+    workers: int | Literal["auto"] = setting(
+        "auto", "DataLoader worker processes; auto = the cores this process may use, shared by the "
+                "processes of a torchrun job on the node, 1 to 8", numbers=False)
 
     def validate(self) -> None:
         """Raise UsageError for impossible values (called after every ``--set``)."""
         if self.batch_size is not None and self.batch_size < 1:  # None: "the preset's" where allowed
             raise UsageError(f"bad value {self.batch_size} for batch_size: must be at least 1")
-        if self.workers < 0:
-            raise UsageError(f"bad value {self.workers} for workers: must be >= 0")
+        if self.workers != "auto" and self.workers < 0:
+            raise UsageError(f"bad value {self.workers} for workers: must be >= 0 or auto")
+
+    def loader_workers(self) -> int:
+        """The ``workers`` setting as a DataLoader count (``auto`` resolved on this machine)."""
+        return resolve_workers(self.workers)
 
 
 @dataclass
@@ -159,7 +166,7 @@ class RunContext:
 
     device: str = "cpu"
     cache_dir: Path | None = None  # feature cache folder; None when caching is off
-    workers: int = 0
+    workers: int | Literal["auto"] = 0  # a DataLoader count after __post_init__ ("auto" resolved)
     progress: bool = False
     #: ``--strict``: stop at the first unreadable image instead of skipping it (cannot move a
     #: result: a strict run that ends read every image a skipping run reads)
@@ -179,6 +186,9 @@ class RunContext:
     sharded_extractions: int = 0
     #: seconds spent in :meth:`extract` / :meth:`extract_rows` (forward passes, gathers, cache reads)
     extract_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.workers = resolve_workers(self.workers)
 
     def _setting(self, name: str, default: Any) -> Any:
         return getattr(self.settings, name, default)

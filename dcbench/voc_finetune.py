@@ -163,7 +163,7 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
     if shard is not None and shard[1] > 1:
         return _train_finetune_parallel(net, train, ds, settings, device, progress, shard)
     order = SeededOrder(ds, settings.seed)  # crops depend on (seed, pass, image) only: any workers
-    loader = seeded_loader(ds, order, settings.batch_size, settings.workers, device)
+    loader = seeded_loader(ds, order, settings.batch_size, settings.loader_workers(), device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -211,7 +211,7 @@ def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, setting
     # rank r reads every world-th image of the one-process order, with the one-process crops
     sampler = SeededOrder(ds, settings.seed, world, rank)
     torch.manual_seed(zlib.crc32(f"{settings.seed}:finetune:{rank}".encode()))  # dropout per rank
-    loader = seeded_loader(ds, sampler, parallel.per_rank_batch(settings.batch_size, world), settings.workers, device)
+    loader = seeded_loader(ds, sampler, parallel.per_rank_batch(settings.batch_size, world), settings.loader_workers(), device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -267,7 +267,7 @@ def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: st
     # each rank scores its block of the one-process batches; the random crops of pass p are a
     # function of (seed, p, image), drawn apart from the training passes' (negative pass numbers)
     order = SeededBatches(rank_batches(len(ds), batch, shard or (0, 1)), settings.seed)
-    loader = seeded_loader(ds, order, None, settings.workers, device)
+    loader = seeded_loader(ds, order, None, settings.loader_workers(), device)
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()

@@ -279,7 +279,7 @@ class LinearProbe(Protocol):
         calibration.transform = run.center(settings.image_size)
         with ctx.frozen_backbone(ckpt, calibration) as (backbone, sha):
             loop = ProbeLoop({t: run.plans[t].module() for t in run.taps}, run.epochs, settings.batch_size,
-                             settings.seed, ctx.device, settings.workers, ctx.progress, shard=ctx.shard)
+                             settings.seed, ctx.device, settings.loader_workers(), ctx.progress, shard=ctx.shard)
             optim = probe_optim(run.preset, run.lr, run.weight_decay, settings.momentum, run.steps, run.head_init,
                                 run.epochs)
             probes, outcomes = ProbeSet(run.plans, run.n_classes, optim, ctx.device, settings.seed), ProbeOutcomes()

@@ -194,7 +194,7 @@ class VocFinetune(Protocol):
         recal_ds = ctx.data(data.train.dataset(convention_center_transform(settings.image_size, convention)))
         # BN re-estimation (random inits) in batches of max(batch_size, 32) images, as in version 1
         with torch.random.fork_rng(devices=[]), prepared_backbone(
-                ckpt, settings.bn_recalibrate, recal_ds, max(settings.batch_size, 32), settings.workers,
+                ckpt, settings.bn_recalibrate, recal_ds, max(settings.batch_size, 32), settings.loader_workers(),
                 ctx.device, settings.seed, ctx.progress, shard=ctx.shard) as (backbone, _sha, bn_info):
             torch.manual_seed(settings.seed)
             net = build_finetune_net(backbone, len(data.classes), settings.image_size, settings.head_dim,

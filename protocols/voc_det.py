@@ -251,6 +251,7 @@ def resolve(settings: VocDetSettings, backbone: Any | None) -> Recipe:
         if values.get(key) is None:
             values[key] = copy.deepcopy(default)
     values["preset"] = preset
+    values["workers"] = settings.loader_workers()  # a DataLoader count ("auto" resolved)
     if values["bn"] == "frozen":
         values["precise_bn"] = 0  # nothing to re-estimate
     return Recipe(preset, values, dict(PRESET_CONSTANTS[preset]))

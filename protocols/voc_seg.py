@@ -313,7 +313,7 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
 
         pipeline = seg.build_pipeline(seg.train_pipeline(settings.crop_size, tuple(settings.scale_range)))
         dataset = seg.SegDataset(data.train, pipeline, len(data.classes), data.label_map, strict=ctx.strict)
-        loader = seg.train_loader(dataset, settings.batch_size, settings.workers, settings.seed)
+        loader = seg.train_loader(dataset, settings.batch_size, settings.loader_workers(), settings.seed)
         schedule = seg.schedule_config(settings.iterations, settings.lr, settings.momentum, settings.weight_decay,
                                        settings.poly_power, settings.min_lr)
         t0 = time.perf_counter()
@@ -331,7 +331,7 @@ Trains on train (+ aug), evaluates on val. Needs the seg extra: pip install -e '
 
         pipeline = seg.build_pipeline(seg.eval_pipeline(settings.crop_size))
         dataset = seg.SegDataset(data.val, pipeline, len(data.classes), data.label_map, strict=ctx.strict)
-        per_image, n_eval, failed = seg.evaluate(model, seg.eval_loader(dataset, settings.workers),
+        per_image, n_eval, failed = seg.evaluate(model, seg.eval_loader(dataset, settings.loader_workers()),
                                                  len(data.classes), ctx.progress)
         if n_eval == 0:
             raise DataError(f"no readable val image in {data.voc_dir} (first error: {failed[0] if failed else 'none'})")

@@ -152,3 +152,29 @@ def test_yaml_words_stay_choices():
 
     assert parse_assignments(["bn_recalibrate=off", "cached=true", "lr=1e-3"]) == \
         {"bn_recalibrate": "off", "cached": True, "lr": 1e-3}
+
+
+def test_workers_default_to_the_usable_cores_and_are_recorded(data, ckpt, tmp_path, monkeypatch):
+    """`workers` defaults to auto (the cores this process may use, 1..8): a fixed 4 made PyTorch
+    warn on 2-core machines. The count a run used is in the record; the setting stays `auto`."""
+    import os
+
+    from dcbench.errors import UsageError
+    from dcbench.protocol import RunContext, get_protocol
+    from dcbench.settings import apply_settings
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    settings = get_protocol("knn").default_settings()
+    assert settings.workers == "auto" and settings.loader_workers() == 1
+    assert apply_settings(settings, {"workers": "3"}).loader_workers() == 3
+    assert RunContext(workers="auto").workers == 1
+    for bad in (-1, "many"):
+        with pytest.raises(UsageError, match="for workers"):
+            apply_settings(settings, {"workers": bad})
+
+    result = _invoke("eval", "--protocol", "knn", "--checkpoint", ckpt, "--data", data, "--store", tmp_path / "r.db",
+                     "--json", "--set", "image_size=64", "--set", "ks=[10]", "--set", "cache=false")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.strip().splitlines()[-1])
+    assert record["settings"]["workers"] == "auto" and record["extra"]["workers"] == 1

@@ -10,11 +10,11 @@ number of images (:mod:`dcbench.train.presets`).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dcbench.env import default_workers
 from dcbench.errors import UsageError
 
 METHODS = ("deepcluster", "deepcluster-v2")
@@ -29,23 +29,6 @@ def _doc(text: str) -> dict:
     return {"help": text}
 
 
-#: most loader workers a process starts by default (issue 17: min(available cores, 8); each worker
-#: is a forked process with its own memory, so a large machine should not start one per core)
-MAX_DEFAULT_WORKERS = 8
-
-
-def default_workers() -> int:
-    """Loader workers per process: the cores this process may use (its affinity mask: what a
-    container, taskset or SLURM grants, not the machine's count) shared by the processes of a
-    torchrun job on this node (LOCAL_WORLD_SIZE), at least 1 and at most 8. The crops are a
-    function of (seed, epoch, position), so the number of workers never changes what is computed.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, min(cores // local, MAX_DEFAULT_WORKERS))
 
 
 #: Settings ``dcbench train --resume`` accepts with a value other than the saved one: they say
