@@ -401,3 +401,49 @@ def test_precision_settings_cause_cache_misses(ckpt, dataset, tmp_path, switch):
     assert numerics_id("cpu") == before  # nothing leaks into the other tests
     assert calls, "features computed under other precision settings were reused"
     assert len(_entry_files(cache, ".json")) == 2
+
+
+@pytest.mark.parametrize("transform", [
+    "center", "squash", "weights"])
+def test_uint8_batches_are_the_normalised_inputs_bit_for_bit(data_root, transform):
+    """Workers send uint8 pixels and each batch is scaled once (split_normalisation): the backbone
+    sees exactly the tensors ToTensor + Normalize produce per image."""
+    from torchvision import transforms as T
+
+    from dcbench.data import skip_collate
+    from dcbench.data.transforms import center_transform, split_normalisation, squash_transform
+    from dcbench.features import uint8_batches
+
+    chosen = {"center": center_transform(64), "squash": squash_transform(48),
+              "weights": T.Compose([T.Resize(40), T.CenterCrop(36), T.ToTensor(),
+                                    T.Normalize(mean=(0.5, 0.25, 0.125), std=(0.3, 0.7, 0.11))])}[transform]
+    ds = image_folder(data_root / "train", transform=chosen)
+    pixels, finish = uint8_batches(ds)
+    assert finish is not None and pixels is not ds and ds.transform is chosen
+    readable = [i for i in range(len(ds)) if ds[i] is not None]
+    expected = skip_collate([ds[i] for i in readable])[0]
+    batch = skip_collate([pixels[i] for i in readable])[0]
+    assert batch.dtype == torch.uint8 and batch.shape == expected.shape
+    assert torch.equal(finish(batch), expected)
+    # anything else keeps its transform: random crops, ten crops, no normalisation
+    assert split_normalisation(T.Compose([T.Resize(40), T.ToTensor()])) is None
+    assert split_normalisation(T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,)), T.RandomErasing()])) is None
+    items = [ds[0]]
+    assert uint8_batches(items)[0] is items and uint8_batches(items)[1] is None
+
+
+def test_extract_rows_gives_the_per_image_normalised_features(ckpt, dataset):
+    """extract_rows (uint8 batches) equals the forward of per-image ToTensor + Normalize inputs."""
+    from dcbench.data import skip_collate
+
+    rows = extract_rows(ckpt.backbone, dataset, ["conv2", "conv5"], batch_size=4, workers=0).taps
+    readable = [i for i in range(len(dataset)) if dataset[i] is not None]
+    ckpt.backbone.eval()
+    direct = {"conv2": [], "conv5": []}
+    for start in range(0, len(dataset), 4):  # the same batches (a batch's size moves the last bits)
+        images = skip_collate([dataset[i] for i in range(start, min(start + 4, len(dataset)))])[0]
+        for tap, value in forward_pooled(ckpt.backbone, images, ["conv2", "conv5"], {}).items():
+            direct[tap].append(value.numpy())
+    for tap in ("conv2", "conv5"):
+        assert np.array_equal(rows[tap].rows, np.concatenate(direct[tap]))
+        assert list(rows[tap].owner) == readable

@@ -319,3 +319,36 @@ def convention_finetune_transform(image_size: int, scale: Sequence[float], conve
     resample = convention.resample() if convention.source else T.InterpolationMode.BILINEAR
     return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(scale), ratio=(1.0, 1.0), interpolation=resample),
                       T.RandomHorizontalFlip(), T.ToTensor(), convention.normalize()])
+
+
+class BatchNormalise:
+    """The ``ToTensor`` + ``Normalize`` tail of a transform, applied to a uint8 batch ``B x C x H x W``:
+    ``x / 255`` in float32, then ``(x - mean) / std`` per channel (see :func:`split_normalisation`)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        # as Normalize builds them: float32 tensors of the Python floats
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        images = batch.to(torch.float32).div_(255)
+        return images.sub_(self.mean.to(images.device)).div_(self.std.to(images.device))
+
+
+def split_normalisation(transform: Any) -> tuple[T.Compose, BatchNormalise] | None:
+    """``(pixels, finish)`` for a ``Compose`` that ends in ``ToTensor()`` and ``Normalize``:
+    ``pixels`` stops at uint8 ``C x H x W`` (``PILToTensor``), ``finish`` scales a collated batch;
+    None for any other transform.
+
+    Loader workers then send one byte per pixel instead of four and the scaling runs once per batch
+    (on the accelerator when there is one). ``finish(stack(pixels(img)))`` is bit for bit
+    ``stack(transform(img))`` for RGB images: the same float32 operations in the same order
+    (ToTensor divides by 255, Normalize subtracts the mean then divides by the std; tested).
+    """
+    steps = getattr(transform, "transforms", None)
+    if type(transform) is not T.Compose or not steps or len(steps) < 2:
+        return None
+    *head, to_tensor, norm = steps
+    if type(to_tensor) is not T.ToTensor or type(norm) is not T.Normalize:
+        return None
+    return T.Compose([*head, T.PILToTensor()]), BatchNormalise(norm.mean, norm.std)
