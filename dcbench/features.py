@@ -69,8 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcbench import parallel
-from dcbench.data import DataError, ImageDataset, SkipCounter, skip_collate
-from dcbench.data.transforms import split_normalisation
+from dcbench.data import DataError, SkipCounter, skip_collate, uint8_batches
 from dcbench.digest import HashingWriter, file_sha256, read_verified, tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
 
@@ -570,19 +569,6 @@ def _loader(dataset: Any, indices: Sequence[int], batch_size: int, workers: int,
         return make_loader(dataset, batch_size, workers, device)
     return DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=workers,
                       collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
-
-
-def uint8_batches(dataset: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """``(a copy of dataset that reads uint8 pixels, the step that finishes its batches)`` when it is
-    an :class:`~dcbench.data.ImageDataset` whose transform ends in ToTensor + Normalize (the centre
-    and squash views); ``(dataset, None)`` otherwise. Same inputs bit for bit, a quarter of the
-    bytes through the loader (:func:`dcbench.data.transforms.split_normalisation`)."""
-    split = split_normalisation(dataset.transform) if isinstance(dataset, ImageDataset) else None
-    if split is None:
-        return dataset, None
-    pixels = copy.copy(dataset)  # shares the decoded-image cache and the strict flag
-    pixels.transform = split[0]
-    return pixels, split[1]
 
 
 def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],

@@ -412,7 +412,7 @@ def test_uint8_batches_are_the_normalised_inputs_bit_for_bit(data_root, transfor
 
     from dcbench.data import skip_collate
     from dcbench.data.transforms import center_transform, split_normalisation, squash_transform
-    from dcbench.features import uint8_batches
+    from dcbench.data import uint8_batches
 
     chosen = {"center": center_transform(64), "squash": squash_transform(48),
               "weights": T.Compose([T.Resize(40), T.CenterCrop(36), T.ToTensor(),

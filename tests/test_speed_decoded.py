@@ -49,6 +49,19 @@ def test_cached_pixels_give_bit_identical_tensors_for_both_passes(folder):
         assert (e is None and g is None) or torch.equal(e[0], g[0])
 
 
+def test_training_crops_read_as_uint8_are_the_normalised_crops_bit_for_bit(folder):
+    """The trainer's crops travel as uint8 and are scaled per batch (uint8_batches): the same random
+    draws (ToTensor and PILToTensor draw nothing), the same inputs as per-image ToTensor + Normalize."""
+    from dcbench.data import skip_collate, uint8_batches
+
+    crops = image_folder(folder, transform=train_transform(32))
+    pixels, finish = uint8_batches(crops)
+    seeds = list(range(100, 100 + len(crops)))
+    expected = skip_collate(_views(crops, seeds))[0]
+    batch = skip_collate(_views(pixels, seeds))[0]
+    assert batch.dtype == torch.uint8 and torch.equal(finish(batch), expected)
+
+
 def test_loader_workers_fill_the_shared_cache_and_extraction_is_unchanged(folder):
     model = build_backbone("alexnet", sobel=True, input_size=64, seed=0)
     plain = image_folder(folder, transform=eval_transform(64))

@@ -16,6 +16,7 @@ from dcbench.data.datasets import (
     read_file_list,
     skip_collate,
     subfolders,
+    uint8_batches,
     unlabelled_images,
 )
 from dcbench.data.digits import digits_dataset, write_digits_imagefolder
@@ -49,6 +50,7 @@ __all__ = [
     "skip_collate",
     "subfolders",
     "train_transform",
+    "uint8_batches",
     "unlabelled_images",
     "write_digits_imagefolder",
 ]

@@ -9,6 +9,7 @@ therefore costs one log line, never a crash mid-epoch.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ from torchvision.transforms import functional as TF
 
 from dcbench.data.decoded import DecodedImages, open_decoded_cache
 from dcbench.data.fingerprint import dataset_fingerprint
+from dcbench.data.transforms import split_normalisation
 from dcbench.errors import DataError, DcbenchError  # noqa: F401 (DataError: re-exported, its historical home)
 
 logger = logging.getLogger("dcbench")
@@ -458,6 +460,19 @@ def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         return torch.empty(0), empty, empty.clone(), n_skipped
     images, targets, indices = default_collate(kept)
     return images, targets, indices, n_skipped
+
+
+def uint8_batches(dataset: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """``(a copy of dataset that reads uint8 pixels, the step that finishes its batches)`` when it is
+    an :class:`ImageDataset` whose transform ends in ToTensor + Normalize (the centre
+    and squash views); ``(dataset, None)`` otherwise. Same inputs bit for bit, a quarter of the
+    bytes through the loader (:func:`dcbench.data.transforms.split_normalisation`)."""
+    split = split_normalisation(dataset.transform) if isinstance(dataset, ImageDataset) else None
+    if split is None:
+        return dataset, None
+    pixels = copy.copy(dataset)  # shares the decoded-image cache and the strict flag
+    pixels.transform = split[0]
+    return pixels, split[1]
 
 
 class SkipCounter:

@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
 from dcbench.cluster.kmeans import faiss_has_gpu
 from dcbench.cluster.pca import combine_moments, scatter_moments
-from dcbench.data import ImageDataset, eval_transform, open_training_data, skip_collate, train_transform
+from dcbench.data import (ImageDataset, eval_transform, open_training_data, skip_collate, train_transform,
+                          uint8_batches)
 from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
@@ -59,7 +61,9 @@ class Trainer:
     model: Backbone
     optimizer: torch.optim.Optimizer
     images: ImageDataset  # eval transform: feature extraction
-    crops: ImageDataset  # train transform: the training pass
+    crops: ImageDataset  # train transform up to uint8 pixels: the training pass
+    #: ToTensor's scaling + Normalize of a batch of ``crops`` (see :func:`dcbench.data.uint8_batches`)
+    finish_crops: Callable[[torch.Tensor], torch.Tensor] | None = None
     state: EpochState = field(default_factory=EpochState)
     top_optimizer: torch.optim.Optimizer | None = None
 
@@ -94,6 +98,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
     images = open_training_data(cfg.data, transform=eval_transform(cfg.image_size), strict=cfg.strict)
     crops = copy.copy(images)
     crops.transform = train_transform(cfg.image_size, tuple(cfg.crop_scale))
+    crops, finish_crops = uint8_batches(crops)  # the same random draws, the same inputs bit for bit
     model = build_backbone(cfg.arch, sobel=cfg.sobel, input_size=cfg.image_size, seed=cfg.seed)
     check_sizes(cfg, len(images), model.feature_dim)
     run = open_run(cfg, dist, resume)
@@ -105,7 +110,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
                     momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     images.cache_decoded(cfg.decode_cache_gb)  # after the checks: a refused run reads no headers
     crops.decoded = images.decoded  # both passes share the decoded pixels
-    trainer = Trainer(cfg, dist, run, model, optimizer, images, crops)
+    trainer = Trainer(cfg, dist, run, model, optimizer, images, crops, finish_crops)
     if resume:
         restore_training(trainer)
     return trainer
@@ -263,6 +268,8 @@ def train_pass(t: Trainer, loader: DataLoader) -> None:
     for images, targets, _, _ in progress(loader, f"epoch {s.epoch} train", t.dist):
         if all_agree(t.dist, len(targets) > 0):
             images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
+            if t.finish_crops is not None:
+                images = t.finish_crops(images)
             if t.cfg.channels_last:  # the input's format decides the convolutions' (the weights stay NCHW)
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(t.dist.device, t.cfg.amp):
