@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter, skip_collate, uint8_batches
+from dcbench.data import DataError, SkipCounter, normalised_batches, skip_collate
 from dcbench.digest import HashingWriter, file_sha256, read_verified, tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
 
@@ -577,8 +577,9 @@ def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Map
     """One pass over ``indices`` of ``dataset``: one forward per batch for all ``taps``."""
     counter = SkipCounter(dataset)
     sinks = {t: _RowSink(len(indices), spill, t) for t in taps}
-    pixels, finish = uint8_batches(dataset)
-    bar = tqdm(_loader(pixels, indices, batch_size, workers, device, how), unit="batch", leave=False,
+    # uint8 pixels through the loader, scaled on the device: the same inputs bit for bit
+    loader = normalised_batches(dataset, lambda ds: _loader(ds, indices, batch_size, workers, device, how), device)
+    bar = tqdm(loader, unit="batch", leave=False,
                desc=how.desc or f"features {','.join(taps)}", disable=not show_progress(progress))
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=torch.device(device).type in AMP_DEVICES) if how.amp else contextlib.nullcontext()
@@ -588,8 +589,6 @@ def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Map
             if len(idx) == 0:
                 continue
             images = images.to(device, non_blocking=True)
-            if finish is not None:
-                images = finish(images)
             if how.channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast:

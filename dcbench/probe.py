@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from dcbench import parallel
-from dcbench.data import SkipCounter, skip_collate
+from dcbench.data import SkipCounter, normalised_batches, skip_collate
 from dcbench.data.seeded import SeededOrder, seeded_loader
 from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, rank_batches
 from dcbench.progress import track
@@ -279,9 +279,12 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
     if loop.world > 1:
         return _train_on_images_parallel(backbone, probes, train_ds, val_ds, n_crops, loop, outcomes)
     order = SeededOrder(train_ds, loop.seed)
-    loader = seeded_loader(train_ds, order, loop.batch_size, loop.workers, loop.device)
-    val_loader = make_loader(val_ds, max(1, loop.batch_size // n_crops), loop.workers, loop.device,
-                             persistent=True)
+    # uint8 pixels through the loaders, scaled on the device (the same inputs bit for bit)
+    loader = normalised_batches(train_ds, lambda ds: seeded_loader(ds, order, loop.batch_size, loop.workers,
+                                                                   loop.device), loop.device)
+    val_loader = normalised_batches(val_ds, lambda ds: make_loader(ds, max(1, loop.batch_size // n_crops),
+                                                                   loop.workers, loop.device, persistent=True),
+                                    loop.device)
     counter, skipped = SkipCounter(train_ds), {}
     history: History = []
     iteration = 0
@@ -315,10 +318,12 @@ def _train_on_images_parallel(backbone: nn.Module, probes: ProbeSet, train_ds: A
     every global batch through the backbone, the same head step on every rank."""
     rank, world = loop.shard
     sampler = SeededOrder(train_ds, loop.seed, world, rank)  # rank r: every world-th image of the same order
-    loader = seeded_loader(train_ds, sampler, loop.rank_batch(), loop.workers, loop.device)
+    loader = normalised_batches(train_ds, lambda ds: seeded_loader(ds, sampler, loop.rank_batch(), loop.workers,
+                                                                   loop.device), loop.device)
     val_batches = rank_batches(len(val_ds), max(1, loop.batch_size // n_crops), loop.shard)
-    val_loader = DataLoader(val_ds, batch_sampler=val_batches, num_workers=loop.workers, collate_fn=skip_collate,
-                            pin_memory=torch.device(loop.device).type == "cuda", persistent_workers=loop.workers > 0)
+    val_loader = normalised_batches(val_ds, lambda ds: DataLoader(
+        ds, batch_sampler=val_batches, num_workers=loop.workers, collate_fn=skip_collate,
+        pin_memory=torch.device(loop.device).type == "cuda", persistent_workers=loop.workers > 0), loop.device)
     width_of = {tap: head.linear.in_features for tap, head in zip(probes.taps, probes.heads)}
     widths = [width_of[t] for t in loop.taps]  # in the order the pooled features travel
     counter, skipped, history, iteration = SkipCounter(train_ds), {}, [], 0

@@ -447,3 +447,20 @@ def test_extract_rows_gives_the_per_image_normalised_features(ckpt, dataset):
     for tap in ("conv2", "conv5"):
         assert np.array_equal(rows[tap].rows, np.concatenate(direct[tap]))
         assert list(rows[tap].owner) == readable
+
+
+def test_finished_batches_scale_each_batch_and_pass_empty_ones():
+    """A batch with no readable image (an empty tensor, e.g. a rank's padding) passes unscaled."""
+    from dcbench.data import FinishedBatches
+    from dcbench.data.transforms import BatchNormalise
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    empty = torch.empty(0, dtype=torch.long)
+    loader = [(pixels, torch.tensor([1, 2]), torch.tensor([0, 1]), 0), (torch.empty(0), empty, empty, 2)]
+    batches = FinishedBatches(loader, BatchNormalise((0.5, 0.25, 0.125), (0.5, 2.0, 4.0)), "cpu")
+    assert len(batches) == 2
+    (images, targets, _, _), (nothing, _, _, skipped) = list(batches)
+    expected = (pixels.float() / 255 - torch.tensor([0.5, 0.25, 0.125]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.5, 2.0, 4.0]).view(1, 3, 1, 1)
+    assert images.dtype == torch.float32 and torch.allclose(images, expected) and targets.tolist() == [1, 2]
+    assert nothing.numel() == 0 and nothing.dtype == torch.float32 and skipped == 2

@@ -13,7 +13,7 @@ import copy
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -464,15 +464,42 @@ def skip_collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def uint8_batches(dataset: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
     """``(a copy of dataset that reads uint8 pixels, the step that finishes its batches)`` when it is
-    an :class:`ImageDataset` whose transform ends in ToTensor + Normalize (the centre
-    and squash views); ``(dataset, None)`` otherwise. Same inputs bit for bit, a quarter of the
-    bytes through the loader (:func:`dcbench.data.transforms.split_normalisation`)."""
+    an :class:`ImageDataset` whose transform ends in ToTensor + Normalize (the centre and squash
+    views, the trainer's and the probes' random crops); ``(dataset, None)`` otherwise. The same
+    inputs bit for bit, a quarter of the bytes through the loader and to the device
+    (:func:`dcbench.data.transforms.split_normalisation`)."""
     split = split_normalisation(dataset.transform) if isinstance(dataset, ImageDataset) else None
     if split is None:
         return dataset, None
     pixels = copy.copy(dataset)  # shares the decoded-image cache and the strict flag
     pixels.transform = split[0]
     return pixels, split[1]
+
+
+class FinishedBatches:
+    """The batches of ``loader`` (``(images, ...)`` tuples, e.g. :func:`skip_collate`'s) with the
+    images moved to ``device`` and finished there by ``finish`` (from :func:`uint8_batches`)."""
+
+    def __init__(self, loader: Iterable, finish: Callable[[torch.Tensor], torch.Tensor],
+                 device: str | torch.device) -> None:
+        self.loader, self.finish, self.device = loader, finish, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for images, *rest in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            # a batch without a readable image collates to an empty tensor: nothing to scale
+            yield (self.finish(images) if images.dim() == 4 else images.float(), *rest)
+
+
+def normalised_batches(dataset: Any, make_loader: Callable[[Any], Iterable], device: str | torch.device) -> Iterable:
+    """``make_loader(dataset)``, reading uint8 pixels and normalising each batch on ``device`` when
+    :func:`uint8_batches` can split ``dataset``'s transform; the batches are the same bit for bit."""
+    pixels, finish = uint8_batches(dataset)
+    loader = make_loader(pixels)
+    return loader if finish is None else FinishedBatches(loader, finish, device)
 
 
 class SkipCounter:

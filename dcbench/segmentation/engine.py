@@ -14,10 +14,11 @@ dcbench's (:class:`~dcbench.data.seeded.SeededStream`, not ``InfiniteSampler`` a
 
 Data parallelism (torchrun): the global batch is the preset's ``batch_size``, each of the N ranks
 reads ``batch_size / N`` images of it (every N-th item of the one-process stream), the gradients
-are averaged over the global batch, weighted by each rank's readable images, before every SGD step (:func:`dcbench.parallel.average_gradients_`,
-DistributedDataParallel's averaging), and BatchNorm layers that train are SyncBatchNorm on GPUs
-(MMSelfSup's own SyncBN over 4 GPUs x 4 images) -- on the CPU (gloo) torch has no SyncBatchNorm and
-their batch statistics are per rank (recorded). Val images are scored in contiguous blocks per rank
+are averaged over the global batch, weighted by each rank's readable images, before every SGD
+step (:func:`dcbench.parallel.average_gradients_`, DistributedDataParallel's averaging), and
+BatchNorm layers that train are SyncBatchNorm on GPUs (MMSelfSup's own SyncBN over 4 GPUs x 4
+images) -- on the CPU (gloo) torch has no SyncBatchNorm and their batch statistics are per rank
+(recorded). Val images are scored in contiguous blocks per rank
 and the per-image confusion matrices gathered back into dataset order.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,8 @@ from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
 from dcbench.cluster.kmeans import faiss_has_gpu
 from dcbench.cluster.pca import combine_moments, scatter_moments
-from dcbench.data import (ImageDataset, eval_transform, open_training_data, skip_collate, train_transform,
-                          uint8_batches)
+from dcbench.data import (FinishedBatches, ImageDataset, eval_transform, open_training_data, skip_collate,
+                          train_transform, uint8_batches)
 from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
@@ -231,16 +231,18 @@ class _PseudoLabelled(Dataset):
         return sample[0], int(self.assignments[index]), index
 
 
-def pseudo_labelled_loader(t: Trainer) -> DataLoader:
+def pseudo_labelled_loader(t: Trainer) -> Iterable:
     """Uniform sampling over non-empty clusters, sharded across ranks, resumable mid-epoch."""
     s, cfg = t.state, t.cfg
     n_valid = int((s.assignments >= 0).sum())
     sampler = UniformClusterSampler(s.assignments, num_samples=max(1, int(cfg.reassign * n_valid)),
                                     seed=cfg.seed + s.epoch, rank=t.dist.rank, world_size=t.dist.world_size)
     items = augmentation_seeds(cfg.seed, s.epoch, t.dist.rank, list(sampler))[s.iteration * cfg.batch_size:]
-    return DataLoader(_PseudoLabelled(t.crops, s.assignments), batch_size=cfg.batch_size, sampler=items,
-                      num_workers=cfg.workers, collate_fn=skip_collate, generator=torch.Generator(),
-                      pin_memory=t.dist.device.type == "cuda")
+    loader = DataLoader(_PseudoLabelled(t.crops, s.assignments), batch_size=cfg.batch_size, sampler=items,
+                        num_workers=cfg.workers, collate_fn=skip_collate, generator=torch.Generator(),
+                        pin_memory=t.dist.device.type == "cuda")
+    # uint8 crops, scaled on the device (the same inputs bit for bit)
+    return loader if t.finish_crops is None else FinishedBatches(loader, t.finish_crops, t.dist.device)
 
 
 # ----------------------------------------------------------------------------- phase 4: top layer
@@ -253,7 +255,7 @@ def new_top_layer(t: Trainer) -> None:
 
 
 # ----------------------------------------------------------------------------- phase 5: train
-def train_pass(t: Trainer, loader: DataLoader) -> None:
+def train_pass(t: Trainer, loader: Iterable) -> None:
     """One pass over the pseudo-labelled sample; checkpoints every ``checkpoint_every`` batches.
 
     ``iteration`` counts batches, stepped or not, so a resumed epoch restarts at the right one.
@@ -268,8 +270,6 @@ def train_pass(t: Trainer, loader: DataLoader) -> None:
     for images, targets, _, _ in progress(loader, f"epoch {s.epoch} train", t.dist):
         if all_agree(t.dist, len(targets) > 0):
             images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
-            if t.finish_crops is not None:
-                images = t.finish_crops(images)
             if t.cfg.channels_last:  # the input's format decides the convolutions' (the weights stay NCHW)
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(t.dist.device, t.cfg.amp):
