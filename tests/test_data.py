@@ -422,3 +422,48 @@ def test_make_image_folder_is_learnable(tmp_path: Path, grid: int) -> None:
     predicted = ((x_val[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     accuracy = (predicted == y_val).mean()
     assert accuracy > 0.6, accuracy  # chance is 0.25
+
+
+def _pil_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()
+        return np.asarray(img.convert("RGB"))
+
+
+def test_jpegs_decode_to_the_pixels_pil_gives(tmp_path):
+    """load_rgb decodes JPEGs with libjpeg-turbo through torchvision (faster): every pixel equals
+    PIL's on real photographs saved at several qualities, chroma subsamplings, progressive and
+    greyscale; CMYK goes through PIL; a truncated JPEG fails as PIL fails."""
+    from sklearn.datasets import load_sample_images
+
+    from dcbench.data import load_rgb
+    from dcbench.data.datasets import _decode_jpeg
+
+    files = []
+    for n, photo in enumerate(load_sample_images().images):  # china.jpg and flower.jpg, 427 x 640
+        image = Image.fromarray(photo)
+        for quality, subsampling, progressive, size in [(95, 0, False, None), (75, 2, False, (123, 97)),
+                                                        (90, 1, True, (320, 213)), (50, 2, True, None)]:
+            path = tmp_path / f"{n}-{quality}-{subsampling}-{progressive}.jpg"
+            (image if size is None else image.resize(size)).save(path, quality=quality, subsampling=subsampling,
+                                                                 progressive=progressive)
+            files.append(path)
+        image.convert("L").save(tmp_path / f"{n}-grey.jpg", quality=85)
+        files.append(tmp_path / f"{n}-grey.jpg")
+    for path in files:
+        assert _decode_jpeg(str(path)) is not None, path  # the fast path decoded it
+        fast = load_rgb(str(path))
+        assert fast.mode == "RGB" and np.array_equal(np.asarray(fast), _pil_rgb(path)), path
+
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(load_sample_images().images[0]).convert("CMYK").save(cmyk)
+    assert _decode_jpeg(str(cmyk)) is None and np.array_equal(np.asarray(load_rgb(str(cmyk))), _pil_rgb(cmyk))
+    png = tmp_path / "a.png"
+    Image.fromarray(load_sample_images().images[1]).save(png)
+    assert _decode_jpeg(str(png)) is None
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(files[0].read_bytes()[:5000])
+    assert _decode_jpeg(str(truncated)) is None
+    with pytest.raises(OSError, match="truncated"):
+        load_rgb(str(truncated))

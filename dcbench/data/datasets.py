@@ -13,6 +13,7 @@ import copy
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,44 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def load_rgb(path: str) -> Image.Image:
     """Open and fully decode an image file as RGB; raises on unreadable files."""
+    fast = _decode_jpeg(path)
+    if fast is not None:
+        return fast
     with Image.open(path) as img:
         img.load()  # decode now, so truncated files fail here and not in a transform
         return _to_rgb(img)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _decode_jpeg(path: str) -> Image.Image | None:
+    """A greyscale or colour JPEG decoded by libjpeg-turbo through torchvision, as RGB: the pixels
+    PIL gives (the same library and settings: integer IDCT, fancy upsampling; tested on qualities,
+    subsamplings, progressive and greyscale files) at about half PIL's cost for small images (PIL
+    parses the markers in Python) and ~10% less at 500 x 375. None where it does not apply: not a
+    JPEG, 4 channels (CMYK: PIL converts it differently), any decoding error (PIL then reads the
+    file and reports it as before), no torchvision image decoder."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except (ImportError, RuntimeError):
+        return None
+    if pixels.shape[0] == 1:  # replicated to 3 channels exactly as PIL's convert("RGB") of an L image
+        return Image.fromarray(pixels[0].numpy()).convert("RGB")  # a 2-D uint8 array is an L image
+    if pixels.shape[0] == 3:
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    return None
 
 
 def _one_line(exc: BaseException, path: str = "") -> str:
