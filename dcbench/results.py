@@ -49,8 +49,9 @@ __all__ = ["EXECUTION_SETTINGS", "MetricRow", "Result", "ResultStore", "StoreErr
            "default_store_path", "export_results", "key_of", "outcome_key", "setup_identity", "setup_key", "utc_now"]
 
 #: settings that choose how a run executes, not what it computes (data-loader processes,
-#: reading extracted features from the cache): left out of the comparability key with the seed
-EXECUTION_SETTINGS = ("seed", "workers", "cache")
+#: reading extracted features from the cache, keeping decoded images in memory): left out of the
+#: comparability key with the seed
+EXECUTION_SETTINGS = ("seed", "workers", "cache", "decode_cache_gb")
 
 SELECTIONS = ("final", "best", None)
 _REQUIRED_KEYS = ("protocol", "protocol_version", "checkpoint", "settings", "data", "metrics")

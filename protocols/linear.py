@@ -52,7 +52,8 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from dcbench.data import image_folder
+from dcbench.data import cache_decoded_images, image_folder
+from dcbench.data.decoded import DEFAULT_BUDGET_GB
 from dcbench.data.layouts import check_train_val, train_val_fingerprint
 from dcbench.data.transforms import (ConventionMode, InputConvention, convention_center_id,
                                      convention_center_transform, convention_probe_train_transform,
@@ -130,6 +131,9 @@ class LinearSettings(FrozenFeatureSettings):
     cache: bool = setting(
         True, "with cached=true, read/write the extracted features in the feature cache (shared with other runs)",
         numbers=False)
+    decode_cache_gb: float = setting(
+        DEFAULT_BUDGET_GB, "with cached=false, keep the decoded train and val images in shared memory across "
+        "epochs when they fit (GB, capped at half the available memory; 0: decode every epoch)", numbers=False)
     seed: int = setting(0, "seed of head init, shuffling, augmentation and BN re-estimation", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on train images (train-mode forwards, no grad, at most "
@@ -149,6 +153,8 @@ class LinearSettings(FrozenFeatureSettings):
             raise UsageError(f"bad value {self.weight_decay} for weight_decay: must be >= 0")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"bad value {self.momentum} for momentum: must be in [0, 1)")
+        if self.decode_cache_gb < 0:
+            raise UsageError(f"bad value {self.decode_cache_gb} for decode_cache_gb: must be >= 0 (0 turns it off)")
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -317,6 +323,8 @@ class LinearProbe(Protocol):
         tencrop = run.crops == "tencrop"
         train_ds.transform = run.train_view(size)
         val_ds.transform = run.val_view(size)
+        # before the loaders fork their workers, which then share the block (same pixels, decoded once)
+        cache_decoded_images([train_ds, val_ds], settings.decode_cache_gb)
         return train_on_images(backbone, probes, train_ds, val_ds, TEN_CROPS if tencrop else 1, loop, outcomes)
 
     @staticmethod
@@ -349,6 +357,10 @@ class LinearProbe(Protocol):
             "classes": run.n_classes,
             "images": {"train": len(train_ds), "val": len(val_ds)},
             "skipped_images": dict(skipped),
+            # images decoded once and kept in memory (decode_cache_gb); None: decoded every epoch
+            "decoded_in_memory": None if settings.cached else {
+                split: None if getattr(ds, "decoded", None) is None else ds.decoded.n_filled()
+                for split, ds in (("train", train_ds), ("val", val_ds))},
             "probe_wall_s": round(time.perf_counter() - started, 3),
         }
 

@@ -406,3 +406,18 @@ def test_card_and_user_deviations_follow_the_preset():
     assert [d for d in proto.deviations(same) if d.source == "user"] == []
     moved = apply_settings(proto.default_settings(), {"crops": "center"})
     assert [d.what for d in proto.deviations(moved) if d.source == "user"] == ["crops=center"]
+
+
+def test_augmented_probe_decodes_each_image_once_with_the_same_numbers(root, tmp_path):
+    """decode_cache_gb: the decoded train and val images stay in shared memory across epochs, filled
+    by the loader workers; the numbers equal those of a run that decodes every epoch."""
+    common = dict(epochs=2, crops="center", taps=["conv2"], workers=2)
+    kept = run(root, tmp_path / "kept", **common)
+    decoded = run(root, tmp_path / "decoded", decode_cache_gb=0, **common)
+    # 4 classes x 12 (+ 1 corrupt) files per split: the corrupt ones are never stored
+    assert kept.extra["decoded_in_memory"] == {"train": 4 * 12, "val": 4 * 12}
+    assert decoded.extra["decoded_in_memory"] == {"train": None, "val": None}
+    assert [(r.metric, r.tap, r.selection, r.value) for r in kept.metrics] == \
+        [(r.metric, r.tap, r.selection, r.value) for r in decoded.metrics]
+    with pytest.raises(UsageError, match="decode_cache_gb"):
+        settings(decode_cache_gb=-1)

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import functional as TF
 
-from dcbench.data.decoded import DecodedImages, open_decoded_cache
+from dcbench.data.decoded import DecodedImages, cache_budget_bytes, open_decoded_cache
 from dcbench.data.fingerprint import dataset_fingerprint
 from dcbench.data.transforms import split_normalisation
 from dcbench.errors import DataError, DcbenchError  # noqa: F401 (DataError: re-exported, its historical home)
@@ -510,6 +510,20 @@ def uint8_batches(dataset: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Ten
     pixels = copy.copy(dataset)  # shares the decoded-image cache and the strict flag
     pixels.transform = split[0]
     return pixels, split[1]
+
+
+def cache_decoded_images(datasets: Sequence[Any], budget_gb: float) -> list[bool]:
+    """Decoded-image caches (:meth:`ImageDataset.cache_decoded`) for ``datasets`` in order, within
+    one budget: ``budget_gb`` capped once at half the available memory, each dataset taking what it
+    needs when it fits what is left. Call it before the loaders fork their workers. Whether each
+    dataset got one."""
+    left_gb = cache_budget_bytes(budget_gb) / 1e9
+    cached = []
+    for dataset in datasets:
+        cached.append(left_gb > 0 and dataset.cache_decoded(left_gb))
+        if cached[-1]:
+            left_gb -= dataset.decoded.nbytes / 1e9
+    return cached
 
 
 class FinishedBatches:
