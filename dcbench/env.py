@@ -34,6 +34,11 @@ def default_workers() -> int:
     return max(1, min(cores // local, MAX_DEFAULT_WORKERS))
 
 
+#: the default budget of the decoded-image cache (``decode_cache_gb``), capped at half the memory
+#: available when the run starts (the block lives in RAM, shared by the loader workers)
+DEFAULT_BUDGET_GB = 4.0
+
+
 def resolve_workers(workers: int | str) -> int:
     """A ``workers`` setting as a DataLoader count: ``"auto"`` is :func:`default_workers`."""
     return default_workers() if workers == "auto" else int(workers)

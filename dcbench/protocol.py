@@ -51,7 +51,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from dcbench.env import resolve_workers
+from dcbench.env import DEFAULT_BUDGET_GB, resolve_workers
 from dcbench.errors import DcbenchError, UsageError
 
 log = logging.getLogger("dcbench")
@@ -68,6 +68,14 @@ def setting(default: Any = None, help: str = "", *, factory: Any = None, numbers
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def decode_cache_setting(what: str) -> Any:
+    """The ``decode_cache_gb`` field of a protocol that reads ``what`` over and over (epochs,
+    passes): decoded once, kept in shared memory when they fit (:mod:`dcbench.data.decoded`;
+    :func:`dcbench.data.cache_decoded_images`). Validated by :meth:`CommonSettings.validate`."""
+    return setting(DEFAULT_BUDGET_GB, f"keep the decoded {what} in shared memory across passes when they fit "
+                                      "(GB, capped at half the available memory; 0: decode every pass)", numbers=False)
 
 
 class ProtocolError(DcbenchError):
@@ -92,6 +100,8 @@ class CommonSettings:
             raise UsageError(f"bad value {self.batch_size} for batch_size: must be at least 1")
         if self.workers != "auto" and self.workers < 0:
             raise UsageError(f"bad value {self.workers} for workers: must be >= 0 or auto")
+        if getattr(self, "decode_cache_gb", 0) < 0:  # the field of decode_cache_setting()
+            raise UsageError(f"bad value {self.decode_cache_gb} for decode_cache_gb: must be >= 0 (0 turns it off)")
 
     def loader_workers(self) -> int:
         """The ``workers`` setting as a DataLoader count (``auto`` resolved on this machine)."""

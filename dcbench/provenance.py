@@ -19,14 +19,15 @@ from typing import Any
 from dcbench.protocol import CommonSettings, FrozenFeatureSettings, Protocol
 from dcbench.settings import apply_settings, describe_fields, ordered_fields, to_plain
 
-__all__ = ["COMMON_SETTINGS", "FROZEN_FEATURE_SOURCES", "GENERATED_MARKER", "WORKERS_SOURCE", "card_dict",
-           "card_lines", "preset_choices", "protocols_markdown", "setting_names"]
+__all__ = ["COMMON_SETTINGS", "DECODE_CACHE_SOURCE", "FROZEN_FEATURE_SOURCES", "GENERATED_MARKER", "WORKERS_SOURCE",
+           "card_dict", "card_lines", "preset_choices", "protocols_markdown", "setting_names"]
 
 #: the settings bases whose fields are listed after a protocol's own
 COMMON_SETTINGS = (CommonSettings, FrozenFeatureSettings)
 
 #: sources of the settings every protocol shares with the same meaning (see dcbench.protocol)
 WORKERS_SOURCE = "dcbench choice: data-loading processes; cannot move the numbers"
+DECODE_CACHE_SOURCE = "dcbench choice: decoding each image once gives the same pixels; cannot move the numbers"
 FROZEN_FEATURE_SOURCES = {
     "workers": WORKERS_SOURCE,
     "cache": "dcbench choice: the feature cache; cannot move the numbers",

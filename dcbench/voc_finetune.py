@@ -27,14 +27,14 @@ images and the float64 score rows are gathered (exact), so every rank computes t
 
 The loop reads its numbers from a settings object with the fields ``mode``,
 ``train_bn_affine``, ``iterations``, ``lr``, ``lr_step``, ``momentum``, ``weight_decay``,
-``batch_size``, ``clip_norm``, ``image_size``, ``crop_scale``, ``test_crops``, ``seed`` and
-``workers`` (the ``voc07-cls`` settings).
+``batch_size``, ``clip_norm``, ``image_size``, ``crop_scale``, ``test_crops``, ``seed``,
+``workers`` and ``decode_cache_gb`` (the ``voc07-cls`` settings).
 """
 from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from dcbench import finetune as ft
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter
+from dcbench.data import DataError, SkipCounter, cache_decoded_images, normalised_batches
 from dcbench.data.seeded import SeededBatches, SeededOrder, seeded_loader
 from dcbench.data.transforms import InputConvention, convention_finetune_transform, convention_ten_crop_transform
 from dcbench.data.voc import VOCSplit
@@ -152,6 +152,22 @@ def finetune_transform(image_size: int, scale: Sequence[float],
     return convention_finetune_transform(image_size, scale, convention or InputConvention())
 
 
+def _image_batches(ds: Any, order: Any, batch_size: int | None, settings: Any, device: str,
+                   passes: int = 2) -> Iterable:
+    """Seeded batches of ``ds`` (:func:`~dcbench.data.seeded.seeded_loader`) normalised on the device
+    (the same inputs bit for bit), its images decoded once when they fit ``decode_cache_gb`` and
+    will be read more than once (``passes``)."""
+    if passes > 1:
+        cache_decoded_images([ds], settings.decode_cache_gb)  # before the loader forks its workers
+    return normalised_batches(ds, lambda d: seeded_loader(d, order, batch_size, settings.loader_workers(), device),
+                              device)
+
+
+def _decoded(ds: Any) -> int | None:
+    """Training images this process holds decoded in memory (None: decoded from disk every pass)."""
+    return None if ds.decoded is None else ds.decoded.n_filled()
+
+
 def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str, progress: bool,
                    strict: bool = False, shard: tuple[int, int] | None = None,
                    convention: InputConvention | None = None) -> dict[str, Any]:
@@ -163,7 +179,7 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
     if shard is not None and shard[1] > 1:
         return _train_finetune_parallel(net, train, ds, settings, device, progress, shard)
     order = SeededOrder(ds, settings.seed)  # crops depend on (seed, pass, image) only: any workers
-    loader = seeded_loader(ds, order, settings.batch_size, settings.loader_workers(), device)
+    loader = _image_batches(ds, order, settings.batch_size, settings, device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -199,7 +215,7 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
             raise DataError(f"no readable image in {train.voc_dir / 'JPEGImages'} for split {train.split}")
     ft.close_bar(bar)
     counter.report()
-    return {"loss": losses, "skipped_train_images": counter.count}
+    return {"loss": losses, "skipped_train_images": counter.count, "decoded_in_memory": _decoded(ds)}
 
 
 def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, settings: Any, device: str, progress: bool,
@@ -211,7 +227,7 @@ def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, setting
     # rank r reads every world-th image of the one-process order, with the one-process crops
     sampler = SeededOrder(ds, settings.seed, world, rank)
     torch.manual_seed(zlib.crc32(f"{settings.seed}:finetune:{rank}".encode()))  # dropout per rank
-    loader = seeded_loader(ds, sampler, parallel.per_rank_batch(settings.batch_size, world), settings.loader_workers(), device)
+    loader = _image_batches(ds, sampler, parallel.per_rank_batch(settings.batch_size, world), settings, device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -248,7 +264,8 @@ def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, setting
         if iteration == done_before:
             raise DataError(f"no readable image in {train.voc_dir / 'JPEGImages'} for split {train.split}")
     ft.close_bar(bar)
-    return {"loss": losses, "skipped_train_images": int(parallel.all_reduce_sum([skipped])[0])}
+    return {"loss": losses, "skipped_train_images": int(parallel.all_reduce_sum([skipped])[0]),
+            "decoded_in_memory": _decoded(ds)}
 
 
 @torch.no_grad()
@@ -267,11 +284,11 @@ def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: st
     # each rank scores its block of the one-process batches; the random crops of pass p are a
     # function of (seed, p, image), drawn apart from the training passes' (negative pass numbers)
     order = SeededBatches(rank_batches(len(ds), batch, shard or (0, 1)), settings.seed)
-    loader = seeded_loader(ds, order, None, settings.loader_workers(), device)
+    passes = 1 if tencrop else 10  # the paper: 10 passes of random crops
+    loader = _image_batches(ds, order, None, settings, device, passes)
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()
-    passes = 1 if tencrop else 10  # the paper: 10 passes of random crops
     for p in range(passes):
         order.set_epoch(-(p + 1))
         for images, _t, idx, _n in track(loader, f"test pass {p + 1}/{passes}", "batch", enabled=progress):

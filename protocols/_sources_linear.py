@@ -5,7 +5,7 @@ where each default of each preset comes from and the known deviations from those
 from __future__ import annotations
 
 from dcbench.protocol import Deviation
-from dcbench.provenance import FROZEN_FEATURE_SOURCES
+from dcbench.provenance import DECODE_CACHE_SOURCE, FROZEN_FEATURE_SOURCES
 
 _DC = "facebookresearch/deepcluster"
 _DINO = "facebookresearch/dino eval_linear.py"
@@ -15,8 +15,7 @@ _COMMON_SOURCES = {**FROZEN_FEATURE_SOURCES,
     "seed": "dcbench choice: the trial's seed (head init, shuffling, augmentation); cannot be a deviation",
     "cached": "dcbench choice: false = the sources' augmented training; true trains on centre-crop features "
               "(faster, not the sources' protocol)",
-    "decode_cache_gb": "dcbench choice: augmented runs read every image every epoch; decoding each once "
-                       "gives the same pixels; cannot move the numbers",
+    "decode_cache_gb": DECODE_CACHE_SOURCE,
     "lr": f"0.01: {_DC} eval_linear.sh --lr 0.01; VISSL OPTIMIZER.param_schedulers.lr.base_value 0.01 "
           "(base_lr_batch_size 256)",
     "momentum": "0.9: deepcluster eval_linear.py --momentum; VISSL OPTIMIZER.momentum",

@@ -53,7 +53,6 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 
 from dcbench.data import cache_decoded_images, image_folder
-from dcbench.data.decoded import DEFAULT_BUDGET_GB
 from dcbench.data.layouts import check_train_val, train_val_fingerprint
 from dcbench.data.transforms import (ConventionMode, InputConvention, convention_center_id,
                                      convention_center_transform, convention_probe_train_transform,
@@ -65,7 +64,7 @@ from dcbench.pooling import PoolPlan, probe_pooling, resolve_taps
 from dcbench.probe import (History, ProbeLoop, ProbeOutcomes, ProbeSet, final_and_best_rows,
                            train_on_features, train_on_images)
 from dcbench.protocol import (Deviation, FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, batch_refusal,
-                              register_protocol, setting)
+                              decode_cache_setting, register_protocol, setting)
 from dcbench.protocols._linear_presets import (  # noqa: F401 - schedules re-exported for tests and users
     PRESET_CROPS, PRESET_HEAD_INIT, PRESET_INTERPOLATION, PRESET_LR, PRESET_TRAIN_CENTER_CROP, PRESET_WEIGHT_DECAY,
     RRC_PRESETS, TEN_CROPS, TRAIN_CROPS, deepcluster_lr, dino_lr, probe_optim, vissl_lr, vissl_steps)
@@ -131,9 +130,7 @@ class LinearSettings(FrozenFeatureSettings):
     cache: bool = setting(
         True, "with cached=true, read/write the extracted features in the feature cache (shared with other runs)",
         numbers=False)
-    decode_cache_gb: float = setting(
-        DEFAULT_BUDGET_GB, "with cached=false, keep the decoded train and val images in shared memory across "
-        "epochs when they fit (GB, capped at half the available memory; 0: decode every epoch)", numbers=False)
+    decode_cache_gb: float = decode_cache_setting("train and val images of cached=false runs")
     seed: int = setting(0, "seed of head init, shuffling, augmentation and BN re-estimation", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on train images (train-mode forwards, no grad, at most "
@@ -153,8 +150,6 @@ class LinearSettings(FrozenFeatureSettings):
             raise UsageError(f"bad value {self.weight_decay} for weight_decay: must be >= 0")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"bad value {self.momentum} for momentum: must be in [0, 1)")
-        if self.decode_cache_gb < 0:
-            raise UsageError(f"bad value {self.decode_cache_gb} for decode_cache_gb: must be >= 0 (0 turns it off)")
 
 
 # ----------------------------------------------------------------------------- the recipe

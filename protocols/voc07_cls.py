@@ -50,8 +50,8 @@ from dcbench.errors import UsageError
 from dcbench.features import prepared_backbone
 from dcbench.metrics.ap import finetune_class_ap
 from dcbench.protocol import (CommonSettings, Deviation, EvalContext, Protocol, ProtocolOutput, batch_refusal,
-                              register_protocol, setting)
-from dcbench.provenance import FROZEN_FEATURE_SOURCES
+                              decode_cache_setting, register_protocol, setting)
+from dcbench.provenance import DECODE_CACHE_SOURCE, FROZEN_FEATURE_SOURCES
 from dcbench.results import outcome_key
 from dcbench.stats import map_outcomes
 from dcbench.voc_classification import VOC07_LAYOUT, ap_rows, check_classes, load_voc_data
@@ -98,6 +98,7 @@ class VocFinetuneSettings(CommonSettings):
     seed: int = setting(0, "seed of head init, shuffling, crops and BN re-estimation", numbers=False)
     bn_recalibrate: Literal["auto", "on", "off"] = setting(
         "auto", "re-estimate BatchNorm running stats on trainval before fine-tuning; auto = on for random inits")
+    decode_cache_gb: float = decode_cache_setting("training images (and, after training, the test images)")
 
     def validate(self) -> None:
         """Raise UsageError for impossible values."""
@@ -117,6 +118,7 @@ class VocFinetuneSettings(CommonSettings):
 _DC = "facebookresearch/deepcluster eval_voc_classif.py"
 VOC_CLS_SOURCES = {
     "workers": FROZEN_FEATURE_SOURCES["workers"], "bn_recalibrate": FROZEN_FEATURE_SOURCES["bn_recalibrate"],
+    "decode_cache_gb": DECODE_CACHE_SOURCE,
     "seed": "dcbench choice: the trial's seed (head init, shuffling, crops); cannot be a deviation",
     "batch_size": f"{_DC} DataLoader(batch_size=16)",
     "mode": f"{_DC} --fc6_8 1 (the paper's Table 2 FC6-8 column; mode=all: --fc6_8 0, the ALL column)",

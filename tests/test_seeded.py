@@ -135,3 +135,23 @@ def test_seeded_stream_ranks_share_one_process_batches():
     ranks = [list(islice(SeededStream(data, seed=3, num_replicas=2, rank=r), 14)) for r in (0, 1)]
     for b in range(7):  # global batch b: 2 items per rank, 4 per process
         assert sorted(ranks[0][2 * b:2 * b + 2] + ranks[1][2 * b:2 * b + 2]) == sorted(one[4 * b:4 * b + 4])
+
+
+def test_voc07_cls_decodes_each_image_once_with_the_same_numbers(tmp_path):
+    """decode_cache_gb: training images (and the 10 random test passes) read decoded pixels kept in
+    memory, filled by the loader workers; the record equals a run that decodes every pass."""
+    from dcbench.data.synthetic_voc import make_voc
+    from dcbench.data.voc import VOC_CLASSES
+
+    root = make_voc(tmp_path / "voc", classes=VOC_CLASSES[:3])
+    args = ["eval", "--protocol", "voc07-cls", "--checkpoint", "random:alexnet,size=64", "--data", str(root),
+            "--set", "image_size=64", "--set", "iterations=6", "--set", "batch_size=4", "--set", "workers=2"]
+    records = []
+    for budget in ("4", "0"):
+        result = CliRunner().invoke(main, [*args, "--set", f"decode_cache_gb={budget}", "--store",
+                                           str(tmp_path / f"{budget}.db"), "--json"])
+        assert result.exit_code == 0, result.output
+        records.append(json.loads(result.output.strip().splitlines()[-1]))
+    assert records[0]["metrics"] == records[1]["metrics"] and records[0]["extra"]["loss"] == records[1]["extra"]["loss"]
+    assert records[0]["extra"]["decoded_in_memory"] == records[0]["extra"]["images"]["trainval"]
+    assert records[1]["extra"]["decoded_in_memory"] is None

@@ -23,11 +23,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from dcbench.env import DEFAULT_BUDGET_GB  # noqa: F401 (re-exported: its historical home)
+
 log = logging.getLogger("dcbench")
 
-#: the default budget of the decoded-image cache (``decode_cache_gb``), capped at half the memory
-#: available when the run starts (the block lives in RAM, shared by the loader workers)
-DEFAULT_BUDGET_GB = 4.0
 
 
 def available_memory_bytes() -> int | None:
