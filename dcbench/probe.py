@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from dcbench import parallel
-from dcbench.data import SkipCounter, normalised_batches, skip_collate
+from dcbench.data import SkipCounter, cache_decoded_images, normalised_batches, skip_collate
 from dcbench.data.seeded import SeededOrder, seeded_loader
 from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, rank_batches
 from dcbench.progress import track
@@ -168,6 +168,9 @@ class ProbeLoop:
     progress: bool = False
     #: ``(rank, world_size)`` of a data-parallel run (torchrun), None in one process
     shard: tuple[int, int] | None = None
+    #: :func:`train_on_images`: decoded train and val images kept in memory up to this many GB
+    #: (:func:`dcbench.data.cache_decoded_images`; 0: decoded every epoch)
+    decode_cache_gb: float = 0.0
 
     @property
     def taps(self) -> list[str]:
@@ -275,7 +278,9 @@ def train_on_images(backbone: nn.Module, probes: ProbeSet, train_ds: Any, val_ds
 
     Returns the history and the number of unreadable images per split (skipped, counted).
     With ``loop.shard`` of several ranks the work is data-parallel (the module docstring).
+    Each image is decoded once when the two splits fit ``loop.decode_cache_gb`` (same pixels).
     """
+    cache_decoded_images([train_ds, val_ds], loop.decode_cache_gb)  # before the loaders fork workers
     if loop.world > 1:
         return _train_on_images_parallel(backbone, probes, train_ds, val_ds, n_crops, loop, outcomes)
     order = SeededOrder(train_ds, loop.seed)

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from dcbench import finetune as ft
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter, cache_decoded_images, normalised_batches
+from dcbench.data import DataError, SkipCounter, cache_decoded_images, decoded_in_memory, normalised_batches
 from dcbench.data.seeded import SeededBatches, SeededOrder, seeded_loader
 from dcbench.data.transforms import InputConvention, convention_finetune_transform, convention_ten_crop_transform
 from dcbench.data.voc import VOCSplit
@@ -163,11 +163,6 @@ def _image_batches(ds: Any, order: Any, batch_size: int | None, settings: Any, d
                               device)
 
 
-def _decoded(ds: Any) -> int | None:
-    """Training images this process holds decoded in memory (None: decoded from disk every pass)."""
-    return None if ds.decoded is None else ds.decoded.n_filled()
-
-
 def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str, progress: bool,
                    strict: bool = False, shard: tuple[int, int] | None = None,
                    convention: InputConvention | None = None) -> dict[str, Any]:
@@ -215,7 +210,7 @@ def train_finetune(net: FineTuneNet, train: VOCSplit, settings: Any, device: str
             raise DataError(f"no readable image in {train.voc_dir / 'JPEGImages'} for split {train.split}")
     ft.close_bar(bar)
     counter.report()
-    return {"loss": losses, "skipped_train_images": counter.count, "decoded_in_memory": _decoded(ds)}
+    return {"loss": losses, "skipped_train_images": counter.count, "decoded_in_memory": decoded_in_memory(ds)}
 
 
 def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, settings: Any, device: str, progress: bool,
@@ -265,7 +260,7 @@ def _train_finetune_parallel(net: FineTuneNet, train: VOCSplit, ds: Any, setting
             raise DataError(f"no readable image in {train.voc_dir / 'JPEGImages'} for split {train.split}")
     ft.close_bar(bar)
     return {"loss": losses, "skipped_train_images": int(parallel.all_reduce_sum([skipped])[0]),
-            "decoded_in_memory": _decoded(ds)}
+            "decoded_in_memory": decoded_in_memory(ds)}
 
 
 @torch.no_grad()

@@ -26,20 +26,17 @@ Three protocols, one recipe: ``linear`` (any labelled ImageFolder with train/ an
   N(0, 0.01) on the last block's normed CLS (``cls``; ResNets: ``avgpool``), SGD lr 3 at batch 256,
   momentum 0.9, no wd, cosine lr over 90 epochs; RandomResizedCrop + flip, bilinear Resize +
   CenterCrop for val. ``cls`` is also the ViT default of ``deepcluster`` / ``vissl`` (a 2-D tap).
-- Other input sizes / archs: adaptive average pooling to the preset's grid capped at the map
-  size (:func:`dcbench.pooling.probe_pooling`); the pooling of each tap is recorded.
-- Input convention: published weights (timm / torchvision / hf-hub) are read with their own mean,
-  std, interpolation and crop ratio (``input_convention=weights``,
-  :func:`dcbench.data.transforms.resolve_convention`); other checkpoints with the preset's.
-- Train: Resize(s*256/224), [CenterCrop(same): deepcluster only], RandomCrop(s), flip; test
-  (``crops``): Resize then TenCrop(s) with softmax averaged over the crops (deepcluster), or the
-  centre crop (vissl). ``cached=true``: pooled centre-crop features are extracted once per split
-  (feature cache) and the heads trained on them.
+- Other input sizes / archs: adaptive average pooling to the preset's grid capped at the map size
+  (:func:`dcbench.pooling.probe_pooling`); the pooling of each tap is recorded.
+- Input convention: published weights (timm / torchvision / hf-hub) are read with their own mean, std,
+  interpolation and crop ratio (``input_convention=weights``, ``resolve_convention``); others with the preset's.
+- Train: Resize(s*256/224), [CenterCrop(same): deepcluster only], RandomCrop(s), flip; test (``crops``):
+  Resize then TenCrop(s), softmax averaged (deepcluster), or the centre crop (vissl). ``cached=true``: pooled
+  centre-crop features are extracted once per split (feature cache) and the heads trained on them.
 - Provenance of every default, per preset, and the known deviations: protocols/_sources_linear.py,
   ``dcbench protocols linear [--json] [--set preset=vissl]`` and docs/protocols.md.
-- Metrics: top-1 and top-5 per tap on val at the last epoch (``selection="final"``) and at the
-  best epoch by val top-1 (``selection="best"``, what the paper reports); per-image top-1/top-5
-  correctness of both epochs is kept for the paired bootstrap over val images.
+- Metrics: top-1 and top-5 per tap on val at the last epoch (``selection="final"``) and at the best epoch by
+  val top-1 (``"best"``, what the paper reports); per-image correctness of both is kept for the bootstrap.
 """
 from __future__ import annotations
 
@@ -52,7 +49,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from dcbench.data import cache_decoded_images, image_folder
+from dcbench.data import decoded_in_memory, image_folder
 from dcbench.data.layouts import check_train_val, train_val_fingerprint
 from dcbench.data.transforms import (ConventionMode, InputConvention, convention_center_id,
                                      convention_center_transform, convention_probe_train_transform,
@@ -197,9 +194,8 @@ class _Run:
 class LinearProbe(Protocol):
     """Shared recipe of ``linear``, ``imagenet-linear`` and ``places-linear``."""
 
-    #: 2: vissl_steps no longer repeats a step at 2 epochs (only vissl-preset runs of exactly
-    #: 2 epochs change; see CHANGELOG). 3: the vissl preset follows VISSL: centre-crop test,
-    #: no CenterCrop(256) in training, torch's default head init, + avgpool on ResNets.
+    #: 2: vissl_steps no longer repeats a step at 2 epochs (only vissl runs of exactly 2 epochs change). 3: the
+    #: vissl preset follows VISSL: centre-crop test, no CenterCrop(256) in training, torch's head init, + avgpool.
     #: 4: ViTs default to the cls tap; published weights are read with their own input
     #: convention (input_convention=weights); lr / head_init / interpolation default to the preset's.
     #: 5: cached=false crops depend on (seed, epoch, image) only (dcbench.data.seeded): any workers / world size
@@ -280,7 +276,8 @@ class LinearProbe(Protocol):
         calibration.transform = run.center(settings.image_size)
         with ctx.frozen_backbone(ckpt, calibration) as (backbone, sha):
             loop = ProbeLoop({t: run.plans[t].module() for t in run.taps}, run.epochs, settings.batch_size,
-                             settings.seed, ctx.device, settings.loader_workers(), ctx.progress, shard=ctx.shard)
+                             settings.seed, ctx.device, settings.loader_workers(), ctx.progress, shard=ctx.shard,
+                             decode_cache_gb=settings.decode_cache_gb)
             optim = probe_optim(run.preset, run.lr, run.weight_decay, settings.momentum, run.steps, run.head_init,
                                 run.epochs)
             probes, outcomes = ProbeSet(run.plans, run.n_classes, optim, ctx.device, settings.seed), ProbeOutcomes()
@@ -318,8 +315,6 @@ class LinearProbe(Protocol):
         tencrop = run.crops == "tencrop"
         train_ds.transform = run.train_view(size)
         val_ds.transform = run.val_view(size)
-        # before the loaders fork their workers, which then share the block (same pixels, decoded once)
-        cache_decoded_images([train_ds, val_ds], settings.decode_cache_gb)
         return train_on_images(backbone, probes, train_ds, val_ds, TEN_CROPS if tencrop else 1, loop, outcomes)
 
     @staticmethod
@@ -352,10 +347,8 @@ class LinearProbe(Protocol):
             "classes": run.n_classes,
             "images": {"train": len(train_ds), "val": len(val_ds)},
             "skipped_images": dict(skipped),
-            # images decoded once and kept in memory (decode_cache_gb); None: decoded every epoch
-            "decoded_in_memory": None if settings.cached else {
-                split: None if getattr(ds, "decoded", None) is None else ds.decoded.n_filled()
-                for split, ds in (("train", train_ds), ("val", val_ds))},
+            "decoded_in_memory": None if settings.cached else {  # decode_cache_gb (None: decoded every epoch)
+                "train": decoded_in_memory(train_ds), "val": decoded_in_memory(val_ds)},
             "probe_wall_s": round(time.perf_counter() - started, 3),
         }
 

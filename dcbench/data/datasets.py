@@ -526,6 +526,12 @@ def cache_decoded_images(datasets: Sequence[Any], budget_gb: float) -> list[bool
     return cached
 
 
+def decoded_in_memory(dataset: Any) -> int | None:
+    """Images of ``dataset`` this process holds decoded in memory (None: no decoded-image cache)."""
+    cache = getattr(dataset, "decoded", None)
+    return None if cache is None else cache.n_filled()
+
+
 class FinishedBatches:
     """The batches of ``loader`` (``(images, ...)`` tuples, e.g. :func:`skip_collate`'s) with the
     images moved to ``device`` and finished there by ``finish`` (from :func:`uint8_batches`)."""
