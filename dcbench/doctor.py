@@ -2,7 +2,8 @@
 
 Versions (Python, torch with its CUDA and cuDNN, faiss and whether it can use GPUs, timm,
 torchvision, mmsegmentation/mmcv, detectron2), devices and their memory, whether bfloat16
-autocast runs (CPU and CUDA: ``--set amp=true`` uses it), NCCL, where the cache and the results
+autocast runs (CPU and CUDA: ``--set amp=true`` uses it), NCCL, how many loader workers
+``workers=auto`` starts and which JPEG decoder reads the images, where the cache and the results
 store live with the free space there, and for each problem found the command that fixes it.
 Every probe is guarded: a broken library is reported, never a traceback.
 """
@@ -208,6 +209,31 @@ def _optional_packages(problems: list[Problem]) -> dict[str, str | None]:
     return packages
 
 
+def _data_info(problems: list[Problem]) -> dict[str, Any]:
+    """What ``workers=auto`` means here, and which JPEG decoder reads the images: libjpeg-turbo
+    through torchvision when it decodes a test image to PIL's pixels, else PIL (slower, same pixels)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dcbench.data.datasets import decode_jpeg_bytes
+    from dcbench.env import default_workers
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)).save(buffer, "JPEG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    fast = decode_jpeg_bytes(buffer.getvalue())
+    works = fast is not None and np.array_equal(np.asarray(fast), expected)
+    if not works:
+        problems.append(Problem("info", "torchvision.io cannot decode JPEGs here: images are decoded by PIL "
+                                        "(the same pixels, slower for small images)",
+                                "pip install torchvision==0.29.1 (the version dcbench pins, built for torch 2.14.1)"))
+    return {"loader_workers_auto": default_workers(),
+            "jpeg_decoder": "libjpeg-turbo (torchvision.io)" if works else "PIL"}
+
+
 def diagnose() -> dict[str, Any]:
     """Everything ``dcbench doctor`` reports, as one JSON-serialisable dict."""
     from dcbench import __version__
@@ -226,6 +252,7 @@ def diagnose() -> dict[str, Any]:
         "packages": _optional_packages(problems),
         "autocast_bf16": _autocast_info(torch_info, problems),
         "distributed": _distributed_info(torch_info, problems),
+        "data": _data_info(problems),
         "cache": _folder_info(cache_root(), "cache", problems),
         "store": _folder_info(default_store_path(), "store", problems),
     }
@@ -251,6 +278,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append("cuda        no CUDA device")
     amp = report["autocast_bf16"]
     lines.append(f"bf16 amp    cpu: {_yes_no(amp.get('cpu'))}  cuda: {_yes_no(amp.get('cuda'))}")
+    data = report["data"]
+    lines.append(f"data        workers=auto: {data['loader_workers_auto']} loader processes  "
+                 f"JPEG decoder: {data['jpeg_decoder']}")
     d = report["distributed"]
     lines.append(f"distributed gloo: {_yes_no(d.get('gloo'))}  nccl: {_yes_no(d.get('nccl'))}"
                  + (f" ({d['nccl_version']})" if d.get("nccl_version") else ""))

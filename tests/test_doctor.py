@@ -25,6 +25,9 @@ def test_doctor_json_is_one_object_with_every_item(tmp_path, monkeypatch):
     assert report["autocast_bf16"]["cpu"] is True  # bfloat16 autocast runs on every supported CPU
     assert set(report["packages"]) >= {"timm", "mmsegmentation", "mmcv", "detectron2"}
     assert {"gloo", "nccl"} <= set(report["distributed"])
+    from dcbench.env import default_workers
+
+    assert report["data"] == {"loader_workers_auto": default_workers(), "jpeg_decoder": "libjpeg-turbo (torchvision.io)"}
     assert report["cache"]["path"] == str(tmp_path / "cache") and report["cache"]["free_gb"] > 0
     assert report["store"]["path"] == str(tmp_path / "store" / "results.db")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "store").exists()  # it creates nothing

@@ -86,9 +86,13 @@ def _decode_jpeg(path: str) -> Image.Image | None:
     file and reports it as before), no torchvision image decoder."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return decode_jpeg_bytes(f.read())
     except OSError:
         return None
+
+
+def decode_jpeg_bytes(data: bytes) -> Image.Image | None:
+    """:func:`_decode_jpeg` of a file's bytes (None: not a 1- or 3-channel JPEG libjpeg decodes)."""
     if not data.startswith(_JPEG_MAGIC):
         return None
     try:
