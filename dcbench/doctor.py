@@ -229,7 +229,8 @@ def _data_info(problems: list[Problem]) -> dict[str, Any]:
     if not works:
         problems.append(Problem("info", "torchvision.io cannot decode JPEGs here: images are decoded by PIL "
                                         "(the same pixels, slower for small images)",
-                                "pip install torchvision==0.29.1 (the version dcbench pins, built for torch 2.14.1)"))
+                                f"pip install --force-reinstall torchvision=={_version('torchvision') or 'VERSION'} "
+                                "(the build that matches your torch)"))
     return {"loader_workers_auto": default_workers(),
             "jpeg_decoder": "libjpeg-turbo (torchvision.io)" if works else "PIL"}
 

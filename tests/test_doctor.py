@@ -54,6 +54,16 @@ def test_faiss_cpu_on_a_gpu_machine_gets_the_exact_pip_commands(monkeypatch):
     assert problems[0].severity == "warning"
 
 
+def test_a_jpeg_decoder_that_fails_its_check_falls_back_to_pil_with_a_fix(monkeypatch):
+    import dcbench.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "decode_jpeg_bytes", lambda data: None)
+    problems: list[doctor.Problem] = []
+    assert doctor._data_info(problems)["jpeg_decoder"] == "PIL"
+    assert len(problems) == 1 and problems[0].severity == "info"
+    assert problems[0].fix.startswith("pip install --force-reinstall torchvision==")
+
+
 def test_an_error_makes_the_exit_code_1(monkeypatch):
     def broken(problems):
         problems.append(doctor.Problem("error", "torch does not import: boom", "pip install -e ."))
