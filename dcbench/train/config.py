@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dcbench.env import default_workers
+from dcbench.env import DEFAULT_BUDGET_GB, default_workers
 from dcbench.errors import UsageError
 
 METHODS = ("deepcluster", "deepcluster-v2")
@@ -65,6 +65,9 @@ class _RunSettings:
     dist_timeout_min: float = field(default=120.0, metadata=_doc(
         "torchrun: minutes a process waits in a collective before the job fails (the others wait while "
         "rank 0 alone clusters; torch's default is 10)"))
+    decode_cache_gb: float = field(default=DEFAULT_BUDGET_GB, metadata=_doc(
+        "keep the decoded images (uint8) in memory when they fit this many GB (capped at half the available "
+        "memory): each image is decoded once per run instead of every epoch (v1: twice); same pixels; 0: off"))
 
     def _check_common(self) -> None:
         """Checks of the fields every method's class declares (epochs, batch, crops)."""
@@ -72,6 +75,8 @@ class _RunSettings:
             raise UsageError(f"bad preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if not self.dist_timeout_min > 0:
             raise UsageError(f"dist_timeout_min must be positive, got {self.dist_timeout_min}")
+        if self.decode_cache_gb < 0:
+            raise UsageError(f"decode_cache_gb must be >= 0 (0: off), got {self.decode_cache_gb}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size}
         for name, value in positive.items():
             if value < 1:
@@ -121,9 +126,6 @@ class TrainConfig(_RunSettings):
     crop_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata=_doc("RandomResizedCrop scale range"))
     feature_memmap_gb: float = field(default=2.0, metadata=_doc("features larger than this go to a disk "
                                                                  "memmap in the run folder (deleted after use)"))
-    decode_cache_gb: float = field(default=4.0, metadata=_doc(
-        "keep the decoded images (uint8) in memory when they fit this many GB (capped at half the available "
-        "memory): each image is decoded once per run instead of twice per epoch; same pixels; 0: off"))
     channels_last: bool = field(default=False, metadata=_doc(
         "feed the network channels-last batches (oneDNN/cuDNN then pick channels-last kernels: faster on some "
         "machines, mostly with amp; last-bit differences in the numbers)"))
@@ -143,8 +145,6 @@ class TrainConfig(_RunSettings):
             raise UsageError(f"reassign must be positive, got {self.reassign}")
         if self.lr <= 0 or self.top_lr <= 0:
             raise UsageError("lr and top_lr must be positive")
-        if self.decode_cache_gb < 0:
-            raise UsageError(f"decode_cache_gb must be >= 0 (0: off), got {self.decode_cache_gb}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from dcbench.checkpoint import atomic_save, checkpoint_record
 from dcbench.cluster import nmi, spherical_kmeans
-from dcbench.data import ImageDataset, open_training_data
+from dcbench.data import ImageDataset, decoded_in_memory, open_training_data
 from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.models import CLUSTER_TAP, Backbone, build_backbone
@@ -135,6 +135,8 @@ def setup(cfg: DCv2Config, dist: DistInfo, resume: bool) -> V2Trainer:
     iters = check_sizes(cfg, len(images), dist.world_size)
     run = open_run(cfg, dist, resume)
     warn_recipe(cfg, len(images), dist)
+    images.cache_decoded(cfg.decode_cache_gb)  # after the checks: a refused run reads no headers
+    bank_images.decoded = images.decoded  # the bank pass and the training pass share the decoded pixels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         net = DCv2Net(backbone, cfg.hidden_mlp, cfg.feat_dim, list(cfg.prototypes))
@@ -370,6 +372,7 @@ def epoch_record(t: V2Trainer) -> dict[str, Any]:
         "time_extract_s": round(s.stats.get("time_extract_s", 0.0), 3),
         "time_cluster_s": round(s.stats.get("time_cluster_s", 0.0), 3),
         "time_train_s": round(s.stats.get("time_train_s", 0.0), 3),
+        "decoded_in_memory": decoded_in_memory(t.images),  # decode_cache_gb; None: decoded every epoch
         **heads,
     }
 

@@ -31,8 +31,8 @@ from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
 from dcbench.cluster.kmeans import faiss_has_gpu
 from dcbench.cluster.pca import combine_moments, scatter_moments
-from dcbench.data import (FinishedBatches, ImageDataset, eval_transform, open_training_data, skip_collate,
-                          train_transform, uint8_batches)
+from dcbench.data import (FinishedBatches, ImageDataset, decoded_in_memory, eval_transform, open_training_data,
+                          skip_collate, train_transform, uint8_batches)
 from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
@@ -314,7 +314,7 @@ def epoch_record(t: Trainer) -> dict[str, Any]:
         "time_cluster_s": round(stats.get("time_cluster_s", 0.0), 3),
         "time_train_s": round(stats.get("time_train_s", 0.0), 3),
         # images whose decoded pixels this process holds in memory (decode_cache_gb; None: cache off)
-        "decoded_in_memory": None if t.images.decoded is None else t.images.decoded.n_filled(),
+        "decoded_in_memory": decoded_in_memory(t.images),
     }
 
 
