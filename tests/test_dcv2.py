@@ -250,3 +250,21 @@ def test_decoded_images_are_kept_across_epochs_with_the_same_weights(images, tmp
     counts = [m["decoded_in_memory"] for m in _metrics(tmp_path / "kept")]
     assert counts == sorted(counts) and counts[-1] == 48
     assert [m["decoded_in_memory"] for m in _metrics(tmp_path / "decoded")] == [None, None]
+
+
+def test_multicrop_views_read_as_uint8_are_the_normalised_views_bit_for_bit(images):
+    """The views travel as uint8 and each view position is scaled per batch on the device: the same
+    random crops, jitter, greyscale and blur (drawn before ToTensor), the same inputs."""
+    from dcbench.data import image_folder
+    from dcbench.data.seeded import read_seeded
+    from dcbench.train.multicrop import collate_views, multicrop_transform
+
+    cfg = DCv2Config(image_size=64, small_crops=2)
+    floats = image_folder(images, transform=multicrop_transform(cfg, fixed_input=False))
+    pixels = image_folder(images, transform=multicrop_transform(cfg, fixed_input=False))
+    pixels.transform, finish = pixels.transform.uint8_views()
+    items = [(i, 1000 + i) for i in range(8)]
+    expected, _, _ = collate_views([read_seeded(floats, i, s) for i, s in items])
+    got, _, _ = collate_views([read_seeded(pixels, i, s) for i, s in items])
+    assert len(got) == len(finish) == 4 and all(v.dtype == torch.uint8 for v in got)
+    assert all(torch.equal(f(v), e) for f, v, e in zip(finish, got, expected))

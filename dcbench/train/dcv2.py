@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,12 @@ class V2Trainer:
     run: RunDir
     net: DCv2Net
     optimizer: torch.optim.Optimizer
-    images: ImageDataset  # transform: the multi-crop views
-    bank_images: ImageDataset  # transform: the large views only (the bank's first fill)
+    images: ImageDataset  # transform: the multi-crop views (uint8 pixels)
+    bank_images: ImageDataset  # transform: the large views only (the bank's first fill; uint8 pixels)
     state: V2State
     iters_per_epoch: int
+    #: per view position, ToTensor's scaling + Normalize of a uint8 batch (MultiCrop.uint8_views)
+    finish_views: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -137,6 +140,7 @@ def setup(cfg: DCv2Config, dist: DistInfo, resume: bool) -> V2Trainer:
     warn_recipe(cfg, len(images), dist)
     images.cache_decoded(cfg.decode_cache_gb)  # after the checks: a refused run reads no headers
     bank_images.decoded = images.decoded  # the bank pass and the training pass share the decoded pixels
+    finish_views = _uint8_views(images, bank_images)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         net = DCv2Net(backbone, cfg.hidden_mlp, cfg.feat_dim, list(cfg.prototypes))
@@ -150,7 +154,7 @@ def setup(cfg: DCv2Config, dist: DistInfo, resume: bool) -> V2Trainer:
                                cfg.momentum, cfg.weight_decay, cfg.larc_trust, cfg.larc_clip, cfg.larc_exclude_1d)
     bank = torch.zeros(cfg.large_crops, len(images), cfg.feat_dim, device=dist.device)
     state = V2State(bank=bank, filled=torch.zeros(len(images), dtype=torch.bool, device=dist.device))
-    trainer = V2Trainer(cfg, dist, run, net, optimizer, images, bank_images, state, iters)
+    trainer = V2Trainer(cfg, dist, run, net, optimizer, images, bank_images, state, iters, finish_views)
     if resume:
         restore_training(trainer)
     return trainer
@@ -191,6 +195,16 @@ def epoch_items(t: V2Trainer, epoch: int) -> list[tuple[int, int]]:
     return augmentation_seeds(t.cfg.seed, epoch, t.dist.rank, mine.tolist())
 
 
+def _uint8_views(images: ImageDataset, bank_images: ImageDataset) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Both datasets' views made to stop at uint8 pixels (the bank's are the first positions of the
+    training views); the finishing step per view position, [] when a view cannot be split."""
+    split, bank_split = images.transform.uint8_views(), bank_images.transform.uint8_views()
+    if split is None or bank_split is None:
+        return []
+    (images.transform, finish), (bank_images.transform, _) = split, bank_split
+    return finish
+
+
 def _loader(t: V2Trainer, dataset: ImageDataset, items: list[tuple[int, int]]) -> DataLoader:
     return DataLoader(_SeededViews(dataset), batch_size=t.cfg.batch_size, sampler=items, num_workers=t.cfg.workers,
                       collate_fn=collate_views, generator=torch.Generator(), pin_memory=t.dist.device.type == "cuda")
@@ -213,6 +227,8 @@ class _SeededViews(torch.utils.data.Dataset):
 def _groups(t: V2Trainer, views: list[torch.Tensor]) -> list[torch.Tensor]:
     """Views batched by size: the large ones together, then the small ones (one forward each)."""
     views = [v.to(t.dist.device, non_blocking=True) for v in views]
+    if t.finish_views:  # uint8 views, scaled here on the device (the same inputs bit for bit)
+        views = [finish(v) for finish, v in zip(t.finish_views, views)]
     large = torch.cat(views[: t.cfg.large_crops])
     return [large] + ([torch.cat(views[t.cfg.large_crops:])] if len(views) > t.cfg.large_crops else [])
 

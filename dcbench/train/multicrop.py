@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from dcbench.data.transforms import normalize
+from dcbench.data.transforms import BatchNormalise, normalize, split_normalisation
 
 
 class RandomGaussianBlur:
@@ -52,6 +52,15 @@ class MultiCrop:
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         return [view(image) for view in self.views]
+
+    def uint8_views(self) -> tuple["MultiCrop", list[BatchNormalise]] | None:
+        """The same views stopping at uint8 pixels, and the step that finishes each view position's
+        batch on the device (:func:`~dcbench.data.transforms.split_normalisation`: the same inputs
+        bit for bit, the random draws unchanged); None when a view does not end in ToTensor + Normalize."""
+        splits = [split_normalisation(view) for view in self.views]
+        if any(split is None for split in splits):
+            return None
+        return MultiCrop([split[0] for split in splits]), [split[1] for split in splits]
 
 
 def multicrop_transform(cfg, fixed_input: bool, large_only: bool = False) -> MultiCrop:
