@@ -62,6 +62,20 @@ def test_training_crops_read_as_uint8_are_the_normalised_crops_bit_for_bit(folde
     assert batch.dtype == torch.uint8 and torch.equal(finish(batch), expected)
 
 
+def test_one_budget_is_shared_by_the_datasets_in_order(folder, monkeypatch):
+    """cache_decoded_images: the first dataset takes what it needs, the next one what is left;
+    datasets without a decoded-image cache are skipped."""
+    import dcbench.data.datasets as datasets
+    from dcbench.data import cache_decoded_images, decoded_in_memory
+
+    monkeypatch.setattr(datasets, "cache_budget_bytes", lambda gb: int(gb * 1e9))  # no memory cap
+    first, second = image_folder(folder), image_folder(folder)
+    need = open_decoded_cache(first.paths, 1.0).nbytes / 1e9
+    assert cache_decoded_images([first, second, [1, 2]], 1.5 * need) == [True, False, False]
+    assert decoded_in_memory(first) == 0 and decoded_in_memory(second) is None
+    assert cache_decoded_images([image_folder(folder), image_folder(folder)], 2.5 * need) == [True, True]
+
+
 def test_loader_workers_fill_the_shared_cache_and_extraction_is_unchanged(folder):
     model = build_backbone("alexnet", sobel=True, input_size=64, seed=0)
     plain = image_folder(folder, transform=eval_transform(64))

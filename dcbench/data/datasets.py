@@ -520,11 +520,11 @@ def cache_decoded_images(datasets: Sequence[Any], budget_gb: float) -> list[bool
     """Decoded-image caches (:meth:`ImageDataset.cache_decoded`) for ``datasets`` in order, within
     one budget: ``budget_gb`` capped once at half the available memory, each dataset taking what it
     needs when it fits what is left. Call it before the loaders fork their workers. Whether each
-    dataset got one."""
+    dataset got one (datasets without :meth:`ImageDataset.cache_decoded` never do)."""
     left_gb = cache_budget_bytes(budget_gb) / 1e9
     cached = []
     for dataset in datasets:
-        cached.append(left_gb > 0 and dataset.cache_decoded(left_gb))
+        cached.append(left_gb > 0 and hasattr(dataset, "cache_decoded") and dataset.cache_decoded(left_gb))
         if cached[-1]:
             left_gb -= dataset.decoded.nbytes / 1e9
     return cached
