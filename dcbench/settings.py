@@ -71,7 +71,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return _coerce(name, value, arg)
             except UsageError as exc:
                 errors.append(exc)
-        raise errors[0]
+        if len(errors) == 1:
+            raise errors[0]
+        # e.g. int | Literal["auto"]: "expected an integer or one of auto"
+        wanted = [str(e).split(f"for {name}: ", 1)[-1].replace("choose one of", "one of") for e in errors]
+        raise UsageError(f"bad value {value!r} for {name}: expected {' or '.join(w.removeprefix('expected ') for w in wanted)}")
     if origin is typing.Literal:
         if value not in args:
             raise UsageError(f"bad value {value!r} for {name}: choose one of {', '.join(map(str, args))}")

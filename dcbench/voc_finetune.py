@@ -153,11 +153,11 @@ def finetune_transform(image_size: int, scale: Sequence[float],
 
 
 def _image_batches(ds: Any, order: Any, batch_size: int | None, settings: Any, device: str,
-                   passes: int = 2) -> Iterable:
+                   keep_decoded: bool = True) -> Iterable:
     """Seeded batches of ``ds`` (:func:`~dcbench.data.seeded.seeded_loader`) normalised on the device
-    (the same inputs bit for bit), its images decoded once when they fit ``decode_cache_gb`` and
-    will be read more than once (``passes``)."""
-    if passes > 1:
+    (the same inputs bit for bit); ``keep_decoded`` (data read more than once): its images decoded
+    once when they fit ``decode_cache_gb``."""
+    if keep_decoded:
         cache_decoded_images([ds], settings.decode_cache_gb)  # before the loader forks its workers
     return normalised_batches(ds, lambda d: seeded_loader(d, order, batch_size, settings.loader_workers(), device),
                               device)
@@ -280,7 +280,7 @@ def score_test_split(net: FineTuneNet, test: VOCSplit, settings: Any, device: st
     # function of (seed, p, image), drawn apart from the training passes' (negative pass numbers)
     order = SeededBatches(rank_batches(len(ds), batch, shard or (0, 1)), settings.seed)
     passes = 1 if tencrop else 10  # the paper: 10 passes of random crops
-    loader = _image_batches(ds, order, None, settings, device, passes)
+    loader = _image_batches(ds, order, None, settings, device, keep_decoded=passes > 1)
     scores = np.zeros((len(ds), len(test.classes)), dtype=np.float64)
     seen = np.zeros(len(ds), dtype=bool)
     net.eval()

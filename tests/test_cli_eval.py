@@ -169,8 +169,8 @@ def test_workers_default_to_the_usable_cores_and_are_recorded(data, ckpt, tmp_pa
     assert settings.workers == "auto" and settings.loader_workers() == 1
     assert apply_settings(settings, {"workers": "3"}).loader_workers() == 3
     assert RunContext(workers="auto").workers == 1
-    for bad in (-1, "many"):
-        with pytest.raises(UsageError, match="for workers"):
+    for bad, message in ((-1, "must be >= 0 or auto"), ("many", "expected an integer or one of auto")):
+        with pytest.raises(UsageError, match=message):
             apply_settings(settings, {"workers": bad})
 
     result = _invoke("eval", "--protocol", "knn", "--checkpoint", ckpt, "--data", data, "--store", tmp_path / "r.db",

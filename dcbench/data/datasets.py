@@ -86,7 +86,8 @@ def _decode_jpeg(path: str) -> Image.Image | None:
     file and reports it as before), no torchvision image decoder."""
     try:
         with open(path, "rb") as f:
-            return decode_jpeg_bytes(f.read())
+            head = f.read(len(_JPEG_MAGIC))  # other formats go to PIL without reading the whole file twice
+            return decode_jpeg_bytes(head + f.read()) if head == _JPEG_MAGIC else None
     except OSError:
         return None
 

@@ -151,13 +151,13 @@ class SeededStream(Sampler):
         self.dataset, self.seed, self.num_replicas, self.rank = dataset, seed, num_replicas, rank
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        return itertools.islice(self._one_process(), self.rank, None, self.num_replicas)
+
+    def _one_process(self) -> Iterator[tuple[int, int]]:
         order = SeededOrder(self.dataset, self.seed)
-        positions = itertools.count()
         for epoch in itertools.count():
             order.set_epoch(epoch)
-            for item in order.items():
-                if next(positions) % self.num_replicas == self.rank:
-                    yield item
+            yield from order.items()
 
 
 def seeded_loader(dataset: Any, order: SeededOrder | SeededStream | SeededBatches, batch_size: int | None,

@@ -29,8 +29,6 @@ def _doc(text: str) -> dict:
     return {"help": text}
 
 
-
-
 #: Settings ``dcbench train --resume`` accepts with a value other than the saved one: they say
 #: how long the run goes (``epochs``: extend or stop a run), where it lives and runs (``out``,
 #: ``device``: bit-exact resumption needs the same device) and how it uses the machine
