@@ -4,6 +4,7 @@ original-style loop written here from the structure of the original code (issue 
     python benchmarks/epoch.py [--n 3000] [--image-px 128] [--crop 64] [--k 100] [--batch 64]
                                [--workers 2] [--repeats 2] [--data DIR]
                                [--variant amp=--set=amp=true] [--variant cl=--set=channels_last=true ...]
+                               [--floor]
 
 The original-style side follows github.com/facebookresearch/deepcluster main.py, clustering.py
 and util.py: torchvision ``datasets.ImageFolder`` (PIL decode) with Resize(crop*256/224) +
@@ -20,9 +21,14 @@ an ImageFolder (digit = class), mirrored copies after the first 1,797 (real stro
 Runs alternate (dcbench, original, dcbench, ...), each a fresh process; the best of
 ``--repeats`` per side is reported with its phase times, its CPU time (user + system of the
 process and its loader workers: less sensitive than wall time to other load on a shared machine)
-and the ratio dcbench / original. Each ``--variant NAME=ARG[,ARG...]`` adds a dcbench side with
+and the ratio dcbench / original; dcbench's runs also print how long its feature and training
+passes waited for images (metrics.jsonl ``time_*_wait_s``). Each ``--variant NAME=ARG[,ARG...]`` adds a dcbench side with
 those extra ``dcbench train`` arguments (e.g. ``amp=--set=amp=true``: opt-in settings that change
 the numbers), run in the same alternation and reported against the same original-style best.
+``--floor`` adds the compute floor: the epoch's forward passes (extraction) and training steps
+alone, on random inputs already in memory, as a whole process (interpreter and torch start-up
+included); with dcbench's clustering time added it bounds what any implementation of this epoch
+on this machine can reach in float32.
 """
 from __future__ import annotations
 
@@ -89,7 +95,8 @@ def run_dcbench(args: argparse.Namespace, data: Path, work: Path, extra: tuple[s
         sys.exit(f"dcbench train failed:\n{proc.stderr[-3000:]}")
     record = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     return {"total": wall, "cpu": cpu, "extract": record["time_extract_s"], "cluster": record["time_cluster_s"],
-            "train": record["time_train_s"], "loss": record["loss"]}
+            "train": record["time_train_s"], "loss": record["loss"],
+            "waits": (record["time_extract_wait_s"], record["time_train_wait_s"])}
 
 
 # ----------------------------------------------------------------------------- original side
@@ -280,6 +287,62 @@ def run_original(args: argparse.Namespace, data: Path, work: Path) -> dict:
     return {"total": wall, "cpu": cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+# ----------------------------------------------------------------------------- compute floor
+FLOOR = r'''
+import json, sys, time
+import torch
+import torch.nn as nn
+from dcbench.models import CLUSTER_TAP, LOGITS_TAP, build_backbone
+
+n, k, batch, crop = (int(a) for a in sys.argv[1:5])
+torch.manual_seed(31)
+model = build_backbone("alexnet", sobel=True, input_size=crop, seed=31)
+sizes = [min(batch, n - i) for i in range(0, n, batch)]
+inputs = {b: torch.randn(b, 3, crop, crop) for b in set(sizes)}  # in memory before the clock starts
+targets = {b: torch.randint(0, k, (b,)) for b in set(sizes)}
+times = {}
+t = time.perf_counter()
+model.eval()
+with torch.no_grad():
+    for b in sizes:
+        model(inputs[b], taps=[CLUSTER_TAP])
+times["extract"] = time.perf_counter() - t
+times["cluster"] = 0.0
+t = time.perf_counter()
+model.set_top_layer(k)
+# the fastest SGD on the CPU (one fused kernel, the same update as dcbench's)
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                            weight_decay=1e-5, fused=True)
+criterion = nn.CrossEntropyLoss()
+model.train()
+losses = []
+for b in sizes:
+    loss = criterion(model(inputs[b], taps=[LOGITS_TAP])[LOGITS_TAP], targets[b])
+    losses.append(loss.item())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+times["train"] = time.perf_counter() - t
+times["loss"] = sum(losses) / len(losses)
+print(json.dumps(times))
+'''
+
+
+def run_floor(args: argparse.Namespace, data: Path, work: Path) -> dict:
+    """The compute floor as a whole process: interpreter + torch start-up, the extraction forward
+    passes and the training steps (forward, backward, SGD) of one epoch on random inputs already in
+    memory; no images, no clustering, no checkpoint. Neither side can be faster than this plus its
+    clustering."""
+    del data, work
+    cmd = [sys.executable, "-c", FLOOR, str(args.n), str(args.k), str(args.batch), str(args.crop)]
+    cpu, start = children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu
+    if proc.returncode:
+        sys.exit(f"compute-floor run failed:\n{proc.stderr[-3000:]}")
+    return {"total": wall, "cpu": cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -294,6 +357,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["dcbench", "original"], help="Run one side only.")
     parser.add_argument("--dcbench-arg", dest="dcbench_args", action="append", default=[],
                         help="Extra argument for dcbench train (repeatable), e.g. --dcbench-arg=--set=amp=true.")
+    parser.add_argument("--floor", action="store_true",
+                        help="Also run the compute floor: the epoch's forward/backward passes alone on inputs "
+                             "in memory (interpreter and torch start-up included), reported like a side.")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARG[,ARG...]",
                         help="Another dcbench side with extra train arguments (repeatable), e.g. "
                              "amp=--set=amp=true or amp+cl=--set=amp=true,--set=channels_last=true.")
@@ -309,6 +375,8 @@ def main() -> None:
             sides = {args.only: sides[args.only]}
         if args.only != "original":
             sides.update(variant_sides(args.variant))
+        if args.floor:
+            sides["floor"] = run_floor
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for r in range(args.repeats):
             for name, fn in sides.items():
@@ -316,7 +384,9 @@ def main() -> None:
                 runs[name].append(result)
                 print(f"  run {r + 1} {name:<12} total {result['total']:6.1f}s  cpu {result['cpu']:6.1f}s  extract "
                       f"{result['extract']:5.1f}  cluster {result['cluster']:5.1f}  train {result['train']:5.1f}  "
-                      f"loss {result['loss']:.3f}  load {Path('/proc/loadavg').read_text().split()[0]}", flush=True)
+                      f"loss {result['loss']:.3f}  load {Path('/proc/loadavg').read_text().split()[0]}"
+                      + ("  waiting for images {:.1f}/{:.1f}".format(*result["waits"]) if "waits" in result else ""),
+                      flush=True)
     best = {name: min(rs, key=lambda x: x["total"]) for name, rs in runs.items()}
     print(f"best of {args.repeats} (seconds):")
     print(f"  {'':<13}{'total':>8}{'cpu':>8}{'extract':>9}{'cluster':>9}{'train':>8}  other (start-up, data, "
@@ -332,6 +402,10 @@ def main() -> None:
                 print("ratio {} / original: total {:.2f}x  cpu {:.2f}x  extract {:.2f}x  cluster {:.2f}x  "
                       "train {:.2f}x".format(name, *(d[p] / o[p] for p in ("total", "cpu", "extract", "cluster",
                                                                             "train"))))
+        if "floor" in best and "dcbench" in best:
+            bound = best["floor"]["total"] + best["dcbench"]["cluster"]
+            print(f"bound: compute floor + dcbench's clustering = {bound:.1f}s = {bound / o['total']:.2f}x original; "
+                  f"dcbench spends {best['dcbench']['total'] - bound:.1f}s beyond it (images, start-up, checkpoints)")
 
 
 def variant_sides(specs: list[str]) -> dict:

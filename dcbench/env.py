@@ -19,19 +19,24 @@ CACHE_ENV = "DCBENCH_CACHE"
 MAX_DEFAULT_WORKERS = 8
 
 
-def default_workers() -> int:
-    """Loader workers per process: the cores this process may use (its affinity mask: what a
-    container, taskset or SLURM grants, not the machine's count) shared by the processes of a
-    torchrun job on this node (LOCAL_WORLD_SIZE), at least 1 and at most 8. The crops are a
-    function of (seed, epoch, position), so the number of workers never changes what is computed
-    (likewise every protocol's: :mod:`dcbench.data.seeded`).
-    """
+def usable_cores() -> int:
+    """The cores this process may use (its affinity mask: what a container, taskset or SLURM
+    grants, not the machine's count) shared by the processes of a torchrun job on this node
+    (LOCAL_WORLD_SIZE); at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         local = 1
-    return max(1, min(cores // local, MAX_DEFAULT_WORKERS))
+    return max(1, cores // local)
+
+
+def default_workers() -> int:
+    """Loader workers per process: :func:`usable_cores`, at most 8. The crops are a function of
+    (seed, epoch, position), so the number of workers never changes what is computed (likewise
+    every protocol's: :mod:`dcbench.data.seeded`).
+    """
+    return min(usable_cores(), MAX_DEFAULT_WORKERS)
 
 
 #: the default budget of the decoded-image cache (``decode_cache_gb``), capped at half the memory

@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter, normalised_batches, skip_collate
+from dcbench.data import DataError, SkipCounter, WaitedBatches, normalised_batches, skip_collate
 from dcbench.digest import HashingWriter, file_sha256, read_verified, tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
 
@@ -360,6 +360,8 @@ class Extraction:
     n_items: int  # images the extraction covered (the shard's, when sharded), unreadable ones included
     cached: list[str]  # taps read from the cache
     seconds: float | None  # time of the forward pass; None when every tap came from the cache
+    #: of ``seconds``, the time spent waiting for the next batch of images (:class:`WaitedBatches`)
+    waited_s: float | None = None
 
     @property
     def items_per_s(self) -> float | None:
@@ -483,18 +485,19 @@ def extract_rows(backbone: nn.Module, dataset: Any, taps: Sequence[str],
     indices = shard_indices(len(dataset), shard)
     if found:
         log.info("feature cache: %d of %d taps read from %s", len(found), len(taps), cache.root)
-    seconds = None
+    seconds = waited = None
     if missing:
         started = time.perf_counter()
         spill = _Spill(spill_dir, spill_over_bytes, shard)
-        fresh = _forward_rows(backbone, dataset, missing, pools, indices, batch_size, workers, device, progress,
-                              how, spill)
+        fresh, waited = _forward_rows(backbone, dataset, missing, pools, indices, batch_size, workers, device,
+                                      progress, how, spill)
         seconds = time.perf_counter() - started
         for tap in missing:
             found[tap] = fresh[tap]
             if cache is not None:
                 cache.save(keys[tap], fresh[tap].rows, fresh[tap].owner)
-    return Extraction({t: found[t] for t in taps}, len(indices), [t for t in taps if t not in missing], seconds)
+    return Extraction({t: found[t] for t in taps}, len(indices), [t for t in taps if t not in missing], seconds,
+                      waited)
 
 
 def _keys(cache: FeatureCache | None, dataset: Any, ckpt_sha: str, transform_id: str,
@@ -530,12 +533,12 @@ def _extract_gathered(backbone: nn.Module, dataset: Any, taps: list[str], pools:
     missing = [t for t in taps if t not in found]
     if found:
         log.info("feature cache: %d of %d taps read from %s", len(found), len(taps), cache.root)
-    seconds = None
+    seconds = waited = None
     if missing:
         started = time.perf_counter()
         batches = rank_batches(len(dataset), batch_size, how.shard, how.batch_sampler)
         mine = [i for batch in batches for i in batch]
-        part = _forward_rows(backbone, dataset, missing, pools, mine, batch_size, workers, device, progress,
+        part, waited = _forward_rows(backbone, dataset, missing, pools, mine, batch_size, workers, device, progress,
                              how._replace(batch_sampler=lambda _indices, _size: batches), _Spill(None, 0.0, how.shard))
         for tap in missing:
             found[tap] = TapRows(*parallel.all_gather_rows(part[tap].rows, part[tap].owner))
@@ -546,7 +549,8 @@ def _extract_gathered(backbone: nn.Module, dataset: Any, taps: list[str], pools:
                             f"check the files (every image failed to decode)")
         parallel.barrier()  # the entries exist before any rank reads them in a later extraction
         seconds = time.perf_counter() - started
-    return Extraction({t: found[t] for t in taps}, len(dataset), [t for t in taps if t not in missing], seconds)
+    return Extraction({t: found[t] for t in taps}, len(dataset), [t for t in taps if t not in missing], seconds,
+                      waited)
 
 
 class _Batching(NamedTuple):
@@ -573,12 +577,14 @@ def _loader(dataset: Any, indices: Sequence[int], batch_size: int, workers: int,
 
 def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],
                   indices: Sequence[int], batch_size: int, workers: int, device: str | torch.device, progress: bool,
-                  how: _Batching, spill: "_Spill") -> dict[str, TapRows]:
-    """One pass over ``indices`` of ``dataset``: one forward per batch for all ``taps``."""
+                  how: _Batching, spill: "_Spill") -> tuple[dict[str, TapRows], float]:
+    """One pass over ``indices`` of ``dataset``: one forward per batch for all ``taps``; the rows and
+    the seconds spent waiting for images."""
     counter = SkipCounter(dataset)
     sinks = {t: _RowSink(len(indices), spill, t) for t in taps}
     # uint8 pixels through the loader, scaled on the device: the same inputs bit for bit
-    loader = normalised_batches(dataset, lambda ds: _loader(ds, indices, batch_size, workers, device, how), device)
+    loader = WaitedBatches(normalised_batches(
+        dataset, lambda ds: _loader(ds, indices, batch_size, workers, device, how), device))
     bar = tqdm(loader, unit="batch", leave=False,
                desc=how.desc or f"features {','.join(taps)}", disable=not show_progress(progress))
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
@@ -599,7 +605,7 @@ def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Map
     if not sinks[taps[0]].n_rows and (how.shard is None or how.shard[1] == 1):
         raise DataError(f"no readable image in {getattr(dataset, 'root', 'the dataset')}; "
                         f"check the files (every image failed to decode)")
-    return {t: sink.result() for t, sink in sinks.items()}
+    return {t: sink.result() for t, sink in sinks.items()}, loader.seconds
 
 
 class _Spill(NamedTuple):

@@ -464,3 +464,26 @@ def test_finished_batches_scale_each_batch_and_pass_empty_ones():
         / torch.tensor([0.5, 2.0, 4.0]).view(1, 3, 1, 1)
     assert images.dtype == torch.float32 and torch.allclose(images, expected) and targets.tolist() == [1, 2]
     assert nothing.numel() == 0 and nothing.dtype == torch.float32 and skipped == 2
+
+
+def test_waited_batches_count_the_time_spent_waiting_for_the_loader_only():
+    """WaitedBatches adds up each next() (the workers' start and the loader's end included), never
+    the loop body's time: what the metrics' ``time_*_wait_s`` report."""
+    from dcbench.data import WaitedBatches
+
+    now = [0.0]
+
+    def loader():
+        now[0] += 2.0  # starting the workers
+        for i in range(3):
+            now[0] += 0.5  # decoding and collating batch i
+            yield i
+        now[0] += 0.25  # the end of the epoch
+
+    waited = WaitedBatches(loader(), clock=lambda: now[0])
+    seen = []
+    for batch in waited:
+        now[0] += 10.0  # the forward and backward passes: not waiting
+        seen.append(batch)
+    assert seen == [0, 1, 2] and waited.seconds == 2.0 + 3 * 0.5 + 0.25
+    assert len(WaitedBatches([[1], [2]])) == 2

@@ -1,4 +1,5 @@
 """DeepCluster training: a real run, exact resume after kill -9, torchrun with 2 processes, errors."""
+import dataclasses
 import json
 import os
 import signal
@@ -46,6 +47,8 @@ def test_train_writes_run_folder_and_logs_every_epoch(images, tmp_path):
     for key in ("nmi_prev", "nmi_labels", "kmeans_objective", "empty_clusters", "cluster_size_min",
                 "cluster_size_max", "loss", "time_extract_s", "time_cluster_s", "time_train_s"):
         assert key in records[1], key
+    for r in records:  # workers=0: the passes wait for every image they decode
+        assert 0 < r["time_extract_wait_s"] < r["time_extract_s"] and 0 < r["time_train_wait_s"] < r["time_train_s"]
     assert records[0]["nmi_prev"] is None and 0 <= records[1]["nmi_prev"] <= 1
     assert records[1]["nmi_labels"] is not None and records[1]["n_skipped"] == 1
     assert records[1]["n_images"] == 48 and records[1]["iterations"] == 3
@@ -204,3 +207,25 @@ def test_preset_small_data_resolves_from_the_data_and_flags_win(images):
     # 49 images: batch 16 (the floor), ceil(100 * 16 / 49) = 33 passes per clustering, PCA to 4 (sqrt) -> 8 (floor)
     assert (values["preset"], values["k"], values["image_size"], values["batch_size"], values["pca_dim"],
             values["reassign"]) == ("small-data", "4", "64", "16", "8", "33.0")
+
+
+def test_a_gpu_pass_that_waits_for_images_gets_one_warning_naming_the_fix():
+    """finish_epoch's warning: on a GPU, a pass that waited for images >= 25% of its time and
+    >= 10 s; the fix it names is a setting both trainers have."""
+    from dcbench.train.common import waiting_warning
+    from dcbench.train.config import DCv2Config, TrainConfig
+
+    record = {"time_extract_s": 100.0, "time_extract_wait_s": 5.0, "time_train_s": 400.0, "time_train_wait_s": 160.0}
+    cuda = torch.device("cuda")
+    line = waiting_warning(3, record, workers=4, device=cuda, cores=16)
+    assert line == ("epoch 3: the training pass waited for images 40% of its 400 s with 4 loader workers (16 usable "
+                    "cores), the cuda idle meanwhile; more loader workers would use the idle cores: --workers 16")
+    busy = waiting_warning(3, record, workers=16, device=cuda, cores=16)
+    assert "--set decode_cache_gb=N" in busy and "--workers" not in busy
+    assert all("decode_cache_gb" in {f.name for f in dataclasses.fields(c)} for c in (TrainConfig, DCv2Config))
+    exact = {**record, "time_train_s": 40.0, "time_train_wait_s": 10.0}  # 25% and 10 s: both thresholds met
+    assert waiting_warning(3, exact, 4, cuda, 16).startswith("epoch 3: the training pass waited for images 25%")
+    assert waiting_warning(3, record, 4, torch.device("cpu"), 16) is None  # loading and computing share the cores
+    assert waiting_warning(3, {**record, "time_train_wait_s": 99.0}, 4, cuda, 16) is None  # under 25%
+    short = {"time_extract_s": 8.0, "time_extract_wait_s": 6.0, "time_train_s": 9.9, "time_train_wait_s": 9.9}
+    assert waiting_warning(0, short, 4, cuda, 16) is None  # under 10 s of waiting: not worth tuning

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -553,6 +554,34 @@ class FinishedBatches:
             images = images.to(self.device, non_blocking=True)
             # a batch without a readable image collates to an empty tensor: nothing to scale
             yield (self.finish(images) if images.dim() == 4 else images.float(), *rest)
+
+
+class WaitedBatches:
+    """The batches of ``batches``, adding to :attr:`seconds` the time each ``next()`` took: how long
+    the loop that consumes them waited for images (decoding, augmenting, collating, finishing:
+    loader workers that do not keep up, or all of it with ``workers=0``; starting the workers
+    counts too). A loader that keeps ahead of the loop costs ~0. On a GPU the device idles while
+    the loop waits (beyond the work it has queued); on the CPU, loading and computing share the
+    cores. ``clock``: seconds, monotonic (tests pass a fake one)."""
+
+    def __init__(self, batches: Iterable, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.batches, self.clock, self.seconds = batches, clock, 0.0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        start = self.clock()
+        iterator = iter(self.batches)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.seconds += self.clock() - start  # the last wait: the loader's end of epoch
+                return
+            self.seconds += self.clock() - start
+            yield batch
+            start = self.clock()
 
 
 def normalised_batches(dataset: Any, make_loader: Callable[[Any], Iterable], device: str | torch.device) -> Iterable:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcbench.env import usable_cores
 from dcbench.errors import CheckpointError, DcbenchError
 from dcbench.checkpoint import read_checkpoint_file
 from dcbench.features import AMP_DEVICES
@@ -63,7 +64,7 @@ def run_epochs(cfg: Any, resume: bool, setup: Callable[[Any, DistInfo, bool], An
 
 def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
                  save_state: Callable[..., None]) -> None:
-    """Log the epoch (metrics.jsonl, assignments, one log ``line``), move to the next epoch,
+    """Log the epoch (metrics.jsonl, assignments, one log ``line``, a :func:`waiting_warning`), move to the next epoch,
     checkpoint it (``save_state``) and keep a resumable snapshot in ``checkpoints/`` every
     ``snapshot_every`` epochs (``--resume`` falls back to the newest when checkpoint.pth is damaged)."""
     del backbone  # the snapshot is a whole training checkpoint (``save_state``), weights included
@@ -72,10 +73,58 @@ def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
         t.run.log_epoch(record)
         t.run.save_assignments(s.epoch, s.assignments)
         log.info(line)
+        warning = waiting_warning(s.epoch, record, t.cfg.workers, t.dist.device, usable_cores())
+        if warning:
+            log.warning(warning)
     s.next_epoch()
     save_state(t)
     if t.cfg.snapshot_every and s.epoch % t.cfg.snapshot_every == 0:
         save_state(t, t.run.snapshot_path(s.epoch))
+
+
+#: the epoch record's phase times (seconds): each pass's time and, of it, the time it waited for
+#: images (:class:`dcbench.data.WaitedBatches`); clustering reads no image
+PHASE_TIMES = ("time_extract_s", "time_extract_wait_s", "time_cluster_s", "time_train_s", "time_train_wait_s")
+
+#: a pass on a GPU that waited for images at least this share of its time, and at least
+#: WAIT_WARN_S seconds (shorter waits are not worth tuning: worker start-up, tiny runs), is reported
+WAIT_WARN_SHARE = 0.25
+WAIT_WARN_S = 10.0
+
+
+def phase_times(stats: dict[str, Any]) -> dict[str, float]:
+    """The epoch record's :data:`PHASE_TIMES` from the epoch's ``stats`` (0 for a phase not run)."""
+    return {key: round(stats.get(key, 0.0), 3) for key in PHASE_TIMES}
+
+
+def format_phase_times(r: dict[str, Any], names: str) -> str:
+    """``time NAMES 3.8/2.3/8.4s (waiting for images 1.2/0.3s)`` of an epoch record."""
+    return (f"time {names} {r['time_extract_s']:.1f}/{r['time_cluster_s']:.1f}/{r['time_train_s']:.1f}s "
+            f"(waiting for images {r['time_extract_wait_s']:.1f}/{r['time_train_wait_s']:.1f}s)")
+
+
+def add_seconds(stats: dict[str, Any], key: str, seconds: float) -> None:
+    """Add ``seconds`` to ``stats[key]`` (a pass resumed mid-epoch adds to its first part)."""
+    stats[key] = stats.get(key, 0.0) + seconds
+
+
+def waiting_warning(epoch: int, record: dict[str, Any], workers: int, device: torch.device,
+                    cores: int) -> str | None:
+    """One line when a pass on a GPU waited for images a large share of its time (see
+    :data:`WAIT_WARN_SHARE`), naming what to change; None otherwise. On the CPU, loading and
+    computing share the cores: more workers are no remedy there, so no warning."""
+    if device.type == "cpu":
+        return None
+    for phase, name in (("extract", "feature pass"), ("train", "training pass")):
+        total, waited = record[f"time_{phase}_s"], record[f"time_{phase}_wait_s"]
+        if waited >= WAIT_WARN_S and waited >= WAIT_WARN_SHARE * total:
+            fix = (f"more loader workers would use the idle cores: --workers {cores}" if workers < cores else
+                   "every usable core runs a loader worker already: decoding and augmenting the images is the "
+                   "limit (--set decode_cache_gb=N keeps decoded images in memory when N GB holds them)")
+            return (f"epoch {epoch}: the {name} waited for images {waited / max(total, 1e-9):.0%} of its "
+                    f"{total:.0f} s with {workers} loader workers ({cores} usable cores), the {device.type} idle "
+                    f"meanwhile; {fix}")
+    return None
 
 
 def check_finite_loss(t: Any, loss: float, finite_everywhere: bool) -> None:

@@ -37,15 +37,15 @@ from torch.utils.data import DataLoader
 
 from dcbench.checkpoint import atomic_save, checkpoint_record
 from dcbench.cluster import nmi, spherical_kmeans
-from dcbench.data import ImageDataset, decoded_in_memory, open_training_data
+from dcbench.data import ImageDataset, WaitedBatches, decoded_in_memory, open_training_data
 from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.models import CLUSTER_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
-from dcbench.train.common import (EpochState, augmentation_seeds, autocast, check_finite_features,
-                                  check_finite_loss,
-                                  finish_epoch, freeze_foreign_heads, freeze_unreached, open_run, progress,
-                                  rank_states, read_train_state, restore_rank_state, run_epochs, warn_recipe, wrap_ddp)
+from dcbench.train.common import (EpochState, add_seconds, augmentation_seeds, autocast, check_finite_features,
+                                  check_finite_loss, finish_epoch, format_phase_times, freeze_foreign_heads,
+                                  freeze_unreached, open_run, phase_times, progress, rank_states, read_train_state,
+                                  restore_rank_state, run_epochs, warn_recipe, wrap_ddp)
 from dcbench.train.config import DCv2Config
 from dcbench.train.distributed import (DistInfo, all_agree, all_reduce_sum, barrier, broadcast_from_main,
                                        gather_to_main, main_rank_threads)
@@ -120,7 +120,7 @@ def train_one_epoch(t: V2Trainer) -> None:
         s.filled.zero_()
     start = time.perf_counter()
     train_pass(t)
-    s.stats["time_train_s"] = s.stats.get("time_train_s", 0.0) + time.perf_counter() - start
+    add_seconds(s.stats, "time_train_s", time.perf_counter() - start)
     record = epoch_record(t)
     finish_epoch(t, record, format_record(record), t.net.backbone, save_training_checkpoint)
 
@@ -248,11 +248,13 @@ def fill_bank(t: V2Trainer) -> float:
     start = time.perf_counter()
     t.net.train()
     items = augmentation_seeds(t.cfg.seed + 1, 0, t.dist.rank, [i for i, _ in epoch_items(t, 0)])
-    for views, indices, _ in progress(_loader(t, t.bank_images, items), "memory bank", t.dist):
+    loader = WaitedBatches(_loader(t, t.bank_images, items))
+    for views, indices, _ in progress(loader, "memory bank", t.dist):
         if len(indices):
             with autocast(t.dist.device, t.cfg.amp):
                 z, _ = t.net(_groups(t, views))
             _write_bank(t, z, indices)
+    t.state.stats["time_extract_wait_s"] = loader.seconds
     return time.perf_counter() - start
 
 
@@ -308,7 +310,7 @@ def train_pass(t: V2Trainer) -> None:
     model = wrap_ddp(t.net, t.dist)
     model.train()
     targets_all = torch.from_numpy(s.assignments)
-    loader = _loader(t, t.images, epoch_items(t, s.epoch)[s.iteration * cfg.batch_size:])
+    loader = WaitedBatches(_loader(t, t.images, epoch_items(t, s.epoch)[s.iteration * cfg.batch_size:]))
     for views, indices, skipped in progress(loader, f"epoch {s.epoch} train", t.dist):
         s.stats["n_skipped"] = s.stats.get("n_skipped", 0) + skipped
         iteration = s.epoch * t.iters_per_epoch + s.iteration
@@ -322,6 +324,7 @@ def train_pass(t: V2Trainer) -> None:
         s.iteration += 1
         if cfg.checkpoint_every and s.iteration % cfg.checkpoint_every == 0:
             save_training_checkpoint(t)
+    add_seconds(s.stats, "time_train_wait_s", loader.seconds)
 
 
 def _step(t: V2Trainer, model: nn.Module, views: list[torch.Tensor], indices: torch.Tensor,
@@ -385,9 +388,7 @@ def epoch_record(t: V2Trainer) -> dict[str, Any]:
         "iterations": s.iteration, "n_images": int((s.assignments[0] >= 0).sum()),
         "n_skipped": int(all_reduce_sum(t.dist, s.stats.get("n_skipped", 0))),
         "lr": s.stats.get("lr"), "heads": len(t.cfg.prototypes),
-        "time_extract_s": round(s.stats.get("time_extract_s", 0.0), 3),
-        "time_cluster_s": round(s.stats.get("time_cluster_s", 0.0), 3),
-        "time_train_s": round(s.stats.get("time_train_s", 0.0), 3),
+        **phase_times(s.stats),
         "decoded_in_memory": decoded_in_memory(t.images),  # decode_cache_gb; None: decoded every epoch
         **heads,
     }
@@ -399,8 +400,7 @@ def format_record(r: dict[str, Any]) -> str:
     nmis = " ".join(f(r[f"nmi_labels_h{h}"]) for h in range(r["heads"]))
     sizes = " ".join(f"{r[f'cluster_size_min_h{h}']}-{r[f'cluster_size_max_h{h}']}" for h in range(r["heads"]))
     return (f"epoch {r['epoch']}: loss {f(r['loss'])}  lr {f(r['lr'], '.4g')}  nmi_prev {f(r['nmi_prev'])}  "
-            f"nmi_labels per head {nmis}  cluster sizes {sizes}  time bank/cluster/train "
-            f"{r['time_extract_s']:.1f}/{r['time_cluster_s']:.1f}/{r['time_train_s']:.1f}s")
+            f"nmi_labels per head {nmis}  cluster sizes {sizes}  {format_phase_times(r, 'bank/cluster/train')}")
 
 
 # ----------------------------------------------------------------------------- phase 5: checkpoint

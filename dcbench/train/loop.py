@@ -31,19 +31,18 @@ from dcbench.checkpoint import checkpoint_record, atomic_save
 from dcbench.cluster import PCAWhitening, UniformClusterSampler, nmi, run_kmeans, run_pic
 from dcbench.cluster.kmeans import faiss_has_gpu
 from dcbench.cluster.pca import combine_moments, scatter_moments
-from dcbench.data import (FinishedBatches, ImageDataset, decoded_in_memory, eval_transform, open_training_data,
-                          skip_collate, train_transform, uint8_batches)
+from dcbench.data import (FinishedBatches, ImageDataset, WaitedBatches, decoded_in_memory, eval_transform,
+                          open_training_data, skip_collate, train_transform, uint8_batches)
 from dcbench.data.seeded import read_seeded
 from dcbench.errors import DcbenchError
 from dcbench.features import extract_rows
 from dcbench.models import CLUSTER_TAP, LOGITS_TAP, Backbone, build_backbone
 from dcbench.settings import to_plain
 from dcbench.train.config import TrainConfig
-from dcbench.train.common import (EpochState, augmentation_seeds, autocast, check_finite_features,
-                                  check_finite_loss,
-                                  finish_epoch, freeze_foreign_heads, freeze_unreached, load_sgd_state, open_run,
-                                  progress, rank_states, read_train_state, restore_rank_state, run_epochs, sgd,
-                                  warn_recipe, wrap_ddp)
+from dcbench.train.common import (EpochState, add_seconds, augmentation_seeds, autocast, check_finite_features,
+                                  check_finite_loss, finish_epoch, format_phase_times, freeze_foreign_heads,
+                                  freeze_unreached, load_sgd_state, open_run, phase_times, progress, rank_states,
+                                  read_train_state, restore_rank_state, run_epochs, sgd, warn_recipe, wrap_ddp)
 from dcbench.train.distributed import (DistInfo, all_agree, all_reduce_sum, barrier, broadcast_from_main,
                                        gather_to_main, main_rank_threads)
 from dcbench.train.rundir import RunDir
@@ -85,7 +84,7 @@ def train_one_epoch(t: Trainer) -> None:
         new_top_layer(t)
     start = time.perf_counter()
     train_pass(t, pseudo_labelled_loader(t))
-    s.stats["time_train_s"] = s.stats.get("time_train_s", 0.0) + time.perf_counter() - start
+    add_seconds(s.stats, "time_train_s", time.perf_counter() - start)
     record = epoch_record(t)
     finish_epoch(t, record, format_record(record), t.model, save_training_checkpoint)
 
@@ -140,6 +139,7 @@ def extract_features(t: Trainer) -> tuple[np.ndarray, np.ndarray, float]:
                        channels_last=t.cfg.channels_last, desc=f"epoch {t.state.epoch} extract")
     rows = out.taps[CLUSTER_TAP]
     t.state.stats["n_skipped"] = int(all_reduce_sum(t.dist, out.n_items - len(rows.owner)))
+    t.state.stats["time_extract_wait_s"] = out.waited_s or 0.0
     features = rows.rows if len(rows.owner) else np.empty((0, t.model.feature_dim), dtype=np.float32)
     check_finite_features(t, all_agree(t.dist, _all_finite(features)))
     return features, rows.owner, time.perf_counter() - start
@@ -267,6 +267,7 @@ def train_pass(t: Trainer, loader: Iterable) -> None:
     model.train()
     criterion = nn.CrossEntropyLoss()
     s = t.state
+    loader = WaitedBatches(loader)
     for images, targets, _, _ in progress(loader, f"epoch {s.epoch} train", t.dist):
         if all_agree(t.dist, len(targets) > 0):
             images, targets = images.to(t.dist.device, non_blocking=True), targets.to(t.dist.device)
@@ -286,6 +287,7 @@ def train_pass(t: Trainer, loader: Iterable) -> None:
         s.iteration += 1
         if t.cfg.checkpoint_every and s.iteration % t.cfg.checkpoint_every == 0:
             save_training_checkpoint(t)
+    add_seconds(s.stats, "time_train_wait_s", loader.seconds)
 
 
 # ----------------------------------------------------------------------------- phase 6: log
@@ -310,9 +312,7 @@ def epoch_record(t: Trainer) -> dict[str, Any]:
         "n_images": int(valid.sum()),
         "n_skipped": stats.get("n_skipped", 0),
         "lr": t.cfg.lr,
-        "time_extract_s": round(stats.get("time_extract_s", 0.0), 3),
-        "time_cluster_s": round(stats.get("time_cluster_s", 0.0), 3),
-        "time_train_s": round(stats.get("time_train_s", 0.0), 3),
+        **phase_times(stats),
         # images whose decoded pixels this process holds in memory (decode_cache_gb; None: cache off)
         "decoded_in_memory": decoded_in_memory(t.images),
     }
@@ -323,8 +323,7 @@ def format_record(r: dict[str, Any]) -> str:
         return "-" if x is None else format(x, spec)
     return (f"epoch {r['epoch']}: loss {f(r['loss'])}  nmi_prev {f(r['nmi_prev'])}  nmi_labels {f(r['nmi_labels'])}  "
             f"clusters {r['n_clusters']} (empty {r['empty_clusters']}, sizes {r['cluster_size_min']}-"
-            f"{r['cluster_size_max']})  time extract/cluster/train {r['time_extract_s']:.1f}/"
-            f"{r['time_cluster_s']:.1f}/{r['time_train_s']:.1f}s")
+            f"{r['cluster_size_max']})  {format_phase_times(r, 'extract/cluster/train')}")
 
 
 # ----------------------------------------------------------------------------- phase 7: checkpoint
