@@ -22,8 +22,8 @@ Runs alternate (dcbench, original, dcbench, ...), each a fresh process; the best
 ``--repeats`` per side is reported with its phase times, its CPU time (user + system of the
 process and its loader workers: less sensitive than wall time to other load on a shared machine)
 and the ratio dcbench / original; dcbench's runs also print how long its feature and training
-passes waited for images (metrics.jsonl ``time_*_wait_s``). Each ``--variant NAME=ARG[,ARG...]`` adds a dcbench side with
-those extra ``dcbench train`` arguments (e.g. ``amp=--set=amp=true``: opt-in settings that change
+passes waited for images (metrics.jsonl ``time_*_wait_s``). Each ``--variant NAME=ARG[,ARG...]``
+adds a dcbench side with those extra ``dcbench train`` arguments (e.g. ``amp=--set=amp=true``: opt-in settings that change
 the numbers), run in the same alternation and reported against the same original-style best.
 ``--floor`` adds the compute floor: the epoch's forward passes (extraction) and training steps
 alone, on random inputs already in memory, as a whole process (interpreter and torch start-up

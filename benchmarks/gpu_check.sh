@@ -66,6 +66,8 @@ TRAIN=(-m dcbench train --data "$DATA/train" --image-size 64 --k 8 --batch-size 
 # 1. one-GPU training, fp32 and AMP
 step train-fp32 600 $PY "${TRAIN[@]}" --epochs 2 --out "$WORK/run-fp32"
 step train-amp 600 $PY "${TRAIN[@]}" --epochs 2 --out "$WORK/run-amp" --set amp=true
+# each epoch's phase times and how long its passes waited for images (is the GPU fed?)
+grep -h "waiting for images" "$LOG/train-fp32.txt" "$LOG/train-amp.txt" | sed 's/^.*epoch /    epoch /'
 
 # 2. kill -9 after the first checkpoint, then resume
 kill_and_resume() {

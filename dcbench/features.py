@@ -539,7 +539,8 @@ def _extract_gathered(backbone: nn.Module, dataset: Any, taps: list[str], pools:
         batches = rank_batches(len(dataset), batch_size, how.shard, how.batch_sampler)
         mine = [i for batch in batches for i in batch]
         part, waited = _forward_rows(backbone, dataset, missing, pools, mine, batch_size, workers, device, progress,
-                             how._replace(batch_sampler=lambda _indices, _size: batches), _Spill(None, 0.0, how.shard))
+                                     how._replace(batch_sampler=lambda _indices, _size: batches),
+                                     _Spill(None, 0.0, how.shard))
         for tap in missing:
             found[tap] = TapRows(*parallel.all_gather_rows(part[tap].rows, part[tap].owner))
             if cache is not None and how.shard[0] == 0:

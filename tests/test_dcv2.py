@@ -104,7 +104,8 @@ def test_run_writes_metrics_per_head_and_a_loadable_backbone(images, tmp_path):
     assert records[0]["nmi_prev"] is None and 0 <= records[1]["nmi_prev_h1"] <= 1
     assert records[1]["n_clusters"] == 4 and records[1]["heads"] == 2 and records[1]["iterations"] == 6
     assert records[0]["time_extract_s"] > 0 and records[1]["time_extract_s"] == 0
-    assert 0 < records[0]["time_extract_wait_s"] < records[0]["time_extract_s"] and records[1]["time_extract_wait_s"] == 0
+    first, second = records
+    assert 0 < first["time_extract_wait_s"] < first["time_extract_s"] and second["time_extract_wait_s"] == 0
     assert all(0 < r["time_train_wait_s"] < r["time_train_s"] for r in records)
     saved = np.load(run / "assignments" / "epoch_0001.npz")["assignments"]
     assert saved.shape == (2, 49) and saved[0].max() < 4 and saved[1].max() < 5 and (saved == -1).any()

@@ -219,7 +219,7 @@ def test_a_gpu_pass_that_waits_for_images_gets_one_warning_naming_the_fix():
     cuda = torch.device("cuda")
     line = waiting_warning(3, record, workers=4, device=cuda, cores=16)
     assert line == ("epoch 3: the training pass waited for images 40% of its 400 s with 4 loader workers (16 usable "
-                    "cores), the cuda idle meanwhile; more loader workers would use the idle cores: --workers 16")
+                    "cores) while the cuda device idled; more loader workers would use the idle cores: --workers 16")
     busy = waiting_warning(3, record, workers=16, device=cuda, cores=16)
     assert "--set decode_cache_gb=N" in busy and "--workers" not in busy
     assert all("decode_cache_gb" in {f.name for f in dataclasses.fields(c)} for c in (TrainConfig, DCv2Config))

@@ -64,9 +64,10 @@ def run_epochs(cfg: Any, resume: bool, setup: Callable[[Any, DistInfo, bool], An
 
 def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
                  save_state: Callable[..., None]) -> None:
-    """Log the epoch (metrics.jsonl, assignments, one log ``line``, a :func:`waiting_warning`), move to the next epoch,
-    checkpoint it (``save_state``) and keep a resumable snapshot in ``checkpoints/`` every
-    ``snapshot_every`` epochs (``--resume`` falls back to the newest when checkpoint.pth is damaged)."""
+    """Log the epoch (metrics.jsonl, assignments, one log ``line``, a :func:`waiting_warning`),
+    move to the next epoch, checkpoint it (``save_state``) and keep a resumable snapshot in
+    ``checkpoints/`` every ``snapshot_every`` epochs (``--resume`` falls back to the newest when
+    checkpoint.pth is damaged)."""
     del backbone  # the snapshot is a whole training checkpoint (``save_state``), weights included
     s = t.state
     if t.dist.is_main:
@@ -83,7 +84,7 @@ def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
 
 
 #: the epoch record's phase times (seconds): each pass's time and, of it, the time it waited for
-#: images (:class:`dcbench.data.WaitedBatches`); clustering reads no image
+#: images (:class:`dcbench.data.WaitedBatches`; under torchrun rank 0's); clustering reads no image
 PHASE_TIMES = ("time_extract_s", "time_extract_wait_s", "time_cluster_s", "time_train_s", "time_train_wait_s")
 
 #: a pass on a GPU that waited for images at least this share of its time, and at least
@@ -122,8 +123,8 @@ def waiting_warning(epoch: int, record: dict[str, Any], workers: int, device: to
                    "every usable core runs a loader worker already: decoding and augmenting the images is the "
                    "limit (--set decode_cache_gb=N keeps decoded images in memory when N GB holds them)")
             return (f"epoch {epoch}: the {name} waited for images {waited / max(total, 1e-9):.0%} of its "
-                    f"{total:.0f} s with {workers} loader workers ({cores} usable cores), the {device.type} idle "
-                    f"meanwhile; {fix}")
+                    f"{total:.0f} s with {workers} loader workers ({cores} usable cores) while the {device.type} "
+                    f"device idled; {fix}")
     return None
 
 
