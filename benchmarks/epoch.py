@@ -277,13 +277,17 @@ print(json.dumps(times))
 def run_original(args: argparse.Namespace, data: Path, work: Path) -> dict:
     """The original-style epoch as a whole process (its phase times printed as JSON)."""
     out = Path(tempfile.mkdtemp(dir=work, prefix="original-"))
-    cmd = [sys.executable, "-c", ORIGINAL, str(data), str(out), str(args.k), str(args.batch), str(args.workers),
-           str(args.crop)]
+    return run_script("original-style epoch", ORIGINAL, data, out, args.k, args.batch, args.workers, args.crop)
+
+
+def run_script(what: str, script: str, *argv: object) -> dict:
+    """``python -c script argv...`` as a whole process: its wall and CPU time, and the phase times
+    it prints as JSON on its last line."""
     cpu, start = children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, argv)], cwd=REPO, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu
     if proc.returncode:
-        sys.exit(f"original-style epoch failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
     return {"total": wall, "cpu": cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
@@ -334,13 +338,7 @@ def run_floor(args: argparse.Namespace, data: Path, work: Path) -> dict:
     memory; no images, no clustering, no checkpoint. Neither side can be faster than this plus its
     clustering."""
     del data, work
-    cmd = [sys.executable, "-c", FLOOR, str(args.n), str(args.k), str(args.batch), str(args.crop)]
-    cpu, start = children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall, cpu = time.perf_counter() - start, children_cpu_s() - cpu
-    if proc.returncode:
-        sys.exit(f"compute-floor run failed:\n{proc.stderr[-3000:]}")
-    return {"total": wall, "cpu": cpu, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return run_script("compute-floor run", FLOOR, args.n, args.k, args.batch, args.crop)
 
 
 # ----------------------------------------------------------------------------- main
