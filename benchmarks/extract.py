@@ -10,7 +10,9 @@ batches already in memory as tensors (collated before the clock starts). Best of
 The overhead is (extract - forward) / forward; targets: <= 25% at 64 px, <= 10% at 224 px.
 ``--workers 0,2`` measures each worker count in turn (the forward alone is the same); ``--amp``
 (bfloat16 autocast) and ``--channels-last`` apply to both measurements (opt-in, they change the
-numbers); the CPU time of the process and its workers is printed next to the wall time.
+numbers); the CPU time of the process and its workers is printed next to the wall time, and the
+time the extraction waited for images (``Extraction.waited_s``): the rest of the overhead is the
+forward pass slowed by the loader's work on the same cores.
 
 Images: scikit-learn digits upsampled to 1.25x the input size, as JPEG (benchmarks/epoch.py).
 """
@@ -42,18 +44,18 @@ def cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def best_of(repeats: int, fn) -> tuple[float, float]:
-    """(wall, cpu) seconds of the fastest of ``repeats`` calls of ``fn``."""
-    times = []
+def best_of(repeats: int, fn) -> tuple[float, float, object]:
+    """(wall, cpu) seconds of the fastest of ``repeats`` calls of ``fn``, and what that call returned."""
+    runs = []
     for _ in range(repeats):
         cpu, start = cpu_s(), time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start, cpu_s() - cpu))
-    return min(times)
+        result = fn()
+        runs.append((time.perf_counter() - start, cpu_s() - cpu, result))
+    return min(runs, key=lambda run: run[:2])
 
 
 def measure(size: int, workers: list[int], args: argparse.Namespace, work: Path) -> tuple[dict, tuple, int]:
-    """({workers: extraction (wall, cpu)}, forward-only (wall, cpu), images) at ``size`` px."""
+    """({workers: extraction (wall, cpu, Extraction)}, forward-only (wall, cpu), images) at ``size`` px."""
     root = write_digits_jpegs(work / f"digits{size}", args.n, round(size * 1.25))
     dataset = image_folder(root, transform=center_transform(size))
     model = build_backbone(args.arch, sobel=args.arch == "alexnet", input_size=size, seed=0).eval()
@@ -70,7 +72,7 @@ def measure(size: int, workers: list[int], args: argparse.Namespace, work: Path)
             for images in batches:
                 forward_pooled(model, images, taps, {})
 
-    forward = best_of(args.repeats, forward_only)
+    forward = best_of(args.repeats, forward_only)[:2]
     return extract, forward, len(dataset)
 
 
@@ -95,11 +97,11 @@ def main() -> None:
         work = args.data or Path(tmp)
         for size in (int(s) for s in args.sizes.split(",")):
             extract, (forward, forward_cpu), n = measure(size, workers, args, work)
-            for w, (wall, cpu) in extract.items():
-                print(f"  {size:>4} px, {w} workers: extract {n / wall:7.1f} img/s ({wall:.2f} s, cpu {cpu:.2f} s)  "
-                      f"forward alone {n / forward:7.1f} img/s ({forward:.2f} s, cpu {forward_cpu:.2f} s)  overhead "
-                      f"{100 * (wall - forward) / forward:+.0f}%  load {Path('/proc/loadavg').read_text().split()[0]}",
-                      flush=True)
+            for w, (wall, cpu, out) in extract.items():
+                print(f"  {size:>4} px, {w} workers: extract {n / wall:7.1f} img/s ({wall:.2f} s, cpu {cpu:.2f} s, "
+                      f"waiting for images {out.waited_s:.2f} s)  forward alone {n / forward:7.1f} img/s "
+                      f"({forward:.2f} s, cpu {forward_cpu:.2f} s)  overhead {100 * (wall - forward) / forward:+.0f}%  "
+                      f"load {Path('/proc/loadavg').read_text().split()[0]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -194,12 +194,14 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
 
 def _execution_facts(output: Any, ctx: RunContext) -> dict[str, Any]:
     """How the run was executed: ``world_size``, ``launcher``, ``workers`` (the DataLoader count),
-    ``extract_s`` (time in the context's extraction) and, under torchrun, how the ranks shared the
-    work and whether they agree (each computed the metrics; rank 0's are stored)."""
+    ``extract_s`` (time in the context's extraction) and ``extract_wait_s`` (of it, the time its
+    forward passes waited for images) and, under torchrun, how the ranks shared the work and
+    whether they agree (each computed the metrics; rank 0's are stored)."""
     # the loader processes this run started ("auto" resolves per machine; no number depends on it)
     facts: dict[str, Any] = {"world_size": ctx.world_size, "launcher": ctx.launcher, "workers": ctx.workers}
     if ctx.extract_seconds:
         facts["extract_s"] = round(ctx.extract_seconds, 3)
+        facts["extract_wait_s"] = round(ctx.extract_wait_seconds, 3)
     if ctx.world_size == 1:
         return facts
     facts["data_parallel"] = ("forward passes sharded across ranks (extraction or training shares), the rest "

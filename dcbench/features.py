@@ -429,10 +429,22 @@ def extract_features(backbone: nn.Module, dataset: Any, taps: Sequence[str],
         ``indices`` names the dataset index of every row. A second call with the same keys
         reads the cache and does no forward pass.
     """
-    if any(is_per_region((pools or {}).get(t)) for t in taps):
-        raise ValueError("extract_features returns one row per image; use extract_rows for per-region pools")
+    check_per_image(taps, pools)
     out = extract_rows(backbone, dataset, taps, pools, transform_id, ckpt_sha, cache_dir, batch_size, workers,
                        device, progress, mmap, **options)
+    return per_image_features(out, dataset)
+
+
+def check_per_image(taps: Sequence[str], pools: Mapping[str, Pool | None] | None) -> None:
+    """Raise ValueError when a pool of ``taps`` gives several rows per image (per-region pools:
+    :func:`extract_rows`), before any image is read."""
+    if any(is_per_region((pools or {}).get(t)) for t in taps):
+        raise ValueError("extract_features returns one row per image; use extract_rows for per-region pools")
+
+
+def per_image_features(out: "Extraction", dataset: Any) -> ExtractedFeatures:
+    """:func:`extract_features`'s result from an :func:`extract_rows` extraction of per-image taps:
+    every tap on the same readable images, with their labels and dataset indices."""
     return _align(out.taps, list(out.taps), dataset)
 
 

@@ -196,6 +196,8 @@ class RunContext:
     sharded_extractions: int = 0
     #: seconds spent in :meth:`extract` / :meth:`extract_rows` (forward passes, gathers, cache reads)
     extract_seconds: float = 0.0
+    #: of ``extract_seconds``, the time the forward passes waited for images (``Extraction.waited_s``)
+    extract_wait_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.workers = resolve_workers(self.workers)
@@ -280,11 +282,11 @@ class RunContext:
         all the rows, in dataset order; the cache entry is written once, by rank 0, and is the
         one a single process writes.
         """
-        from dcbench.features import extract_features  # noqa: PLC0415
+        from dcbench.features import check_per_image, per_image_features  # noqa: PLC0415
 
-        with self._timed():
-            return extract_features(backbone, self.data(dataset), taps, pools, transform_id, sha,
-                                    **self._extract_options(mmap))
+        check_per_image(taps, pools)
+        return per_image_features(self.extract_rows(backbone, sha, dataset, taps, pools, transform_id, mmap),
+                                  dataset)
 
     def extract_rows(self, backbone: Any, sha: str, dataset: Any, taps: Sequence[str],
                      pools: Mapping[str, Any] | None, transform_id: str, mmap: bool = True, **options: Any) -> Any:
@@ -293,9 +295,10 @@ class RunContext:
         from dcbench.features import extract_rows  # noqa: PLC0415
 
         with self._timed():
-            return extract_rows(backbone, self.data(dataset), taps, pools, transform_id, sha,
-                                **self._extract_options(mmap),
-                                **options)
+            out = extract_rows(backbone, self.data(dataset), taps, pools, transform_id, sha,
+                               **self._extract_options(mmap), **options)
+        self.extract_wait_seconds += out.waited_s or 0.0
+        return out
 
     def shared_forward(self) -> None:
         """Count a pass that splits the backbone's forwards across ranks outside :meth:`extract`

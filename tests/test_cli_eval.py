@@ -178,3 +178,6 @@ def test_workers_default_to_the_usable_cores_and_are_recorded(data, ckpt, tmp_pa
     assert result.exit_code == 0, result.output
     record = json.loads(result.output.strip().splitlines()[-1])
     assert record["settings"]["workers"] == "auto" and record["extra"]["workers"] == 1
+    # how long the extraction took, and of it how long its forward passes waited for images
+    extra = record["extra"]
+    assert 0 < extra["extract_wait_s"] < extra["extract_s"]
