@@ -47,8 +47,10 @@ def _first_version(*dists: str) -> str | None:
 
 def _cpu_info() -> dict[str, Any]:
     """Usable cores (the affinity mask: what a container or taskset grants) and memory."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info: dict[str, Any] = {"cores_usable": cores, "cores_total": os.cpu_count(), "machine": platform.machine()}
+    from dcbench.env import affinity_cores
+
+    info: dict[str, Any] = {"cores_usable": affinity_cores(), "cores_total": os.cpu_count(),
+                            "machine": platform.machine()}
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
         info["memory_gb"] = round(int(meminfo["MemTotal"].split()[0]) / 2**20, 1)

@@ -19,11 +19,19 @@ CACHE_ENV = "DCBENCH_CACHE"
 MAX_DEFAULT_WORKERS = 8
 
 
+def affinity_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (what a container, taskset or SLURM
+    grants, not the machine's count), else the machine's count (not Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def usable_cores() -> int:
-    """The cores this process may use (its affinity mask: what a container, taskset or SLURM
-    grants, not the machine's count) shared by the processes of a torchrun job on this node
+    """:func:`affinity_cores` shared by the processes of a torchrun job on this node
     (LOCAL_WORLD_SIZE); at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = affinity_cores()
     try:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

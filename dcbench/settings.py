@@ -58,6 +58,14 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _expected(hint: Any) -> str:
+    """What a value of the annotated type ``hint`` must be, as error messages say it."""
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Convert a YAML value to the field's annotated type, or raise UsageError."""
     origin = typing.get_origin(hint)
@@ -74,8 +82,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if len(errors) == 1:
             raise errors[0]
         # e.g. int | Literal["auto"]: "expected an integer or one of auto"
-        wanted = [str(e).split(f"for {name}: ", 1)[-1].replace("choose one of", "one of") for e in errors]
-        raise UsageError(f"bad value {value!r} for {name}: expected {' or '.join(w.removeprefix('expected ') for w in wanted)}")
+        forms = " or ".join(_expected(arg) for arg in args if arg is not type(None))
+        raise UsageError(f"bad value {value!r} for {name}: expected {forms}") from None
     if origin is typing.Literal:
         if value not in args:
             raise UsageError(f"bad value {value!r} for {name}: choose one of {', '.join(map(str, args))}")
@@ -99,7 +107,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         try:
             number = hint(value)
         except (TypeError, ValueError):
-            raise UsageError(f"bad value {value!r} for {name}: expected {'an integer' if hint is int else 'a number'}") from None
+            raise UsageError(f"bad value {value!r} for {name}: expected {_expected(hint)}") from None
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise UsageError(f"bad value {value!r} for {name}: expected an integer")
         return number

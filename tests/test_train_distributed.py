@@ -139,7 +139,7 @@ def test_cpu_training_never_asks_faiss_for_its_gpu_index(monkeypatch):
 def test_rank0_gets_the_cores_while_clustering_and_gives_them_back(monkeypatch):
     import faiss
 
-    monkeypatch.setattr(tdist, "available_cores", lambda: 8)
+    monkeypatch.setattr(tdist, "affinity_cores", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     before_torch, before_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
     main = tdist.DistInfo(rank=0, world_size=2)

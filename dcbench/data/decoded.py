@@ -28,7 +28,6 @@ from dcbench.env import DEFAULT_BUDGET_GB  # noqa: F401 (re-exported: its histor
 log = logging.getLogger("dcbench")
 
 
-
 def available_memory_bytes() -> int | None:
     """``MemAvailable`` of /proc/meminfo in bytes (None where there is none: not Linux)."""
     try:

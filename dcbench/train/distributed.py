@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dcbench.env import affinity_cores
 from dcbench.errors import DcbenchError, UsageError
 from dcbench.parallel import group_device, to_host
 
@@ -168,14 +169,6 @@ def all_agree(info: DistInfo, flag: bool) -> bool:
     return bool(to_host(t).item())
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def main_rank_threads(info: DistInfo) -> Iterator[int]:
     """While rank 0 alone works (PCA fit, k-means) under torchrun, give torch, faiss and the
@@ -190,7 +183,7 @@ def main_rank_threads(info: DistInfo) -> Iterator[int]:
         yield torch.get_num_threads()
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)))
-    threads = max(1, available_cores() - (local_world - 1))
+    threads = max(1, affinity_cores() - (local_world - 1))
     before = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
         torch.set_num_threads(threads)
