@@ -6,6 +6,8 @@ with ``--debug``. Messages name the problem and the fix.
 """
 from __future__ import annotations
 
+import re
+
 
 class DcbenchError(Exception):
     """An error caused by input the user controls (paths, settings, checkpoints)."""
@@ -41,5 +43,6 @@ class DataError(DcbenchError):
         if "\nOriginal Traceback" in message:
             self.worker_traceback = message
             last = [line for line in message.splitlines() if line.strip()][-1]
-            message = last.split("DataError: ", 1)[-1].strip()
+            # the traceback's last line is "<module>.<ErrorClass>: <message>" (a subclass too)
+            message = re.sub(r"^(?:\w+\.)*\w+Error: ", "", last.strip(), count=1)
         super().__init__(message)

@@ -467,3 +467,15 @@ def test_jpegs_decode_to_the_pixels_pil_gives(tmp_path):
     assert _decode_jpeg(str(truncated)) is None
     with pytest.raises(OSError, match="truncated"):
         load_rgb(str(truncated))
+
+
+def test_a_split_folder_passed_as_the_root_names_its_parent(tmp_path):
+    """`--data ROOT/train` (a common slip) says to pass ROOT, not that ROOT/train/train is missing."""
+    from dcbench.data.layouts import check_train_val
+
+    root = make_image_folder(tmp_path / "if", n_classes=2, per_class=2, image_size=16)
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match=rf"^{root / split} is one split of the data; pass its parent {root} "
+                                            r"\(it holds train/ and val/\); expected layout for knn: L$"):
+            check_train_val(root / split, "knn", "L")
+    assert check_train_val(root, "knn", "L") == ["class_00", "class_01"]

@@ -5,6 +5,7 @@ Each gives one line, exit 1 where the run cannot go on, and never loses the last
 import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,26 @@ def test_resume_after_a_torn_last_metrics_line_continues(images, tmp_path):
     assert result.exit_code == 0, result.output
     assert "dropped 1 unreadable line" in result.output
     assert _epochs(run) == [0, 2]  # the torn record of epoch 1 is gone; epoch 2 is logged after epoch 0
+
+
+# ----------------------------------------------------------------------------- unreadable images
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_strict_stop_names_the_fix_that_works_for_a_run(images, tmp_path, workers):
+    """`--strict` stops at a broken image; the run's settings are saved (strict included), so the
+    hint cannot be "run without --strict": it names resuming with --set strict=false, which works
+    (a worker's error arrives re-raised by the DataLoader: the same one line)."""
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    broken = data / "class_00" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    run = tmp_path / "run"
+    result = _train(data, run, "--epochs", "1", "--strict", "--workers", workers)
+    assert result.exit_code == 1, result.output
+    errors = _errors(result.output)
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"error: cannot read image {broken} (UnidentifiedImageError"), errors[0]
+    assert errors[0].endswith(f"continue with dcbench train --resume --out {run}, or skip unreadable images: "
+                              "add --set strict=false"), errors[0]
+    resumed = CliRunner().invoke(main, ["train", "--resume", "--out", str(run), "--set", "strict=false"])
+    assert resumed.exit_code == 0, resumed.output
+    assert _epochs(run) == [0]

@@ -122,6 +122,18 @@ def _one_line(exc: BaseException, path: str = "") -> str:
 # --------------------------------------------------------------------------- datasets
 
 
+class UnreadableImageError(DataError):
+    """An image that cannot be decoded, with ``strict=True`` (one line: the path, the reason and
+    :attr:`HINT`). Callers that know a better fix (the trainer: resume without strict) replace
+    the hint (:meth:`problem`)."""
+
+    HINT = "replace or delete the file, or run without --strict to skip unreadable images"
+
+    def problem(self) -> str:
+        """The message without :attr:`HINT`: which image, and why it cannot be read."""
+        return str(self).removesuffix("; " + self.HINT)
+
+
 class ImageDataset(Dataset):
     """A list of image paths with optional integer targets.
 
@@ -190,10 +202,8 @@ class ImageDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types for bad files
             reason = _one_line(exc, self.paths[index])
             if self.strict:
-                raise DataError(
-                    f"cannot read image {self.paths[index]} ({reason}); "
-                    "replace or delete the file, or run without --strict to skip unreadable images"
-                ) from exc
+                raise UnreadableImageError(f"cannot read image {self.paths[index]} ({reason}); "
+                                           f"{UnreadableImageError.HINT}") from exc
             logger.debug("unreadable image %s: %s", self.paths[index], reason)
             return None
         # Transform errors are bugs, not bad data, so they are not caught above.

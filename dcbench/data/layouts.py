@@ -37,6 +37,9 @@ def check_train_val(root: Path, protocol: str, layout: str, expected_classes: in
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
+            if root.name in ("train", "val") and (root.parent / split).is_dir():
+                raise DataError(f"{root} is one split of the data; pass its parent {root.parent} (it holds "
+                                f"train/ and val/); {where}")
             found = subfolders(root)
             seen = f" (found: {_some([f + '/' for f in found], 5)})" if found else ""
             raise DataError(f"{folder} is missing{seen}; {where}")

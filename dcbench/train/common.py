@@ -2,8 +2,9 @@
 resumable checkpoints, per-position augmentation seeds and the recipe warnings."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from dcbench.env import usable_cores
-from dcbench.errors import CheckpointError, DcbenchError
+from dcbench.errors import CheckpointError, DataError, DcbenchError
 from dcbench.checkpoint import read_checkpoint_file
+from dcbench.data import UnreadableImageError
 from dcbench.features import AMP_DEVICES
 from dcbench.models import CLUSTER_TAP, Backbone
 from dcbench.progress import track
@@ -56,10 +58,23 @@ def run_epochs(cfg: Any, resume: bool, setup: Callable[[Any, DistInfo, bool], An
         if not resume:
             save_state(trainer)
         for _ in range(trainer.state.epoch, cfg.epochs):
-            one_epoch(trainer)
+            with resumable_hint(trainer.run.path):
+                one_epoch(trainer)
         return trainer.run.path
     finally:
         shutdown(dist)
+
+
+@contextlib.contextmanager
+def resumable_hint(run: Path) -> Iterator[None]:
+    """An unreadable image under ``strict`` stops the run with the fix that works for a run: its
+    settings are saved, so "run without --strict" would resume strict again (or be refused as an
+    existing run); resuming with ``--set strict=false`` skips the image instead."""
+    try:
+        yield
+    except UnreadableImageError as exc:
+        raise DataError(f"{exc.problem()}; replace or delete the file and continue with dcbench train --resume "
+                        f"--out {run}, or skip unreadable images: add --set strict=false") from exc
 
 
 def finish_epoch(t: Any, record: dict[str, Any], line: str, backbone: Backbone,
