@@ -2,7 +2,8 @@
 
 Similarity is the cosine (dot product of L2-normalised rows); each of the k nearest bank rows
 votes for its class with weight ``exp(sim / T)``, votes are summed per class and the classes
-ranked by their sums.
+ranked by their sums (equal sums: the lower class index first; a class without a vote is never
+a top-1/top-5 hit, :func:`vote_correct`).
 
 Memory is bounded on both axes, whatever the sizes of the bank and the query set:
 
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dcbench.metrics.classification import hits_of, topk_correct
+from dcbench.metrics.classification import hits_of
 
 #: bound on query x bank similarities held at once (float32: 64 MiB)
 SIM_BLOCK_ELEMENTS = 1 << 24
@@ -49,6 +50,13 @@ QUERY_TILE = 1024
 BANK_TILE = 16384
 
 Neighbours = tuple[torch.Tensor, torch.Tensor]  # (similarities, bank rows), n x k each
+
+
+def min_temperature(k: int) -> float:
+    """The smallest temperature whose summed vote weights (k of ``exp(cosine / T)``) stay finite in
+    float32, DINO's type, with a factor e to spare: below it near-duplicate neighbours weigh inf,
+    and classes with inf votes tie (0.0118 for k = 20, 0.0121 for k = 200)."""
+    return 1.0 / (math.log(float(np.finfo(np.float32).max)) - math.log(max(int(k), 1)) - 1.0)
 
 
 class GlobalAvgPool(nn.Module):
@@ -186,12 +194,32 @@ def _padded(rows: torch.Tensor, tile: int) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(tile - len(rows), *rows.shape[1:])])
 
 
+def vote_correct(votes: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per row of ``votes`` (n x classes, summed vote weights): [top-1 correct, top-5 correct]
+    as an n x 2 bool array.
+
+    The label's rank is the number of classes with more votes, plus those with as many votes and
+    a lower class index (a deterministic tie rule: ``topk`` orders equal values arbitrarily). A
+    class no neighbour voted for is never a hit: DINO's ``eval_knn.py`` counts the top
+    ``min(5, k)`` predictions, so with k < 5 only voted classes can hit, and with k >= 5 its
+    zero-vote "predictions" are whatever order its sort leaves tied zeros in. Where DINO's
+    answer does not depend on that order the two agree (tested).
+    """
+    labels = labels.long()
+    own = votes.gather(1, labels[:, None])
+    classes = torch.arange(votes.shape[1], device=votes.device)
+    ahead = (votes > own) | ((votes == own) & (classes[None, :] < labels[:, None]))
+    rank = ahead.sum(dim=1)
+    voted = own[:, 0] > 0
+    return torch.stack([voted & (rank == 0), voted & (rank < 5)], dim=1).cpu().numpy()
+
+
 def knn_correct(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
                 ks: Sequence[int], temperature: float, n_classes: int, device: str | torch.device = "cpu",
                 bank_chunk_bytes: int = BANK_CHUNK_BYTES) -> dict[int, np.ndarray]:
     """``{k: n_queries x 2 bool}``: per query, whether the weighted vote of ``bank`` ranks its
-    label first (top-1) and among the first five (top-5); the per-image outcomes of the paired
-    bootstrap, in query order.
+    label first (top-1) and among the first five (top-5), a label no neighbour voted for never
+    counting (:func:`vote_correct`); the per-image outcomes of the paired bootstrap, in query order.
 
     Features are raw rows (normalised here, chunk by chunk: see :func:`nearest`, whose
     ``bank_chunk_bytes`` bounds the bank's memory on ``device``), so memory-mapped banks and
@@ -199,6 +227,9 @@ def knn_correct(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     """
     n_bank = len(bank_labels)
     capped = sorted({min(k, n_bank) for k in ks})
+    if capped and temperature < min_temperature(capped[-1]):
+        raise ValueError(f"temperature {temperature} overflows the float32 vote weights of {capped[-1]} neighbours; "
+                         f"use at least {min_temperature(capped[-1]):.4f}")
     if not len(query_labels) or not n_bank:
         return {k: np.zeros((len(query_labels), 2), dtype=bool) for k in ks}
     neighbours = nearest(bank, queries, max(capped), device, bank_chunk_bytes)
@@ -210,7 +241,7 @@ def knn_correct(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
         span = slice(start, start + block)
         scores = vote((neighbours[0][span], neighbours[1][span]), bank_labels_t, capped, temperature, n_classes)
         for k in parts:
-            parts[k].append(topk_correct(scores[min(k, n_bank)], query_labels_t[span]))
+            parts[k].append(vote_correct(scores[min(k, n_bank)], query_labels_t[span]))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 

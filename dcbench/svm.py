@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dcbench.errors import DataError
 from dcbench.features import key_hash
 from dcbench.parallel import split_map
 from dcbench.fileio import atomic_write_bytes
@@ -55,6 +56,23 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def svm_targets(labels: np.ndarray) -> np.ndarray:
     """Training targets from 1/-1/0 labels: difficult (0) counts as negative (VISSL)."""
     return np.where(np.asarray(labels) == 1, 1, -1).astype(np.int64)
+
+
+def check_trainable(labels: np.ndarray, classes: Sequence[str], split: str, difficult_negative: bool = True) -> None:
+    """DataError naming the first class whose training labels (1 / -1 / 0) lack a positive or a
+    negative: liblinear cannot fit a one-class problem. ``difficult_negative``: difficult (0)
+    images count as negatives (voc07-svm); the low-shot sets draw negatives from -1 only."""
+    labels = np.asarray(labels)
+    for c, cls in enumerate(classes):
+        column = labels[:, c] if labels.ndim == 2 and len(labels) else np.zeros(0)
+        n_pos = int((column == 1).sum())
+        n_neg = int(np.isin(column, (-1, 0) if difficult_negative else (-1,)).sum())
+        if n_pos == 0 or n_neg == 0:
+            kept = [k for k in classes if k != cls]
+            hint = f"leave it out with --set classes=[{','.join(kept)}]" if kept else "add images of both kinds"
+            kind = "positive" if n_pos == 0 else "negative"
+            raise DataError(f"class {cls} has no {kind} image in {split}, so no SVM can be trained for it; "
+                            f"check ImageSets/Main/{cls}_{split}.txt or {hint}")
 
 
 @dataclass(frozen=True)

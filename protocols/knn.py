@@ -4,9 +4,12 @@ Source: facebookresearch/dino ``eval_knn.py`` (cosine on L2-normalised features,
 k in {10, 20, 100, 200}, votes weighted ``exp(sim / T)``; images ``Resize(256, interpolation=3)``
 (bicubic), ``CenterCrop(224)``), the vote itself in :mod:`dcbench.knn`.
 Memory bank: the pooled features of ROOT/train; queries: those of ROOT/val; top-1 and top-5 per
-tap and k. Default taps: every conv tap, globally averaged; on a ViT its ``cls`` token (DINO's
-feature). Published weights (timm / torchvision / hf-hub) are read with their own input
-convention (mean, std, interpolation, crop ratio: ``input_convention=weights``, see
+tap and k. A class no neighbour voted for is never a hit (DINO counts its top ``min(5, k)``
+predictions; beyond the voted classes its order is that of tied zeros) and tied votes rank the
+lower class index first (:func:`dcbench.knn.vote_correct`). Default taps: every conv tap,
+globally averaged; on a ViT its ``cls`` token (DINO's feature). Published weights (timm /
+torchvision / hf-hub) are read with their own input convention (mean, std, interpolation, crop
+ratio: ``input_convention=weights``, see
 :func:`dcbench.data.transforms.resolve_convention`); other checkpoints with DINO's.
 Features go through the feature cache, so re-running with other ``ks`` or
 ``temperature`` costs no forward pass, and kNN shares extractions with the other
@@ -31,7 +34,7 @@ from dcbench.data.transforms import (ConventionMode, convention_center_id, conve
                                      resolve_convention)
 from dcbench.errors import UsageError
 from dcbench.features import ExtractedFeatures
-from dcbench.knn import GlobalAvgPool, knn_correct
+from dcbench.knn import GlobalAvgPool, knn_correct, min_temperature
 from dcbench.metrics import hits_of
 from dcbench.pooling import probe_pooling, resolve_taps
 from dcbench.protocol import FrozenFeatureSettings, Protocol, ProtocolOutput, RunContext, register_protocol, setting
@@ -66,8 +69,10 @@ class KnnSettings(FrozenFeatureSettings):
         super().validate()
         if not self.ks or any(k < 1 for k in self.ks):
             raise UsageError(f"bad value {self.ks} for ks: give positive integers, e.g. [10,20,100,200]")
-        if self.temperature <= 0:
-            raise UsageError(f"bad value {self.temperature} for temperature: must be positive")
+        lowest = min_temperature(max(self.ks))
+        if self.temperature < lowest:
+            raise UsageError(f"bad value {self.temperature} for temperature: give at least {lowest:.4f} with ks up to "
+                             f"{max(self.ks)}; below it the vote weights exp(cosine / T) overflow float32 (DINO: 0.07)")
 
 
 _DINO = "facebookresearch/dino eval_knn.py"
@@ -99,7 +104,10 @@ class Knn(Protocol):
     #: 3: neighbours tied at the k-th similarity are broken by the lower bank row (was torch.topk's
     #: unspecified order) and similarities come from fixed-shape tiles (bank moved in chunks);
     #: ViTs default to the cls tap; published weights are read with their own input convention
-    version: ClassVar[str] = "3"
+    #: 4: a class no neighbour voted for is never a top-1/top-5 hit and vote ties go to the lower
+    #: class index (was torch.topk's arbitrary order among tied, e.g. zero, votes: top5_k1 was 100
+    #: on 4 classes where DINO's eval_knn.py counts min(5, k) predictions)
+    version: ClassVar[str] = "4"
     Settings: ClassVar[type] = KnnSettings
     #: the vote is deterministic; only BatchNorm re-estimation of random inits uses the seed (run())
     seed_dependent: ClassVar[bool] = False

@@ -14,9 +14,8 @@ the linear probes (``preset``), L2-normalised ``x / (||x|| + 1e-5)``; per class 
 for each C of the grid, C chosen by 3-fold (stratified) cross-validation on trainval scored by
 average precision, refit on all of trainval; training counts difficult images as negatives,
 the test leaves them out; AP = VOC all-points (area under the monotone precision envelope).
-Classes are fitted in parallel threads. Every finished (class, C) fit is written to the
-feature-cache folder, keyed by the training features, the labels and the SVM settings, so an
-interrupted run resumes without refitting them.
+Classes are fitted in parallel threads; each finished (class, C) fit is kept in the feature-cache
+folder (keyed by features, labels and SVM settings): an interrupted run does not refit it.
 
 ``voc07-lowshot``: for k in {1, 2, 4, 8, 16, 32, 64, 96} and 5 independent samples, each
 class trains on k positives and (n_classes - 1) * k negatives drawn from trainval (difficult
@@ -25,15 +24,11 @@ As in VISSL, the reported C is the one with the best mean mAP over the samples (
 the test set; ``cost`` fixes it instead) and the rows are that C's mean / min / max / std
 (population) over the samples.
 
-Taps: every conv tap by default; on a ViT its ``cls`` token (as ``linear`` / ``knn``).
-Published weights (timm / torchvision / hf-hub) are read with their own mean, std and
-interpolation (``input_convention=weights``; with ``resize=crop`` also their crop ratio, see
-:func:`dcbench.data.transforms.resolve_convention`); other checkpoints with VISSL's view, exactly
-as before. The convention is recorded in ``extra.input_convention``.
-
-Both read their features through the run context (:meth:`RunContext.frozen_backbone`,
-:meth:`RunContext.extract`): BatchNorm re-estimation, the feature cache, and the runner's
-check that the backbone stayed unchanged are the engine's.
+Taps: every conv tap by default; on a ViT its ``cls`` token (as ``linear`` / ``knn``). Published
+weights are read with their own mean, std and interpolation (``input_convention=weights``;
+``resize=crop``: also their crop ratio; :func:`dcbench.data.transforms.resolve_convention`),
+recorded in ``extra.input_convention``; other checkpoints with VISSL's view. Features come
+through the run context (:meth:`RunContext.frozen_backbone`, :meth:`RunContext.extract`).
 """
 from __future__ import annotations
 
@@ -58,7 +53,8 @@ from dcbench.protocol import (Deviation, EvalContext, FrozenFeatureSettings, Pro
 from dcbench.provenance import FROZEN_FEATURE_SOURCES
 from dcbench.results import MetricRow, outcome_key
 from dcbench.stats import map_outcomes
-from dcbench.svm import FitStore, SvmParams, array_digest, describe_results, fit_store_key, l2_normalize, svm_tap
+from dcbench.svm import (FitStore, SvmParams, array_digest, check_trainable, describe_results, fit_store_key,
+                         l2_normalize, svm_tap)
 from dcbench.voc_classification import VOC07_LAYOUT, VocData, ap_rows, check_classes, labels_of, load_voc_data
 
 log = logging.getLogger("dcbench")
@@ -81,7 +77,7 @@ class _SvmCommon(FrozenFeatureSettings):
     positive_weight: float = setting(2.0, "class_weight of the positives (negatives: 1)")
     max_iter: int = setting(2000, "liblinear iterations")
     tol: float = setting(1e-4, "liblinear stopping tolerance")
-    image_size: int = setting(224, "input side in px; images are resized to round(s*256/224) first")
+    image_size: int = setting(224, "input side in px (how the image gets there: resize)")
     # the benchmark configs' TRANSFORMS: Resize 256, Resize [224, 224] (the whole image, no crop)
     resize: Literal["squash", "crop"] = setting(
         "squash", "squash: the whole image resized to (s, s), no crop (VISSL; voc07-svm first resizes the short "
@@ -287,10 +283,13 @@ class _VocSvmProtocol(Protocol):
     #: VISSL's SVM configs resize to 256 before squashing; its low-shot config does not
     squash_pre_resize: ClassVar[bool] = True
     sources: ClassVar[dict[str, str]] = SVM_SOURCES
+    #: difficult images are training negatives (VISSL svm_trainer.py); low-shot draws from -1 only
+    difficult_negative: ClassVar[bool] = True
 
     def check_data(self, root: Path, settings: _SvmCommon) -> None:
-        """Read the image sets of both splits and check the JPEGs exist (cheap)."""
-        load_voc_data(Path(root), settings.train_split, settings.classes, warn=False)
+        """Read the image sets, check the JPEGs exist and every class can be fitted (cheap)."""
+        data = load_voc_data(Path(root), settings.train_split, settings.classes, warn=False)
+        check_trainable(np.asarray(data.train.labels), data.classes, data.train.split, self.difficult_negative)
 
     def features(self, ckpt: Any, settings: _SvmCommon, root: Path,
                  ctx: EvalContext) -> tuple[VocData, list[str], _Features, np.ndarray, np.ndarray]:
@@ -298,7 +297,9 @@ class _VocSvmProtocol(Protocol):
         data = load_voc_data(Path(root), settings.train_split, settings.classes)
         taps = resolve_taps(ckpt.backbone, settings.taps, image_feature=True)  # a ViT: its cls token
         feats = extract_voc_features(ckpt, data, taps, settings, ctx, self.squash_pre_resize)
-        return data, taps, feats, labels_of(data.train, feats.train.indices), labels_of(data.test, feats.test.indices)
+        train_labels = labels_of(data.train, feats.train.indices)  # again: unreadable images were skipped
+        check_trainable(train_labels, data.classes, data.train.split, self.difficult_negative)
+        return data, taps, feats, train_labels, labels_of(data.test, feats.test.indices)
 
     @staticmethod
     def params(settings: _SvmCommon, cv_folds: int) -> SvmParams:
@@ -360,6 +361,7 @@ class VocLowShot(_VocSvmProtocol):
     #: the low-shot training sets are drawn from the seed: a trial per seed (seed_dependent stays True)
     headline_metrics: ClassVar[tuple[str, ...]] = (r"mAP_k\d+_mean",)
     squash_pre_resize: ClassVar[bool] = False
+    difficult_negative: ClassVar[bool] = False
     sources: ClassVar[dict[str, str]] = {k: v for k, v in LOWSHOT_SOURCES.items() if k != "cv_folds"}
     known_deviations: ClassVar[tuple[Deviation, ...]] = (
         Deviation("low-shot training sets drawn by dcbench's seeded sampler",

@@ -360,7 +360,7 @@ preset deepcluster: VOC2007 trainval -> test; preset moco: VOC2007+VOC2012 train
                                                      ctx.progress)
         ap = evaluate_detections(detections, data.test_annotations, data.classes,
                                  use_07_metric=recipe.ap_rule == "11-point")
-        rows = ap_rows(ap, recipe.mode, recipe.seed)
+        rows = ap_rows(ap, recipe.mode, recipe.seed, data.test.split)  # "val" when tuning on a val split
         extra = {**data.describe(), **facts, "preset": recipe.preset, "recipe": _plain(recipe.values),
                  "recipe_constants": recipe.constants, "backend": recipe.backend, "mode": recipe.mode,
                  "ap_rule": f"{ap.rule}, VOC devkit matching (IoU > t), difficult objects ignored; "

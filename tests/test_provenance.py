@@ -147,7 +147,7 @@ def test_versions_of_the_changed_protocols():
     # 3: ViT cls head (voc07-cls) and Swin maps read channels-last (both; issue 19)
     assert versions["voc07-cls"] == "3"
     assert versions["voc-seg"] == "4"  # 4: order and transforms seeded per (seed, pass, image), any workers
-    assert versions["knn"] == "3"  # 3: k-th neighbour tie-break, chunked bank, ViT cls, input conventions
+    assert versions["knn"] == "4"  # 4: zero-vote classes never hit, vote ties by class index
     assert {versions[n] for n in ("roxford5k", "rparis6k", "oxford5k", "paris6k")} == {"3"}
 
 

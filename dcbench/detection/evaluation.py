@@ -209,10 +209,11 @@ def _class_detections(detections: Sequence[Detections | None], c: int) -> tuple[
     return np.concatenate(index), np.concatenate(scores), np.concatenate(boxes)
 
 
-def ap_rows(ap: DetectionAP, tap: str, seed: int) -> list[MetricRow]:
-    """``AP50``, ``AP75``, ``AP`` (x100) and one ``AP50_<cls>`` row per class with test objects."""
-    rows = [MetricRow(name, 100.0 * value, tap, "test", None, seed)
+def ap_rows(ap: DetectionAP, tap: str, seed: int, split: str = "test") -> list[MetricRow]:
+    """``AP50``, ``AP75``, ``AP`` (x100) and one ``AP50_<cls>`` row per class with test objects,
+    labelled with the evaluated ``split`` (``test``; ``val`` for a tuning run on 2007:val)."""
+    rows = [MetricRow(name, 100.0 * value, tap, split, None, seed)
             for name, value in (("AP50", ap.ap50), ("AP75", ap.ap75), ("AP", ap.ap)) if not math.isnan(value)]
-    rows += [MetricRow(f"AP50_{cls}", 100.0 * ap.class_ap(cls, 0.5), tap, "test", None, seed)
+    rows += [MetricRow(f"AP50_{cls}", 100.0 * ap.class_ap(cls, 0.5), tap, split, None, seed)
              for cls in ap.classes if not math.isnan(ap.class_ap(cls, 0.5))]
     return rows

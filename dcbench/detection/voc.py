@@ -82,4 +82,23 @@ def load_det_data(root: Path, train_sets: list[str], test_set: str, classes: lis
         s = load_voc_split(root, split, year, classes=None)
         s.check_annotations()
         splits.append(s)
+    check_disjoint(splits[:-1], splits[-1])
     return DetData(splits[:-1], splits[-1], list(found))
+
+
+def check_disjoint(train: list[VOCSplit], test: VOCSplit) -> None:
+    """UsageError when a training split holds test images (``2007:trainval`` with ``test_set=2007:val``):
+    the detector would be scored on images it was trained on."""
+    test_ids = set(test.image_ids)
+    for split in train:
+        if split.year != test.year:
+            continue  # VOC2012 trainval holds no VOC2007 image (other ids, other folders)
+        shared = [i for i in split.image_ids if i in test_ids]
+        if shared:
+            other = {"val": "train", "train": "val"}.get(test.split)
+            kept = [f"{s.year}:{other}" if s is split else f"{s.year}:{s.split}" for s in train]
+            fix = (f"--set train_sets=[{','.join(dict.fromkeys(kept))}]" if other and split.split == "trainval"
+                   else f"train_sets without {split.year}:{split.split}")
+            raise UsageError(f"train_sets {split.year}:{split.split} and test_set {test.year}:{test.split} share "
+                             f"{len(shared)} images (first: {shared[0]}), so the detector would be scored on "
+                             f"images it trained on; use {fix}")
