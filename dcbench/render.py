@@ -13,16 +13,18 @@ import csv
 import html
 import io
 import json
-import re
 import textwrap
 import unicodedata
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import numpy as np
 
+from dcbench.results import csv_text
 from dcbench.stats import Comparison
-from dcbench.table import BEST, DEVIATION_MARK, TIED, Analysis, Cell, Column, Deviations, Table, analyze, known_label
+from dcbench.table import (BEST, DEVIATION_MARK, TIED, Analysis, Cell, Column, Deviations, Table, analyze,
+                           column_known_label)
 
 __all__ = ["FORMATS", "HTML_SCRIPT", "HTML_STYLE", "csv_text", "deviation_lines", "html_table", "legend", "one_line",
            "plot_text", "render", "render_terminal"]
@@ -53,12 +55,21 @@ def plot_text(text: str) -> str:
     return " " + text if text.startswith("_") else text
 
 
+def _rounded(x: float) -> Decimal:
+    """``x`` to :data:`_DECIMALS` places, half away from zero, from its shortest repr: what a reader
+    rounding the csv/json value (``56.25``, ``0.15``) by hand or in a spreadsheet gets, where
+    ``f"{x:.1f}"`` rounds the binary value half to even (56.25 -> 56.2, 68.75 -> 68.8, 0.15 -> 0.1).
+    A zero is never negative."""
+    d = Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-_DECIMALS), rounding=ROUND_HALF_UP)
+    return d.copy_abs() if d == 0 else d
+
+
 def _num(x: float) -> str:
-    return f"{x:.{_DECIMALS}f}"
+    return f"{_rounded(x):f}"
 
 
 def _signed(x: float) -> str:
-    return f"{x:+.{_DECIMALS}f}"
+    return f"{_rounded(x):+f}"
 
 
 def _value_text(cell: Cell, pm: str = _PM, with_n: bool = True) -> str:
@@ -79,9 +90,9 @@ def _diff_text(cmp: Comparison, alpha: float, sig: str = _SIG) -> str:
 def legend(analysis: Analysis, best: str = "bold", tied: str = _TIED_MARK, sig: str = _SIG) -> str:
     """The one-line legend of every format."""
     pct = f"{100 * (1 - analysis.alpha):g}%"
-    text = (f"mean{_PM}sample std over n trials (seeds); {best} = best, significantly better than the "
-            f"runner-up (p < {analysis.alpha:g}); {tied} = tied for best (not significantly different "
-            f"from the top, or not testable)")
+    text = (f"mean{_PM}sample std over n trials (seeds); {best} = best, significantly better than every "
+            f"other checkpoint in its column (p < {analysis.alpha:g}); {tied} = tied for best (not significantly "
+            f"different from the top, or not testable)")
     if analysis.reference is not None:
         text += (f"; Δ = difference to {analysis.reference} [{pct} CI], {sig} = significant "
                  f"(paired bootstrap over images, else paired t over seeds; p Holm-adjusted over the "
@@ -252,8 +263,8 @@ def _records(analysis: Analysis) -> list[dict[str, Any]]:
 
 def _deviation_fields(analysis: Analysis, row: str, col: str) -> dict[str, Any]:
     """The cell's user deviations and mark, and its protocol card's known deviations."""
-    cell, info = analysis.table.cells[(row, col)], analysis.table.column(col)
-    known = analysis.deviations.known.get(known_label(info.protocol, info.settings), ())
+    cell = analysis.table.cells[(row, col)]
+    known = analysis.deviations.known.get(column_known_label(analysis.table, col), ())
     return {"deviation_mark": analysis.deviations.marks.get((row, col)),
             "deviations": [{"what": what, "why": why, "source": "user"} for what, why in cell.deviations],
             "known_deviations": [{"what": what, "why": why, "source": "card"} for what, why in known]}
@@ -299,21 +310,6 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, (dict, list)):
         return csv_text(json.dumps(value, sort_keys=True, separators=(",", ":")))
     return csv_text(value) if isinstance(value, str) else value
-
-
-#: first characters a spreadsheet reads as a formula (OWASP "CSV Injection": = + - @, and tab
-#: and carriage return, which some spreadsheets strip before looking)
-_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def csv_text(text: str) -> str:
-    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading
-    ``'`` (OWASP's advice), so ``=HYPERLINK(...)`` is never evaluated. A cell that is just a
-    number (``-0.3``) is left alone: a spreadsheet reads it as that number, never as a formula."""
-    if text.startswith(_CSV_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
-        return "'" + text
-    return text
 
 
 def _render_json(analysis: Analysis) -> str:

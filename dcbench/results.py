@@ -34,6 +34,8 @@ import json
 import math
 import numbers
 import os
+import re
+import shlex
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,8 +47,9 @@ import numpy as np
 
 from dcbench.errors import DcbenchError
 
-__all__ = ["EXECUTION_SETTINGS", "MetricRow", "Result", "ResultStore", "StoreError", "comparability_key",
-           "default_store_path", "export_results", "key_of", "outcome_key", "setup_identity", "setup_key", "utc_now"]
+__all__ = ["CorruptRecordError", "EXECUTION_SETTINGS", "MetricRow", "Result", "ResultStore", "StoreError",
+           "comparability_key", "csv_text", "default_store_path", "export_results", "key_of", "outcome_key",
+           "setup_identity", "setup_key", "utc_now"]
 
 #: settings that choose how a run executes, not what it computes (data-loader processes,
 #: reading extracted features from the cache, keeping decoded images in memory): left out of the
@@ -59,6 +62,20 @@ _REQUIRED_KEYS = ("protocol", "protocol_version", "checkpoint", "settings", "dat
 
 class StoreError(DcbenchError):
     """The results store cannot be opened, read or written; the message is one line."""
+
+
+class CorruptRecordError(StoreError):
+    """A stored record cannot be read back (hand-edited or damaged); ``result_id`` names it, so a
+    caller that deletes records (``dcbench results rm``) can still remove it."""
+
+    def __init__(self, path: Path, result_id: int | None, problem: str) -> None:
+        self.path, self.result_id, self.problem = path, result_id, problem
+        which = f"result {result_id}" if result_id is not None else "a result"
+        fix = (f"delete it with `dcbench results rm {result_id} --store {shlex.quote(str(path))}`"
+               if result_id is not None
+               else "delete it with `dcbench results rm ID`")
+        super().__init__(f"results store {path}: {which} is corrupt ({problem}); {fix} "
+                         f"(or restore the store from a backup)")
 
 
 @dataclass
@@ -174,9 +191,26 @@ class Result:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Result":
         """Rebuild a record from :meth:`to_dict` output (unknown keys are ignored)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a result record must be a JSON object, got {type(d).__name__}")
         missing = [k for k in _REQUIRED_KEYS if k not in d]
         if missing:
             raise ValueError(f"result record lacks {', '.join(missing)}")
+        # named checks: dict("x") would fail with "dictionary update sequence element #0 ..."
+        for key, kind in (("checkpoint", dict), ("settings", dict), ("data", dict), ("metrics", list)):
+            if not isinstance(d[key], kind):
+                raise ValueError(f"result record: {key} must be a JSON {'object' if kind is dict else 'list'}, "
+                                 f"got {type(d[key]).__name__}")
+        for key in ("versions", "extra"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ValueError(f"result record: {key} must be a JSON object, got {type(d[key]).__name__}")
+        if any(not isinstance(row, dict) or "metric" not in row or "value" not in row for row in d["metrics"]):
+            raise ValueError("result record: every metric row must be an object with a metric and a value")
+        for key, kinds in (("started", str), ("git", str), ("wall_s", numbers.Real)):
+            value = d.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise ValueError(f"result record: {key} must be a {'number' if key == 'wall_s' else 'string'} or "
+                                 f"null, got {value!r}")
         return cls(
             protocol=d["protocol"], protocol_version=str(d["protocol_version"]),
             checkpoint=dict(d["checkpoint"]), settings=dict(d["settings"]), data=dict(d["data"]),
@@ -345,8 +379,14 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
         if name not in have:
             conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
     for rid, text in conn.execute("SELECT id, record_json FROM results").fetchall():
+        try:
+            columns = _identity_columns(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # a damaged record must not make the store unopenable: its columns stay empty and
+            # reading it names it (CorruptRecordError), so `dcbench results rm ID` can remove it
+            continue
         conn.execute("UPDATE results SET comparability_key=?, setup_key=?, seed=?, data_fingerprint=? "
-                     "WHERE id=?", (*_identity_columns(json.loads(text)), rid))
+                     "WHERE id=?", (*columns, rid))
     for statement in _statements(_V2_SCHEMA):
         conn.execute(statement)
 
@@ -642,11 +682,14 @@ class ResultStore:
         return int(self._execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
     def _load(self, record_json: str, result_id: int | None = None) -> Result:
+        """The stored record, validated: a hand-edited or damaged one (bad JSON, a missing key, a
+        non-numeric or NaN value) is one :class:`CorruptRecordError` line naming the store, the id
+        and the fix, never an internal error later in a table or an export."""
         try:
             result = Result.from_json(record_json)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"results store {self.path} holds a corrupt record: "
-                             f"{_one_line(exc)}") from exc
+            result.validate()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptRecordError(self.path, result_id, _one_line(exc)) from exc
         result.id = result_id
         return result
 
@@ -691,9 +734,26 @@ def export_results(results: Iterable[Result], fmt: str = "json") -> str:
                  r.checkpoint["sha256"], r.checkpoint.get("arch"), r.seed, r.data.get("root"),
                  r.data.get("fingerprint"), settings_key(r.settings)]
         for m in r.metrics:
-            writer.writerow(ident + [m.metric, repr(float(m.value)), m.tap, m.split, m.selection, r.started,
-                                     r.wall_s, r.git, "true" if r.unverified else "false"])
+            row = ident + [m.metric, repr(float(m.value)), m.tap, m.split, m.selection, r.started,
+                           r.wall_s, r.git, "true" if r.unverified else "false"]
+            # names come from users and files (a checkpoint named "=HYPERLINK(...)"): text, as in the leaderboard
+            writer.writerow([csv_text(v) if isinstance(v, str) else v for v in row])
     return buf.getvalue()
+
+
+#: first characters a spreadsheet reads as a formula (OWASP "CSV Injection": = + - @, and tab
+#: and carriage return, which some spreadsheets strip before looking)
+_CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading
+    ``'`` (OWASP's advice), so ``=HYPERLINK(...)`` is never evaluated. A cell that is just a
+    number (``-0.3``) is left alone: a spreadsheet reads it as that number, never as a formula."""
+    if text.startswith(_CSV_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def _one_line(exc: BaseException) -> str:

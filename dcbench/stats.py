@@ -12,7 +12,8 @@ A *cell* is the trials (seeds) of one comparability key (see :mod:`dcbench.resul
      the images (:func:`paired_bootstrap`; the same resampled images on both sides), combined
      with the seeds (resampled too) when the protocol has trial randomness;
   2. otherwise, seed trials on both sides with at least two common seeds: a paired t-test
-     over the common seeds (:func:`paired_t`);
+     over the common seeds (:func:`paired_t`); when only one side depends on the seed, its
+     trials (two or more) are paired with the other side's single trial (a one-sample t-test);
   3. otherwise, at least two trials on each side but no common seed: Welch's t-test
      (:func:`welch_t`);
   4. otherwise no test (``method="none"``): e.g. one trial each of a seed-independent
@@ -337,11 +338,22 @@ def paired_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], confidenc
 
 
 def _paired_keys(a: Trials, b: Trials) -> list[tuple[Any, Any]]:
-    """Trials of ``a`` and ``b`` that pair: the common seeds, or the single trial of each side
-    for a seed-independent protocol (its seed is irrelevant)."""
-    if not (a.seed_dependent and b.seed_dependent):
-        return [(next(reversed(a.values)), next(reversed(b.values)))] if a.values and b.values else []
-    return [(s, s) for s in a.values if s in b.values]
+    """Trials of ``a`` and ``b`` that pair: the common seeds; the single trial of each side when
+    neither depends on the seed; every trial of the seed-dependent side against the single
+    trial of the other when only one does (e.g. a random init whose BatchNorm re-estimation
+    makes a kNN run depend on the seed, against a trained checkpoint's one run): the fixed side
+    is the same whatever the seed, so the difference is over all of the varying side's trials,
+    as the table's cells show them, and its spread over seeds counts."""
+    if not a.values or not b.values:
+        return []
+    if a.seed_dependent and b.seed_dependent:
+        return [(s, s) for s in a.values if s in b.values]
+    last_a, last_b = next(reversed(a.values)), next(reversed(b.values))
+    if a.seed_dependent:
+        return [(s, last_b) for s in a.values]
+    if b.seed_dependent:
+        return [(last_a, s) for s in b.values]
+    return [(last_a, last_b)]
 
 
 def _constant(t: Trials) -> bool:
@@ -353,23 +365,25 @@ def compare_trials(a: Trials, b: Trials, confidence: float = CONFIDENCE, resampl
     """``a - b`` with the valid test for what is stored (see the module docstring). Two cells
     whose seeds all gave one value each behave as seed-independent: identical "trials" are not
     evidence (a t-test on them would call any difference significant)."""
-    if a.seed_dependent and b.seed_dependent and _constant(a) and _constant(b):
-        a, b = (Trials(t.values, t.outcomes, seed_dependent=False) for t in (a, b))
+    # a side whose seeds all gave one value is one value: against a fixed side (or another such
+    # side) its "trials" would make a zero-variance t-test call any difference significant
+    if not (a.seed_dependent and b.seed_dependent) or (_constant(a) and _constant(b)):
+        a, b = (Trials(t.values, t.outcomes, seed_dependent=False) if _constant(t) else t for t in (a, b))
     pairs = _paired_keys(a, b)
+    # trials vary (and are resampled) when either side depends on the seed (see _paired_keys)
+    seeded = a.seed_dependent or b.seed_dependent
     if pairs and all(ka in a.outcomes and kb in b.outcomes for ka, kb in pairs):
         try:
             boot = paired_bootstrap([a.outcomes[ka] for ka, _ in pairs], [b.outcomes[kb] for _, kb in pairs],
-                                    confidence, resamples, seed,
-                                    resample_trials=a.seed_dependent and b.seed_dependent)
+                                    confidence, resamples, seed, resample_trials=seeded)
         except ValueError:
             boot = None  # different evaluation images: fall through to the trial-level tests
         if boot is not None:
             diff = float(np.mean([a.values[ka] - b.values[kb] for ka, kb in pairs]))
             return Comparison(diff, boot.ci_low, boot.ci_high, boot.p_value, boot.n, boot.method)
-    seeded = a.seed_dependent and b.seed_dependent
     if seeded and len(pairs) >= 2:
         return paired_t([a.values[k] for k, _ in pairs], [b.values[k] for _, k in pairs], confidence)
-    if seeded and not pairs and a.n >= 2 and b.n >= 2:
+    if a.seed_dependent and b.seed_dependent and not pairs and a.n >= 2 and b.n >= 2:
         return welch_t(list(a.values.values()), list(b.values.values()), confidence)
     # untested: the difference of the cells' means, as the table shows them
     diff = float(np.mean(list(a.values.values())) - np.mean(list(b.values.values())))

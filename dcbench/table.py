@@ -41,8 +41,8 @@ from dcbench.stats import (ALPHA, RESAMPLES, Comparison, Summary, Trials, cell_s
                            summarize)
 
 __all__ = ["ALL", "Analysis", "BEST", "Cell", "Column", "DEVIATION_MARK", "Deviations", "DeviationNotes", "HEADLINE",
-           "HEADLINE_METRICS", "TIED", "Table", "analyze", "build_table", "deviation_notes", "filter_results",
-           "find_row", "known_label", "protocol_headlines"]
+           "HEADLINE_METRICS", "SPREAD_METRICS", "TIED", "Table", "analyze", "build_table", "deviation_notes",
+           "column_known_label", "filter_results", "find_row", "known_label", "protocol_headlines"]
 
 HEADLINE = "headline"
 ALL = "all"
@@ -53,6 +53,10 @@ ALL = "all"
 #: protocol emitted
 HEADLINE_METRICS = ("top1_k20", r"top1_k\d+", "top1", "mAP", "mAP_medium", "AP50", "mIoU", r"mAP_k\d+_mean")
 BEST, TIED = "best", "tied"
+#: metrics (regex, full match) that measure a spread, not a quality (voc07-lowshot's
+#: ``mAP_k{k}_std``, the std of the mAP over its samples): a higher value is not better, so their
+#: columns get no best / tied marks (``--metric all`` shows them beside the means)
+SPREAD_METRICS = (r".+_std",)
 #: marks a cell whose result was computed with settings away from the preset (user deviations)
 DEVIATION_MARK = "‡"
 #: a deviation as shown: (what, why)
@@ -179,6 +183,8 @@ def build_table(results: list[Result], protocols: list[str] | None = None,
     variants = _variants(results, setups)
     entries = list(_entries(results, selection, _metric_filter(results, metrics, headlines or protocol_headlines),
                             taps))
+    if not entries:
+        _nothing_selected(results, selection, metrics, taps)
     dependent = seed_dependent or (lambda _p: True)
     columns = _columns(entries, setups, variants, dependent)
     cells = _cells(entries, labels, setups, columns, dependent)
@@ -189,6 +195,23 @@ def build_table(results: list[Result], protocols: list[str] | None = None,
     row_sha = {label: ident[1] for ident, label in labels.items() if label in rows}
     return Table(columns=order, rows=rows, cells=cells, column_info=info, unverified=unverified,
                  row_sha=row_sha, outcomes=outcomes, known_deviations=_known_deviations(entries))
+
+
+def _nothing_selected(results: list[Result], selection: str, metrics: Sequence[str] | None,
+                      taps: Sequence[str] | None) -> None:
+    """UsageError naming what the results have when ``metrics`` / ``taps`` / ``selection`` left
+    no metric row of results that have some (a typo must not print an empty table with exit 0)."""
+    rows = [row for r in results for row in r.metrics]
+    if not rows:
+        return
+    asked = [f"--metric {', '.join(metrics)}"] if metrics and list(metrics) != [HEADLINE] else []
+    asked += [f"--tap {', '.join(taps)}"] if taps else []
+    asked += [f"--selection {selection}"] if selection != "final" or not asked else []
+    have_metrics = ", ".join(_unique(row.metric for row in rows))
+    have_taps = ", ".join(_unique(row.tap for row in rows if row.tap)) or "(none)"
+    have_selections = ", ".join(_unique(row.selection or "(any)" for row in rows))
+    raise UsageError(f"no result matches {' and '.join(asked)}; the results have metrics {have_metrics}; taps "
+                     f"{have_taps}; selections {have_selections}")
 
 
 def find_row(table: Table, text: str) -> str:
@@ -275,6 +298,11 @@ def _filter_checkpoints(results: list[Result], labels: dict[tuple[str, str], str
         name, sha = ident
         return entry in (name, sha, labels[ident]) or (len(entry) >= 8 and sha.startswith(entry))
 
+    unknown = [entry for entry in wanted if not any(matches(entry, ident) for ident in labels)]
+    if unknown:  # a typo must not print an empty (or silently shorter) table
+        have = ", ".join(_unique(labels.values())) or "(none)"
+        raise UsageError(f"--checkpoint {unknown[0]}: no result of that checkpoint (name, row label or sha256 prefix "
+                         f"of 8+) among the results selected; checkpoints with results: {have}")
     order = _unique(labels[ident] for entry in wanted for ident in labels if matches(entry, ident))
     keep = [r for r in results if labels[_ckpt_id(r)] in order]
     return keep, order
@@ -297,16 +325,33 @@ def _variants(results: list[Result], setups: dict[int, tuple[str, dict]]) -> dic
             labels.update({k: "" for k in idents})
             continue
         all_idents = list(idents.values())
+        # compared as canonical JSON with absence distinct from null: 2 and "2" are different setups
         differ = sorted({k for i in all_idents for k in i["settings"]
-                         if len({_short(j["settings"].get(k)) for j in all_idents}) > 1})
+                         if len({_canonical(j["settings"], k) for j in all_idents}) > 1})
         versions = len({i["protocol_version"] for i in all_idents}) > 1
         datas = len({i["data_fingerprint"] for i in all_idents}) > 1
+        own = {}
         for key, ident in idents.items():
             parts = [f"v{ident['protocol_version']}"] if versions else []
-            parts += [f"{k}={_short(ident['settings'].get(k))}" for k in differ]
+            parts += [f"{k}={_shown(ident['settings'], k)}" for k in differ]
             parts += [f"data={str(ident['data_fingerprint'])[:6]}"] if datas else []
-            labels[key] = ", ".join(parts) or f"setup={key[:6]}"
+            own[key] = ", ".join(parts) or f"setup={key[:6]}"
+        # a label is a column's name and cells are keyed by it: two setups that read the same
+        # (2 vs "2", fingerprints sharing 6 characters) must never share a column
+        counts: dict[str, int] = {}
+        for label in own.values():
+            counts[label] = counts.get(label, 0) + 1
+        labels.update({key: label if counts[label] == 1 else f"{label}, setup={key[:6]}"
+                       for key, label in own.items()})
     return labels
+
+
+def _canonical(settings: Mapping[str, Any], key: str) -> str:
+    return json.dumps(settings[key], sort_keys=True, default=str) if key in settings else "\0unset"
+
+
+def _shown(settings: Mapping[str, Any], key: str) -> str:
+    return _short(settings[key]) if key in settings else "(unset)"
 
 
 def _metric_filter(results: list[Result], metrics: Sequence[str] | None,
@@ -433,22 +478,35 @@ def _cells(entries: list[tuple[Result, Any]], labels: dict, setups: dict[int, tu
     return cells
 
 
-def known_label(protocol: str, settings: Mapping[str, Any]) -> str:
-    """Where a protocol card's known deviations are listed: ``protocol (preset P)``."""
+def known_label(protocol: str, settings: Mapping[str, Any], version: str | None = None) -> str:
+    """Where a protocol card's known deviations are listed: ``protocol (preset P)``, or
+    ``protocol vV (preset P)`` when ``version`` is given (a table showing several versions of
+    the protocol: a later version may have fixed a deviation of an earlier one)."""
     preset = settings.get("preset")
-    return protocol + (f" (preset {preset})" if preset else "")
+    return protocol + (f" v{version}" if version else "") + (f" (preset {preset})" if preset else "")
 
 
 def _known_deviations(entries: list[tuple[Result, Any]]) -> dict[str, Deviations]:
-    """"protocol (preset P)" -> the card deviations its shown results carry (each listed once)."""
+    """:func:`known_label` -> the card deviations its shown results carry (each listed once)."""
+    versions: dict[str, set[str]] = {}
+    for result, _row in entries:
+        versions.setdefault(result.protocol, set()).add(str(result.protocol_version))
     out: dict[str, list[tuple[str, str]]] = {}
     for result, _row in entries:
         known = _deviations(result, "card")
         if known:
-            label = known_label(result.protocol, result.settings)
+            several = len(versions[result.protocol]) > 1
+            label = known_label(result.protocol, result.settings, str(result.protocol_version) if several else None)
             out.setdefault(label, [])
             out[label] += [d for d in known if d not in out[label]]
     return {label: tuple(devs) for label, devs in out.items()}
+
+
+def column_known_label(table: Table, col: str) -> str:
+    """The :func:`known_label` under which ``table`` lists the card deviations of column ``col``."""
+    info = table.column(col)
+    versions = {c.version for c in table.column_info.values() if c.protocol == info.protocol}
+    return known_label(info.protocol, info.settings, info.version if len(versions) > 1 else None)
 
 
 def _ordered_columns(entries: list[tuple[Result, Any]], setups: dict[int, tuple[str, dict]],
@@ -527,9 +585,10 @@ def analyze(table: Table, reference: str | None = None, alpha: float = ALPHA,
     """Intervals, marks, deviation notes and (with ``reference`` or ``table.reference``)
     paired differences.
 
-    A column's top cell is marked ``best`` only when it is significantly better than the
-    runner-up; otherwise every cell not significantly different from the top (or not
-    testable against it) is marked ``tied``. A column with one cell gets no mark.
+    A column's top cell is marked ``best`` only when it is significantly better than every
+    other cell of the column (not only the runner-up); otherwise the top and every cell not
+    significantly worse than it (or not testable against it) are marked ``tied``. A column
+    with one cell, or of a :data:`SPREAD_METRICS` metric, gets no mark.
 
     The differences to the reference are one family of tests: their p-values are adjusted with
     :func:`dcbench.stats.holm` (a table of 20 columns would otherwise show about one
@@ -586,7 +645,7 @@ def _trials(table: Table, row: str, col: str, loaded: dict[int, dict[str, np.nda
 def _mark_column(out: Analysis, col: str, trials: Callable[[str, str], Trials], resamples: int) -> None:
     table = out.table
     present = [r for r in table.rows if (r, col) in table.cells]
-    if len(present) < 2:
+    if len(present) < 2 or any(re.fullmatch(p, table.column(col).metric) for p in SPREAD_METRICS):
         return
     sign = 1.0 if table.higher_is_better else -1.0
     ranked = sorted(present, key=lambda r: -sign * table.cells[(r, col)].mean)
@@ -596,12 +655,16 @@ def _mark_column(out: Analysis, col: str, trials: Callable[[str, str], Trials], 
         cmp = compare_trials(trials(top, col), trials(other, col), resamples=resamples)
         return cmp.significant(out.alpha) and sign * cmp.diff > 0
 
-    if beats(ranked[1]):
+    # "best" claims the top is better than every other cell, so each test must reject (an
+    # intersection-union test: level alpha without a multiplicity adjustment, Berger 1982).
+    # Beating the runner-up alone is not enough: a third cell with a lower mean but wide spread,
+    # fewer seeds or no common seeds may not be distinguishable from the top at all.
+    not_beaten = [other for other in ranked[1:] if not beats(other)]
+    if not not_beaten:
         out.marks[(top, col)] = BEST
         return
     out.marks[(top, col)] = TIED
-    for other in ranked[1:]:
-        if not beats(other):
-            out.marks[(other, col)] = TIED
+    for other in not_beaten:
+        out.marks[(other, col)] = TIED
 
 

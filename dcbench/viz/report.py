@@ -22,7 +22,7 @@ import numpy as np
 import dcbench
 from dcbench.checkpoint import resolve_checkpoint
 from dcbench.fileio import atomic_write_text
-from dcbench.errors import DcbenchError
+from dcbench.errors import DcbenchError, UsageError
 from dcbench.leaderboard import HEADLINE, HTML_SCRIPT, HTML_STYLE, Analysis, Table, analyze, build_table, html_table
 from dcbench.render import plot_text
 from dcbench.results import Result, ResultStore, default_store_path
@@ -79,8 +79,11 @@ def layer_curves(results: list[Result], metric: str = "top1",
                  selection: str = "final") -> dict[str, dict[str, dict[str, float]]]:
     """``{"protocol[ [setup]] (split)": {checkpoint: {tap: mean over seeds}}}`` for rows of
     ``metric`` with a tap (the leaderboard's cells: other selections skipped, the latest
-    re-run of a seed used, setups never merged)."""
-    table = build_table(results, metrics=[metric], selection=selection)
+    re-run of a seed used, setups never merged); empty when no result has ``metric``."""
+    try:
+        table = build_table(results, metrics=[metric], selection=selection)
+    except UsageError:  # no row of that metric and selection: no curves (the table says which it has)
+        return {}
     return {group: {row: {tap: mean for tap, (mean, _, _) in taps.items()} for row, taps in rows.items()}
             for (group, _), rows in curve_points(table, analyze(table)).items()}
 
@@ -173,8 +176,8 @@ def _tables(inputs: ReportInputs, outcomes: Callable | None) -> tuple[Table, Ana
                         outcomes=outcomes)
     try:
         return table, analyze(table, inputs.reference)
-    except ValueError as exc:
-        raise DcbenchError(f"--reference: {exc}") from None
+    except ValueError as exc:  # a --reference naming no row: a usage error (exit 2), as in `leaderboard`
+        raise UsageError(f"--reference: {exc}") from None
 
 
 def _runs_section(runs: list[str]) -> str:

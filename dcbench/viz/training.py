@@ -46,8 +46,17 @@ class RunData:
         return self.path.name
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(epochs, values) of ``key``, leaving out epochs where it is missing or null."""
-        pairs = [(r["epoch"], float(r[key])) for r in self.records if r.get(key) is not None]
+        """(epochs, values) of ``key``, leaving out epochs where it is missing or null; a value that
+        is not a number (a hand-edited line) is a DcbenchError naming the file, epoch and key."""
+        pairs = []
+        for r in self.records:
+            value = r.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DcbenchError(f"{self.path / 'metrics.jsonl'}: epoch {r['epoch']} has {key}={value!r}, not a "
+                                   f"number; fix or delete that line")
+            pairs.append((int(r["epoch"]), float(value)))
         return [e for e, _ in pairs], [v for _, v in pairs]
 
 
@@ -70,7 +79,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     for position, (n, line) in enumerate(lines):
         try:
             record = json.loads(line)
-            by_epoch[int(record["epoch"])] = record  # a resumed run's re-done epoch replaces the old one
+            epoch = int(record["epoch"])
+            by_epoch[epoch] = {**record, "epoch": epoch}  # a resumed run's re-done epoch replaces the old one
         except (ValueError, KeyError, TypeError):
             if position == len(lines) - 1:
                 log.warning("%s: ignoring the unfinished last line %d", path, n)
@@ -94,7 +104,10 @@ def _last_sizes(run: Path, records: list[dict[str, Any]]) -> np.ndarray | None:
         log.warning("cannot read %s (%s); no cluster-size plot", files[-1], exc)
         return None
     last = records[-1]
-    n_clusters = int(last.get("n_clusters") or 0)
+    try:
+        n_clusters = int(last.get("n_clusters") or 0)
+    except (TypeError, ValueError):  # a hand-edited record: the sizes alone still make the plot
+        n_clusters = 0
     sizes = np.bincount(assignments[assignments >= 0], minlength=n_clusters)
     return np.sort(sizes)[::-1]
 
@@ -249,7 +262,8 @@ def _summary(last: dict[str, Any], n_epochs: int) -> str:
     rows = [("epochs", n_epochs), ("images", last.get("n_images")), ("clusters", last.get("n_clusters")),
             ("last loss", last.get("loss")), ("last NMI labels", last.get("nmi_labels")),
             ("last NMI t-1/t", last.get("nmi_prev"))]
-    return "\n".join(f"{k:<16}{v:.4g}" if isinstance(v, float) else f"{k:<16}{'-' if v is None else v}"
+    # plot_text: a hand-edited value such as "$\\foo$" is shown as typed, never parsed as mathtext
+    return "\n".join(f"{k:<16}{v:.4g}" if isinstance(v, float) else f"{k:<16}{'-' if v is None else plot_text(str(v))}"
                      for k, v in rows)
 
 
