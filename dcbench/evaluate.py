@@ -66,6 +66,10 @@ class Plan:
     protocol: Protocol
     settings: Any
     root: Path
+    #: ``compare --seeds`` on a protocol whose numbers depend on the seed only through BatchNorm
+    #: re-estimation (:func:`expand_seeds`): True = run on checkpoints whose BatchNorm is
+    #: re-estimated (one plan per seed), False = on the others (one plan); None = on every checkpoint
+    for_recalibrated: bool | None = None
 
     @property
     def plain_settings(self) -> dict[str, Any]:
@@ -243,13 +247,32 @@ def stored(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore) -> Result | None
 
 def expand_seeds(plans: Sequence[Plan], seeds: Sequence[int] | None) -> list[Plan]:
     """One plan per (plan, seed); ``plans`` unchanged when ``seeds`` is empty. A protocol whose
-    result does not depend on the seed (``seed_dependent = False``) runs once, not per seed."""
+    result does not depend on the seed (``seed_dependent = False``) runs once, not per seed,
+    except on checkpoints whose BatchNorm it re-estimates (``bn_recalibrate``: a random init
+    with 'auto', every checkpoint with 'on'): the seed draws the calibration images, so those
+    get a run per seed and their cells the spread over seeds (:func:`applies_to`)."""
     if not seeds:
         return list(plans)
     out = []
     for p in plans:
-        out += [with_seed(p, seed) for seed in seeds] if p.protocol.seed_dependent else [p]
+        if p.protocol.seed_dependent:
+            out += [with_seed(p, seed) for seed in seeds]
+        elif getattr(p.settings, "bn_recalibrate", "off") != "off":
+            out += [dataclasses.replace(p, for_recalibrated=False)]
+            out += [dataclasses.replace(with_seed(p, seed), for_recalibrated=True) for seed in seeds]
+        else:
+            out.append(p)
     return out
+
+
+def applies_to(p: Plan, ckpt: LoadedCheckpoint) -> bool:
+    """Whether plan ``p`` runs on ``ckpt`` (see :attr:`Plan.for_recalibrated`)."""
+    if p.for_recalibrated is None:
+        return True
+    from dcbench.features import has_batchnorm, wants_bn_recalibration  # noqa: PLC0415 (heavy: torch)
+
+    recalibrated = wants_bn_recalibration(p.settings.bn_recalibrate, ckpt.format) and has_batchnorm(ckpt.backbone)
+    return p.for_recalibrated == recalibrated
 
 
 def split_overrides(protocols: Sequence[str], overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -292,10 +315,12 @@ class SweepItem:
 
 
 def sweep_cells(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore | None, *,
-                arch: str | None = None, trust: bool = False,
-                reuse: bool = True) -> Iterable[tuple[str, Plan, LoadedCheckpoint, Result | None]]:
-    """``(spec, plan, checkpoint, stored result or None)`` for every checkpoint spec and plan, checkpoint
-    by checkpoint; a checkpoint is loaded once per input size the plans need. The store is read
+                arch: str | None = None, trust: bool = False, reuse: bool = True,
+                on_skip: Callable[[], None] | None = None) -> Iterable[tuple[str, Plan, LoadedCheckpoint,
+                                                                             Result | None]]:
+    """``(spec, plan, checkpoint, stored result or None)`` for every checkpoint spec and plan that
+    :func:`applies_to` it (``on_skip`` is called for each one that does not), checkpoint by
+    checkpoint; a checkpoint is loaded once per input size the plans need. The store is read
     on rank 0 (``store`` None elsewhere) and its answer broadcast, so every rank of a torchrun
     job walks the same cells."""
     for spec in specs:
@@ -305,6 +330,10 @@ def sweep_cells(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore 
             if size not in loaded:
                 loaded[size] = load_for(p, spec, arch=arch, trust=trust)
             ckpt = loaded[size]
+            if not applies_to(p, ckpt):
+                if on_skip is not None:
+                    on_skip()
+                continue
             found = stored(p, ckpt, store) if reuse and store is not None else None
             yield spec, p, ckpt, parallel.broadcast_object(found)
 
@@ -321,7 +350,8 @@ def sweep(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore | None
     info = join(device)  # first: ranks > 0 go quiet before anything logs
     items = []
     overall = Overall(len(plans) * len(specs), desc, "evaluations", enabled=progress and info.is_main)
-    for _spec, p, ckpt, result in sweep_cells(plans, specs, store, arch=arch, trust=trust, reuse=reuse):
+    for _spec, p, ckpt, result in sweep_cells(plans, specs, store, arch=arch, trust=trust, reuse=reuse,
+                                              on_skip=overall.drop):
         if result is None:
             log.info("running %s on %s (seed %s)", p.protocol.name, ckpt.name, p.seed)
             ctx = context_for(p, device, progress=progress, strict=strict, cache_dir=cache_dir)

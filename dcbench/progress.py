@@ -214,6 +214,10 @@ class Overall:
         return (f"{self.desc}: {self.done}/{self.total} {self.noun} done, "
                 f"{format_duration(self.clock() - self.started)} elapsed{left}")
 
+    def drop(self, n: int = 1) -> None:
+        """``n`` of the planned steps turned out not to be needed (no line is logged)."""
+        self.total -= n
+
     def step(self, n: int = 1, free: bool = False) -> str:
         """Count ``n`` steps done (``free``: not computed, e.g. reused) and log the status line."""
         self.done += n

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcbench import evaluate, protocol
+from dcbench import evaluate, progress, protocol
 from dcbench.data import image_folder
 from dcbench.data.synthetic import make_image_folder
 from dcbench.data.transforms import center_transform
@@ -109,6 +109,40 @@ def test_sweep_skips_stored_results_and_expands_seeds(toy, tmp_path):
     assert [i.reused for i in first] == [False, False] and [i.reused for i in again] == [True, True]
     assert Toy.calls["run"] == 2
     assert [i.result.settings["seed"] for i in again] == [0, 1]
+
+
+class SeedlessToy(Toy):
+    """A protocol whose numbers depend on the seed only through BatchNorm re-estimation (as kNN)."""
+
+    name: ClassVar[str] = "toy-seedless"
+    seed_dependent: ClassVar[bool] = False
+
+
+def test_seeds_run_per_seed_only_where_batchnorm_is_re_estimated(toy, tmp_path, monkeypatch):
+    """`compare --seeds` on a seed-independent protocol: one run for a checkpoint whose BatchNorm
+    is kept, one per seed for a random init (the seed draws its calibration images), so its cell
+    gets n = 3 and the spread over seeds, not one seed's value; bn_recalibrate=off: one run each."""
+    from dcbench.checkpoint import save_checkpoint
+    from dcbench.models import build_backbone
+
+    lines, step = [], progress.Overall.step
+    monkeypatch.setattr(progress.Overall, "step", lambda self, *a, **k: lines.append(step(self, *a, **k)))
+    register_protocol(SeedlessToy)
+    try:
+        trained = save_checkpoint(tmp_path / "trained.pth", build_backbone("alexnet", input_size=64, seed=1))
+        specs = [str(trained), "random:alexnet"]
+        plans = evaluate.expand_seeds([evaluate.plan("toy-seedless", {}, toy)], [0, 1, 2])
+        with ResultStore(tmp_path / "store.db") as store:
+            items = evaluate.sweep(plans, specs, store, device="cpu", progress=True)
+        runs = [(i.checkpoint.name, i.result.settings["seed"], i.result.extra["seed_dependent"]) for i in items]
+        assert runs == [("trained", 0, False), ("random:alexnet", 0, True), ("random:alexnet", 1, True),
+                        ("random:alexnet", 2, True)]
+        assert lines[-1].startswith("compare: 4/4 evaluations done")  # plans a checkpoint skips are not counted
+        off = evaluate.expand_seeds([evaluate.plan("toy-seedless", {"bn_recalibrate": "off"}, toy)], [0, 1, 2])
+        with ResultStore(tmp_path / "off.db") as store:
+            assert len(evaluate.sweep(off, specs, store, device="cpu")) == 2
+    finally:
+        protocol._REGISTRY.pop(SeedlessToy.name, None)
 
 
 def test_common_settings_validate_once():
