@@ -213,9 +213,9 @@ def render_terminal(table: Table, reference: str | None = None, analysis: Analys
     return "\n\n".join(parts + [textwrap.fill(legend(analysis, best="*"), 110)])
 
 
-#: backslash-escaped in Markdown: emphasis, code, links, html, table cells (|), strikethrough
-#: (~) and GitHub's math ($...$)
-_MD_SPECIAL = "\\`*_[]<>|~$"
+#: backslash-escaped in Markdown: emphasis, code, links, html, entities (``&lt;`` would show as
+#: ``<``), table cells (|), strikethrough (~) and GitHub's math ($...$)
+_MD_SPECIAL = "\\`*_[]<>|~$&"
 
 
 def _md_escape(text: str) -> str:
@@ -317,10 +317,10 @@ def _render_json(analysis: Analysis) -> str:
 
 
 # [ and ] are braced: a row starting with "[" after the previous row's \\ would be read as
-# \\[<length>]
+# \\[<length>]; | is an em dash in LaTeX's default (OT1) font encoding
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "[": "{[}", "]": "{]}", "%": r"\%", "$": r"\$",
                   "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                  "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+                  "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
                   "±": r"$\pm$", "≈": r"$\approx$", "†": r"\dag{}", "‡": r"\ddag{}", "Δ": r"$\Delta$",
                   "·": r"$\cdot$", "—": "---"}
 

@@ -363,7 +363,7 @@ def test_escaping_html(nasty_table):
 
 def test_escaping_md(nasty_table):
     text = render(nasty_table, "md")
-    assert r"a\_b & \<c\> 50%" in text
+    assert r"a\_b \& \<c\> 50%" in text
     table_lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table_lines) == 4 and all(line.count(" | ") == 1 for line in table_lines)  # names split none
 

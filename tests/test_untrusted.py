@@ -257,11 +257,11 @@ def test_names_with_newlines_and_specials_stay_in_their_cell_in_every_format():
     md = render(table, "md")
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert len(rows) == 4 and all(line.count(" | ") == 1 for line in rows)  # one cell each side
-    assert r"evil name \| x\_1 & 50% \$5 #1 {a} \~^ \\ \[b\]" in md and "\x1b" not in md
+    assert r"evil name \| x\_1 \& 50% \$5 #1 {a} \~^ \\ \[b\]" in md and "\x1b" not in md
     latex = render(table, "latex")
     body = latex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
     assert len(body) == 2 and all(line.endswith(r"\\") for line in body)
-    assert (r"evil name | x\_1 \& 50\% \$5 \#1 \{a\} \textasciitilde{}\textasciicircum{} \textbackslash{} {[}b{]}"
+    assert (r"evil name \textbar{} x\_1 \& 50\% \$5 \#1 \{a\} \textasciitilde{}\textasciicircum{} \textbackslash{} {[}b{]}"
             in latex) and "\x1b" not in latex
     html = render(table, "html")
     assert "evil name | x_1 &amp; 50% $5" in html and "\x1b" not in html
