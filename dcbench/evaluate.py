@@ -40,6 +40,7 @@ from typing import Any
 
 from dcbench import parallel
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
+from dcbench.data.fingerprint import tree_signature
 from dcbench.env import features_cache_dir as env_features_cache_dir
 from dcbench.env import git_hash, software_versions
 from dcbench.errors import UsageError
@@ -170,6 +171,7 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     """Run the protocol and wrap its output into a full :class:`Result` record."""
     ctx.settings, ctx.protocol = p.settings, p.protocol.name
     started, t0 = utc_now(), time.perf_counter()
+    tree = tree_signature(p.root)  # before the run: the data it read (see stored())
     original = ("checkpoint backbone", ckpt.backbone, tensor_digests(ckpt.backbone))
     with seeded(p.seed):
         output = p.protocol.run(ckpt, p.settings, p.root, ctx)
@@ -191,7 +193,8 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     if ckpt.meta.get("unverified"):  # a `pretrained add --force` file: tables say so
         extra["checkpoint_unverified"] = True
     return Result(protocol=p.protocol.name, protocol_version=p.protocol.version, checkpoint=ckpt.identity(),
-                  settings=p.plain_settings, data={"root": str(p.root.resolve()), "fingerprint": output.data_fingerprint},
+                  settings=p.plain_settings,
+                  data={"root": str(p.root.resolve()), "fingerprint": output.data_fingerprint, "tree": tree},
                   metrics=list(output.metrics), versions=software_versions(), git=git_hash(), started=started,
                   wall_s=round(time.perf_counter() - t0, 3), extra=extra, outcomes=dict(output.outcomes or {}))
 
@@ -237,11 +240,22 @@ def run_and_store(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore | None, ct
     return result
 
 
-def stored(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore) -> Result | None:
-    """The latest stored result for this checkpoint, protocol version, settings and data root, if any."""
+def stored(p: Plan, ckpt: LoadedCheckpoint, store: ResultStore,
+           trees: dict[Path, str | None] | None = None) -> Result | None:
+    """The latest stored result for this checkpoint, protocol version, settings and data root, if
+    any, unless the data at that root changed since (its folders' :func:`tree_signature` differs:
+    files added, removed or renamed; not checked for records older than the signature, or where
+    the root cannot be read here, e.g. mounted only where jobs run). ``trees`` memoises the
+    signatures over a sweep."""
     root = str(p.root.resolve())
     found = [r for r in store.find(ckpt.sha256, p.protocol.name, p.plain_settings)
              if r.protocol_version == p.protocol.version and r.data.get("root") == root]
+    if any(r.data.get("tree") for r in found):
+        trees = {} if trees is None else trees
+        if p.root not in trees:
+            trees[p.root] = tree_signature(p.root)
+        now = trees[p.root]
+        found = [r for r in found if now is None or r.data.get("tree") in (None, now)]
     return found[-1] if found else None
 
 
@@ -323,6 +337,7 @@ def sweep_cells(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore 
     checkpoint; a checkpoint is loaded once per input size the plans need. The store is read
     on rank 0 (``store`` None elsewhere) and its answer broadcast, so every rank of a torchrun
     job walks the same cells."""
+    trees: dict[Path, str | None] = {}
     for spec in specs:
         loaded: dict[int | None, LoadedCheckpoint] = {}
         for p in plans:
@@ -334,7 +349,7 @@ def sweep_cells(plans: Sequence[Plan], specs: Sequence[str], store: ResultStore 
                 if on_skip is not None:
                     on_skip()
                 continue
-            found = stored(p, ckpt, store) if reuse and store is not None else None
+            found = stored(p, ckpt, store, trees) if reuse and store is not None else None
             yield spec, p, ckpt, parallel.broadcast_object(found)
 
 

@@ -1,6 +1,8 @@
 """The runner (dcbench/evaluate.py) does every shared step once, for every protocol."""
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -11,6 +13,7 @@ import torch
 
 from dcbench import evaluate, progress, protocol
 from dcbench.data import image_folder
+from dcbench.data.fingerprint import tree_signature
 from dcbench.data.synthetic import make_image_folder
 from dcbench.data.transforms import center_transform
 from dcbench.errors import UsageError
@@ -143,6 +146,34 @@ def test_seeds_run_per_seed_only_where_batchnorm_is_re_estimated(toy, tmp_path, 
             assert len(evaluate.sweep(off, specs, store, device="cpu")) == 2
     finally:
         protocol._REGISTRY.pop(SeedlessToy.name, None)
+
+
+def test_a_stored_result_is_not_reused_once_the_data_changed(toy, tmp_path):
+    """compare reuses a stored result only while the data at its root is what it was computed on:
+    an added image (its folder's modification time) makes it run again; unchanged data reuses."""
+    plans = [evaluate.plan("toy-runner", {"bn_recalibrate": "off"}, toy)]
+    with ResultStore(tmp_path / "store.db") as store:
+        first = evaluate.sweep(plans, ["random:alexnet"], store, device="cpu")
+        assert first[0].result.data["tree"] == tree_signature(toy)
+        assert [i.reused for i in evaluate.sweep(plans, ["random:alexnet"], store, device="cpu")] == [True]
+        shutil.copy(next((toy / "train" / "class_00").iterdir()), toy / "train" / "class_00" / "added.png")
+        assert [i.reused for i in evaluate.sweep(plans, ["random:alexnet"], store, device="cpu")] == [False]
+        assert [i.reused for i in evaluate.sweep(plans, ["random:alexnet"], store, device="cpu")] == [True]
+        assert Toy.calls["run"] == 2
+
+
+def test_tree_signature_follows_folders_not_file_contents(tmp_path):
+    root = tmp_path / "d"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "x.jpg").write_bytes(b"1")
+    (root / "loop").symlink_to(root)  # followed once, no endless walk
+    before = tree_signature(root)
+    assert before == tree_signature(root) and len(before) == 16
+    (root / "a" / "b" / "x.jpg").write_bytes(b"22")  # rewritten in place: the folders do not change
+    assert tree_signature(root) == before
+    os.rename(root / "a" / "b" / "x.jpg", root / "a" / "b" / "y.jpg")
+    assert tree_signature(root) != before
+    assert tree_signature(tmp_path / "missing") is None
 
 
 def test_common_settings_validate_once():

@@ -55,3 +55,29 @@ def dataset_fingerprint(root: str, rel_paths: list[str]) -> str:
             ) from None
         pairs.append((_posix(rel_path), size))
     return fingerprint_pairs(pairs)
+
+
+def tree_signature(root: str | os.PathLike) -> str | None:
+    """16 hex characters over the modification times of ``root`` and every folder below it
+    (symbolic links followed, each folder once), or None when ``root`` cannot be read.
+
+    Adding, removing or renaming a file changes its folder's modification time, so a stored
+    result whose signature differs was computed on other data at the same path. Only folders
+    are stat-ed (files are listed, never opened): cheap enough to check before reusing a result.
+    """
+    pairs: list[tuple[str, int]] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [os.fspath(root)]
+    try:
+        while pending:
+            folder = pending.pop()
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            pairs.append((_posix(os.path.relpath(folder, root)), info.st_mtime_ns))
+            with os.scandir(folder) as entries:
+                pending += [entry.path for entry in entries if entry.is_dir()]
+    except OSError:
+        return None
+    return fingerprint_pairs(pairs)
