@@ -126,9 +126,11 @@ def read_checkpoint_file(path: str | Path, trust: bool = False) -> Any:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint or is truncated ({_first_line(exc)})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a plain pickle (not written by torch.save)
-        pass
-    try:
+    except Exception as exc:
+        if _is_zip(path):  # torch.save's format: torch's own error is the one that names the cause
+            raise CheckpointError(f"cannot unpickle {path}: {_first_line(exc)} (the code that defined "
+                                  f"its objects must be importable here)") from exc
+    try:  # a plain pickle (not written by torch.save)
         with open(path, "rb") as f:
             return pickle.load(f)
     except Exception as exc:  # arbitrary unpickling can fail in arbitrary ways
@@ -139,6 +141,12 @@ def _looks_like_torch_file(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's default format (a zip archive); legacy torch files and plain pickles are not."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -360,6 +368,14 @@ def _parse_random(spec: str) -> tuple[str, dict[str, str]]:
     return arch, options
 
 
+def _parse_flag(value: str, spec: str) -> bool:
+    """``sobel=1|0`` (or true/false, yes/no) of a random: spec; anything else is an error, not off."""
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "0", "false", "no"):
+        raise CheckpointError(f"bad value '{value}' for sobel in '{spec}'; use sobel=1 or sobel=0")
+    return word in ("1", "true", "yes")
+
+
 #: spec prefixes naming published weights (or, without a tag, a seeded random init)
 _NAMED_PREFIXES = ("timm:", "tv:", "hf-hub:")
 
@@ -431,7 +447,7 @@ def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
             size = int(options.get("size", input_size or 224))
         except ValueError as exc:
             raise CheckpointError(f"bad number in '{spec}': {exc}") from exc
-        sobel = None if "sobel" not in options else options["sobel"] in ("1", "true", "yes")
+        sobel = None if "sobel" not in options else _parse_flag(options["sobel"], spec)
         backbone = build_backbone(name, sobel=sobel, input_size=size, seed=seed)
         sha = weights_sha256(backbone.backbone_state_dict())
         return LoadedCheckpoint(backbone, spec, "random", sha, None, {"seed": seed, "random_init": True})

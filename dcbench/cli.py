@@ -5,8 +5,11 @@ usage); ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -61,13 +64,59 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(141)
-        except Exception as exc:  # a bug: still one line, unless --debug
+        except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if isinstance(exc, OSError) and _is_user_os_error(exc):
+                click.echo(f"error: {_os_error_message(exc)}", err=True)
+                ctx.exit(1)
+            # a bug: still one line
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             click.echo(f"error: internal error {type(exc).__name__}: {message} "
                        f"(rerun with --debug for the traceback and please report it)", err=True)
             ctx.exit(1)
+
+
+#: errors of the file system a user controls (permissions, read-only mounts, full disks, missing
+#: folders), whatever code ran into them: one line naming the path, not an "internal error"
+_USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
+                          errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
+
+
+def _is_user_os_error(exc: OSError) -> bool:
+    """A file-system error on a path the user chose (not one of dcbench's own files: that is a bug)."""
+    if exc.errno not in _USER_ERRNOS or exc.filename is None:
+        return False
+    return not _is_under(Path(os.fsdecode(exc.filename)), Path(dcbench.__file__).parent)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``cannot use PATH (Read-only file system); FIX`` for a file-system error on PATH. dcbench's
+    atomic writes and staged folders fail on hidden siblings of the target (fileio.atomic_write:
+    ``.NAME.XXXX.tmp``; fixtures: ``.NAME.partial-...``): the message names the target instead."""
+    from dcbench.env import cache_root
+
+    path = Path(os.fsdecode(exc.filename))
+    staged = re.fullmatch(r"\.(.+?)(?:\.[^.]+\.tmp|\.partial-.*)", path.name)
+    if staged:
+        path = path.with_name(staged.group(1))
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and path.is_file():  # a file where a folder must be
+        reason = "a file where a folder is needed"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or write elsewhere"
+    elif _is_under(path, cache_root()):
+        fix = "set DCBENCH_CACHE to a writable folder"
+    else:
+        fix = "check the path and its permissions, or choose another"
+    return f"cannot use {path} ({reason}); {fix}"
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        return path.absolute().is_relative_to(folder.expanduser().absolute())
+    except OSError:
+        return False
 
 
 def _user_message(exc: BaseException) -> str:
@@ -190,29 +239,73 @@ def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], l
     """Train DeepCluster (defaults = the paper's recipe) or DeepCluster-v2 (--method deepcluster-v2:
     the SwAV repository's recipe). Also under torchrun: torchrun --nproc-per-node N -m dcbench train ..."""
     from dcbench.settings import describe_fields, load_yaml_settings, parse_assignments
-    from dcbench.train import config_class, train as run_training
+    from dcbench.train import train as run_training
     from dcbench.train.presets import __doc__ as preset_rules, resolve_config
 
     overrides: dict = load_yaml_settings(config_file) if config_file else {}
     overrides.update({_TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None})
     overrides.update(parse_assignments(assignments))
     if list_settings:  # the method's settings, resolved with the preset when --data says N
+        _check_method_keys(overrides)
         cfg = resolve_config(overrides)
         for name, type_name, _, help_text in describe_fields(type(cfg)):
             click.echo(f"{name:<24} {str(getattr(cfg, name)):<18} {help_text}")
         if cfg.preset == "small-data" and not cfg.data:
             click.echo("\n(pass --data to see the small-data values for your images)\n" + preset_rules)
         return
-    if resume:  # the run's own settings first; what the command line says on top (checked on resume)
-        default_out = config_class(overrides.get("method") or "deepcluster")().out
-        saved = Path(str(overrides.get("out") or default_out)).expanduser() / "config.yaml"
-        if saved.exists():
-            overrides = {**load_yaml_settings(saved), **overrides}
+    if resume:
+        overrides = _resume_overrides(overrides)
+    _check_method_keys(overrides)
     cfg = resolve_config(overrides)
     if not cfg.data:
         raise click.UsageError("--data is required (an ImageFolder, a folder of images, or a file list)")
-    out = run_training(cfg, resume=resume)
+    try:
+        out = run_training(cfg, resume=resume)
+    except KeyboardInterrupt:
+        _interrupted_run(Path(cfg.out))
     click.echo(f"run folder: {out}")
+
+
+def _check_method_keys(overrides: dict) -> None:
+    """``--k`` is v1's number of clusters: for v2 say what to use instead of "unknown setting 'k'"."""
+    from dcbench.errors import UsageError
+
+    if overrides.get("method") == "deepcluster-v2" and "k" in overrides:
+        raise UsageError("--k is DeepCluster v1's number of clusters; deepcluster-v2 takes one K per head: "
+                         "--set prototypes=[K,K,K]")
+
+
+def _interrupted_run(run_dir: Path) -> None:
+    """Ctrl-C during training: say whether the run can continue (its checkpoints are written
+    atomically, so the last one is whole), then exit 130 as a shell does for SIGINT."""
+    if (run_dir.expanduser() / "checkpoint.pth").is_file():
+        click.echo(f"error: interrupted; continue from the last checkpoint with: dcbench train --out "
+                   f"{shlex.quote(str(run_dir))} --resume", err=True)
+    else:
+        click.echo("error: interrupted before the first checkpoint; nothing to resume", err=True)
+    raise click.exceptions.Exit(130)
+
+
+def _resume_overrides(overrides: dict) -> dict:
+    """``train --resume``: the run's saved settings (``OUT/config.yaml``) with what the command line
+    says on top; the trainer then refuses any change but those ``RESUME_MAY_CHANGE`` allows."""
+    from dcbench.errors import UsageError
+    from dcbench.settings import load_yaml_settings
+    from dcbench.train import config_class
+
+    run_dir = Path(str(overrides.get("out") or config_class(overrides.get("method") or "deepcluster")().out))
+    saved_path = run_dir.expanduser() / "config.yaml"
+    if not saved_path.is_file():
+        if overrides.get("data"):  # the trainer names the missing checkpoint
+            return overrides
+        raise UsageError(f"nothing to resume: {run_dir} holds no run (no config.yaml); pass the run's folder "
+                         f"as --out, or drop --resume and pass --data to start a run")
+    saved = load_yaml_settings(saved_path)
+    method, asked = saved.get("method", "deepcluster"), overrides.get("method")
+    if asked and asked != method:  # else: "unknown setting" for a key of the other method's config.yaml
+        raise UsageError(f"cannot resume {run_dir} with method {asked}: it is a {method} run; drop --method, "
+                         f"or start a new run with another --out")
+    return {**saved, **overrides}
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -233,6 +326,9 @@ def protocols_cmd(name: str | None, as_json: bool, assignments: tuple[str, ...],
     from dcbench.settings import parse_assignments
 
     if markdown:
+        if name or as_json or assignments:
+            raise UsageError("--markdown prints every protocol's card with its defaults: drop NAME, --json and "
+                             "--set (or drop --markdown to describe NAME)")
         click.echo(protocols_markdown([get_protocol(n) for n in list_protocols()]), nl=False)
         return
     if name is None:
@@ -356,6 +452,9 @@ def eval_cmd(protocol_name: str, spec: str, data_root: str | None, assignments: 
     if launcher is not None:
         return _eval_as_job(protocol_name, spec, data_root, parse_assignments(assignments), store, as_json, device,
                             strict, arch, trust, launcher, launch)
+    from dcbench.launch import launch_options
+
+    launch_options(None, **launch)  # --jobs, --slurm-* without --launcher: a usage error, not ignored
     plan = evaluate.plan(protocol_name, parse_assignments(assignments), data_root)  # data checked here, first
     ctx = evaluate.context_for(plan, device, progress=True, strict=strict)  # under torchrun: joins the process group
     with evaluate.main_store(store) as db:  # None on ranks > 0: only rank 0 writes and prints
@@ -398,9 +497,12 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"'{text}' is not a comma-separated list of integers", param_hint="--seeds")
+    if not seeds:  # an empty list would silently mean "the default seed"
+        raise click.BadParameter("give at least one seed, e.g. --seeds 0,1,2", param_hint="--seeds")
+    return seeds
 
 
 def _split_list(values: tuple[str, ...]) -> list[str] | None:
@@ -446,11 +548,16 @@ def _parse_data(values: tuple[str, ...], protocols: tuple[str, ...]) -> dict[str
     """``--data ROOT`` (shared) and ``--data NAME=ROOT`` (one protocol) -> root per protocol."""
     from dcbench.errors import UsageError
 
+    from dcbench.protocol import list_protocols
+
     shared, own = None, {}
     for value in values:
         name, sep, root = value.partition("=")
         if sep and name in protocols:
             own[name] = root
+        elif sep and name in list_protocols() and not Path(value).expanduser().exists():
+            raise UsageError(f"--data {value}: '{name}' is not one of the --protocol values "
+                             f"({', '.join(protocols)})")
         elif shared is not None:
             raise UsageError(f"--data given twice without a protocol ({shared}, {value}); "
                              f"use --data NAME=ROOT for one protocol")
@@ -561,8 +668,8 @@ def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], checkpoi
     if any(not sep or not key for key, sep, _ in pairs):
         raise UsageError(f"bad --where '{next(w for w in where if '=' not in w or w.startswith('='))}': "
                          f"use KEY=VALUE, e.g. --where epochs=2")
-    where = _store_path(store)
-    _check_protocols(protocol_names, where)
+    store_path = _store_path(store)
+    _check_protocols(protocol_names, store_path)
     with _existing_store(store) as db:
         results = [r for r in db.results() if not protocol_names or r.protocol in protocol_names]
         results = filter_results(results, {key.strip(): value for key, _, value in pairs})
@@ -573,7 +680,7 @@ def leaderboard_cmd(store: str | None, protocol_names: tuple[str, ...], checkpoi
         _echo_table(results, fmt, db, output=output, protocols=list(protocol_names) or None,
                     checkpoints=list(checkpoint_names) or None, metrics=_metrics(metrics), taps=_split_list(taps),
                     reference=reference, selection=selection, latest=latest)
-    _said_store(where, f"read {len(results)} result(s) from")
+    _said_store(store_path, f"read {len(results)} result(s) from")
 
 
 # ----------------------------------------------------------------------------- results

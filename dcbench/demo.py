@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dcbench import evaluate
+from dcbench.errors import UsageError
 from dcbench.fileio import atomic_write_text
 from dcbench.data import write_digits_imagefolder
 from dcbench.progress import format_duration
@@ -48,6 +49,10 @@ DEMO_PROTOCOLS = {
     "knn": {"image_size": IMAGE_SIZE, "ks": [10, 20], "workers": 0},
 }
 SEEDS = (0, 1, 2)
+#: what the demo writes in its folder: a folder holding anything else is not the demo's, and the
+#: demo deletes its own run, cache and results store before it starts (see :func:`check_out`)
+DEMO_ENTRIES = ("digits", "deepcluster-digits", "cache", "results.db", "results.db-wal", "results.db-shm",
+                "leaderboard.md", "leaderboard.html")
 #: Columns of the printed table (the store keeps every metric).
 SHOWN_METRICS = {"top1", "top1_k20"}
 
@@ -68,6 +73,9 @@ def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
     Everything stays in ``out``: the data, the run, the results store and the feature cache
     (``out/cache``: ~200 MB per checkpoint would otherwise land in the global cache)."""
     out = Path(out)
+    if epochs is not None and epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    check_out(out)
     seeds = SEEDS if seeds is None else seeds
     started = time.perf_counter()
     data = write_digits_imagefolder(out / "digits", image_size=IMAGE_SIZE)
@@ -76,7 +84,7 @@ def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
         if stale.exists():
             shutil.rmtree(stale)
     cfg = DCv2Config(data=str(data / "train"), out=str(run_dir), **{**DEMO_TRAINING, **(
-        {"epochs": epochs} if epochs else {})})
+        {"epochs": epochs} if epochs is not None else {})})
     log.info("demo: training DeepCluster-v2 on %s (%d epochs)", cfg.data, cfg.epochs)
     train(cfg)
     store_path = out / "results.db"
@@ -93,6 +101,23 @@ def run_demo(out: str | Path = "demo_out", epochs: int | None = None,
     atomic_write_text(out / "leaderboard.html", render(table, "html", analysis=analysis))
     notes = paired_notes(analysis, table.rows[0])
     return DemoOutput(out, table, notes, analysis, wall_s=time.perf_counter() - started)
+
+
+def check_out(out: Path) -> None:
+    """UsageError unless ``out`` is new, empty, or a previous demo's folder: the demo deletes the
+    run, cache and results store it finds there, so a folder of other files (a dataset, a home
+    folder, ~/.dcbench with the user's own results.db) must never be taken for one."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a new folder (or a previous demo's folder)")
+    if not out.is_dir():
+        return
+    # atomic writes leave hidden temporaries named after their target (".leaderboard.md.x.tmp")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not any(p.name.lstrip(".").startswith(entry) for entry in DEMO_ENTRIES))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f", ... (+{len(foreign) - 3})" if len(foreign) > 3 else "")
+        raise UsageError(f"--out {out} holds files the demo did not write ({shown}); give a new or empty "
+                         f"folder (the demo replaces its run, cache and results store in --out)")
 
 
 def _evaluate_all(store: ResultStore, checkpoints: list[str], data: Path, seeds: tuple[int, ...],

@@ -44,8 +44,13 @@ def write_fixture(kind: str, out: str | os.PathLike, classes: int | None = None,
     if kind not in KINDS:
         raise UsageError(f"unknown fixture kind '{kind}'; choose from: {', '.join(KINDS)}")
     d_classes, d_per_class, d_size = DEFAULTS[kind]
-    classes, per_class, size = classes or d_classes, per_class or d_per_class, size or d_size
+    # None = not given; 0 is a value (and an error below), never the default
+    classes = d_classes if classes is None else classes
+    per_class = d_per_class if per_class is None else per_class
+    size = d_size if size is None else size
     _check_sizes(kind, classes, per_class, size)
+    if not str(out).strip():  # Path("") is the current folder
+        raise UsageError("OUT is empty; give the folder to write, e.g. dcbench fixtures imagefolder data")
     target = Path(out).expanduser()
     _check_target(target)
     writer: Callable[[Path], tuple[str, list[str]]]
@@ -65,9 +70,11 @@ def _check_sizes(kind: str, classes: int, per_class: int, size: int) -> None:
     from dcbench.data.voc import VOC_CLASSES  # noqa: PLC0415
 
     if classes < 1 or per_class < 1:
-        raise UsageError("--classes and --per-class must be at least 1")
+        raise UsageError(f"--classes and --per-class must be at least 1, got {classes} and {per_class}")
     if kind == "imagefolder" and classes < 2:
         raise UsageError("--classes must be at least 2 for an ImageFolder (a classifier needs two classes)")
+    if kind == "voc" and classes < 2:  # the SVMs and AP need images without the class (negatives)
+        raise UsageError("--classes must be at least 2 for voc (every class needs negative images)")
     if kind == "voc" and classes > len(VOC_CLASSES):
         raise UsageError(f"--classes is at most {len(VOC_CLASSES)} for voc (the VOC classes)")
     if size < 32:

@@ -90,6 +90,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if origin in (list, tuple):
         items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+        if origin is tuple and args and Ellipsis not in args:  # tuple[float, float]: exactly that many
+            return _fixed_tuple(name, value, items, args)
         inner = args[0] if args else Any
         converted = [_coerce(name, v, inner) if inner is not Any and inner is not Ellipsis else v for v in items]
         return tuple(converted) if origin is tuple else converted
@@ -103,7 +105,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise UsageError(f"bad value {value!r} for {name}: expected true or false")
     if hint in (int, float):
         if isinstance(value, bool):
-            raise UsageError(f"bad value {value!r} for {name}: expected a number")
+            raise UsageError(f"bad value {value!r} for {name}: expected {_expected(hint)}")
         try:
             number = hint(value)
         except (TypeError, ValueError):
@@ -116,6 +118,22 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise UsageError(f"bad value {value!r} for {name}: expected text")
         return str(value)
     return value
+
+
+def _fixed_tuple(name: str, value: Any, items: list | tuple, args: tuple) -> tuple:
+    """A ``tuple[A, B]`` setting: exactly ``len(args)`` items, each of its own type (a wrong
+    count or item is a UsageError with an example, not an unpacking error where it is read)."""
+    plural = {int: "integers", float: "numbers", bool: "true/false values"}
+    same = len(set(args)) == 1 and args[0] in plural
+    what = f"{len(args)} {plural[args[0]]}" if same else f"{len(args)} values ({', '.join(map(_expected, args))})"
+    example = "[" + ",".join({int: "1", float: "0.5", bool: "true"}.get(a, "x") for a in args) + "]"
+    problem = UsageError(f"bad value {value!r} for {name}: expected {what}, e.g. --set {name}={example}")
+    if len(items) != len(args):
+        raise problem
+    try:
+        return tuple(_coerce(name, v, a) for v, a in zip(items, args))
+    except UsageError:
+        raise problem from None
 
 
 def apply_settings(base: T, overrides: Mapping[str, Any], owner: str | None = None) -> T:
@@ -173,9 +191,11 @@ def load_yaml_settings(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of settings (``--config FILE``)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not a UTF-8 text file; give a YAML file of KEY: VALUE lines") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
