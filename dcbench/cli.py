@@ -70,6 +70,10 @@ class _Group(click.Group):
             if isinstance(exc, OSError) and _is_user_os_error(exc):
                 click.echo(f"error: {_os_error_message(exc)}", err=True)
                 ctx.exit(1)
+            if _peer_stopped(exc):  # the process that stopped first printed the cause
+                click.echo(f"error: process {os.environ.get('RANK', '?')} of this torchrun job stopped because "
+                           f"another one ended first (its error line says why)", err=True)
+                ctx.exit(1)
             # a bug: still one line
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             click.echo(f"error: internal error {type(exc).__name__}: {message} "
@@ -81,6 +85,18 @@ class _Group(click.Group):
 #: folders), whatever code ran into them: one line naming the path, not an "internal error"
 _USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT,
                           errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
+
+
+#: what gloo and NCCL raise in the processes left when one process of the job exits
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+              "NCCL communicator was aborted")
+
+
+def _peer_stopped(exc: Exception) -> bool:
+    """A collective failed because another process of this torchrun job ended (its own error, or a
+    kill): not a bug of this process, which would otherwise print an "internal error"."""
+    return (int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and isinstance(exc, RuntimeError)
+            and any(text in str(exc) for text in _PEER_GONE))
 
 
 def _is_user_os_error(exc: OSError) -> bool:
@@ -263,7 +279,8 @@ def train(resume: bool, config_file: str | None, assignments: tuple[str, ...], l
         out = run_training(cfg, resume=resume)
     except KeyboardInterrupt:
         _interrupted_run(Path(cfg.out))
-    click.echo(f"run folder: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per process
+        click.echo(f"run folder: {out}")
 
 
 def _check_method_keys(overrides: dict) -> None:
@@ -763,15 +780,20 @@ def results_show(result_id: int, store: str | None) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
 def results_rm(result_ids: tuple[int, ...], store: str | None, yes: bool) -> None:
     """Delete results (their metric rows and outcomes too)."""
-    from dcbench.results import ResultStore
+    from dcbench.results import CorruptRecordError, ResultStore
 
     ResultStore(_store_path(store), readonly=True).close()  # a missing store: one line, nothing created
     with ResultStore(_store_path(store)) as db:
-        doomed = [db.get(i) for i in result_ids]  # an unknown id stops here, before anything is deleted
-        for line in _list_lines(db, doomed, False):
+        doomed, corrupt = [], []
+        for i in result_ids:  # an unknown id stops here, before anything is deleted
+            try:
+                doomed.append(db.get(i))
+            except CorruptRecordError:  # what the corrupt-record error tells the user to delete
+                corrupt.append(i)
+        for line in _list_lines(db, doomed, False) + [f"{i}  (corrupt record)" for i in corrupt]:
             click.echo(line)
         if not yes:
-            click.confirm(f"delete {len(doomed)} result(s)?", abort=True)
+            click.confirm(f"delete {len(doomed) + len(corrupt)} result(s)?", abort=True)
         removed = db.remove(result_ids)
     click.echo(f"removed {removed} result(s)")
     _said_store(_store_path(store))

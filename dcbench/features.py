@@ -759,8 +759,9 @@ def recalibrate_bn(backbone: nn.Module, dataset: Any, batch_size: int = 256, wor
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     clone.eval()
-    if batches == 0:
-        raise RuntimeError("BatchNorm re-estimation saw no batch of 2+ readable images")
+    if batches == 0:  # batch statistics need 2+ images (or every image was unreadable)
+        raise DataError(f"BatchNorm re-estimation needs a batch of 2 or more readable training images "
+                        f"({len(dataset)} listed); add images or pass --set bn_recalibrate=off")
     return clone, {"ran": True, "images": images_seen, "batches": batches, "max_batches": max_batches}
 
 

@@ -307,3 +307,38 @@ def test_empty_output_paths_are_usage_errors(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
     result = _run(["checkpoint", "convert", "random:alexnet,size=64", ""])
     assert result.exit_code == 2 and "DST is empty" in _error_line(result)
+
+
+# ----------------------------------------------------------------------------- torchrun processes
+def _train_returning(monkeypatch, tmp_path, outcome):
+    import dcbench.train
+
+    def fake_train(cfg, resume=False):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(dcbench.train, "train", fake_train)
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return ["train", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_the_run_folder_is_printed_once_under_torchrun(monkeypatch, tmp_path, rank, shown):
+    args = _train_returning(monkeypatch, tmp_path, tmp_path / "run")
+    out = CliRunner().invoke(main, args, env={"RANK": rank, "WORLD_SIZE": "2"})
+    assert out.exit_code == 0, out.output
+    assert (f"run folder: {tmp_path / 'run'}" in out.output) is shown
+
+
+def test_a_process_left_by_a_stopped_peer_says_so_instead_of_an_internal_error(monkeypatch, tmp_path):
+    """gloo's error in the process that stays when another one exits (its own error line says why)."""
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:7079. This is typically caused by a remote worker crashing.")
+    args = _train_returning(monkeypatch, tmp_path, gone)
+    out = CliRunner().invoke(main, args, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert out.exit_code == 1
+    assert out.output.strip() == ("error: process 0 of this torchrun job stopped because another one ended first "
+                                  "(its error line says why)")
+    alone = CliRunner().invoke(main, args, env={"RANK": None, "WORLD_SIZE": None})  # one process: a bug
+    assert alone.exit_code == 1 and "internal error RuntimeError" in alone.output

@@ -189,6 +189,16 @@ def test_a_corrupt_record_is_one_line_naming_the_store_the_id_and_the_fix(tmp_pa
     assert "internal error" not in out.output and "Traceback" not in out.output
 
 
+def test_the_rm_the_corrupt_record_error_names_removes_it(tmp_path):
+    """The corrupt-record error says `dcbench results rm 2`: that command must work on it."""
+    path = _store_with_edit(tmp_path, _value("abc"))
+    out = CliRunner().invoke(main, ["results", "rm", "2", "--yes", "--store", path])
+    assert out.exit_code == 0, out.output
+    assert "2  (corrupt record)" in out.output and "removed 1 result(s)" in out.output
+    with ResultStore(path, readonly=True) as db:
+        assert [r.id for r in db.results()] == [1]
+
+
 def test_corrupt_record_error_carries_the_id(tmp_path):
     path = _store_with_edit(tmp_path, _value("abc"))
     with ResultStore(path, readonly=True) as db:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dcbench.checkpoint import resolve_checkpoint
-from dcbench.data import eval_transform, image_folder
+from dcbench.data import DataError, eval_transform, image_folder
 from dcbench.data.synthetic import make_image_folder
 from dcbench.checkpoint import weights_sha256 as checkpoint_weights_sha256
 from dcbench.digest import weights_sha256
@@ -180,6 +180,16 @@ def test_recalibrate_bn_changes_copy_only(ckpt, dataset):
     assert all(m.momentum == 0.1 for m in bns)  # momentum restored after the cumulative average
     again, _ = recalibrate_bn(ckpt.backbone, dataset, batch_size=4, seed=0)
     assert torch.allclose(_bn_buffers(again), _bn_buffers(clone))  # seeded: reproducible
+
+
+def test_recalibrating_on_one_image_is_a_data_error_naming_the_setting(ckpt, tmp_path):
+    """A batch of one image has no batch statistics: one line naming bn_recalibrate=off (was an
+    internal RuntimeError after loading)."""
+    root = make_image_folder(tmp_path / "one", n_classes=1, per_class=1, image_size=64, splits=None)
+    one = image_folder(root, transform=eval_transform(64))
+    with pytest.raises(DataError, match=r"^BatchNorm re-estimation needs a batch of 2 or more readable training "
+                                        r"images \(1 listed\); add images or pass --set bn_recalibrate=off$"):
+        recalibrate_bn(ckpt.backbone, one, batch_size=4, seed=0)
 
 
 def test_recalibrate_without_batchnorm(dataset):
