@@ -14,6 +14,7 @@ from dcbench.cli import main
 from dcbench.leaderboard import analyze, build_table, render
 from dcbench.results import CorruptRecordError, MetricRow, Result, ResultStore
 from dcbench.stats import Trials, compare_trials, holm, paired_t, summarize, welch_t
+from test_results import _v1_store  # a store as dcbench wrote it before schema version 2
 
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
 COL = "linear/conv3/top1"
@@ -230,19 +231,10 @@ def test_results_export_csv_neutralises_formulas_like_the_leaderboard():
 def test_a_damaged_record_in_a_version_1_store_does_not_block_the_migration(tmp_path):
     path = tmp_path / "old.db"
     good = res("m", SHA_A, 40.0)
+    _v1_store(path, [good])  # a store as dcbench wrote it before schema version 2
     conn = sqlite3.connect(path)
-    conn.executescript("""
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
-        INSERT INTO meta VALUES ('schema_version', '1');
-        CREATE TABLE results (id INTEGER PRIMARY KEY AUTOINCREMENT, protocol TEXT NOT NULL,
-            protocol_version TEXT NOT NULL, checkpoint_name TEXT, checkpoint_sha256 TEXT NOT NULL, arch TEXT,
-            settings_key TEXT NOT NULL, record_json TEXT NOT NULL, started TEXT, wall_s REAL);
-        CREATE TABLE metrics (result_id INTEGER NOT NULL REFERENCES results(id) ON DELETE CASCADE,
-            metric TEXT NOT NULL, value REAL NOT NULL, tap TEXT, split TEXT, selection TEXT, seed INTEGER);
-    """)  # a store as dcbench wrote it before schema version 2 (as tests/test_results.py's _v1_store)
-    for text in (good.to_json(), "{broken"):
-        conn.execute("INSERT INTO results(protocol, protocol_version, checkpoint_sha256, settings_key, record_json) "
-                     "VALUES ('linear', '1', ?, '{}', ?)", (SHA_A, text))
+    conn.execute("INSERT INTO results(protocol, protocol_version, checkpoint_sha256, settings_key, record_json) "
+                 "VALUES ('linear', '1', ?, '{}', '{broken')", (SHA_A,))
     conn.commit()
     conn.close()
     with ResultStore(path, readonly=True) as db:  # migrated in place, once
