@@ -377,6 +377,9 @@ _store_option = click.option("--store", type=click.Path(dir_okay=False),
 def _store_path(path: str | None) -> Path:
     from dcbench.results import default_store_path
 
+    if path is not None and not path.strip():  # "--store $UNSET_VAR": never the default store silently
+        raise click.BadParameter("is empty; give the results database file, e.g. --store results.db",
+                                 param_hint="--store")
     return Path(path).expanduser() if path else default_store_path()
 
 

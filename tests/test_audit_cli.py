@@ -342,3 +342,18 @@ def test_a_process_left_by_a_stopped_peer_says_so_instead_of_an_internal_error(m
                                   "(its error line says why)")
     alone = CliRunner().invoke(main, args, env={"RANK": None, "WORLD_SIZE": None})  # one process: a bug
     assert alone.exit_code == 1 and "internal error RuntimeError" in alone.output
+
+
+@pytest.mark.parametrize("command", [["results", "list"], ["leaderboard"]])
+def test_an_empty_store_path_is_a_usage_error_not_the_default_store(command):
+    out = CliRunner().invoke(main, command + ["--store", ""])
+    assert out.exit_code == 2 and "--store: is empty" in out.output, out.output
+
+
+def test_eval_with_an_empty_store_path_is_a_usage_error(tmp_path):
+    from dcbench.data.synthetic import make_image_folder
+
+    root = make_image_folder(tmp_path / "if", n_classes=2, per_class=2, image_size=32)
+    out = CliRunner().invoke(main, ["eval", "--protocol", "knn", "--checkpoint", "random:alexnet", "--data", str(root),
+                                    "--store", ""])
+    assert out.exit_code == 2 and "--store is empty" in out.output, out.output
