@@ -40,6 +40,7 @@ from typing import Any
 
 from dcbench import parallel
 from dcbench.checkpoint import LoadedCheckpoint, resolve_checkpoint
+from dcbench.data import metered_waits
 from dcbench.data.fingerprint import tree_signature
 from dcbench.env import features_cache_dir as env_features_cache_dir
 from dcbench.env import git_hash, software_versions
@@ -175,7 +176,7 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     started, t0 = utc_now(), time.perf_counter()
     tree = tree_signature(p.root)  # before the run: the data it read (see stored())
     original = ("checkpoint backbone", ckpt.backbone, tensor_digests(ckpt.backbone))
-    with seeded(p.seed):
+    with seeded(p.seed), metered_waits() as waits:
         output = p.protocol.run(ckpt, p.settings, p.root, ctx)
     if not p.protocol.finetune:
         for entry in [original, *ctx.frozen]:
@@ -183,7 +184,7 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
     else:  # a fine-tune trains a copy: the checkpoint itself must still be what was loaded
         check_unchanged(original, p.protocol.name)
     extra = {**output.extra, "checkpoint_format": ckpt.format, "device": ctx.device,
-             **_execution_facts(output, ctx)}
+             **_execution_facts(output, ctx), "load_wait_s": round(waits.seconds, 3)}
     # a protocol may say per run (e.g. seed-driven BatchNorm re-estimation of a random init)
     extra.setdefault("seed_dependent", p.protocol.seed_dependent or bool((ctx.bn_info or {}).get("ran")))
     # the card's known deviations from the preset's source + every --set away from the preset
@@ -204,7 +205,8 @@ def run(p: Plan, ckpt: LoadedCheckpoint, ctx: RunContext) -> Result:
 def _execution_facts(output: Any, ctx: RunContext) -> dict[str, Any]:
     """How the run was executed: ``world_size``, ``launcher``, ``workers`` (the DataLoader count),
     ``extract_s`` (time in the context's extraction) and ``extract_wait_s`` (of it, the time its
-    forward passes waited for images) and, under torchrun, how the ranks shared the work and
+    forward passes waited for images; :func:`run` adds ``load_wait_s``, every loop's wait for
+    images in the run: extraction, training and testing passes) and, under torchrun, how the ranks shared the work and
     whether they agree (each computed the metrics; rank 0's are stored)."""
     # the loader processes this run started ("auto" resolves per machine; no number depends on it)
     facts: dict[str, Any] = {"world_size": ctx.world_size, "launcher": ctx.launcher, "workers": ctx.workers}

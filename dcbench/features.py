@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcbench import parallel
-from dcbench.data import DataError, SkipCounter, WaitedBatches, normalised_batches, skip_collate
+from dcbench.data import DataError, MeteredLoader, SkipCounter, WaitedBatches, normalised_batches, skip_collate
 from dcbench.digest import HashingWriter, file_sha256, read_verified, tensor_digests, weights_sha256
 from dcbench.fileio import atomic_write
 
@@ -338,10 +338,10 @@ def make_loader(dataset: Any, batch_size: int, workers: int, device: str | torch
                 persistent: bool = False) -> DataLoader:
     """A DataLoader with :func:`skip_collate` (unreadable images dropped) and seeded shuffling."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=workers, collate_fn=skip_collate, drop_last=drop_last,
-                      pin_memory=torch.device(device).type == "cuda",
-                      persistent_workers=persistent and workers > 0)
+    return MeteredLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                         num_workers=workers, collate_fn=skip_collate, drop_last=drop_last,
+                         pin_memory=torch.device(device).type == "cuda",
+                         persistent_workers=persistent and workers > 0)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -580,12 +580,13 @@ def _loader(dataset: Any, indices: Sequence[int], batch_size: int, workers: int,
             how: _Batching) -> DataLoader:
     """The DataLoader of one extraction pass, in dataset order unless a batch sampler says otherwise."""
     if how.batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=list(how.batch_sampler(indices, batch_size)), num_workers=workers,
-                          collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
+        return MeteredLoader(dataset, batch_sampler=list(how.batch_sampler(indices, batch_size)),
+                             num_workers=workers, collate_fn=skip_collate,
+                             pin_memory=torch.device(device).type == "cuda")
     if how.shard is None:
         return make_loader(dataset, batch_size, workers, device)
-    return DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=workers,
-                      collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
+    return MeteredLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=workers,
+                         collate_fn=skip_collate, pin_memory=torch.device(device).type == "cuda")
 
 
 def _forward_rows(backbone: nn.Module, dataset: Any, taps: list[str], pools: Mapping[str, Pool | None],

@@ -44,10 +44,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torch.utils.data import DataLoader
-
 from dcbench import parallel
-from dcbench.data import SkipCounter, cache_decoded_images, normalised_batches, skip_collate
+from dcbench.data import MeteredLoader, SkipCounter, cache_decoded_images, normalised_batches, skip_collate
 from dcbench.data.seeded import SeededOrder, seeded_loader
 from dcbench.features import ExtractedFeatures, forward_pooled, frozen, make_loader, rank_batches
 from dcbench.progress import track
@@ -326,7 +324,7 @@ def _train_on_images_parallel(backbone: nn.Module, probes: ProbeSet, train_ds: A
     loader = normalised_batches(train_ds, lambda ds: seeded_loader(ds, sampler, loop.rank_batch(), loop.workers,
                                                                    loop.device), loop.device)
     val_batches = rank_batches(len(val_ds), max(1, loop.batch_size // n_crops), loop.shard)
-    val_loader = normalised_batches(val_ds, lambda ds: DataLoader(
+    val_loader = normalised_batches(val_ds, lambda ds: MeteredLoader(
         ds, batch_sampler=val_batches, num_workers=loop.workers, collate_fn=skip_collate,
         pin_memory=torch.device(loop.device).type == "cuda", persistent_workers=loop.workers > 0), loop.device)
     width_of = {tap: head.linear.in_features for tap, head in zip(probes.taps, probes.heads)}

@@ -181,3 +181,4 @@ def test_workers_default_to_the_usable_cores_and_are_recorded(data, ckpt, tmp_pa
     # how long the extraction took, and of it how long its forward passes waited for images
     extra = record["extra"]
     assert 0 < extra["extract_wait_s"] < extra["extract_s"]
+    assert 0 < extra["load_wait_s"] < extra["extract_s"]  # every loop's wait: here the extraction's

@@ -479,3 +479,33 @@ def test_a_split_folder_passed_as_the_root_names_its_parent(tmp_path):
                                             r"\(it holds train/ and val/\); expected layout for knn: L$"):
             check_train_val(root / split, "knn", "L")
     assert check_train_val(root, "knn", "L") == ["class_00", "class_01"]
+
+
+class _Slow(torch.utils.data.Dataset):
+    """Each image takes 20 ms to load."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import time
+
+        time.sleep(0.02)
+        return torch.zeros(1)
+
+
+def test_metered_waits_add_up_every_engine_loader_of_the_run():
+    """A run's loops (any a protocol writes over the engine's loaders) report how long they
+    waited for images: 5 images x 20 ms; a loop left early counts what it waited; no meter
+    around a loader: it is a plain DataLoader."""
+    from dcbench.data import MeteredLoader, metered_waits
+
+    loader = MeteredLoader(_Slow(), batch_size=1)
+    with metered_waits() as waits:
+        assert len(list(loader)) == 5
+        assert 0.1 <= waits.seconds < 1.0
+        for _batch in loader:
+            break
+        assert 0.12 <= waits.seconds < 1.2
+    before = waits.seconds
+    assert len(list(loader)) == 5 and waits.seconds == before

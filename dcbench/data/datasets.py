@@ -9,6 +9,8 @@ therefore costs one log line, never a crash mid-epoch.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import hashlib
 import logging
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import functional as TF
 
 from dcbench.data.decoded import DecodedImages, cache_budget_bytes, open_decoded_cache
@@ -592,6 +594,58 @@ class WaitedBatches:
             self.seconds += self.clock() - start
             yield batch
             start = self.clock()
+
+
+class WaitMeter:
+    """Seconds that the loops of one run (:func:`metered_waits`) waited for images."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+_METER: contextvars.ContextVar[WaitMeter | None] = contextvars.ContextVar("dcbench_wait_meter", default=None)
+
+
+@contextlib.contextmanager
+def metered_waits() -> Iterator[WaitMeter]:
+    """Within the block, every :class:`MeteredLoader` iterated (in this thread) adds the time each
+    ``next()`` took to the meter yielded: how long the run's loops (extraction, training, testing)
+    waited for images in all, whatever loops a protocol writes."""
+    meter = WaitMeter()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
+
+
+class MeteredLoader(DataLoader):
+    """A DataLoader that reports its waits to the :func:`metered_waits` meter around it (none
+    around it: a plain DataLoader). The loaders the engine hands out (:func:`dcbench.data.seeded.
+    seeded_loader`, :func:`dcbench.features.make_loader`) are these."""
+
+    def __iter__(self) -> Iterator[Any]:
+        meter = _METER.get()
+        batches = super().__iter__()
+        return batches if meter is None else self._metered(batches, meter)
+
+    @staticmethod
+    def _metered(batches: Iterator[Any], meter: WaitMeter) -> Iterator[Any]:
+        waited = WaitedBatches(_Once(batches))
+        try:
+            yield from waited
+        finally:
+            meter.seconds += waited.seconds
+
+
+class _Once:
+    """An iterator as a one-shot iterable (for :class:`WaitedBatches`)."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iterator
 
 
 def normalised_batches(dataset: Any, make_loader: Callable[[Any], Iterable], device: str | torch.device) -> Iterable:

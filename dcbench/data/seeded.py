@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dcbench.data.datasets import Padding, skip_collate
+from dcbench.data.datasets import MeteredLoader, Padding, skip_collate
 
 
 def read_seeded(dataset: Any, index: int, seed: int, all_generators: bool = False) -> Any:
@@ -170,5 +170,6 @@ def seeded_loader(dataset: Any, order: SeededOrder | SeededStream | SeededBatche
     in this process."""
     batching = {"batch_sampler": order} if isinstance(order, SeededBatches) else {"sampler": order,
                                                                                  "batch_size": batch_size}
-    return DataLoader(SeededViews(dataset, all_generators), **batching, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+    return MeteredLoader(SeededViews(dataset, all_generators), **batching, num_workers=workers,
+                         collate_fn=collate_fn, pin_memory=torch.device(device).type == "cuda",
+                         persistent_workers=workers > 0)

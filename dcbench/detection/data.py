@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 from dcbench import parallel
-from dcbench.data.datasets import DataError, load_rgb, readable_items
+from dcbench.data.datasets import DataError, MeteredLoader, load_rgb, readable_items
 from dcbench.data.seeded import SeededOrder, seeded_loader
 from dcbench.data.voc import VOCAnnotation, VOCSplit
 
@@ -105,8 +105,8 @@ def detection_loader(dataset: DetectionDataset, batch_size: int, workers: int, s
                      seed: int = 0) -> DataLoader:
     """A DataLoader of :func:`collate_detection` batches (seeded shuffling)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      collate_fn=collate_detection, drop_last=False)
+    return MeteredLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                         collate_fn=collate_detection, drop_last=False)
 
 
 def endless_batches(dataset: DetectionDataset, batch_size: int, workers: int, seed: int,

@@ -249,12 +249,12 @@ def detect(det: Detector, dataset: DetectionDataset, batch_size: int = 1, worker
     out: list[Detections | None] = [None] * len(dataset)
     loader = detection_loader(dataset, batch_size, workers, shuffle=False)
     if parallel.world_size() > 1:  # this rank's contiguous block of the test batches
-        from torch.utils.data import DataLoader  # noqa: PLC0415
+        from dcbench.data import MeteredLoader  # noqa: PLC0415
 
         from dcbench.features import rank_batches  # noqa: PLC0415
 
         blocks = rank_batches(len(dataset), batch_size, (parallel.rank(), parallel.world_size()))
-        loader = DataLoader(dataset, batch_sampler=blocks, num_workers=workers, collate_fn=collate_detection)
+        loader = MeteredLoader(dataset, batch_sampler=blocks, num_workers=workers, collate_fn=collate_detection)
     for images, _targets, indices, _n in loader:
         if not images:
             continue

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dcbench import parallel
-from dcbench.data import DataError
+from dcbench.data import DataError, MeteredLoader
 from dcbench.progress import Progress
 from dcbench.metrics.segmentation import confusion_matrix
 
@@ -138,8 +138,8 @@ def eval_loader(dataset: Any, workers: int) -> DataLoader:
 
     if parallel.world_size() > 1:  # this rank's contiguous block of the images
         blocks = rank_batches(len(dataset), 1, (parallel.rank(), parallel.world_size()))
-        return DataLoader(dataset, batch_sampler=blocks, num_workers=workers, collate_fn=collate)
-    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate)
+        return MeteredLoader(dataset, batch_sampler=blocks, num_workers=workers, collate_fn=collate)
+    return MeteredLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate)
 
 
 def _bar(total: int, desc: str, progress: bool) -> Progress | None:
