@@ -3,6 +3,7 @@ resumable checkpoints, per-position augmentation seeds and the recipe warnings."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dcbench.features import AMP_DEVICES
 from dcbench.models import CLUSTER_TAP, Backbone
 from dcbench.progress import track
 from dcbench.settings import to_plain
+from dcbench.train.config import absolute_data
 from dcbench.train.distributed import DistInfo, barrier, gather_to_main, init_distributed, shutdown
 from dcbench.train.presets import recipe_warnings
 from dcbench.train.rundir import RunDir, capture_rng, restore_rng
@@ -52,6 +54,7 @@ def run_epochs(cfg: Any, resume: bool, setup: Callable[[Any, DistInfo, bool], An
     A new run checkpoints its initial state first, so that a run stopped in its first epoch
     (a non-finite loss, a kill) still leaves a loadable, resumable checkpoint.pth.
     """
+    cfg = dataclasses.replace(cfg, data=absolute_data(cfg.data))  # config.yaml must name it from anywhere
     dist = init_distributed(cfg.device, cfg.dist_timeout_min)
     try:
         trainer = setup(cfg, dist, resume)

@@ -10,8 +10,10 @@ number of images (:mod:`dcbench.train.presets`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from dcbench.env import DEFAULT_BUDGET_GB, default_workers
@@ -79,6 +81,12 @@ class _RunSettings:
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}")
+        # a negative period would pass ``n % period == 0`` on its own schedule, silently
+        counts = {"workers": "0: load in the main process", "checkpoint_every": "0: per epoch only",
+                  "snapshot_every": "0: never"}
+        for name, zero in counts.items():
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0 ({zero}), got {getattr(self, name)}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise UsageError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
@@ -143,6 +151,10 @@ class TrainConfig(_RunSettings):
             raise UsageError(f"reassign must be positive, got {self.reassign}")
         if self.lr <= 0 or self.top_lr <= 0:
             raise UsageError("lr and top_lr must be positive")
+        _non_negative(self, "momentum", "weight_decay", "top_weight_decay")
+        if self.pic_sigma <= 0 or not 0 <= self.pic_alpha <= 1 or min(self.pic_neighbors, self.pic_iters) < 1:
+            raise UsageError(f"PIC needs pic_sigma > 0, 0 <= pic_alpha <= 1, pic_neighbors and pic_iters >= 1; got "
+                             f"{self.pic_sigma}, {self.pic_alpha}, {self.pic_neighbors}, {self.pic_iters}")
 
 
 @dataclass
@@ -223,6 +235,11 @@ class DCv2Config(_RunSettings):
             raise UsageError("temperature and lr must be positive")
         if self.warmup_epochs < 0 or self.small_crop_size < 0:
             raise UsageError("warmup_epochs and small_crop_size must be >= 0")
+        _non_negative(self, "momentum", "weight_decay", "final_lr", "start_warmup", "larc_trust")
+        # ColorJitter's hue is 0.2 s and torchvision takes a hue of at most 0.5
+        if not 0 <= self.color_jitter <= 2.5 or not 0 <= self.blur_p <= 1:
+            raise UsageError(f"color_jitter must be within [0, 2.5] and blur_p within [0, 1], got {self.color_jitter} "
+                             f"and {self.blur_p}")
 
     def small_size(self) -> int:
         """Side of the small crops (``small_crop_size``, or the recipe's 96/224 of ``image_size``)."""
@@ -241,10 +258,34 @@ def config_class(method: str) -> type[TrainConfig] | type[DCv2Config]:
     raise UsageError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
+def _non_negative(cfg: Any, *names: str) -> None:
+    """UsageError naming the first of ``names`` below 0 (torch's SGD would fail mid-setup otherwise)."""
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
 def resume_conflicts(saved: Mapping[str, Any], resolved: Mapping[str, Any]) -> list[str]:
     """Keys whose saved value differs from the resolved one, outside :data:`RESUME_MAY_CHANGE`.
 
     Both are plain dicts (``config.yaml`` and ``to_plain(config)``); a key the saved config
     lacks (a file from a version without that setting) is not compared.
     """
-    return [k for k in resolved if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != resolved[k]]
+    return [k for k in resolved if k not in RESUME_MAY_CHANGE and k in saved
+            and _comparable(k, saved[k]) != _comparable(k, resolved[k])]
+
+
+def absolute_data(data: str) -> str:
+    """``data`` as an absolute path when it names an existing file or folder (else unchanged).
+
+    config.yaml and the checkpoints record it so: ``dcbench train --resume --out RUN`` reads the
+    data from there, and a path relative to the folder the run was started in would name
+    nothing (or other images) from any other working directory."""
+    path = Path(str(data)).expanduser()
+    return os.path.abspath(path) if str(data) and path.exists() else str(data)
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """``data`` compared as the absolute path it names (a run saved with a relative path resumes
+    from the folder it was started in with either form; newer runs save the absolute one)."""
+    return absolute_data(value) if key == "data" and isinstance(value, str) else value

@@ -122,6 +122,7 @@ def train_one_epoch(t: V2Trainer) -> None:
     train_pass(t)
     add_seconds(s.stats, "time_train_s", time.perf_counter() - start)
     record = epoch_record(t)
+    warn_skipped(t, record)
     finish_epoch(t, record, format_record(record), t.net.backbone, save_training_checkpoint)
 
 
@@ -182,7 +183,7 @@ def check_sizes(cfg: DCv2Config, n_images: int, world_size: int) -> int:
     bank_rows = iters * cfg.batch_size * world_size
     if max(cfg.prototypes) > bank_rows:
         raise DcbenchError(f"{max(cfg.prototypes)} prototypes exceed the {bank_rows} memory-bank rows of one crop; "
-                           f"pass --set prototypes=[K,K,K] with K below {bank_rows} (or --preset small-data)")
+                           f"pass --set prototypes=[K,K,K] with K at most {bank_rows} (or --preset small-data)")
     return iters
 
 
@@ -274,6 +275,7 @@ def _gathered_bank(t: V2Trainer) -> tuple[np.ndarray, torch.Tensor] | None:
 def cluster_bank(t: V2Trainer) -> tuple[np.ndarray, list[dict]]:
     """Spherical k-means per head on rank 0, broadcast; every rank sets its prototypes to the centroids."""
     check_finite_features(t, all_agree(t.dist, bool(torch.isfinite(t.state.bank).all())))
+    check_bank_rows(t, int(all_reduce_sum(t.dist, int(t.state.filled.sum()))))
     gathered = _gathered_bank(t)
     with main_rank_threads(t.dist):  # under torchrun rank 0 clusters alone: give it the node's cores
         payload = _cluster_heads(t, gathered) if gathered is not None else None
@@ -282,6 +284,16 @@ def cluster_bank(t: V2Trainer) -> tuple[np.ndarray, list[dict]]:
         for layer, c in zip(t.net.prototypes, centroids):
             layer.weight.copy_(c.to(layer.weight.device))
     return assignments, heads
+
+
+def check_bank_rows(t: V2Trainer, rows: int) -> None:
+    """Prototypes against the bank rows actually filled (``check_sizes`` counted the files;
+    unreadable images leave rows empty): one error line on every rank, not a k-means failure."""
+    k = max(t.cfg.prototypes)
+    if k > rows:
+        raise DcbenchError(f"{k} prototypes exceed the {rows} memory-bank rows filled from readable images of "
+                           f"{t.cfg.data}; start a new run (another --out) with --set prototypes=[K,...] and K "
+                           f"at most {rows}, or replace the unreadable files")
 
 
 def _cluster_heads(t: V2Trainer, gathered: tuple[np.ndarray, torch.Tensor]) -> tuple:
@@ -310,9 +322,12 @@ def train_pass(t: V2Trainer) -> None:
     model = wrap_ddp(t.net, t.dist)
     model.train()
     targets_all = torch.from_numpy(s.assignments)
-    loader = WaitedBatches(_loader(t, t.images, epoch_items(t, s.epoch)[s.iteration * cfg.batch_size:]))
-    for views, indices, skipped in progress(loader, f"epoch {s.epoch} train", t.dist):
+    items = epoch_items(t, s.epoch)[s.iteration * cfg.batch_size:]
+    loader = WaitedBatches(_loader(t, t.images, items))
+    for batch, (views, indices, skipped) in enumerate(progress(loader, f"epoch {s.epoch} train", t.dist)):
         s.stats["n_skipped"] = s.stats.get("n_skipped", 0) + skipped
+        if skipped and "first_skipped" not in s.stats:
+            _note_first_skipped(t, items[batch * cfg.batch_size:(batch + 1) * cfg.batch_size], indices)
         iteration = s.epoch * t.iters_per_epoch + s.iteration
         lr = warmup_cosine(iteration, t.iters_per_epoch, cfg.epochs, cfg.lr, cfg.final_lr, cfg.warmup_epochs,
                            cfg.start_warmup)
@@ -325,6 +340,23 @@ def train_pass(t: V2Trainer) -> None:
         if cfg.checkpoint_every and s.iteration % cfg.checkpoint_every == 0:
             save_training_checkpoint(t)
     add_seconds(s.stats, "time_train_wait_s", loader.seconds)
+
+
+def _note_first_skipped(t: V2Trainer, batch_items: list[tuple[int, int]], indices: torch.Tensor) -> None:
+    """Remember the path of the epoch's first unreadable image (named by :func:`warn_skipped`)."""
+    arrived = set(indices.tolist())
+    missing = [i for i, _ in batch_items if i not in arrived]
+    if missing:
+        t.state.stats["first_skipped"] = str(t.images.paths[missing[0]])
+
+
+def warn_skipped(t: V2Trainer, record: dict[str, Any]) -> None:
+    """One warning per epoch when the training pass skipped unreadable images (rank 0; as v1's
+    feature pass does): they are left out of the steps and of the next clustering."""
+    if t.dist.is_main and record["n_skipped"]:
+        first = t.state.stats.get("first_skipped")
+        log.warning("skipped %d unreadable image(s) in epoch %d%s; use --strict to stop at the first one",
+                    record["n_skipped"], record["epoch"], f" (first: {first})" if first else "")
 
 
 def _step(t: V2Trainer, model: nn.Module, views: list[torch.Tensor], indices: torch.Tensor,

@@ -119,7 +119,10 @@ def check_sizes(cfg: TrainConfig, n_images: int, feature_dim: int) -> None:
     """Settings that cannot work with this many images: one clear error before any work."""
     if cfg.clustering == "kmeans" and cfg.k > n_images:
         raise DcbenchError(f"k={cfg.k} is larger than the number of images ({n_images}) in {cfg.data}; "
-                           f"choose --k below {n_images}")
+                           f"choose --k {n_images} or less")
+    if cfg.clustering == "pic" and cfg.pic_neighbors >= n_images:
+        raise DcbenchError(f"pic_neighbors={cfg.pic_neighbors} needs more images than that ({n_images} in {cfg.data}); "
+                           f"pass --set pic_neighbors=N with N below {n_images}")
     if cfg.pca_dim > min(n_images, feature_dim):
         raise DcbenchError(f"pca_dim={cfg.pca_dim} exceeds min(images, feature size) = "
                            f"{min(n_images, feature_dim)}; pass --set pca_dim=N with a smaller N")
@@ -151,10 +154,28 @@ def _all_finite(features: np.ndarray, chunk: int = 65536) -> bool:
 
 
 # ----------------------------------------------------------------------------- phase 2: cluster
+def check_readable_rows(t: Trainer, rows: int) -> None:
+    """k and pca_dim against the images that could be read (``check_sizes`` counted the files):
+    one error line on every rank (``rows`` is agreed across ranks), not a k-means failure."""
+    cfg, skipped = t.cfg, len(t.images) - rows
+    problem = None
+    if cfg.clustering == "kmeans" and cfg.k > rows:
+        problem, fix = f"k={cfg.k}", f"--k {rows} or less"
+    elif cfg.clustering == "pic" and cfg.pic_neighbors >= rows:
+        problem, fix = f"pic_neighbors={cfg.pic_neighbors}", f"--set pic_neighbors={rows - 1} or less"
+    elif cfg.pca_dim > rows:
+        problem, fix = f"pca_dim={cfg.pca_dim}", f"--set pca_dim={rows} or less"
+    if problem:
+        raise DcbenchError(f"{problem} exceeds the {rows} readable images ({skipped} of the {len(t.images)} in "
+                           f"{cfg.data} are unreadable); start a new run (another --out) with {fix}, or replace "
+                           f"the unreadable files")
+
+
 def cluster_features(t: Trainer, features: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, dict, float]:
     """PCA-whiten + L2 (fitted on a sample), cluster on rank 0, broadcast the assignments."""
     start = time.perf_counter()
     cfg, dist = t.cfg, t.dist
+    check_readable_rows(t, len(t.images) - int(t.state.stats.get("n_skipped", 0)))
     with main_rank_threads(dist):  # under torchrun rank 0 works alone here: give it the node's cores
         pca = _fit_pca(t, features)
         reduced = pca.transform(features, l2_normalize=True)

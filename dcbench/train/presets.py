@@ -6,6 +6,8 @@ Training) were fixed before any evaluation run and are never tuned on evaluation
 
 - batch: the largest power of two <= N / (100 x processes), within [16, 256], so one pass over
   the data gives >= ~100 SGD steps (below ~100 steps per clustering nothing is learned);
+- a batch given with ``--batch-size`` (or ``--set batch_size``) replaces the computed one in the
+  rules below (learning rate, ``reassign``, epochs), as it does in the run;
 - v1 ``reassign``: passes per clustering, ceil(100 x total batch / N) (at least 1);
 - learning rate: linear in the total batch from the recipe's anchor (v1: 0.05 at 256, top layer
   too; v2: 0.6 at 256, final lr = lr / 1000, with the LARS of solo-learn's CIFAR recipe: trust
@@ -21,7 +23,7 @@ Training) were fixed before any evaluation run and are never tuned on evaluation
   below the random init at every conv layer (conv5 60 vs 76); at 0.05 x B / 256 the loss falls
   below ln(K), NMI rises every epoch and every conv layer ends above the random init;
 - v1 PCA dimension: the largest power of two <= sqrt(N), within [8, 256] (256 at ImageNet size;
-  fewer whitened dimensions than images by a wide margin);
+  fewer whitened dimensions than images by a wide margin), and at most N;
 - v1 k: the paper's images per cluster (10,000 clusters for 1,281,167 images), at least 2;
 - v2 prototypes: 3 heads of the published small-image recipe's images per prototype (solo-learn's
   CIFAR recipe: 3000 prototypes for 50,000 images), within [2, 3000];
@@ -67,18 +69,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def small_data_settings(method: str, n_images: int, processes: int = 1, arch: str | None = None) -> dict[str, Any]:
+def small_data_settings(method: str, n_images: int, processes: int = 1, arch: str | None = None,
+                        batch_size: int | None = None) -> dict[str, Any]:
     """The ``small-data`` preset's settings for ``n_images`` training images (rules: module doc);
-    ``arch`` (v2 only) picks the optimiser: DeepCluster's for its own nets, LARS otherwise."""
+    ``arch`` (v2 only) picks the optimiser: DeepCluster's for its own nets, LARS otherwise.
+    ``batch_size``: the user's own batch (``--batch-size``), which the learning rate, v1's
+    ``reassign`` and the epochs then follow, as the rules say (linear in the total batch)."""
     n = max(1, n_images)
-    batch = _clamp(_pow2_floor(n / (MIN_STEPS_PER_CLUSTERING * processes)), 16, 256)
+    batch = batch_size or _clamp(_pow2_floor(n / (MIN_STEPS_PER_CLUSTERING * processes)), 16, 256)
     total_batch = batch * processes
     common = {"preset": "small-data", "image_size": SMALL_IMAGE_SIZE, "batch_size": batch}
     if method == "deepcluster":
         reassign = max(1, math.ceil(MIN_STEPS_PER_CLUSTERING * total_batch / n))
         lr = 0.05 * total_batch / 256
         return {**common, "reassign": float(reassign), "lr": lr, "top_lr": lr,
-                "pca_dim": _clamp(_pow2_floor(math.sqrt(n)), 8, 256),
+                # never more whitened dimensions than images (under 8 images the [8, 256] floor would)
+                "pca_dim": min(_clamp(_pow2_floor(math.sqrt(n)), 8, 256), n),
                 "k": max(2, round(n * 10_000 / IMAGENET_TRAIN_IMAGES)),
                 "epochs": _clamp(round(CROP_BUDGET / (reassign * n)), 3, 200)}
     k = _clamp(round(n * 3000 / 50_000), 2, 3000)
@@ -108,9 +114,20 @@ def resolve_config(overrides: Mapping[str, Any], n_images: int | None = None) ->
     if overrides.get("preset") == "small-data" and (n_images is not None or overrides.get("data")):
         n = count_training_images(str(overrides["data"])) if n_images is None else n_images
         arch = overrides.get("arch") or base.arch
-        base = apply_settings(base, small_data_settings(method, n, world_size(), arch=arch),
+        batch = _int_or_none(overrides.get("batch_size"))
+        base = apply_settings(base, small_data_settings(method, n, world_size(), arch=arch, batch_size=batch),
                               owner=f"train --method {method}")
     return apply_settings(base, overrides, owner=f"train --method {method}")
+
+
+def _int_or_none(value: Any) -> int | None:
+    """A positive batch size given as a flag, ``--set`` or YAML value; None otherwise (a bad value
+    is left for the settings' own check, which names it)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 and str(number) == str(value).strip() else None
 
 
 def steps_per_clustering(cfg: AnyTrainConfig, n_images: int, processes: int = 1) -> int:

@@ -45,6 +45,8 @@ class RunDir:
                              f"or choose another --out")
         if resume and not self.checkpoint.exists():
             raise UsageError(f"nothing to resume: {self.checkpoint} does not exist; drop --resume to start")
+        if resume:
+            self._check_epochs(config)
         if resume and self.config.exists():
             saved = yaml.safe_load(self.config.read_text()) or {}
             changed = resume_conflicts(saved, config)
@@ -52,6 +54,18 @@ class RunDir:
                 shown = ", ".join(f"{k} ({saved[k]!r} -> {config.get(k)!r})" for k in changed)
                 raise UsageError(f"cannot resume {self.path} with other settings: {shown}; resume with the "
                                  f"settings in {self.config.name}, or start a new run with another --out")
+
+    def _check_epochs(self, config: dict[str, Any]) -> None:
+        """``--resume --epochs N`` below the epochs already trained would train nothing and record
+        N in config.yaml beside weights trained longer: refused (checkpoint.json says where it is)."""
+        try:
+            done = int(json.loads((self.path / "checkpoint.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no progress file (an older run): the checkpoint itself is read later
+        asked = config.get("epochs")
+        if isinstance(asked, int) and asked < done:
+            raise UsageError(f"cannot resume {self.path} with --epochs {asked}: it has trained {done} epochs "
+                             f"already; pass --epochs {done} or more (its weights are in {self.checkpoint})")
 
     def prepare(self, config: dict[str, Any], resume: bool) -> None:
         """Check (see :meth:`check`), create the folder (checking it is writable) and save the
