@@ -321,6 +321,18 @@ def test_training_plots_of_a_longer_unlabelled_run(tmp_path: Path) -> None:
     assert_not_blank(load_png(tmp_path / "plots" / "nmi.png"))
 
 
+def test_a_v2_runs_cluster_sizes_are_its_first_heads(tmp_path: Path) -> None:
+    """DeepCluster-v2 saves heads x images: the plot shows head 0 (what metrics.jsonl reports),
+    not every head's assignments counted together."""
+    from dcbench.viz.training import load_run
+
+    folder = _fake_run(tmp_path / "run", 2)
+    head0 = np.repeat(np.arange(8), np.arange(1, 9)).astype(np.int32)
+    np.savez_compressed(folder / "assignments" / "epoch_0001.npz",
+                        assignments=np.stack([head0, np.zeros_like(head0), np.ones_like(head0)]))
+    assert load_run(folder).sizes.tolist() == [8, 7, 6, 5, 4, 3, 2, 1, 0, 0]
+
+
 def test_training_errors(tmp_path: Path) -> None:
     out = tmp_path / "plots"
     assert_one_line_error(invoke("viz", "training", tmp_path / "nope", "--out", out), 1, "does not exist")

@@ -103,6 +103,8 @@ def _last_sizes(run: Path, records: list[dict[str, Any]]) -> np.ndarray | None:
     except (OSError, ValueError, KeyError) as exc:
         log.warning("cannot read %s (%s); no cluster-size plot", files[-1], exc)
         return None
+    if assignments.ndim == 2:  # DeepCluster-v2: heads x images; head 0 is what metrics.jsonl reports
+        assignments = assignments[0]
     last = records[-1]
     try:
         n_clusters = int(last.get("n_clusters") or 0)
