@@ -119,6 +119,9 @@ def read_checkpoint_file(path: str | Path, trust: bool = False) -> Any:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        plain = None if _is_zip(path) else _safe_plain_pickle(path)
+        if plain is not None:  # e.g. a detectron2 .pkl: numpy arrays in dicts, read without running code
+            return plain
         if not trust:
             raise CheckpointError(f"{path} contains Python objects beyond tensors and needs full unpickling, "
                                   f"which can run code; pass --trust-checkpoint if you trust its source") from exc
@@ -135,6 +138,19 @@ def read_checkpoint_file(path: str | Path, trust: bool = False) -> Any:
             return pickle.load(f)
     except Exception as exc:  # arbitrary unpickling can fail in arbitrary ways
         raise CheckpointError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
+
+
+def _safe_plain_pickle(path: Path) -> Any:
+    """A plain pickle (not a torch.save file) that holds only builtin containers, numbers, strings
+    and numpy arrays (detectron2's checkpoint format), read with an unpickler that refuses every
+    other global before calling it, so it never runs code; None for any other file."""
+    from dcbench.data.retrieval import load_ground_truth_pickle  # the same safe unpickler
+
+    try:
+        with open(path, "rb") as f:
+            return load_ground_truth_pickle(f)
+    except Exception:  # noqa: BLE001 - refused globals, or not a plain pickle at all
+        return None
 
 
 def _looks_like_torch_file(path: Path) -> bool:
@@ -179,7 +195,10 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> ArchGuess:
         if tuple(first.shape[2:]) == (11, 11) and first.shape[0] == 96 and bn:
             return ArchGuess("alexnet", sobel, _size_for_grid(sd, "classifier.1.weight", 256, alexnet_grid))
         if tuple(first.shape[2:]) == (3, 3) and first.shape[0] == 64 and bn:
-            if "classifier.6.weight" in sd:
+            # torchvision's vgg16_bn has a third fc (classifier.6); a torchvision export of
+            # tv:vgg16_bn has no classifier at all (heads are not exported): DeepCluster's VGG16
+            # cannot load without its fc6/fc7, so only torchvision's fits
+            if "classifier.6.weight" in sd or "classifier.0.weight" not in sd:
                 return ArchGuess("tv:vgg16_bn", sobel, 224)
             return ArchGuess("vgg16", sobel, _size_for_grid(sd, "classifier.0.weight", 512, lambda s: s // 32))
         if tuple(first.shape[2:]) == (11, 11) and first.shape[0] == 64:
@@ -189,7 +208,14 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> ArchGuess:
                        for i in range(1, 5))
         bottleneck = "layer1.0.conv3.weight" in sd
         name = _RESNETS.get((blocks, bottleneck))
-        if name and bottleneck and sd["layer1.0.conv1.weight"].shape[0] == 128:
+        conv2 = sd.get("layer1.0.conv2.weight")
+        if name and bottleneck and conv2 is not None and conv2.shape[1] != conv2.shape[0]:
+            # grouped 3x3 convs: a ResNeXt (torchvision resnext50_32x4d, resnext101_32x8d, resnext101_64x4d);
+            # it has the same 128-wide first conv as wide_resnet50_2, so it is told apart here
+            groups, width = conv2.shape[0] // conv2.shape[1], conv2.shape[1]
+            name = f"resnext{name[len('resnet'):]}_{groups}x{width}d"
+            name = name if name in ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d") else None
+        elif name and bottleneck and sd["layer1.0.conv1.weight"].shape[0] == 128:
             name = "wide_" + name + "_2"
         return ArchGuess(f"tv:{name}" if name else None, sd["conv1.weight"].shape[1] == 2, 224)
     return ArchGuess(None)
@@ -200,7 +226,11 @@ def _size_for_grid(sd: dict[str, torch.Tensor], key: str, channels: int, grid_of
     if weight is None:
         return None
     grid = round((weight.shape[1] / channels) ** 0.5)
-    return next((s for s in _CANDIDATE_SIZES if grid_of(s) == grid), None)
+    if grid < 1 or grid * grid * channels != weight.shape[1]:
+        return None
+    usual = next((s for s in _CANDIDATE_SIZES if grid_of(s) == grid), None)
+    # other grids (VGG16 below 64 px: grid 1; large inputs): the smallest side that gives the grid
+    return usual or next((s for s in range(32, 32 * (grid + 2) + 1) if grid_of(s) == grid), None)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -269,7 +299,7 @@ def _load_weights(backbone: Backbone, sd: dict[str, torch.Tensor], fmt: str, sou
         if tuple(sd[key].shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{source} does not fit arch {arch}: {key} has shape {tuple(sd[key].shape)}, "
-                f"{arch} expects {tuple(expected[key].shape)}; pass the right --arch (or --image-size for fc layers)")
+                f"{arch} expects {tuple(expected[key].shape)}; pass the right --arch")
     missing = sorted(k for k in expected if k not in sd and not k.endswith(_BUFFER_SUFFIXES))
     unexpected = sorted(k for k in sd if k not in expected)
     if missing:
@@ -468,6 +498,39 @@ def to_torchvision_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     if backbone.arch == "vgg16" and not backbone.has_sobel and backbone.input_size == 224:
         # DeepCluster's VGG16-BN uses torchvision vgg16_bn's module indices
         return dict(backbone.backbone_state_dict())
+    twin = _torchvision_twin(backbone)
+    if twin is not None:
+        return twin
     raise CheckpointError(f"{backbone.arch}{' with Sobel' if backbone.has_sobel else ''} has no torchvision "
-                          f"equivalent (torchvision's alexnet has no BatchNorm and other widths); "
-                          f"use --to dcbench")
+                          f"equivalent ({_no_torchvision_reason(backbone)}); use --to dcbench")
+
+
+def _torchvision_twin(backbone: Backbone) -> dict[str, torch.Tensor] | None:
+    """The weights of a timm model whose names and shapes are exactly a torchvision model's (timm's
+    standard ResNets keep torchvision's ``conv1``/``bn1``/``layerN`` layout), else None."""
+    if not isinstance(backbone, HookedBackbone) or backbone.has_sobel or backbone.family != "resnet":
+        return None
+    weights = {k[len("model."):]: v for k, v in backbone.backbone_state_dict().items() if k.startswith("model.")}
+    guess = infer_arch(weights)
+    if guess.arch is None or not guess.arch.startswith("tv:"):
+        return None
+    import torchvision
+
+    with torch.device("meta"):  # names and shapes only, no weights allocated
+        model = torchvision.models.get_model(guess.arch[3:], weights=None)
+    native = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    if set(native) != set(weights) or any(native[k].shape != weights[k].shape for k in native):
+        return None  # a variant (deep stem, other blocks): the same names would load wrong weights
+    return weights
+
+
+def _no_torchvision_reason(backbone: Backbone) -> str:
+    """Why ``backbone`` has no torchvision twin, for the refusal."""
+    if backbone.has_sobel:
+        return "torchvision models have no Sobel front end"
+    if backbone.arch == "alexnet":
+        return "torchvision's alexnet has no BatchNorm and other widths"
+    if backbone.arch == "vgg16":
+        return (f"torchvision's vgg16_bn has fc layers for 224 px images (a 7x7 map), this one for "
+                f"{backbone.input_size} px")
+    return "no torchvision model has its layout and names"

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcbench.errors import ArchError
+
 #: Extra tap names every backbone accepts besides ``tap_names``.
 CLUSTER_TAP = "cluster"  # the clustering feature (fc7 pre-ReLU for AlexNet/VGG, pooled last stage otherwise)
 LOGITS_TAP = "logits"  # the top layer's output (needs ``top_layer``)
@@ -24,6 +26,15 @@ LOGITS_TAP = "logits"  # the top layer's output (needs ``top_layer``)
 DEFAULT_INPUT_CONFIG: dict[str, Any] = {
     "input_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
     "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center", "source": None}
+
+
+#: torch's messages for an input smaller than a convolution or pooling kernel (conv / max-pool)
+_TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output size is too small")
+
+
+class InputTooSmallError(ArchError, RuntimeError):
+    """Images smaller than the network can take: a user error (one CLI line), still a
+    RuntimeError for callers that catch forward failures."""
 
 
 class Backbone(nn.Module):
@@ -74,9 +85,18 @@ class Backbone(nn.Module):
         return self.sobel is not None
 
     def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Return ``{tap: tensor}`` for ``taps`` (default: all of ``tap_names``)."""
+        """Return ``{tap: tensor}`` for ``taps`` (default: all of ``tap_names``); images too small
+        for the network (a map shrunk below a kernel) raise :class:`InputTooSmallError`."""
         wanted = self._check_taps(taps)
-        return self._forward_taps(x, wanted)
+        try:
+            return self._forward_taps(x, wanted)
+        except RuntimeError as exc:
+            if not any(text in str(exc) for text in _TOO_SMALL):
+                raise
+            raise InputTooSmallError(
+                f"{self.arch} cannot take {x.shape[-2]}x{x.shape[-1]} px images (a feature map shrinks below a "
+                f"kernel: {str(exc).strip().splitlines()[0]}); use larger images (--set image_size=N to "
+                f"evaluate, --image-size N to train)") from None
 
     def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

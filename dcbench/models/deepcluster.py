@@ -24,6 +24,11 @@ VGG16_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512
 MIN_INPUT_SIZE = 32
 
 
+class InputSizeError(ArchError, ValueError):
+    """An fc tap asked at another input size than the fc layers were built for: a user error
+    (one line on the CLI), still a ValueError for callers that catch shape problems."""
+
+
 def _init_weights(module: nn.Module) -> None:
     """The original init: conv N(0, sqrt(2/(kh*kw*out))), BN (1, 0), linear N(0, 0.01), biases 0."""
     for m in module.modules():
@@ -82,8 +87,10 @@ class _DeepClusterNet(Backbone):
         if not needs_head:
             return out
         if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
-            raise ValueError(f"{self.arch} was built for {self.input_size}px input (a {self.grid}x{self.grid} "
-                             f"last map) but got {tuple(x.shape[-2:])}: fc taps need input size {self.input_size}")
+            raise InputSizeError(f"{self.arch} was built for {self.input_size}px input (a {self.grid}x{self.grid} "
+                                 f"last map) but got a {tuple(x.shape[-2:])} map: its fc taps need "
+                                 f"{self.input_size} px images (--set image_size={self.input_size}); "
+                                 f"conv taps work at any size")
         x = torch.flatten(x, 1)
         for i, layer in enumerate(self.classifier):
             x = layer(x)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from dcbench.errors import ArchError
-from dcbench.models.hooked import HookedBackbone
+from dcbench.models.hooked import HookedBackbone, _StopForward
 from dcbench.models.vit import ViTBackbone, is_timm_vit, is_vit_model
 
 __all__ = ["HookedBackbone", "ViTBackbone", "build_timm", "build_torchvision"]
@@ -95,12 +96,19 @@ def check_vit_input(name: str, model: nn.Module, input_size: int) -> None:
         return
     patch = int(embed.patch_size[0])
     if input_size % patch:
+        size = max(patch, input_size // patch * patch)
         raise ArchError(f"timm:{name} cuts images into {patch} px patches: pass an image size that is a multiple "
-                        f"of {patch} (e.g. --image-size {max(patch, input_size // patch * patch)})")
+                        f"of {patch} (e.g. {_size_options(size)})")
     fixed = int(embed.img_size[0]) if embed.img_size is not None else input_size
     if getattr(embed, "strict_img_size", False) and fixed != input_size:
         raise ArchError(f"timm:{name} takes {fixed} px images only (its position tables are sized for them); "
-                        f"pass --image-size {fixed}, or use a timm:vit_* model without relpos")
+                        f"pass {_size_options(fixed)}, or use a timm:vit_* model without relpos")
+
+
+def _size_options(size: int) -> str:
+    """How each command takes an image size: ``train`` and ``viz`` have ``--image-size``, the
+    evaluation commands the protocols' ``image_size`` setting."""
+    return f"--image-size {size} to train, --set image_size={size} to evaluate"
 
 
 def check_timm_name(name: str) -> None:
@@ -126,11 +134,40 @@ def _tv_tap_paths(model: nn.Module) -> list[str]:
         return ["relu", "layer1", "layer2", "layer3", "layer4"]
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
+        from torchvision.models import SwinTransformer
+
+        if isinstance(model, SwinTransformer):
+            # torchvision's Swin stages emit N x H x W x C maps, which this layout does not read
+            raise ArchError(f"dcbench does not read the channels-last stages of torchvision's "
+                            f"{type(model).__name__}; use a timm Swin, e.g. timm:swin_tiny_patch4_window7_224")
         children = list(features.named_children())
         relus = [f"features.{n}" for i, (n, m) in enumerate(children)
                  if isinstance(m, nn.ReLU) and i > 0 and isinstance(children[i - 1][1], (nn.Conv2d, nn.BatchNorm2d))]
-        return relus or [f"features.{n}" for n, _ in children]
-    raise ArchError(f"dcbench cannot name the taps of torchvision model {type(model).__name__}")
+        convs = sum(isinstance(m, nn.Conv2d) for m in features.modules())
+        if relus and len(relus) == convs:  # a plain conv stack (AlexNet, VGG): each conv's ReLU output
+            return relus
+        return _stage_paths(children)
+    raise ArchError(f"dcbench cannot name the taps of torchvision model {type(model).__name__}; use a timm "
+                    f"model instead (timm:NAME, e.g. timm:resnet50: timm names every model's stages)")
+
+
+_SKIPPED_CHILDREN = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
+
+
+def _stage_paths(children: list[tuple[str, nn.Module]]) -> list[str]:
+    """Taps of a ``features`` Sequential that is not a plain conv stack (DenseNet, SqueezeNet,
+    MobileNet, EfficientNet, ConvNeXt): every child but poolings and dropouts, and a conv / BN
+    that a ReLU follows is tapped at that ReLU (its output is what the next stage reads)."""
+    paths = []
+    for i, (name, module) in enumerate(children):
+        following = children[i + 1][1] if i + 1 < len(children) else None
+        if isinstance(module, _SKIPPED_CHILDREN):
+            continue
+        leads_to_relu = isinstance(following, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU))
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) and leads_to_relu:
+            continue
+        paths.append(f"features.{name}")
+    return paths
 
 
 def _name_taps(paths: list[str], channels_last: bool = False) -> dict[str, str]:
@@ -144,17 +181,50 @@ def _name_taps(paths: list[str], channels_last: bool = False) -> dict[str, str]:
 
 
 def _last_channels(model: nn.Module, path: str) -> int:
+    """Channels of the tap at ``path``: read off the layer for a conv, a BN or the ReLU after a
+    conv, and a ResNet stage; measured by a forward pass for any other module (a DenseNet block or
+    a SqueezeNet Fire module concatenates branches, so its last conv is not its width)."""
     module = model.get_submodule(path)
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    if convs:
-        return convs[-1].out_channels
-    # a bare ReLU: find the conv that feeds it
-    parent_path, _, index = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    before = [m for i, m in enumerate(parent.children()) if i < int(index) and isinstance(m, nn.Conv2d)]
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
     if path == "relu" and hasattr(model, "conv1"):
         return model.conv1.out_channels
-    return before[-1].out_channels
+    if isinstance(module, nn.ReLU):  # the ReLU of a plain conv stack: the conv that feeds it
+        parent_path, _, index = path.rpartition(".")
+        children = list(model.get_submodule(parent_path).named_children())
+        position = [n for n, _ in children].index(index)
+        before = [m for _, m in children[:position] if isinstance(m, nn.Conv2d)]
+        if before:
+            return before[-1].out_channels
+    if path.startswith("layer") and "." not in path:  # a ResNet stage ends with its widest conv
+        return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+    return _measured_channels(model, path)
+
+
+def _measured_channels(model: nn.Module, path: str) -> int:
+    """Channels of ``path``'s output on one 224 px image, in eval mode (BatchNorm statistics and
+    the RNG untouched), the forward stopped there."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    found: list[int] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        found.append(int(output.shape[1]))
+        raise _StopForward
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, first.in_channels, 224, 224))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+        model.train(training)
+    return found[0]
 
 
 def check_torchvision_name(name: str) -> None:

@@ -53,6 +53,7 @@ class HookedBackbone(Backbone):
     def _forward_taps(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         if self.sobel is not None:
             x = self.sobel(x)
+        x = self._fit_patches(x)
         last = self.conv_tap_names[-1]
         needs_last = bool(wanted & {CLUSTER_TAP, LOGITS_TAP, AVGPOOL_TAP})
         hooked = [t for t in self.conv_tap_names if t in wanted or (needs_last and t == last)]
@@ -83,6 +84,20 @@ class HookedBackbone(Backbone):
             if LOGITS_TAP in wanted:
                 out[LOGITS_TAP] = self.top_layer(pooled)
         return out
+
+
+    def _fit_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` cut to whole patches of a transformer's patch embedding that takes any size (timm
+        ViTs and Swins built with ``dynamic_img_size``): the bottom / right remainder is dropped, as
+        a strided patch convolution drops it (timm asserts divisibility instead; see
+        :mod:`dcbench.models.vit`). Unchanged for other models, fixed-size ones (their own size is
+        checked at build) and padding patch embeds."""
+        embed = getattr(self.model, "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        if patch is None or getattr(embed, "strict_img_size", True) or getattr(embed, "dynamic_img_pad", False):
+            return x
+        height, width = x.shape[-2] // patch[0] * patch[0], x.shape[-1] // patch[1] * patch[1]
+        return x if (height, width) == tuple(x.shape[-2:]) else x[..., :height, :width]
 
 
 _RESNET_LAYOUT = ("conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4")

@@ -163,16 +163,6 @@ class ViTBackbone(HookedBackbone):
             out.update(self._head_taps(normed, wanted, normed_cls))
         return out
 
-    def _fit_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` cut to whole patches (bottom / right remainder dropped, see the module docstring);
-        unchanged for fixed-size models (their own size is checked) and padding patch embeds."""
-        embed = getattr(self.model, "patch_embed", None)
-        patch = getattr(embed, "patch_size", None)
-        if patch is None or getattr(embed, "strict_img_size", True) or getattr(embed, "dynamic_img_pad", False):
-            return x
-        height, width = x.shape[-2] // patch[0] * patch[0], x.shape[-1] // patch[1] * patch[1]
-        return x if (height, width) == tuple(x.shape[-2:]) else x[..., :height, :width]
-
     def _forward_intermediates(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         """The same taps through timm's ``forward_intermediates`` (block outputs as N x D x h x w
         maps, then the final norm), for the models whose blocks take extra inputs (rotary or
