@@ -90,6 +90,16 @@ def test_schedule_is_the_recipes_warmup_then_cosine():
     assert np.allclose(got, expected)
 
 
+def test_a_run_shorter_than_its_warmup_stops_part_way_up_the_ramp():
+    """swav main_deepclusterv2.py: lr_schedule = linspace(start, base, iters * warmup_epochs) followed
+    by an empty cosine, read for the iterations the run has (was: the ramp squeezed into the run)."""
+    iters, epochs, warm = 4, 3, 10
+    expected = np.linspace(0.3, 4.8, iters * warm)[: iters * epochs]
+    got = [warmup_cosine(i, iters, epochs, 4.8, 0.0048, warm, 0.3) for i in range(iters * epochs)]
+    assert np.allclose(got, expected)
+    assert got[-1] < 4.8 / 2  # a third of the way up the ramp
+
+
 def test_run_writes_metrics_per_head_and_a_loadable_backbone(images, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--data", str(images), "--epochs", "2", "--out", str(run),

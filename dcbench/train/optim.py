@@ -69,10 +69,12 @@ def warmup_cosine(iteration: int, iters_per_epoch: int, epochs: int, base_lr: fl
                   warmup_epochs: int, start_warmup: float) -> float:
     """Learning rate of ``iteration``: linear from ``start_warmup`` to ``base_lr`` over the
     warm-up iterations (numpy.linspace's end-inclusive steps), then a cosine from ``base_lr``
-    down to ``final_lr`` over the remaining ones."""
-    warmup = iters_per_epoch * min(warmup_epochs, epochs)
+    down to ``final_lr`` over the remaining ones. A run shorter than its warm-up stops part-way up
+    the ramp and never decays, as facebookresearch/swav main_deepclusterv2.py's schedule (warm-up
+    linspace, then a cosine over ``epochs - warmup_epochs`` epochs: none) gives it."""
+    warmup = iters_per_epoch * warmup_epochs
     if iteration < warmup:
         return start_warmup + (base_lr - start_warmup) * iteration / max(1, warmup - 1)
-    total = max(1, iters_per_epoch * (epochs - min(warmup_epochs, epochs)))
+    total = max(1, iters_per_epoch * (epochs - warmup_epochs))
     t = min(iteration - warmup, total)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * t / total))
