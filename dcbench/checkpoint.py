@@ -457,10 +457,11 @@ def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
     scheme of the ``dcbench.checkpoint_sources`` entry-point group (dcbench's own:
     ``pretrained:NAME``, a published checkpoint downloaded once into the cache, its file sha256
     verified on every load)."""
+    given = spec
     if spec.startswith(_NAMED_PREFIXES):
         named = _named_weights(spec, input_size)
         if isinstance(named, LoadedCheckpoint):
-            return named
+            return _arch_ignored(named, given, arch)
         spec = named
     source = _checkpoint_source(spec)
     if source is not None:
@@ -480,8 +481,19 @@ def resolve_checkpoint(spec: str, arch: str | None = None, trust: bool = False,
         sobel = None if "sobel" not in options else _parse_flag(options["sobel"], spec)
         backbone = build_backbone(name, sobel=sobel, input_size=size, seed=seed)
         sha = weights_sha256(backbone.backbone_state_dict())
-        return LoadedCheckpoint(backbone, spec, "random", sha, None, {"seed": seed, "random_init": True})
+        loaded = LoadedCheckpoint(backbone, spec, "random", sha, None, {"seed": seed, "random_init": True})
+        return _arch_ignored(loaded, given, arch)
     return load_checkpoint(spec, arch=arch, trust=trust, input_size=input_size)
+
+
+def _arch_ignored(loaded: LoadedCheckpoint, spec: str, arch: str | None) -> LoadedCheckpoint:
+    """``loaded``, after a warning when ``--arch`` names another arch than the spec does (a spec
+    that names its model builds that model; ``--arch`` is for checkpoint files, and one ``--arch``
+    may serve the files among several specs of a ``compare``)."""
+    if arch is not None and arch != loaded.backbone.arch:
+        log.warning("--arch %s does not apply to %s, which builds %s; --arch is for checkpoint files",
+                    arch, spec, loaded.backbone.arch)
+    return loaded
 
 
 def load_backbone(spec: str, arch: str | None = None, trust: bool = False,

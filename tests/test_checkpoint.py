@@ -183,6 +183,18 @@ def test_cli_wrong_arch_exit_1_and_debug_shows_traceback(tmp_path):
     assert isinstance(debug.exception, CheckpointError)
 
 
+@pytest.mark.parametrize("spec, built", [("random:alexnet,size=64", "alexnet"),
+                                          ("timm:resnet18", "timm:resnet18")])
+def test_arch_that_a_named_spec_overrides_is_said(spec, built):
+    """--arch is for files; a spec that names its model builds it (and one --arch may serve the
+    files of a compare), so a conflicting --arch is a warning naming what was built, not ignored silently."""
+    result = CliRunner().invoke(main, ["checkpoint", "inspect", spec, "--arch", "vgg16", "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"--arch vgg16 does not apply to {spec}, which builds {built}" in result.output
+    agreeing = CliRunner().invoke(main, ["checkpoint", "inspect", spec, "--arch", built, "--json"])
+    assert agreeing.exit_code == 0 and "does not apply" not in agreeing.output
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))
