@@ -11,11 +11,16 @@ uses only interfaces meant to outlive refactors of the protocol modules:
 
 Every case runs on CPU with one torch thread, ``workers=0`` and its own empty feature cache
 (``DCBENCH_CACHE``), so its numbers are bit-reproducible on a given machine + library set.
+Across machines, most cases agree bit for bit, but a fine-tune of many steps (voc-det, voc-seg)
+amplifies the last-bit differences between the kernels torch picks for each instruction set
+into other numbers: those cases carry numbers per platform (:func:`platform_key`,
+:func:`expected_rows`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +227,37 @@ def resolve_spec(case: Case, fixture_paths: dict[str, Path]) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+def platform_key() -> str:
+    """The platform numbers are recorded for: machine, CPU vendor (MKL and oneDNN choose their code
+    paths by it) and the SIMD level torch dispatches to, e.g. ``x86_64 AuthenticAMD AVX2``."""
+    import torch
+
+    return f"{platform.machine()} {_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-vendor"
+
+
+def expected_rows(case: dict[str, Any], golden: dict[str, Any], here: str) -> list[dict[str, Any]] | None:
+    """The metric rows ``case`` (an entry of the golden file ``golden``) must give on platform
+    ``here``: its rows recorded for ``here`` where its numbers depend on the platform, else its
+    main rows (measured on ``golden["platform"]``); None for a platform-dependent case that has
+    no numbers for ``here`` (it cannot be checked on this machine)."""
+    by_platform = case.get("platform_metrics", {})
+    if here in by_platform:
+        return by_platform[here]
+    if by_platform and here != golden["platform"]:
+        return None
+    return case["metrics"]
+
+
 def metric_rows(metrics: list) -> list[dict[str, Any]]:
     """The metric rows of a Result as plain dicts (value as a Python float)."""
     return [{"metric": r.metric, "tap": r.tap, "split": r.split, "selection": r.selection, "seed": r.seed,

@@ -5,6 +5,12 @@ Run it from a known-good tree, with that tree first on the path, on CPU with one
     cd TREE && OMP_NUM_THREADS=1 PYTHONPATH=TREE python tests/golden/make_golden.py [--out FILE]
     ... make_golden.py --check FILE     # re-run and compare with FILE (reproducibility check)
     ... make_golden.py --only knn,voc-seg --out /tmp/part.json
+    ... make_golden.py --add-platform       # this CPU's rows for the cases where they differ
+
+A full run records the platform it ran on (``golden_cases.platform_key()``) as the main one and
+drops every other platform's rows: after an intentional change of the numbers, run
+``--add-platform`` again on each other platform you can reach (a platform without rows skips the
+platform-dependent cases, see tests/test_protocol_numbers.py).
 
 The committed file was made from the pristine tree of commit fc101b7 (``git archive`` into
 /tmp/baseline), run as ``cd /tmp/baseline && PYTHONPATH=/tmp/baseline .venv/bin/python
@@ -60,6 +66,7 @@ def generate(cases: list[gc.Case], work: Path, log=print) -> dict:
     from dcbench.env import software_versions
     return {"schema": gc.SCHEMA,
             "generated_by": "tests/golden/make_golden.py",
+            "platform": gc.platform_key(),
             "protocols": gc.registered_protocols(),
             "environment": {"versions": software_versions(), "torch_threads": 1, "device": "cpu",
                             "total_wall_s": round(time.perf_counter() - t_start, 1)},
@@ -88,6 +95,32 @@ def compare(new: dict, old: dict, atol: float = 0.0) -> list[str]:
     return problems
 
 
+def add_platform(doc: dict, golden: dict) -> list[str]:
+    """Record in ``golden`` (in place) the rows of ``doc`` (a run of the same cases on another
+    platform) for every case whose rows differ from the main ones, and drop this platform's rows
+    where they agree again; the ids of the cases that differ. Refuses a run on the main platform,
+    and one whose fixtures or row sets differ (then the tree or the fixtures changed, not the CPU)."""
+    here = doc["platform"]
+    if here == golden["platform"]:
+        raise SystemExit(f"this machine ({here}) is the file's main platform: regenerate the file instead")
+    cases = {c["id"]: c for c in golden["cases"]}
+    differing = []
+    for case in doc["cases"]:
+        recorded = cases[case["id"]]
+        if case["data_fingerprint"] != recorded["data_fingerprint"] or \
+                sorted(map(gc.row_key, case["metrics"]), key=str) != sorted(map(gc.row_key, recorded["metrics"]), key=str):
+            raise SystemExit(f"{case['id']}: other rows or data than the file's: not a platform difference")
+        by_platform = recorded.setdefault("platform_metrics", {})
+        if compare({"cases": [case]}, {"cases": [recorded]}):
+            by_platform[here] = case["metrics"]
+            differing.append(case["id"])
+        else:
+            by_platform.pop(here, None)
+        if not by_platform:
+            del recorded["platform_metrics"]
+    return differing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help=f"output JSON (default: {gc.GOLDEN_JSON})")
@@ -97,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the cases in reverse order after disturbing the global RNGs (with --check: "
                              "shows the numbers do not depend on what ran before in the process)")
     parser.add_argument("--work", type=Path, default=None, help="folder for fixtures and caches (default: temp)")
+    parser.add_argument("--add-platform", action="store_true",
+                        help="add this CPU's rows to the golden file for the cases where they differ from the "
+                             "main platform's (run from the tree the file was made from)")
     args = parser.parse_args(argv)
     cases = [gc.case_by_id(i) for i in args.only.split(",")] if args.only else list(gc.CASES)
     if args.reverse:
@@ -111,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.rand(17), np.random.rand(5), random.random()
     with tempfile.TemporaryDirectory(prefix="dcbench-golden-") as tmp:
         doc = generate(cases, args.work or Path(tmp))
+    if args.add_platform:
+        out = args.out or gc.GOLDEN_JSON
+        golden = json.loads(gc.GOLDEN_JSON.read_text())
+        differing = add_platform(doc, golden)
+        out.write_text(json.dumps(golden, indent=1) + "\n")
+        print(f"wrote {out}: {doc['platform']} differs from {golden['platform']} in "
+              f"{len(differing)} of {len(doc['cases'])} cases: {', '.join(differing) or 'none'}")
+        return 0
     if args.check:
         problems = compare(doc, json.loads(args.check.read_text()))
         for line in problems:
