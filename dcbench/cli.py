@@ -391,6 +391,8 @@ def _said_store(path: str | Path, what: str = "results store:") -> None:
 def _check_protocols(names: tuple[str, ...] | list[str], store_path: Path | None = None) -> None:
     """UsageError (exit 2) naming the choices unless every name is a registered protocol or one
     the store holds results of (a plugin uninstalled since)."""
+    if not any(names):
+        return  # importing every protocol (torch, their libraries) to check no name costs seconds
     from dcbench.errors import UsageError
     from dcbench.protocol import list_protocols
 

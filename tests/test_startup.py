@@ -102,3 +102,15 @@ def test_a_stale_protocol_listing_is_recomputed(tmp_path, monkeypatch):
     assert lazycli.protocol_listing(lambda: [("new", "fresh")]) == [("new", "fresh")]
     assert json.loads(path.read_text())["protocols"] == [["new", "fresh"]]
     assert lazycli.protocol_listing(lambda: [("other", "x")]) == [("new", "fresh")]  # same key: cached
+
+
+def test_metrics_and_statistics_import_without_torch():
+    """The tables' statistics and the metric functions are numpy code: importing them (as
+    `dcbench leaderboard` and `results` do) must not start torch or faiss (seconds at start-up);
+    `dcbench.cluster` imports its torch / faiss parts on first use."""
+    code = ("import sys, dcbench.metrics, dcbench.stats, dcbench.cluster as c; "
+            "assert c.nmi.__module__ == 'dcbench.cluster.nmi' and callable(c.nmi); "
+            "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'faiss'})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
