@@ -229,20 +229,30 @@ def resolve_spec(case: Case, fixture_paths: dict[str, Path]) -> str:
 # ----------------------------------------------------------------------------- running
 def platform_key() -> str:
     """The platform numbers are recorded for: machine, CPU vendor (MKL and oneDNN choose their code
-    paths by it) and the SIMD level torch dispatches to, e.g. ``x86_64 AuthenticAMD AVX2``."""
+    paths by it), the SIMD level torch dispatches to, and ``AMX`` where the CPU has Intel's matrix
+    units (oneDNN and MKL have kernels for them): e.g. ``x86_64 AuthenticAMD AVX2``. Coarse on
+    purpose: a platform the golden file does not know only skips the CPU-dependent cases."""
     import torch
 
-    return f"{platform.machine()} {_cpu_vendor()} {torch.backends.cpu.get_cpu_capability()}"
+    vendor, flags = _cpu_info()
+    amx = " AMX" if "amx_tile" in flags else ""
+    return f"{platform.machine()} {vendor} {torch.backends.cpu.get_cpu_capability()}{amx}"
 
 
-def _cpu_vendor() -> str:
+def _cpu_info() -> tuple[str, set[str]]:
+    """(vendor, feature flags) of the first CPU in /proc/cpuinfo (Linux; elsewhere what
+    :mod:`platform` says and no flags)."""
+    vendor, flags = platform.processor() or "unknown-vendor", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.partition(":")[2].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+            elif key.strip() == "flags":
+                return vendor, set(value.split())
     except OSError:
         pass
-    return platform.processor() or "unknown-vendor"
+    return vendor, flags
 
 
 def expected_rows(case: dict[str, Any], golden: dict[str, Any], here: str) -> list[dict[str, Any]] | None:
