@@ -124,6 +124,11 @@ def test_protocol_numbers_unchanged(case_id, fixtures, tmp_path):
     golden = GOLDEN_CASES[case_id]
     if golden["protocol"] == "voc-seg" and importlib.util.find_spec("mmseg") is None:
         pytest.skip("voc-seg needs mmsegmentation (pip install -e .[seg])")
+    here = gc.platform_key()
+    rows = gc.expected_rows(golden, GOLDEN, here)
+    if rows is None:
+        pytest.skip(f"{case_id}'s numbers depend on the CPU (recorded for {_platforms(golden)}); this machine is "
+                    f"{here}: record them with python tests/golden/make_golden.py --add-platform")
     case = gc.Case(case_id, golden["protocol"], golden["fixture"], golden["checkpoint"], golden["overrides"])
     paths = {}
     for name, recorded in golden["fixture_params"].items():
@@ -132,11 +137,6 @@ def test_protocol_numbers_unchanged(case_id, fixtures, tmp_path):
         assert gc.fixture_digest(paths[name]) == recorded["digest"], \
             f"fixture {name} is not what the golden numbers were measured on (dcbench.data generator changed?)"
 
-    here = gc.platform_key()
-    rows = gc.expected_rows(golden, GOLDEN, here)
-    if rows is None:
-        pytest.skip(f"{case_id}'s numbers depend on the CPU (recorded for {_platforms(golden)}); this machine is "
-                    f"{here}: record them with python tests/golden/make_golden.py --add-platform")
     got = gc.run_case(case, paths, tmp_path / "cache")
 
     want = {gc.row_key(r): r["value"] for r in rows}
