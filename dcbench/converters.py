@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcbench.detectron2_names import to_torchvision
+
 Tensor = torch.Tensor
 
 
@@ -185,29 +187,6 @@ def deepercluster(obj: Any) -> Converted | None:
     return Converted("deepercluster", kept, heads, None, _wrapper_meta(obj))
 
 
-#: detectron2 names of a torchvision-layout ResNet back to torchvision's (the inverse of
-#: dcbench/export_detectron2.py's table, which is detectron2's tools/convert-torchvision-to-d2.py)
-_D2_NORM = r"(weight|bias|running_mean|running_var)"
-_D2_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"stem\.conv1\.weight"), "conv1.weight"),
-    (re.compile(rf"stem\.conv1\.norm\.{_D2_NORM}"), r"bn1.\1"),
-    (re.compile(r"res([2-5])\.(\d+)\.conv([1-3])\.weight"), r"layer{stage}.\2.conv\3.weight"),
-    (re.compile(rf"res([2-5])\.(\d+)\.conv([1-3])\.norm\.{_D2_NORM}"), r"layer{stage}.\2.bn\3.\4"),
-    (re.compile(r"res([2-5])\.(\d+)\.shortcut\.weight"), r"layer{stage}.\2.downsample.0.weight"),
-    (re.compile(rf"res([2-5])\.(\d+)\.shortcut\.norm\.{_D2_NORM}"), r"layer{stage}.\2.downsample.1.\3"),
-]
-
-
-def _torchvision_name(key: str) -> str | None:
-    """The torchvision name of a detectron2 ResNet key, None for any other key."""
-    for pattern, template in _D2_RULES:
-        match = pattern.fullmatch(key)
-        if match:
-            stage = int(match.group(1)) - 1 if template.startswith("layer") else None
-            return match.expand(template.replace("{stage}", str(stage)))
-    return None
-
-
 @register_converter("detectron2")
 def detectron2(obj: Any) -> Converted | None:
     """detectron2 files of a torchvision-layout ResNet (``dcbench checkpoint convert --to detectron2``,
@@ -219,7 +198,7 @@ def detectron2(obj: Any) -> Converted | None:
         return None
     sd: dict[str, Tensor] = {}
     for key, value in model.items():
-        name = _torchvision_name(key) if isinstance(key, str) else None
+        name = to_torchvision(key) if isinstance(key, str) else None
         if name is None or not isinstance(value, (np.ndarray, Tensor)):
             return None
         sd[name] = torch.tensor(value) if isinstance(value, np.ndarray) else value

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from dcbench.checkpoint import LoadedCheckpoint
+from dcbench.detectron2_names import to_detectron2
 from dcbench.errors import CheckpointError
 from dcbench.fileio import atomic_write
 
@@ -51,15 +52,6 @@ AUTHOR = "dcbench"
 #: detectron2 config values that match an exported torchvision-convention ResNet
 DETECTRON2_CONFIG = {"MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530], "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
                      "MODEL.RESNETS.STRIDE_IN_1X1": False, "INPUT.FORMAT": "RGB"}
-_BN = r"(weight|bias|running_mean|running_var)"
-_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"conv1\.weight"), "stem.conv1.weight"),
-    (re.compile(rf"bn1\.{_BN}"), r"stem.conv1.norm.\1"),
-    (re.compile(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight"), r"res{stage}.\2.conv\3.weight"),
-    (re.compile(rf"layer([1-4])\.(\d+)\.bn([1-3])\.{_BN}"), r"res{stage}.\2.conv\3.norm.\4"),
-    (re.compile(r"layer([1-4])\.(\d+)\.downsample\.0\.weight"), r"res{stage}.\2.shortcut.weight"),
-    (re.compile(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}"), r"res{stage}.\2.shortcut.norm.\3"),
-]
 _DROPPED = re.compile(r"(fc\.(weight|bias)|.*num_batches_tracked)")
 #: blocks per stage -> detectron2's RESNETS.DEPTH (bottleneck ResNets)
 DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
@@ -70,11 +62,9 @@ def detectron2_key(key: str) -> str | None:
     use for (``fc.*``, ``num_batches_tracked``). Raises CheckpointError for any other key."""
     if _DROPPED.fullmatch(key):
         return None
-    for pattern, template in _RULES:
-        match = pattern.fullmatch(key)
-        if match:
-            stage = int(match.group(1)) + 1 if template.startswith("res") else None
-            return match.expand(template.replace("{stage}", str(stage)))
+    name = to_detectron2(key)
+    if name is not None:
+        return name
     raise CheckpointError(f"cannot export {key!r} to detectron2: only the torchvision ResNet layout "
                           f"(conv1/bn1/layer1-4 with bn1-3 and downsample.0/1) has a detectron2 equivalent")
 

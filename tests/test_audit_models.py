@@ -208,14 +208,17 @@ def test_original_vgg16_converts_to_dcbench_with_the_same_weights(original_vgg, 
     assert load_checkpoint(tmp_path / "dc.pth").sha256 == load_checkpoint(path).sha256
 
 
+def _export_to_torchvision(backbone, saved, exported) -> None:
+    """Save ``backbone`` as a dcbench checkpoint at ``saved``, convert it with the CLI to ``exported``."""
+    save_checkpoint(saved, backbone)
+    result = CliRunner().invoke(main, ["checkpoint", "convert", str(saved), str(exported), "--to", "torchvision"])
+    assert result.exit_code == 0, result.output
+
+
 def test_torchvision_round_trip_keeps_outputs(tmp_path):
     """dcbench -> torchvision -> loaded again (recognised as the same arch): same weights, same taps."""
     bb = build_backbone("tv:resnet18", input_size=64, seed=1)
-    save_checkpoint(tmp_path / "a.pth", bb)
-    runner = CliRunner()
-    result = runner.invoke(main, ["checkpoint", "convert", str(tmp_path / "a.pth"), str(tmp_path / "tv.pth"),
-                                  "--to", "torchvision"])
-    assert result.exit_code == 0, result.output
+    _export_to_torchvision(bb, tmp_path / "a.pth", tmp_path / "tv.pth")
     back = load_checkpoint(tmp_path / "tv.pth")
     assert back.backbone.arch == "tv:resnet18" and back.sha256 == load_checkpoint(tmp_path / "a.pth").sha256
     x = torch.randn(1, 3, 64, 64)
@@ -291,11 +294,7 @@ def test_timm_resnet_exports_to_torchvision(tmp_path):
     import torchvision
 
     bb = build_backbone("timm:resnet18", input_size=64, seed=2)
-    save_checkpoint(tmp_path / "timm.pth", bb)
-    runner = CliRunner()
-    result = runner.invoke(main, ["checkpoint", "convert", str(tmp_path / "timm.pth"), str(tmp_path / "tv.pth"),
-                                  "--to", "torchvision"])
-    assert result.exit_code == 0, result.output
+    _export_to_torchvision(bb, tmp_path / "timm.pth", tmp_path / "tv.pth")
     model = torchvision.models.resnet18(weights=None)
     missing, unexpected = model.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=False)
     assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]

@@ -41,6 +41,20 @@ def test_key_renaming(key, expected):
     assert detectron2_key(key) == expected
 
 
+def test_every_resnet50_weight_name_maps_back():
+    """dcbench.detectron2_names holds one table for both ways: torchvision -> detectron2 -> torchvision
+    is the identity on every weight of a ResNet-50; names outside the table map to None."""
+    from dcbench.detectron2_names import to_detectron2, to_torchvision
+
+    keys = [k for k in torchvision.models.resnet50(weights=None).state_dict()
+            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    d2 = [to_detectron2(k) for k in keys]
+    assert None not in d2 and len(set(d2)) == len(keys)
+    assert [to_torchvision(k) for k in d2] == keys
+    assert to_detectron2("layer5.0.conv1.weight") is None and to_torchvision("res1.0.conv1.weight") is None
+    assert to_torchvision("roi_heads.box_predictor.cls_score.weight") is None
+
+
 def test_unknown_layout_is_refused():
     with pytest.raises(CheckpointError, match="layer1.0.se.fc1.weight"):
         detectron2_key("layer1.0.se.fc1.weight")
