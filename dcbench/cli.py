@@ -11,7 +11,9 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -351,9 +353,8 @@ def protocols_cmd(name: str | None, as_json: bool, assignments: tuple[str, ...],
     if name is None:
         if as_json or assignments:
             raise UsageError("--json and --set describe one protocol: dcbench protocols NAME --json")
-        rows = lazycli.protocol_listing(lambda: [(n, get_protocol(n).description) for n in list_protocols()])
-        for proto_name, description in rows:
-            click.echo(f"{proto_name:<18} {description}")
+        for proto_name, facts in _protocol_facts().items():
+            click.echo(f"{proto_name:<18} {facts['description']}")
         return
     proto = get_protocol(name)
     card = card_dict(proto, parse_assignments(assignments))
@@ -556,14 +557,28 @@ def _metrics(values: tuple[str, ...]) -> list[str]:
     return _split_list(values) or [HEADLINE]
 
 
-def _seed_dependent(protocol_name: str) -> bool:
-    """For records older than the ``seed_dependent`` flag: ask the registered protocol."""
-    from dcbench.protocol import get_protocol
+def _protocol_facts() -> dict[str, dict]:
+    """Description, headline metrics and seed dependence of every registered protocol, from the
+    cache :func:`dcbench.lazycli.protocol_facts` keeps (the tables need them; importing every
+    protocol for them would cost seconds of start-up)."""
+    from dcbench.protocol import get_protocol, list_protocols
 
-    try:
-        return bool(get_protocol(protocol_name).seed_dependent)
-    except DcbenchError:
-        return True
+    def compute() -> dict[str, dict]:
+        protocols = {name: get_protocol(name) for name in list_protocols()}
+        return {name: {"description": p.description, "seed_dependent": bool(p.seed_dependent),
+                       "headline_metrics": list(getattr(p, "headline_metrics", None) or []) or None}
+                for name, p in protocols.items()}
+
+    return lazycli.protocol_facts(compute)
+
+
+def _table_callbacks() -> dict[str, Callable[[str], Any]]:
+    """``build_table``'s questions about protocols, answered from :func:`_protocol_facts`: seed
+    dependence for records older than their ``seed_dependent`` flag (True for a protocol not
+    installed here) and the headline metric patterns (None: undeclared or not installed)."""
+    facts = _protocol_facts()
+    return {"seed_dependent": lambda name: bool(facts.get(name, {}).get("seed_dependent", True)),
+            "headlines": lambda name: facts.get(name, {}).get("headline_metrics")}
 
 
 def _parse_data(values: tuple[str, ...], protocols: tuple[str, ...]) -> dict[str, str | None]:
@@ -652,7 +667,7 @@ def _echo_table(results: list, fmt: str, db, *, output: str | None = None, refer
     from dcbench.fileio import atomic_write_text
     from dcbench.leaderboard import build_table, render, render_terminal
 
-    table = build_table(results, seed_dependent=_seed_dependent, outcomes=db.outcomes, **build)
+    table = build_table(results, outcomes=db.outcomes, **_table_callbacks(), **build)
     try:
         text = render_terminal(table, reference) if fmt == "terminal" else render(table, fmt, reference=reference)
     except ValueError as exc:

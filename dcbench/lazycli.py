@@ -232,11 +232,13 @@ def _listing_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def protocol_listing(compute) -> list[tuple[str, str]]:
-    """(name, description) of every registered protocol. ``compute()`` imports every protocol
-    (torch among them: seconds), so its answer is kept in ``cache_root()/cli`` under
-    :func:`_listing_key`; it is recomputed when the key changes, when a plugin warned while
-    loading, or when protocols are already registered in this process (tests, embedding code)."""
+def protocol_facts(compute) -> dict[str, dict]:
+    """What the commands that do not run a protocol need to know of every registered one, by
+    name: ``{"description", "headline_metrics" (patterns or None), "seed_dependent"}``.
+    ``compute()`` imports every protocol (torch among them: seconds), so its answer is kept in
+    ``cache_root()/cli`` under :func:`_listing_key`; it is recomputed when the key changes, when
+    a plugin warned while loading, or when protocols are already registered in this process
+    (tests, embedding code)."""
     import json
 
     from dcbench import protocol
@@ -249,14 +251,14 @@ def protocol_listing(compute) -> list[tuple[str, str]]:
     if key:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
-                return [tuple(row) for row in saved["protocols"]]
-        except (OSError, ValueError, KeyError, TypeError):
+            if saved.get("key") == key and isinstance(saved.get("facts"), dict):
+                return saved["facts"]
+        except (OSError, ValueError):
             pass
     warned = _WarningCounter()
     log.addHandler(warned)
     try:
-        rows = compute()
+        facts = compute()
     finally:
         log.removeHandler(warned)
     if key and not warned.count:
@@ -264,10 +266,10 @@ def protocol_listing(compute) -> list[tuple[str, str]]:
             from dcbench.fileio import atomic_write_text
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"key": key, "protocols": rows}))
+            atomic_write_text(path, json.dumps({"key": key, "facts": facts}))
         except OSError:  # a read-only cache: listing still works, only slower
             pass
-    return rows
+    return facts
 
 
 class _WarningCounter(logging.Handler):

@@ -98,10 +98,11 @@ def test_a_stale_protocol_listing_is_recomputed(tmp_path, monkeypatch):
     monkeypatch.setattr(protocol, "_discovered", False)
     path = tmp_path / "cli" / "protocols.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"key": "stale", "protocols": [["old", "gone"]]}))
-    assert lazycli.protocol_listing(lambda: [("new", "fresh")]) == [("new", "fresh")]
-    assert json.loads(path.read_text())["protocols"] == [["new", "fresh"]]
-    assert lazycli.protocol_listing(lambda: [("other", "x")]) == [("new", "fresh")]  # same key: cached
+    path.write_text(json.dumps({"key": "stale", "protocols": [["old", "gone"]]}))  # an older file's layout too
+    fresh = {"new": {"description": "fresh", "headline_metrics": None, "seed_dependent": True}}
+    assert lazycli.protocol_facts(lambda: fresh) == fresh
+    assert json.loads(path.read_text())["facts"] == fresh
+    assert lazycli.protocol_facts(lambda: {"other": {}}) == fresh  # same key: cached
 
 
 def test_metrics_and_statistics_import_without_torch():
@@ -114,3 +115,28 @@ def test_metrics_and_statistics_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def test_leaderboard_reads_protocol_facts_from_the_listing_cache(tmp_path):
+    """`dcbench leaderboard` needs each protocol's headline metrics and seed dependence; once the
+    listing cache holds them it imports no protocol (no torch) and prints what the fully
+    imported CLI prints."""
+    from click.testing import CliRunner
+
+    from dcbench.cli import main
+    from dcbench.results import MetricRow, Result, ResultStore
+
+    store = tmp_path / "results.db"
+    with ResultStore(store) as db:
+        for name, sha, top1 in (("a", "a" * 64, 41.0), ("b", "b" * 64, 43.5)):
+            db.add(Result(protocol="knn", protocol_version="4", checkpoint={"name": name, "sha256": sha, "arch": "alexnet"},
+                          settings={"ks": [20]}, data={"root": "/d", "fingerprint": "f00d"},
+                          metrics=[MetricRow("top1_k20", top1, tap="conv5", split="val"),
+                                   MetricRow("top5_k20", top1 + 20, tap="conv5", split="val")],
+                          versions={}, git=None, started="2026-01-01T00:00:00+00:00", wall_s=1.0, extra={}))
+    _run("protocols", env_cache=tmp_path / "cache")  # fills the cache
+    out, heavy = _run("leaderboard", "--store", str(store), env_cache=tmp_path / "cache")
+    assert "torch" not in heavy.split(","), heavy
+    assert "knn · top1\\_k20" in out and "top5" not in out  # knn's declared headline metric only
+    assert "seed-independent" in out  # an old record without the flag: knn's own answer
+    assert out == CliRunner().invoke(main, ["leaderboard", "--store", str(store)]).stdout
