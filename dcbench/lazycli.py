@@ -251,8 +251,9 @@ def protocol_facts(compute) -> dict[str, dict]:
     if key:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("key") == key and isinstance(saved.get("facts"), dict):
-                return saved["facts"]
+            facts = saved.get("facts") if isinstance(saved, dict) and saved.get("key") == key else None
+            if isinstance(facts, dict) and all(isinstance(f, dict) for f in facts.values()):
+                return facts
         except (OSError, ValueError):
             pass
     warned = _WarningCounter()

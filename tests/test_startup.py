@@ -103,6 +103,8 @@ def test_a_stale_protocol_listing_is_recomputed(tmp_path, monkeypatch):
     assert lazycli.protocol_facts(lambda: fresh) == fresh
     assert json.loads(path.read_text())["facts"] == fresh
     assert lazycli.protocol_facts(lambda: {"other": {}}) == fresh  # same key: cached
+    path.write_text("[1, 2]")  # damaged: recomputed, not a traceback
+    assert lazycli.protocol_facts(lambda: fresh) == fresh
 
 
 def test_metrics_and_statistics_import_without_torch():

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 #: public name -> submodule, imported on first use: the metrics and the results tables import
 #: ``nmi`` without torch and faiss, which the other submodules need
-_HOMES = {"ClusterResult": "kmeans", "faiss_has_gpu": "kmeans", "run_kmeans": "kmeans", "PCAWhitening": "pca", "preprocess_features": "pca",
-          "run_pic": "pic", "UniformClusterSampler": "sampler", "SphericalResult": "spherical",
-          "spherical_kmeans": "spherical"}
+_HOMES = {"ClusterResult": "kmeans", "faiss_has_gpu": "kmeans", "run_kmeans": "kmeans",
+          "PCAWhitening": "pca", "preprocess_features": "pca", "run_pic": "pic",
+          "UniformClusterSampler": "sampler", "SphericalResult": "spherical", "spherical_kmeans": "spherical"}
 
 
 def __getattr__(name: str) -> Any:
