@@ -371,16 +371,20 @@ def protocols_cmd(name: str | None, as_json: bool, assignments: tuple[str, ...],
 
 
 # ----------------------------------------------------------------------------- eval
-_store_option = click.option("--store", type=click.Path(dir_okay=False),
+def _non_empty_store(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--store $UNSET_VAR`` must never mean the default store silently."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty; give the results database file, e.g. --store results.db")
+    return value
+
+
+_store_option = click.option("--store", type=click.Path(dir_okay=False), callback=_non_empty_store,
                              help="Results database (default $DCBENCH_STORE or ~/.dcbench/results.db).")
 
 
 def _store_path(path: str | None) -> Path:
     from dcbench.results import default_store_path
 
-    if path is not None and not path.strip():  # "--store $UNSET_VAR": never the default store silently
-        raise click.BadParameter("is empty; give the results database file, e.g. --store results.db",
-                                 param_hint="--store")
     return Path(path).expanduser() if path else default_store_path()
 
 

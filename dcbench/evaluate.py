@@ -161,8 +161,6 @@ def context_for(p: Plan, device: str = "auto", progress: bool = False, strict: b
 def main_store(path: str | Path | None = None) -> Iterator[ResultStore | None]:
     """The results store (``path`` or the default) on rank 0, None on the other ranks of a
     torchrun job: only one process ever writes the SQLite file."""
-    if path is not None and not str(path).strip():  # "--store $UNSET_VAR": never the default store silently
-        raise UsageError("--store is empty; give the results database file, e.g. --store results.db")
     if int(os.environ.get("RANK", "0")) != 0:
         yield None
         return

@@ -347,7 +347,7 @@ def test_a_process_left_by_a_stopped_peer_says_so_instead_of_an_internal_error(m
 @pytest.mark.parametrize("command", [["results", "list"], ["leaderboard"]])
 def test_an_empty_store_path_is_a_usage_error_not_the_default_store(command):
     out = CliRunner().invoke(main, command + ["--store", ""])
-    assert out.exit_code == 2 and "--store: is empty" in out.output, out.output
+    assert out.exit_code == 2 and "--store': is empty" in out.output, out.output
 
 
 def test_eval_with_an_empty_store_path_is_a_usage_error(tmp_path):
@@ -356,4 +356,4 @@ def test_eval_with_an_empty_store_path_is_a_usage_error(tmp_path):
     root = make_image_folder(tmp_path / "if", n_classes=2, per_class=2, image_size=32)
     out = CliRunner().invoke(main, ["eval", "--protocol", "knn", "--checkpoint", "random:alexnet", "--data", str(root),
                                     "--store", ""])
-    assert out.exit_code == 2 and "--store is empty" in out.output, out.output
+    assert out.exit_code == 2 and "--store': is empty" in out.output, out.output

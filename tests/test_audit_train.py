@@ -60,7 +60,7 @@ def test_resume_with_fewer_epochs_than_trained_is_refused_before_touching_config
 
 def test_k_equal_to_the_number_of_images_is_allowed_and_the_hint_says_so(tmp_path):
     cfg = TrainConfig(data=str(tmp_path), k=7, pca_dim=4)
-    with pytest.raises(DcbenchError, match=r"choose --k 6 or less"):
+    with pytest.raises(DcbenchError, match=r"needs more images than the 6 in .*; pass --k 6 or less"):
         check_sizes(cfg, 6, 4096)
     check_sizes(TrainConfig(data=str(tmp_path), k=6, pca_dim=4), 6, 4096)
 
@@ -151,5 +151,6 @@ def test_pic_neighbours_above_the_images_is_one_error_line(images, tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", str(images), "--out", str(tmp_path / "r"), "--epochs", "1",
                                        "--clustering", "pic", "--set", "pic_neighbors=17", *TINY])
     assert result.exit_code == 1, result.output
-    assert "error: pic_neighbors=17 needs more images than that (17 in" in result.output
+    assert "error: pic_neighbors=17 needs more images than the 17 in" in result.output
+    assert "--set pic_neighbors=16 or less" in result.output
     assert "internal error" not in result.output

@@ -631,21 +631,11 @@ class MeteredLoader(DataLoader):
 
     @staticmethod
     def _metered(batches: Iterator[Any], meter: WaitMeter) -> Iterator[Any]:
-        waited = WaitedBatches(_Once(batches))
+        waited = WaitedBatches(batches)  # a loader's iterator is its own iterable
         try:
             yield from waited
         finally:
             meter.seconds += waited.seconds
-
-
-class _Once:
-    """An iterator as a one-shot iterable (for :class:`WaitedBatches`)."""
-
-    def __init__(self, iterator: Iterator[Any]) -> None:
-        self.iterator = iterator
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.iterator
 
 
 def normalised_batches(dataset: Any, make_loader: Callable[[Any], Iterable], device: str | torch.device) -> Iterable:

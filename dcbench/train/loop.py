@@ -117,15 +117,25 @@ def setup(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Trainer:
 
 def check_sizes(cfg: TrainConfig, n_images: int, feature_dim: int) -> None:
     """Settings that cannot work with this many images: one clear error before any work."""
-    if cfg.clustering == "kmeans" and cfg.k > n_images:
-        raise DcbenchError(f"k={cfg.k} is larger than the number of images ({n_images}) in {cfg.data}; "
-                           f"choose --k {n_images} or less")
-    if cfg.clustering == "pic" and cfg.pic_neighbors >= n_images:
-        raise DcbenchError(f"pic_neighbors={cfg.pic_neighbors} needs more images than that ({n_images} in {cfg.data}); "
-                           f"pass --set pic_neighbors=N with N below {n_images}")
-    if cfg.pca_dim > min(n_images, feature_dim):
-        raise DcbenchError(f"pca_dim={cfg.pca_dim} exceeds min(images, feature size) = "
-                           f"{min(n_images, feature_dim)}; pass --set pca_dim=N with a smaller N")
+    too_big = _too_few_images(cfg, n_images)
+    if too_big:
+        problem, fix = too_big
+        raise DcbenchError(f"{problem} needs more images than the {n_images} in {cfg.data}; pass {fix}")
+    if cfg.pca_dim > feature_dim:
+        raise DcbenchError(f"pca_dim={cfg.pca_dim} exceeds the {feature_dim} dimensions of the clustering "
+                           f"feature; pass --set pca_dim={feature_dim} or less")
+
+
+def _too_few_images(cfg: TrainConfig, n: int) -> tuple[str, str] | None:
+    """(the setting, its fix) when ``cfg`` cannot cluster ``n`` images: k clusters need k images,
+    PIC's graph more images than neighbours, PCA no more dimensions than images."""
+    if cfg.clustering == "kmeans" and cfg.k > n:
+        return f"k={cfg.k}", f"--k {n} or less"
+    if cfg.clustering == "pic" and cfg.pic_neighbors >= n:
+        return f"pic_neighbors={cfg.pic_neighbors}", f"--set pic_neighbors={n - 1} or less"
+    if cfg.pca_dim > n:
+        return f"pca_dim={cfg.pca_dim}", f"--set pca_dim={n} or less"
+    return None
 
 
 # ----------------------------------------------------------------------------- phase 1: extract
@@ -155,19 +165,15 @@ def _all_finite(features: np.ndarray, chunk: int = 65536) -> bool:
 
 # ----------------------------------------------------------------------------- phase 2: cluster
 def check_readable_rows(t: Trainer, rows: int) -> None:
-    """k and pca_dim against the images that could be read (``check_sizes`` counted the files):
-    one error line on every rank (``rows`` is agreed across ranks), not a k-means failure."""
-    cfg, skipped = t.cfg, len(t.images) - rows
-    problem = None
-    if cfg.clustering == "kmeans" and cfg.k > rows:
-        problem, fix = f"k={cfg.k}", f"--k {rows} or less"
-    elif cfg.clustering == "pic" and cfg.pic_neighbors >= rows:
-        problem, fix = f"pic_neighbors={cfg.pic_neighbors}", f"--set pic_neighbors={rows - 1} or less"
-    elif cfg.pca_dim > rows:
-        problem, fix = f"pca_dim={cfg.pca_dim}", f"--set pca_dim={rows} or less"
-    if problem:
+    """k, pic_neighbors and pca_dim against the images that could be read (``check_sizes``
+    counted the files): one error line on every rank (``rows`` is agreed across ranks), not a
+    k-means failure."""
+    too_big = _too_few_images(t.cfg, rows)
+    if too_big:
+        problem, fix = too_big
+        skipped = len(t.images) - rows
         raise DcbenchError(f"{problem} exceeds the {rows} readable images ({skipped} of the {len(t.images)} in "
-                           f"{cfg.data} are unreadable); start a new run (another --out) with {fix}, or replace "
+                           f"{t.cfg.data} are unreadable); start a new run (another --out) with {fix}, or replace "
                            f"the unreadable files")
 
 
