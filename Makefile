@@ -18,9 +18,10 @@ demo: $(STAMP)
 	$(VENV)/bin/dcbench demo
 
 # Two pytest workers (the suite's tests are single-threaded: conftest sets one torch thread);
-# --dist loadscope keeps each module's fixtures in one worker.
+# --dist loadscope keeps each module's fixtures in one worker; --no-loadscope-reorder keeps
+# conftest's order (its slow modules first), which balances the two workers.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) benchmarks/clustering.py
