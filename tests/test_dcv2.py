@@ -1,13 +1,9 @@
 """DeepCluster-v2: the recipe's defaults, its pieces (spherical k-means, LARC, schedule), a real
 run on every backbone family, exact resume after kill -9, torchrun with 2 processes, presets."""
-import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from dcbench.cluster import spherical_kmeans
 from dcbench.train import DCv2Config, resolve_config
 from dcbench.train.optim import LARC, warmup_cosine
 from dcbench.train.presets import recipe_warnings, small_data_settings
-from test_train import SMALL_NET, _cli, _metrics, images  # noqa: F401 - the shared fixture and helpers
+from test_train import SMALL_NET, _cli, _metrics, images, kill_in_epoch_1  # noqa: F401 - the shared fixture and helpers
 
 TINY = ["--method", "deepcluster-v2", "--image-size", "64", "--batch-size", "8", "--workers", "0",
         "--set", "prototypes=[4,5]", "--set", "hidden_mlp=32", "--set", "feat_dim=16", "--set", "small_crops=2",
@@ -157,39 +153,13 @@ def test_prototypes_stay_the_centroids_and_dropout_is_off(images, tmp_path):
     assert torch.allclose(centroids.norm(dim=1), torch.ones(4), atol=1e-5)  # still the unit k-means centroids
 
 
-def _kill_mid_epoch_1(args: list[str], run: Path) -> dict:
-    """Start ``dcbench ARGS --out RUN``, SIGKILL it once epoch 1 has checkpointed iteration 2, and
-    return the train state it left (epoch, iteration)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dcbench", *args, "--out", str(run)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            p = json.loads((run / "checkpoint.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            p = {"epoch": 0, "iteration": 0}
-        if p["epoch"] == 1 and p["iteration"] >= 2:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return torch.load(run / "checkpoint.pth", weights_only=True)["train_state"]
-
-
 def test_kill_9_mid_epoch_then_resume_gives_identical_weights(images, tmp_path):
     args = ["train", "--data", str(images), "--epochs", "3", "--checkpoint-every", "1", *SMALL_NET, *TINY,
             "--batch-size", "4"]  # 12 steps per epoch: a wide window for the kill to land in epoch 1
     straight = tmp_path / "straight"
     assert _cli(*args, "--out", str(straight)).returncode == 0
 
-    for attempt in range(3):  # a loaded machine may deliver the kill after epoch 1 ended: try afresh
-        killed = tmp_path / f"killed{attempt}"
-        state = _kill_mid_epoch_1(args, killed)
-        if state["epoch"] == 1 and state["iteration"] > 0:
-            break
-    assert state["epoch"] == 1 and state["iteration"] > 0, "the kill should land mid-epoch"
-
+    killed = kill_in_epoch_1(args, tmp_path / "killed", after_iteration=2)
     resumed = _cli(*args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert [r["epoch"] for r in _metrics(killed)] == [0, 1, 2]
